@@ -1,0 +1,4 @@
+"""Encoders. Each takes [N,3,H,W] and returns a list of NCHW feature maps (see DESIGN.md)."""
+from .mit import MixVisionTransformer
+
+__all__ = ["MixVisionTransformer"]

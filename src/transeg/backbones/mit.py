@@ -1,0 +1,77 @@
+"""Mix Transformer (MiT), SegFormer's hierarchical encoder (Xie et al., NeurIPS 2021).
+
+Four stages at strides 4, 8, 16, 32. Each stage: overlapping patch embedding -> `depth` blocks of
+(efficient self-attention, Mix-FFN), both pre-norm with residuals -> LayerNorm -> feature map.
+
+Module names match the authors' `mix_transformer.py` (`patch_embed1`, `block1.0.attn.kv`, `norm1`,
+...) so official checkpoints load with only a prefix change. Three LayerNorm eps values coexist in
+the authors' model and are kept: 1e-5 in the patch embeddings and the reduction norms, 1e-6 in the
+blocks and after each stage.
+"""
+import math
+
+from torch import nn
+
+from ..layers import DropPath, MixFFN, OverlapPatchEmbed, SpatialReductionAttention, drop_path_rates
+
+
+class MiTBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, drop_path=0.0, qkv_bias=True):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = SpatialReductionAttention(dim, num_heads, sr_ratio, qkv_bias=qkv_bias)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = MixFFN(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, hw):
+        x = x + self.drop_path(self.attn(self.norm1(x), hw))
+        return x + self.drop_path(self.mlp(self.norm2(x), hw))
+
+
+class MixVisionTransformer(nn.Module):
+    """Returns [c1, c2, c3, c4]: NCHW maps at strides 4, 8, 16, 32 with `embed_dims` channels."""
+
+    def __init__(self, in_chans=3, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4),
+                 depths=(3, 4, 6, 3), sr_ratios=(8, 4, 2, 1), drop_path_rate=0.1, qkv_bias=True):
+        super().__init__()
+        self.out_channels = list(embed_dims)
+        self.strides = [4, 8, 16, 32]
+        self.depths = list(depths)
+        rates = drop_path_rates(depths, drop_path_rate)
+        chans = [in_chans] + list(embed_dims)
+        for s in range(4):
+            patch, stride = (7, 4) if s == 0 else (3, 2)
+            setattr(self, f"patch_embed{s + 1}", OverlapPatchEmbed(chans[s], chans[s + 1], patch, stride, norm_eps=1e-5))
+            setattr(self, f"block{s + 1}", nn.ModuleList(
+                MiTBlock(embed_dims[s], num_heads[s], mlp_ratios[s], sr_ratios[s], rates[s][j], qkv_bias)
+                for j in range(depths[s])))
+            setattr(self, f"norm{s + 1}", nn.LayerNorm(embed_dims[s], eps=1e-6))
+        self.apply(init_weights)
+
+    def forward(self, x):
+        features = []
+        for s in range(1, 5):
+            x, hw = getattr(self, f"patch_embed{s}")(x)
+            for block in getattr(self, f"block{s}"):
+                x = block(x, hw)
+            x = getattr(self, f"norm{s}")(x)
+            x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
+            features.append(x)
+        return features
+
+
+def init_weights(m):
+    """The authors' from-scratch init (training normally starts from ImageNet weights instead)."""
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
+        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)

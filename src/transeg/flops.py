@@ -1,0 +1,70 @@
+"""Parameters and GFLOPs in the papers' convention, counted on the meta device (no memory, no time).
+
+The papers' "GFLOPs" are GMACs: one multiply-add counts once. SegFormer and EDAFormer counted them
+with mmcv's `get_model_complexity_info` plus the attention matmuls added by hand (`sra_flops`);
+mmcv's module hooks count conv MACs *and* conv bias adds, Linear MACs (no bias), one op per ReLU
+output, per pooling input and per nn.Upsample output, BatchNorm2d (2 per input element) but not
+SyncBatchNorm, and nothing for LayerNorm, GELU, softmax or F.interpolate.
+
+Here every matmul-like aten op (convolution, mm, addmm, bmm, and the attention products, which
+scaled_dot_product_attention decomposes into on the meta device) is counted by torch's
+FlopCounterMode (which reports 2 FLOPs per MAC, so it is halved), and the few element-wise extras
+mmcv counts are added by module hooks. `count_bn=False` matches models whose authors used SyncBN
+(the mmcv counter skipped it).
+"""
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+_POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU)
+
+
+def count_params(model, trainable_only=False):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def count_gmacs(model, input_size, count_bn=False, batch=1):
+    """GMACs of one forward pass at `input_size` (H, W), in the papers' mmcv convention.
+
+    The model may live on the meta device (preferred: no weights needed); inputs are made on the
+    model's device. Returns a dict: total, matmul (conv/linear/attention MACs), extra (elementwise
+    ops mmcv counts), per_op (aten op -> GMACs).
+    """
+    param = next(model.parameters())
+    x = torch.empty(batch, 3, *input_size, device=param.device, dtype=param.dtype)
+    extra = [0]
+
+    def hook(module, inputs, output):
+        if isinstance(module, nn.Conv2d) and module.bias is not None:
+            extra[0] += output.numel()
+        elif isinstance(module, _ACTS) or isinstance(module, nn.Upsample):
+            extra[0] += output.numel()
+        elif isinstance(module, _POOLS):
+            extra[0] += inputs[0].numel()
+        elif count_bn and type(module) is nn.BatchNorm2d:
+            extra[0] += inputs[0].numel() * (2 if module.affine else 1)
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()
+               if isinstance(m, (nn.Conv2d, nn.Upsample, nn.BatchNorm2d) + _ACTS + _POOLS)]
+    was_training = model.training
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter, torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    per_op = {str(k).removeprefix("aten."): v / 2e9 / batch for k, v in counter.get_flop_counts()["Global"].items()}
+    matmul = counter.get_total_flops() / 2e9 / batch
+    return {"total": matmul + extra[0] / 1e9 / batch, "matmul": matmul, "extra": extra[0] / 1e9 / batch, "per_op": per_op}
+
+
+def meta_model(name, num_classes=150, **overrides):
+    """Build a registered variant on the meta device: its structure without allocating weights."""
+    from .registry import create_model
+
+    with torch.device("meta"):
+        return create_model(name, num_classes=num_classes, **overrides)

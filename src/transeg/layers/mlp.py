@@ -1,0 +1,38 @@
+"""Feed-forward blocks."""
+from torch import nn
+
+from .attention import tokens_to_map
+
+
+class DepthwiseConv(nn.Module):
+    """3x3 depth-wise conv applied to a token sequence viewed as its (H, W) map.
+
+    Kept as its own module so the parameter is named `dwconv.dwconv.*`, as in the authors' checkpoints.
+    """
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
+
+    def forward(self, x, hw):
+        return self.dwconv(tokens_to_map(x, hw)).flatten(2).transpose(1, 2)
+
+
+class MixFFN(nn.Module):
+    """SegFormer's Mix-FFN: fc1 -> 3x3 depth-wise conv -> GELU -> fc2.
+
+    The depth-wise conv leaks positional information into the tokens, which is why MiT needs no
+    position embeddings and works at any resolution.
+    """
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.dwconv = DepthwiseConv(hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x, hw):
+        x = self.act(self.dwconv(self.fc1(x), hw))
+        return self.drop(self.fc2(self.drop(x)))

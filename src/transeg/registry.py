@@ -1,0 +1,108 @@
+"""The one variant table: name -> builder + constructor arguments + what the paper reports.
+
+`create_model("segformer-b0", num_classes=19)` builds a ready Segmentor. Paper facts sit beside each
+variant so tests and `transeg models` can show them next to measured numbers.
+"""
+import difflib
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .backbones import MixVisionTransformer
+from .errors import TransegError
+from .heads import SegFormerHead
+from .segmentor import Segmentor
+
+IMAGENET_MEAN = (123.675, 116.28, 103.53)
+IMAGENET_STD = (58.395, 57.12, 57.375)
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    family: str
+    build: Callable
+    kwargs: dict
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    # What the paper reports: params in millions ("params_m"), GFLOPs per input size and class count
+    # ("gflops": {"512x512@150": 8.4}), mIoU per dataset ("miou": {"ade20k": 37.4}); plus
+    # "official_params": the authors' model's exact count (150 classes) where the code was run.
+    paper: dict = field(default_factory=dict)
+
+
+VARIANTS: dict[str, Variant] = {}
+
+
+def register(variant: Variant):
+    if variant.name in VARIANTS:
+        raise ValueError(f"variant {variant.name} registered twice")
+    VARIANTS[variant.name] = variant
+    return variant
+
+
+def list_models(family=None):
+    return [n for n, v in VARIANTS.items() if family is None or v.family == family]
+
+
+def get_variant(name) -> Variant:
+    if name not in VARIANTS:
+        near = difflib.get_close_matches(name, list(VARIANTS), n=3)
+        hint = f" (did you mean {', '.join(near)}?)" if near else ""
+        raise TransegError(f"unknown model {name!r}{hint}; `transeg models` lists them")
+    return VARIANTS[name]
+
+
+def create_model(name, num_classes=150, classes=None, palette=None, **overrides) -> Segmentor:
+    """Build a variant with fresh weights. `overrides` replace constructor arguments (e.g. drop_path_rate)."""
+    variant = get_variant(name)
+    if classes is not None and len(classes) != num_classes:
+        raise TransegError(f"{len(classes)} class names given for a {num_classes}-class model")
+    known = set(inspect.signature(variant.build).parameters) - {"num_classes"}
+    unknown = set(overrides) - known
+    if unknown:
+        raise TransegError(f"{name}: unknown argument(s) {sorted(unknown)}; known: {sorted(known)}")
+    kwargs = {**variant.kwargs, **overrides}
+    model = variant.build(num_classes=num_classes, **kwargs)
+    model.meta.update(variant=name, model_args={"num_classes": num_classes, **overrides},
+                      classes=list(classes) if classes is not None else None,
+                      palette=[list(c) for c in palette] if palette is not None else None,
+                      mean=list(variant.mean), std=list(variant.std))
+    return model
+
+
+# --------------------------------------------------------------------------------------------- SegFormer
+def build_segformer(num_classes, embed_dims, depths, decoder_dim, num_heads=(1, 2, 5, 8), sr_ratios=(8, 4, 2, 1),
+                    mlp_ratios=(4, 4, 4, 4), drop_path_rate=0.1, dropout=0.1):
+    backbone = MixVisionTransformer(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=mlp_ratios, depths=depths,
+                                    sr_ratios=sr_ratios, drop_path_rate=drop_path_rate)
+    head = SegFormerHead(backbone.out_channels, decoder_dim, num_classes, dropout=dropout)
+    return Segmentor(backbone, head, num_classes)
+
+
+_MIT_WIDE = (64, 128, 320, 512)
+# Paper: SegFormer Table 1/2 (params, GFLOPs at ADE 512x512 except B5 at 640x640, mIoU single-scale).
+# official_params: the authors' model with 150 classes including its unused 128->K conv_seg (digest §1).
+# GFLOPs keys: "HxW@K" (input size and class count they were counted with; the paper's Cityscapes
+# column used a 150-class head, digest §6).
+_SEGFORMER = {
+    "b0": dict(dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), dec=256, params_m=3.8, official_params=3_772_044,
+               gflops={"512x512@150": 8.4, "1024x2048@150": 125.5}, miou={"ade20k": 37.4, "cityscapes": 76.2}),
+    "b1": dict(dims=_MIT_WIDE, depths=(2, 2, 2, 2), dec=256, params_m=13.7, official_params=13_735_148,
+               gflops={"512x512@150": 15.9, "1024x2048@150": 243.7}, miou={"ade20k": 42.2, "cityscapes": 78.5}),
+    "b2": dict(dims=_MIT_WIDE, depths=(3, 4, 6, 3), dec=768, params_m=27.5, official_params=27_481_324,
+               gflops={"512x512@150": 62.4, "1024x2048@150": 717.1}, miou={"ade20k": 46.5, "cityscapes": 81.0}),
+    "b3": dict(dims=_MIT_WIDE, depths=(3, 4, 18, 3), dec=768, params_m=47.3, official_params=47_357_164,
+               gflops={"512x512@150": 79.0, "1024x2048@150": 962.9}, miou={"ade20k": 49.4, "cityscapes": 81.7}),
+    "b4": dict(dims=_MIT_WIDE, depths=(3, 8, 27, 3), dec=768, params_m=64.1, official_params=64_127_724,
+               gflops={"512x512@150": 95.7, "1024x2048@150": 1240.6}, miou={"ade20k": 50.3, "cityscapes": 82.3}),
+    "b5": dict(dims=_MIT_WIDE, depths=(3, 6, 40, 3), dec=768, params_m=84.7, official_params=84_728_044,
+               gflops={"640x640@150": 183.3, "1024x2048@150": 1460.4}, miou={"ade20k": 51.0, "cityscapes": 82.4}),
+}
+for _b, _f in _SEGFORMER.items():
+    register(Variant(
+        name=f"segformer-{_b}", family="segformer", build=build_segformer,
+        kwargs=dict(embed_dims=_f["dims"], depths=_f["depths"], decoder_dim=_f["dec"], drop_path_rate=0.1),
+        paper=dict(params_m=_f["params_m"], official_params=_f["official_params"], gflops=_f["gflops"], miou=_f["miou"],
+                   reference="Xie et al., SegFormer, NeurIPS 2021, Tables 1-2"),
+    ))

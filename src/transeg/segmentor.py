@@ -1,0 +1,40 @@
+"""Segmentor = backbone + decode head, with the loss and the prediction entry points."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import inference
+from .losses import cross_entropy
+
+
+class Segmentor(nn.Module):
+    """`forward(x)` returns logits at the head's stride; `predict(x)` returns full-resolution labels.
+
+    `meta` holds what a checkpoint must carry to rebuild and use the model: variant name and
+    constructor arguments, class names, palette, and the normalisation mean/std (0-255 units).
+    """
+
+    def __init__(self, backbone, decode_head, num_classes, meta=None):
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = decode_head
+        self.num_classes = num_classes
+        self.meta = dict(meta or {})
+
+    def forward(self, x):
+        return self.decode_head(self.backbone(x))
+
+    def loss(self, logits, label, ignore_index=255, reduction="all"):
+        """CE on logits upsampled (bilinear, align_corners=False) to the label size."""
+        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        ce = cross_entropy(logits.float(), label, ignore_index, reduction)
+        return {"loss": ce, "loss_ce": ce}
+
+    @torch.no_grad()
+    def predict(self, x, out_size=None, **kwargs):
+        """Label map [N, H, W] at `out_size` (default: the input size). See `inference.predict`."""
+        return inference.predict(self, x, out_size=out_size, **kwargs).argmax(1)
+
+    @property
+    def classes(self):
+        return self.meta.get("classes") or [str(i) for i in range(self.num_classes)]
