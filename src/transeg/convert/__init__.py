@@ -1,0 +1,37 @@
+"""Foreign checkpoints -> transeg models. One module per format.
+
+    model = transeg.convert.convert("segformer.b0.512x512.ade.160k.pth", "segformer")
+    transeg.save(model, "segformer-b0-ade.safetensors")
+"""
+from pathlib import Path
+
+from ..checkpoint import load_foreign, load_state_dict_checked
+from ..errors import TransegError
+from . import segformer, segformer_hf
+
+FORMATS = {
+    "segformer": "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})",
+    "segformer-hf": "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)",
+}
+
+
+def convert(src, fmt, model=None, num_classes=None):
+    """Read `src` in format `fmt` and return a ready transeg Segmentor (eval mode)."""
+    from ..registry import create_model
+
+    src = Path(src)
+    if fmt not in FORMATS:
+        raise TransegError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    if not src.exists():
+        raise TransegError(f"{src}: no such file or directory")
+    if fmt == "segformer":
+        found = segformer.convert(load_foreign(src), src, model)
+    else:
+        found = segformer_hf.convert(src, src, model)
+    if num_classes is not None and num_classes != found["num_classes"]:
+        raise TransegError(f"{src}: holds a {found['num_classes']}-class head, not {num_classes}")
+    net = create_model(found["variant"], num_classes=found["num_classes"], classes=found["classes"],
+                       palette=found["palette"])
+    load_state_dict_checked(net, found["state"], source=src)
+    net.meta["converted_from"] = f"{fmt}:{src.name}"
+    return net.eval()

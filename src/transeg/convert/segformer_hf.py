@@ -1,0 +1,109 @@
+"""Hugging Face SegFormer (`save_pretrained` directory or a single weights file) -> transeg.
+
+HF renames every module (digest §8); both the Hub names (what `save_pretrained` writes) and the
+transformers>=5 in-memory names are mapped back to the authors' names, and HF's separate key/value
+projections are fused into the authors' single `kv` Linear (rows [0,C) = K, [C,2C) = V).
+Note: HF builds its block LayerNorms with eps 1e-5 where the authors used 1e-6; transeg keeps the
+authors' value, so converted HF models differ from HF by ~1e-5 in the logits.
+"""
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from ..errors import TransegError
+from .segformer import infer_segformer_variant
+
+_BLOCK = r"segformer\.(?:encoder\.block\.(\d+)\.(\d+)|stages\.(\d+)\.blocks\.(\d+))\."
+# (pattern on the HF key after the block prefix, official suffix)
+_BLOCK_RULES = [
+    (r"(?:layer_norm_1|layernorm_before)\.", "norm1."),
+    (r"(?:layer_norm_2|layernorm_after)\.", "norm2."),
+    (r"attention\.(?:self\.query|q_proj)\.", "attn.q."),
+    (r"attention\.(?:self\.key|k_proj)\.", "attn.k."),      # fused into attn.kv below
+    (r"attention\.(?:self\.value|v_proj)\.", "attn.v."),
+    (r"attention\.(?:self\.sr|sequence_reduction\.sequence_reduction)\.", "attn.sr."),
+    (r"attention\.(?:self\.layer_norm|sequence_reduction\.layer_norm)\.", "attn.norm."),
+    (r"attention\.(?:output\.dense|o_proj)\.", "attn.proj."),
+    (r"mlp\.(?:dense1|fc1)\.", "mlp.fc1."),
+    (r"mlp\.dwconv\.dwconv\.", "mlp.dwconv.dwconv."),
+    (r"mlp\.(?:dense2|fc2)\.", "mlp.fc2."),
+]
+_OTHER_RULES = [
+    (r"segformer\.(?:encoder\.patch_embeddings|stages)\.(\d+)\.(?:patch_embeddings\.)?proj\.", "backbone.patch_embed{}.proj."),
+    (r"segformer\.(?:encoder\.patch_embeddings|stages)\.(\d+)\.(?:patch_embeddings\.)?layer_norm\.", "backbone.patch_embed{}.norm."),
+    (r"segformer\.(?:encoder\.layer_norm|stages)\.(\d+)\.(?:layer_norm\.)?", "backbone.norm{}."),
+    (r"decode_head\.(?:linear_c|linear_projections)\.(\d+)\.proj\.", "decode_head.linear_c{}.proj."),
+]
+_HEAD_RULES = [
+    ("decode_head.linear_fuse.", "decode_head.linear_fuse.conv."),
+    ("decode_head.batch_norm.", "decode_head.linear_fuse.bn."),
+    ("decode_head.classifier.", "decode_head.linear_pred."),
+]
+
+
+def hf_to_official(hf_state, source):
+    out, unmapped = {}, []
+    for key, value in hf_state.items():
+        new = _map_key(key)
+        if new is None:
+            unmapped.append(key)
+        else:
+            out[new] = value
+    if unmapped:
+        more = f" (+{len(unmapped) - 5} more)" if len(unmapped) > 5 else ""
+        raise TransegError(f"{source}: {len(unmapped)} keys with no SegFormer mapping: {', '.join(unmapped[:5])}{more}")
+    for key in [k for k in out if ".attn.k." in k]:
+        v_key = key.replace(".attn.k.", ".attn.v.")
+        if v_key not in out:
+            raise TransegError(f"{source}: has a key projection without its value projection ({key})")
+        out[key.replace(".attn.k.", ".attn.kv.")] = torch.cat([out.pop(key), out.pop(v_key)], dim=0)
+    return out
+
+
+def _map_key(key):
+    m = re.match(_BLOCK, key)
+    if m:
+        stage = int(m.group(1) if m.group(1) is not None else m.group(3)) + 1
+        block = m.group(2) if m.group(2) is not None else m.group(4)
+        rest = key[m.end():]
+        for pattern, official in _BLOCK_RULES:
+            r = re.match(pattern, rest)
+            if r:
+                return f"backbone.block{stage}.{block}.{official}{rest[r.end():]}"
+        return None
+    for pattern, official in _OTHER_RULES:
+        r = re.match(pattern, key)
+        if r:
+            return official.format(int(r.group(1)) + 1) + key[r.end():]
+    for prefix, official in _HEAD_RULES:
+        if key.startswith(prefix):
+            return official + key[len(prefix):]
+    return None
+
+
+def read_hf(path):
+    """(state dict, config dict or None) from a save_pretrained directory or a weights file."""
+    from ..checkpoint import load_foreign
+
+    path = Path(path)
+    config = None
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            config = json.loads((path / "config.json").read_text())
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            if (path / name).is_file():
+                return load_foreign(path / name), config
+        raise TransegError(f"{path}: no model.safetensors or pytorch_model.bin in this directory")
+    return load_foreign(path), config
+
+
+def convert(path, source, model=None):
+    hf_state, config = read_hf(path)
+    state = hf_to_official(hf_state, source)
+    variant, num_classes = infer_segformer_variant(state, source)
+    classes = None
+    if config and config.get("id2label") and len(config["id2label"]) == num_classes:
+        classes = [config["id2label"][str(i)] for i in range(num_classes)]
+    return dict(variant=model or variant, num_classes=num_classes, state=state, classes=classes, palette=None)
