@@ -1,0 +1,56 @@
+"""Optimizer parameter groups and the learning-rate schedule of the papers' toolbox (mmcv 1.x)."""
+
+import torch
+
+
+def param_groups(model, lr, weight_decay, custom_keys=None):
+    """Parameter groups with mmcv's `paramwise_cfg.custom_keys` semantics.
+
+    A key matches when it is a substring of the full parameter name; keys are tried longest first
+    (ties alphabetically) and the first match alone decides lr_mult / decay_mult. For SegFormer,
+    {"head": lr x10, "norm": decay 0, "pos_block": decay 0} gives: every decode-head parameter
+    (BN included) lr x10 with weight decay, backbone norms no decay, everything else the defaults.
+    """
+    custom_keys = custom_keys or {}
+    order = sorted(sorted(custom_keys), key=len, reverse=True)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        key = next((k for k in order if k in name), None)
+        opts = custom_keys.get(key, {})
+        lr_mult, decay_mult = opts.get("lr_mult", 1.0), opts.get("decay_mult", 1.0)
+        group = groups.setdefault((lr_mult, decay_mult), {"params": [], "names": [], "lr": lr * lr_mult,
+                                                          "weight_decay": weight_decay * decay_mult})
+        group["params"].append(p)
+        group["names"].append(name)
+    return list(groups.values())
+
+
+def build_optimizer(model, name="adamw", lr=6e-5, weight_decay=0.01, betas=(0.9, 0.999), momentum=0.9,
+                    custom_keys=None):
+    groups = param_groups(model, lr, weight_decay, custom_keys)
+    for g in groups:
+        g.pop("names")
+    # The fused kernels exist for CPU and CUDA tensors in torch >= 2.4 and take one launch for all params.
+    fused = {"fused": True} if all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]) else {}
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
+    raise ValueError(f"unknown optimizer {name!r} (adamw, sgd)")
+
+
+def poly_warmup_factor(it, max_iters, power=1.0, min_lr_ratio=0.0, warmup_iters=0, warmup_ratio=1e-6):
+    """lr(it) / base_lr: mmcv's poly policy with 'linear' warm-up applied multiplicatively on the
+    poly value: poly = (1 - it/max)^power (towards min_lr), then for it < warmup_iters it is scaled
+    by 1 - (1 - it/warmup_iters)(1 - warmup_ratio)."""
+    poly = (1 - min_lr_ratio) * (1 - it / max_iters) ** power + min_lr_ratio
+    if it < warmup_iters:
+        poly *= 1 - (1 - it / warmup_iters) * (1 - warmup_ratio)
+    return poly
+
+
+def build_scheduler(optimizer, max_iters, power=1.0, min_lr_ratio=0.0, warmup_iters=0, warmup_ratio=1e-6):
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_warmup_factor(
+        min(it, max_iters), max_iters, power, min_lr_ratio, warmup_iters, warmup_ratio))

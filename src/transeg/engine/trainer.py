@@ -1,0 +1,251 @@
+"""The training loop.
+
+Reproducible and resumable by construction: sample k of the run (k counts samples over the whole
+schedule) is dataset item perm(seed, epoch)[k mod N] augmented with numpy rng([seed, k]), so the
+data never depends on worker count, process order or where a run was interrupted; the only other
+randomness (dropout, drop path) comes from torch's global generator, saved with every checkpoint.
+"""
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm import tqdm
+
+from ..checkpoint import atomic_write, load, save
+from ..errors import TransegError
+from ..registry import create_model
+from .config import TrainConfig, resolve
+from .evaluate import default_protocol, describe, evaluate
+from .optim import build_optimizer, build_scheduler
+
+STATE_FILE = "train_state.pt"
+# Settings a resumed run must share with the run it continues (others, e.g. eval_interval, may change).
+RESUME_KEYS = ("model", "model_args", "data", "iters", "batch_size", "accum_steps", "lr", "seed", "crop_size",
+               "scale", "optimizer", "weight_decay", "warmup_iters", "power")
+
+
+class TrainSamples(Dataset):
+    """Index k -> (image, label) of the k-th training sample of the run (see module docstring)."""
+
+    def __init__(self, dataset, transform, seed):
+        self.dataset, self.transform, self.seed = dataset, transform, seed
+        self._perms = {}
+
+    def __len__(self):
+        return 2**62  # indexed by the global sample counter, never iterated directly
+
+    def _perm(self, epoch):
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch, 1]).permutation(len(self.dataset))}
+        return self._perms[epoch]
+
+    def __getitem__(self, k):
+        epoch, pos = divmod(k, len(self.dataset))
+        sample = self.dataset[int(self._perm(epoch)[pos])]
+        return self.transform(sample["image"], sample["label"], np.random.default_rng([self.seed, k]))
+
+
+def _sample_ids(start_micro, end_micro, batch, rank, world):
+    """Global sample counters this process consumes, micro-batch by micro-batch."""
+    for j in range(start_micro, end_micro):
+        base = (j * world + rank) * batch
+        yield from range(base, base + batch)
+
+
+def _device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _amp(cfg, device):
+    if cfg.amp == "no":
+        return None
+    if cfg.amp not in ("bf16", "fp16"):
+        raise TransegError(f"amp must be no, bf16 or fp16, got {cfg.amp!r}")
+    if cfg.amp == "fp16" and device.type != "cuda":
+        raise TransegError("amp fp16 needs a CUDA device; use amp=bf16 on CPU")
+    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+
+
+def _distributed():
+    """(rank, world) — initialises the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def build_model(cfg, train_set):
+    classes, palette = list(train_set.classes), list(train_set.palette)
+    if cfg.pretrained:
+        model = load(cfg.pretrained)
+        if model.num_classes != len(classes):
+            raise TransegError(f"{cfg.pretrained}: has {model.num_classes} classes, the data has {len(classes)}")
+        model.meta.update(classes=classes, palette=[list(c) for c in palette])
+    else:
+        model = create_model(cfg.model, num_classes=len(classes), classes=classes, palette=palette, **cfg.model_args)
+    model.meta["dataset"] = cfg.data or "synthetic"
+    model.meta["test"] = dict(mode=cfg.test_mode, scale=cfg.test_scale, size_divisor=cfg.size_divisor,
+                              crop=cfg.test_crop, stride=cfg.test_stride, scales=[1.0], flip=False)
+    return model
+
+
+def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print):
+    """Train per `cfg`; returns the last evaluation result. `stop_at`: stop (with a checkpoint) after
+    that many iterations, as if interrupted — the run can then be resumed."""
+    from ..data import TrainTransform, build_dataset
+    from ..viz import curves_chart, iou_chart
+
+    rank, world = _distributed()
+    main = rank == 0
+    out = Path(cfg.out)
+    device = _device(cfg.device)
+    amp_dtype = _amp(cfg, device)
+    torch.manual_seed(cfg.seed)
+
+    train_set = build_dataset(cfg.data, "train")
+    val_set = build_dataset(cfg.data, "val")
+    cfg = resolve(cfg, train_set)
+    model = build_model(cfg, train_set).to(device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, custom_keys=cfg.custom_keys)
+    scheduler = build_scheduler(optimizer, cfg.iters, cfg.power, cfg.min_lr_ratio, cfg.warmup_iters, cfg.warmup_ratio)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+
+    start, best = 0, -1.0
+    state_path = out / STATE_FILE
+    if resume:
+        if not state_path.is_file():
+            raise TransegError(f"{state_path}: nothing to resume (no training state in {out})")
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        changed = [k for k in RESUME_KEYS if state["config"].get(k) != cfg.to_dict().get(k)]
+        if changed:
+            raise TransegError(f"{state_path}: cannot resume with changed settings {changed}; "
+                               f"the run used " + ", ".join(f"{k}={state['config'].get(k)!r}" for k in changed))
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng"]["torch"].cpu())
+        if device.type == "cuda" and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+        start, best = state["iter"], state["best_miou"]
+        if main:
+            log(f"resuming {out} at iteration {start}/{cfg.iters}")
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    net = model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    transform = TrainTransform(crop_size=tuple(cfg.crop_size), scale=tuple(cfg.scale), ratio_range=tuple(cfg.ratio_range),
+                               cat_max_ratio=cfg.cat_max_ratio, photometric=cfg.photometric,
+                               mean=model.meta["mean"], std=model.meta["std"],
+                               ignore_index=getattr(train_set, "ignore_index", 255))
+    end = cfg.iters if stop_at is None else min(stop_at, cfg.iters)
+    loader = DataLoader(TrainSamples(train_set, transform, cfg.seed), batch_size=cfg.batch_size,
+                        sampler=list(_sample_ids(start * cfg.accum_steps, end * cfg.accum_steps, cfg.batch_size, rank, world)),
+                        num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                        prefetch_factor=4 if cfg.workers > 0 else None,
+                        generator=torch.Generator())  # keeps the DataLoader off the global RNG (exact resume)
+    val_part = Subset(val_set, range(rank, len(val_set), world)) if world > 1 else val_set
+
+    protocol = default_protocol(model)
+    if main:
+        log(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
+            f"{model.meta['dataset']} ({len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes), "
+            f"{cfg.iters} iterations x {cfg.batch_size * cfg.accum_steps * world} images, device {device}"
+            + (f", amp {cfg.amp}" if amp_dtype else "") + f"; eval: {describe(protocol)}")
+    log_file = (out / "log.jsonl").open("a") if main else None
+    writer = _tensorboard(out) if main and cfg.tensorboard else None
+    bar = tqdm(total=end, initial=start, desc="train", disable=not (progress and main), dynamic_ncols=True)
+    running = torch.zeros((), device=device)
+    running_n, t0, result = 0, time.perf_counter(), None
+    batches = iter(loader)
+    net.train()
+    for it in range(start, end):
+        for micro in range(cfg.accum_steps):
+            image, label = next(batches)
+            image = image.to(device, non_blocking=True)
+            label = label.to(device, non_blocking=True)
+            sync = micro == cfg.accum_steps - 1 or world == 1
+            with (net.no_sync() if not sync else contextlib.nullcontext()), \
+                    torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                loss = model.loss(net(image), label, ignore_index=getattr(train_set, "ignore_index", 255),
+                                  reduction=cfg.loss_reduction)["loss"]
+                scaler.scale(loss / cfg.accum_steps).backward()
+            running += loss.detach()
+            running_n += 1
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        done = it + 1
+        bar.update(1)
+        if done % cfg.log_interval == 0 or done == end:
+            mean_loss = (running / running_n).item()  # the one host sync per log interval
+            if not math.isfinite(mean_loss):
+                raise TransegError(f"loss became {mean_loss} by iteration {done}; "
+                                   f"lower lr or use amp=no (last checkpoint in {out})")
+            record = {"iter": done, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"],
+                      "sec_per_iter": round((time.perf_counter() - t0) / running_n * cfg.accum_steps, 4)}
+            running.zero_()
+            running_n, t0 = 0, time.perf_counter()
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
+            if main:
+                _write(log_file, writer, record)
+        if done % cfg.eval_interval == 0 or done == cfg.iters:
+            result = evaluate(model, val_part, protocol, device, amp_dtype, progress=False)
+            net.train()
+            if main:
+                _write(log_file, writer, {"iter": done, **{k: round(result[k], 5) for k in ("mIoU", "mAcc", "aAcc")}})
+                bar.write(f"iter {done}: mIoU {100 * result['mIoU']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
+                          f"aAcc {100 * result['aAcc']:.2f}")
+                iou_chart(result, model.classes, model.meta["palette"], title=f"{cfg.model} iter {done}").save(out / "val_iou.png")
+                if result["mIoU"] > best:
+                    best = result["mIoU"]
+                    save(model, out / "best.safetensors")
+        if main and (done % cfg.ckpt_interval == 0 or done == end):
+            save(model, out / "model.safetensors")
+            state = {"iter": done, "best_miou": best, "config": cfg.to_dict(), "model": model.state_dict(),
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+            if device.type == "cuda":
+                state["rng"]["cuda"] = torch.cuda.get_rng_state(device)
+            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+    bar.close()
+    if main:
+        log_file.close()
+        if writer is not None:
+            writer.close()
+        records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
+        curves_chart(records, keys=("loss", "mIoU"), title=f"{cfg.model} on {model.meta['dataset']}").save(out / "curves.png")
+    return result
+
+
+
+def _write(log_file, writer, record):
+    log_file.write(json.dumps(record) + "\n")
+    log_file.flush()
+    if writer is not None:
+        for key, value in record.items():
+            if key != "iter":
+                writer.add_scalar(key, value, record["iter"])
+
+
+def _tensorboard(out):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise TransegError("tensorboard=true needs the tensorboard extra: pip install 'transeg[tensorboard]'") from None
+    return SummaryWriter(str(out / "tb"))

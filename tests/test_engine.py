@@ -1,0 +1,161 @@
+"""Training engine: the papers' optimizer groups and schedule, exact resume, inference modes, loss."""
+import json
+import math
+
+import pytest
+import torch
+
+import transeg
+from conftest import TINY, TINY_DATA
+from transeg import inference
+from transeg.engine import TrainConfig, load_config, train
+from transeg.engine.optim import param_groups, poly_warmup_factor
+from transeg.losses import cross_entropy
+
+SEGFORMER_KEYS = {"head": {"lr_mult": 10.0}, "norm": {"decay_mult": 0.0}, "pos_block": {"decay_mult": 0.0}}
+
+
+def test_param_groups_follow_mmcv_custom_keys():
+    """SegFormer recipe (digest §4): decode head lr x10 WITH decay (BN included), backbone norms no decay."""
+    model = transeg.create_model("segformer-b0", num_classes=6, **TINY)
+    groups = {(round(g["lr"], 12), g["weight_decay"]): set(g["names"])
+              for g in param_groups(model, 6e-5, 0.01, SEGFORMER_KEYS)}
+    assert set(groups) == {(6e-4, 0.01), (6e-5, 0.0), (6e-5, 0.01)}
+    assert "decode_head.linear_fuse.bn.weight" in groups[(6e-4, 0.01)]
+    assert all(n.startswith("decode_head.") for n in groups[(6e-4, 0.01)])
+    assert {"backbone.patch_embed1.norm.weight", "backbone.block1.0.norm1.bias", "backbone.block1.0.attn.norm.weight",
+            "backbone.norm4.weight"} <= groups[(6e-5, 0.0)]
+    assert "backbone.block1.0.attn.q.bias" in groups[(6e-5, 0.01)]  # biases keep decay in mmcv 1.x
+    total = sum(len(v) for v in groups.values())
+    assert total == len(list(model.parameters()))
+
+
+def test_poly_schedule_with_linear_warmup():
+    # mmcv: lr = base * (1 - it/max)^1, times 1 - (1 - it/warmup)(1 - 1e-6) during warm-up.
+    assert poly_warmup_factor(0, 160_000, warmup_iters=1500) == pytest.approx(1e-6)
+    assert poly_warmup_factor(750, 160_000, warmup_iters=1500) == pytest.approx((1 - 750 / 160_000) * (0.5 + 0.5e-6))
+    assert poly_warmup_factor(1500, 160_000, warmup_iters=1500) == pytest.approx(1 - 1500 / 160_000)
+    assert poly_warmup_factor(160_000, 160_000) == 0.0
+
+
+def test_loss_reductions():
+    # 2 pixels, one ignored: per-pixel CE of the valid one is log(2) (uniform logits over 2 classes).
+    logits = torch.zeros(1, 2, 1, 2)
+    label = torch.tensor([[[0, 255]]])
+    assert cross_entropy(logits, label, reduction="valid").item() == pytest.approx(math.log(2))
+    assert cross_entropy(logits, label, reduction="all").item() == pytest.approx(math.log(2) / 2)  # mmseg 0.x
+
+
+def _cfg(tmp_path, name, **kw):
+    base = dict(model="segformer-b0", model_args=TINY, data=TINY_DATA, iters=4, batch_size=2, lr=1e-3,
+                warmup_iters=2, eval_interval=100, ckpt_interval=2, log_interval=1, workers=0, device="cpu",
+                out=str(tmp_path / name))
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_gives_identical_weights(tmp_path):
+    """4 iterations in one go == 2 iterations, stop, --resume for the other 2 (bit-identical), also
+    with a different number of data workers: samples depend only on (seed, sample index)."""
+    train(_cfg(tmp_path, "full"), progress=False, log=lambda *_: None)
+    train(_cfg(tmp_path, "split", workers=1), stop_at=2, progress=False, log=lambda *_: None)
+    assert json.loads((tmp_path / "split" / "log.jsonl").read_text().splitlines()[-1])["iter"] == 2
+    train(_cfg(tmp_path, "split"), resume=True, progress=False, log=lambda *_: None)
+    full = transeg.load(tmp_path / "full" / "model.safetensors").state_dict()
+    split = transeg.load(tmp_path / "split" / "model.safetensors").state_dict()
+    assert full.keys() == split.keys()
+    for k in full:
+        assert torch.equal(full[k], split[k]), k
+    # and training did change the weights
+    fresh = torch.load(tmp_path / "full" / "train_state.pt", weights_only=True)
+    assert fresh["iter"] == 4
+
+
+def test_resume_refuses_changed_settings(tmp_path):
+    train(_cfg(tmp_path, "run"), stop_at=2, progress=False, log=lambda *_: None)
+    with pytest.raises(transeg.TransegError, match=r"cannot resume with changed settings \['lr'\]"):
+        train(_cfg(tmp_path, "run", lr=5e-4), resume=True, progress=False, log=lambda *_: None)
+
+
+def test_training_lowers_the_loss(tmp_path):
+    cfg = _cfg(tmp_path, "fit", iters=40, eval_interval=40, ckpt_interval=40, log_interval=10, warmup_iters=0)
+    result = train(cfg, progress=False, log=lambda *_: None)
+    records = [json.loads(r) for r in (tmp_path / "fit" / "log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in records if "loss" in r]
+    # 6 classes: a uniform guess costs log(6) = 1.79; 40 steps of a tiny SegFormer get well below it
+    assert losses[0] > losses[-1] and losses[-1] < 1.5
+    assert 0.0 <= result["mIoU"] <= 1.0
+    for name in ("model.safetensors", "best.safetensors", "curves.png", "val_iou.png", "config.yaml"):
+        assert (tmp_path / "fit" / name).is_file(), name
+
+
+def test_unknown_config_key_suggests_the_nearest(tmp_path):
+    (tmp_path / "r.yaml").write_text("model: segformer-b0\nlearning_rate: 0.1\n")
+    with pytest.raises(transeg.TransegError, match=r"r.yaml: unknown key 'learning_rate'"):
+        load_config(tmp_path / "r.yaml")
+    with pytest.raises(transeg.TransegError, match=r"unknown key 'iter'; did you mean 'iters'"):
+        load_config(None, ["iter=5"])
+    assert load_config(None, ["crop_size=[256,256]", "lr=1e-4"]).crop_size == [256, 256]
+
+
+# ----------------------------------------------------------------------------------------- inference
+def test_slide_windows_match_mmseg_grid():
+    # Cityscapes 1024x2048, crop 1024, stride 768: one row, x in {0, 768, 1024} (digest §5)
+    boxes = inference.slide_windows(1024, 2048, (1024, 1024), (768, 768))
+    assert [(b[0], b[2]) for b in boxes] == [(0, 0), (0, 768), (0, 1024)]
+    assert inference.slide_windows(300, 200, (512, 512), (341, 341)) == [(0, 300, 0, 200)]
+
+
+class PixelModel(torch.nn.Module):
+    """A per-pixel 1x1 conv 'segmentor': translation-equivariant, so slide == whole exactly."""
+    num_classes = 3
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_slide_equals_whole_for_a_pixelwise_model():
+    torch.manual_seed(0)
+    model, x = PixelModel().eval(), torch.randn(2, 3, 50, 70)
+    with torch.no_grad():
+        whole = inference.predict(model, x)
+        slide = inference.predict(model, x, mode="slide", crop=(32, 32), stride=(20, 24), batch_size=3)
+        on_cpu = inference.logits_slide(model, x, (32, 32), (20, 24), canvas_device="cpu")
+    assert (whole - slide).abs().max().item() < 1e-5
+    assert (whole - on_cpu).abs().max().item() < 1e-5
+
+
+def test_flip_averages_softmax_of_both_directions():
+    torch.manual_seed(0)
+    model, x = PixelModel().eval(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        got = inference.predict(model, x, flip=True)
+        # a pixel-wise model gives the same logits flipped back, so the average is one softmax
+        expected = model(x).softmax(1)
+    assert (got - expected).abs().max().item() < 1e-6
+    with torch.no_grad():
+        multi = inference.predict(model, x, scales=[0.5, 1.0], out_size=(8, 8))
+    assert multi.shape == (1, 3, 8, 8) and torch.allclose(multi.sum(1), torch.ones(1, 8, 8))
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    model = transeg.create_model("segformer-b0", num_classes=5, classes=list("abcde"), **TINY).eval()
+    transeg.save(model, tmp_path / "m.safetensors")
+    back = transeg.load(tmp_path / "m.safetensors")
+    assert back.classes == list("abcde") and back.meta["model_args"]["decoder_dim"] == 16
+    x = torch.randn(1, 3, 40, 56)
+    with torch.no_grad():
+        assert torch.equal(model(x), back(x))
+    other = transeg.create_model("segformer-b0", num_classes=7, **TINY)
+    with pytest.raises(transeg.TransegError, match=r"does not fit segformer-b0 with 7 classes; 2 misshapen: "
+                                                   r"decode_head.linear_pred.weight \(5, 16, 1, 1\)"):
+        from transeg.checkpoint import load_state_dict_checked
+        load_state_dict_checked(other, back.state_dict(), source="m.safetensors")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(1)}, tmp_path / "plain.safetensors")
+    with pytest.raises(transeg.TransegError, match="plain.safetensors: a safetensors file without transeg metadata"):
+        transeg.load(tmp_path / "plain.safetensors")
