@@ -1,0 +1,84 @@
+"""Datasets and transforms.
+
+`build_dataset(spec, split)` turns a `--data` value into a dataset: nothing / "synthetic" is the
+built-in synthetic set, a folder is a `FolderDataset`. Every dataset yields dicts with
+`image` (uint8 [3,H,W] RGB), `label` (int64 [H,W], 255 = ignore) and `name`, and carries
+`classes`, `palette` and `ignore_index`.
+"""
+import os
+
+from ..errors import TransegError
+from .folder import FolderDataset
+from .palettes import default_palette
+from .synthetic import SyntheticDataset
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, TestTransform, TrainTransform, normalize
+
+__all__ = [
+    "SyntheticDataset",
+    "FolderDataset",
+    "TrainTransform",
+    "TestTransform",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "normalize",
+    "default_palette",
+    "build_dataset",
+]
+
+_SYNTHETIC_OPTIONS = {"size": "size", "n": "num_samples", "seed": "seed"}
+
+
+def _parse_size(spec, value):
+    parts = value.lower().split("x")
+    try:
+        nums = [int(p) for p in parts]
+    except ValueError:
+        nums = []
+    if len(nums) not in (1, 2) or min(nums) <= 0:
+        raise TransegError(f"--data {spec}: size={value} is not a size (use size=128 or size=96x128 for HxW)")
+    return nums[0] if len(nums) == 1 else (nums[0], nums[1])
+
+
+def _synthetic_options(spec):
+    """Options of "synthetic:size=96,n=500,seed=3" as SyntheticDataset keyword arguments."""
+    _, _, rest = spec.partition(":")
+    out = {}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq or key not in _SYNTHETIC_OPTIONS:
+            raise TransegError(f"--data {spec}: unknown option {item!r} (known: size=N or HxW, n=N, seed=N)")
+        if key == "size":
+            out["size"] = _parse_size(spec, value)
+        else:
+            try:
+                out[_SYNTHETIC_OPTIONS[key]] = int(value)
+            except ValueError:
+                raise TransegError(f"--data {spec}: {key}={value} is not a whole number") from None
+    return out
+
+
+def build_dataset(spec, split="train", **kwargs):
+    """The dataset a `--data` value names, for `split`.
+
+    None, "" or "synthetic"   the built-in SyntheticDataset(split)
+    "synthetic:size=96,n=500,seed=3"   the same with options (size=HxW also works; n = samples)
+    an existing folder        FolderDataset(spec, split) (images/, masks/, classes.txt)
+
+    `kwargs` go to the dataset's constructor (e.g. num_samples, reduce_zero_label); options
+    written in the spec win over them.
+    """
+    text = "" if spec is None else str(spec).strip()
+    if text == "" or text == "synthetic" or text.startswith("synthetic:"):
+        options = dict(kwargs)
+        if options.pop("reduce_zero_label", False):
+            raise TransegError("--data synthetic: reduce_zero_label does not apply to the synthetic set")
+        options.update(_synthetic_options(text) if ":" in text else {})
+        return SyntheticDataset(split=split, **options)
+    if os.path.isdir(text):
+        return FolderDataset(text, split=split, **kwargs)
+    if os.path.exists(text):
+        raise TransegError(f"--data {text}: is a file, not a folder (give a folder with images/, masks/ and "
+                           f"classes.txt, or leave --data out for the built-in synthetic set)")
+    raise TransegError(f"--data {text}: no such directory (give a folder with images/, masks/ and classes.txt, "
+                       f"or leave --data out for the built-in synthetic set)")

@@ -1,0 +1,356 @@
+"""A user's own dataset in a plain folder layout.
+
+    root/
+      classes.txt                   one class per line: `name` or `name R G B`
+      images/<name>.jpg|.png|...    RGB images (.jpg .jpeg .png .bmp .tif .tiff .webp)
+      masks/<name>.png              single-channel index PNGs (mode L or P), one per image
+
+or, with splits, `images/<split>/...` and `masks/<split>/...` (e.g. train/ and val/). A split
+folder is used when `split` is given and `images/<split>` exists. A root without split folders
+serves the same flat folders for every split (None, "train", "val", ...): fine for a quick
+look, but then validation scores are measured on the training images.
+
+Images are read with their EXIF orientation applied, so a mask must match the image as it is
+displayed. Grey, alpha, palette and 16-bit images are converted to 8-bit RGB.
+
+Mask pixel values are class indices 0..K-1 in the order of classes.txt, 255 = ignore. With
+`reduce_zero_label=True` (the ADE20K convention) 0 becomes ignore and every other value v
+becomes v - 1, so the masks hold 0 = unlabelled and 1..K for the K classes listed.
+
+Anything wrong with the files raises `TransegError` with one line naming the file.
+"""
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..errors import TransegError
+from .palettes import default_palette
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+_READ_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
+_EXIF_ORIENTATION = 0x0112
+
+
+def _few(names, k=3):
+    names = sorted(names)
+    shown = ", ".join(names[:k])
+    return shown + (f" and {len(names) - k} more" if len(names) > k else "")
+
+
+def read_classes(path):
+    """Parse classes.txt: returns (names, palette). Lines are `name` or `name R G B` (spaces or
+    commas between the numbers); blank lines and lines starting with # are skipped; classes
+    without a colour get default_palette's colour for their index."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise TransegError(f"{path}: not a UTF-8 text file (expected one class name per line)") from None
+    except OSError as e:
+        raise TransegError(f"{path}: cannot read ({e.strerror or e})") from None
+    names, colours = [], []
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        m = re.fullmatch(r"(.*?)[\s,]+(-?\d+)[\s,]+(-?\d+)[\s,]+(-?\d+)", line)
+        if m and m.group(1).strip():
+            name = m.group(1).strip()
+            rgb = tuple(int(v) for v in m.groups()[1:])
+            if not all(0 <= v <= 255 for v in rgb):
+                raise TransegError(f"{path}:{lineno}: colour {' '.join(map(str, rgb))} of {name!r} "
+                                   f"is not an RGB triple in 0..255")
+        else:
+            name, rgb = line, None
+        if name in names:
+            raise TransegError(f"{path}:{lineno}: class {name!r} is listed twice")
+        names.append(name)
+        colours.append(rgb)
+    if not names:
+        raise TransegError(f"{path}: lists no classes (expected one class name per line)")
+    if len(names) > 255:
+        raise TransegError(f"{path}: lists {len(names)} classes; at most 255 fit in 8-bit masks "
+                           f"(value 255 means ignore)")
+    defaults = default_palette(len(names))
+    palette = [c if c is not None else defaults[i] for i, c in enumerate(colours)]
+    return names, palette
+
+
+def load_image(path):
+    """Read an image file as uint8 RGB `[H,W,3]` numpy: EXIF orientation applied, grey / alpha /
+    palette / 16-bit images converted to 8-bit RGB. Raises TransegError naming the file."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return _to_rgb(img)
+    except TransegError:
+        raise
+    except _READ_ERRORS as e:
+        raise TransegError(f"{path}: cannot read the image ({_reason(e)})") from None
+
+
+def _reason(e):
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+def _to_rgb(img):
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grey: scale 0..65535 to 0..255 (Pillow's own convert would clip at 255); a
+        # 32-bit "I" image whose values already fit in 0..255 is kept as it is
+        a = np.asarray(img).astype(np.float64)
+        if img.mode != "I" or a.size == 0 or a.max() > 255:
+            a = np.round(a / 257.0)
+        a = np.clip(a, 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float32)
+        a = a * 255.0 if a.size and float(np.nanmax(a)) <= 1.0 else a
+        a = np.clip(np.nan_to_num(np.round(a)), 0, 255).astype(np.uint8)
+        return np.repeat(a[..., None], 3, axis=2)
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def _oriented_size(img):
+    """(h, w) after EXIF orientation, without decoding the pixels."""
+    w, h = img.size
+    try:
+        if img.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8):
+            w, h = h, w
+    except Exception:  # a broken EXIF block only loses the orientation, as in exif_transpose
+        pass
+    return h, w
+
+
+class FolderDataset(torch.utils.data.Dataset):
+    """Images, index masks and classes.txt in a folder (see the module docstring for the layout).
+
+    Items are dicts: image uint8 [3,H,W] RGB, label int64 [H,W] (255 = ignore), name str (the
+    file name without extension). `check()` scans every file up front.
+    """
+
+    ignore_index = 255
+
+    def __init__(self, root, split=None, reduce_zero_label=False):
+        self.root = Path(root)
+        self.split = split
+        self.reduce_zero_label = bool(reduce_zero_label)
+        if not self.root.exists():
+            raise TransegError(f"{self.root}: no such folder")
+        if not self.root.is_dir():
+            raise TransegError(f"{self.root}: is a file, not a folder with images/, masks/ and classes.txt")
+        classes_txt = self.root / "classes.txt"
+        if not classes_txt.is_file():
+            raise TransegError(f"{classes_txt}: missing (list the class names there, one per line, "
+                               f"in the order of the mask values 0, 1, 2, ...)")
+        self.classes, self.palette = read_classes(classes_txt)
+        self.image_dir, self.mask_dir = self._folders()
+        self.samples = self._pair_files()
+
+    # -- layout -------------------------------------------------------------------------------
+
+    def _folders(self):
+        images, masks = self.root / "images", self.root / "masks"
+        for d in (images, masks):
+            if not d.is_dir():
+                raise TransegError(f"{d}: missing (expected {self.root}/images/ and {self.root}/masks/ "
+                                   f"beside classes.txt)")
+        subdirs = sorted(p.name for p in images.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if self.split is not None and self.split in subdirs:
+            images, masks = images / self.split, masks / self.split
+            if not masks.is_dir():
+                raise TransegError(f"{masks}: missing (images/{self.split}/ needs a matching masks/{self.split}/)")
+            return images, masks
+        has_flat = any(p.suffix.lower() in IMAGE_EXTENSIONS for p in images.iterdir() if p.is_file())
+        if subdirs and not has_flat:
+            if self.split is None:
+                raise TransegError(f"{images}: holds split folders ({', '.join(subdirs)}); choose one of them as the split")
+            raise TransegError(f"{images / self.split}: no such split folder (found: {', '.join(subdirs)})")
+        return images, masks
+
+    def _pair_files(self):
+        images = {}
+        for p in sorted(self.image_dir.iterdir()):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith("."):
+                if p.stem in images:
+                    raise TransegError(f"{p}: two images share the name {p.stem!r} "
+                                       f"({images[p.stem].name} and {p.name}); rename one")
+                images[p.stem] = p
+        if not images:
+            raise TransegError(f"{self.image_dir}: no images ({' '.join(IMAGE_EXTENSIONS)})")
+        masks = {}
+        for p in sorted(self.mask_dir.iterdir()):
+            if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_EXTENSIONS:
+                if p.suffix.lower() != ".png":
+                    if p.stem not in images:
+                        continue
+                    raise TransegError(f"{p}: masks must be PNG files (lossless index images), "
+                                       f"save it as {p.stem}.png")
+                masks[p.stem] = p
+        no_mask = [images[s].name for s in images if s not in masks]
+        if no_mask:
+            raise TransegError(f"{self.mask_dir}: no mask for {len(no_mask)} image(s) ({_few(no_mask)}); "
+                               f"each images/NAME.ext needs masks/NAME.png")
+        no_image = [masks[s].name for s in masks if s not in images]
+        if no_image:
+            raise TransegError(f"{self.image_dir}: no image for {len(no_image)} mask(s) ({_few(no_image)}); "
+                               f"remove those masks or add the images")
+        return [(images[s], masks[s]) for s in sorted(images)]
+
+    # -- reading ------------------------------------------------------------------------------
+
+    @property
+    def num_classes(self):
+        return len(self.classes)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __repr__(self):
+        return (f"FolderDataset({str(self.root)!r}, split={self.split!r}, {len(self)} images, "
+                f"{self.num_classes} classes)")
+
+    def read_mask(self, path):
+        """The raw mask values as uint8 `[H,W]` (before reduce_zero_label)."""
+        try:
+            with Image.open(path) as m:
+                m.load()
+                mode = m.mode
+                if mode in ("L", "P", "1"):
+                    return np.asarray(m, dtype=np.uint8) if mode != "1" else np.asarray(m).astype(np.uint8)
+                if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+                    a = np.asarray(m)
+                    big = a[(a > 255) | (a < 0)]
+                    if big.size:
+                        raise TransegError(f"{path}: label value {int(big.flat[0])} does not fit in 8 bits; "
+                                           f"{self._allowed()}")
+                    return a.astype(np.uint8)
+                if mode in ("RGB", "RGBA"):
+                    a = np.asarray(m)
+                    hint = ""
+                    if (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
+                        hint = " (its three channels are equal, so converting it to mode L keeps the values)"
+                    raise TransegError(f"{path}: is an {mode} colour mask; convert it to a single-channel "
+                                       f"index PNG (mode L or P) whose pixel values are class indices{hint}")
+                raise TransegError(f"{path}: mask has image mode {mode}; expected a single-channel index PNG "
+                                   f"(mode L or P)")
+        except TransegError:
+            raise
+        except _READ_ERRORS as e:
+            raise TransegError(f"{path}: cannot read the mask ({_reason(e)})") from None
+
+    def _allowed(self):
+        k = self.num_classes
+        if self.reduce_zero_label:
+            return f"allowed 0=ignore, 1..{k} for the {k} classes of classes.txt (reduce_zero_label) and 255=ignore"
+        return f"allowed 0..{k - 1} and 255=ignore"
+
+    def _bad_values(self, counts):
+        """The raw values (from a 256-bin histogram) that are not allowed, ascending."""
+        limit = self.num_classes + (1 if self.reduce_zero_label else 0)
+        return np.nonzero(counts[limit:255])[0] + limit
+
+    def _value_error(self, path, bad):
+        k = self.num_classes
+        if len(bad) == 1:
+            what = f"label value {int(bad[0])} is"
+        else:
+            what = "label values " + ", ".join(str(int(v)) for v in bad[:5]) + (" ..." if len(bad) > 5 else "") + " are"
+        return TransegError(f"{path}: {what} outside the {k} classes of classes.txt ({self._allowed()})")
+
+    def _to_label(self, raw):
+        lab = raw.astype(np.int64)
+        if self.reduce_zero_label:
+            lab = lab - 1
+            lab[(raw == 0) | (raw == 255)] = 255
+        return lab
+
+    def __getitem__(self, index):
+        image_path, mask_path = self.samples[index]
+        image = load_image(image_path)
+        raw = self.read_mask(mask_path)
+        if image.shape[:2] != raw.shape:
+            raise TransegError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image "
+                               f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+        bad = self._bad_values(np.bincount(raw.reshape(-1), minlength=256))
+        if bad.size:
+            raise self._value_error(mask_path, bad)
+        return {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "label": torch.from_numpy(self._to_label(raw)),
+            "name": image_path.stem,
+        }
+
+    # -- validation ---------------------------------------------------------------------------
+
+    def check(self, progress=True, decode_images=True):
+        """Scan every mask (and image) once; raise TransegError at the first bad file.
+
+        Checks each mask's format and values and that its size equals its image's (EXIF
+        orientation included); with `decode_images` every image is fully decoded too, which
+        catches truncated files (slower: a full read of the dataset).
+
+        Returns a summary dict: num_images, num_classes, classes, class_pixels (per class, after
+        reduce_zero_label), ignore_pixels, total_pixels, class_images (images containing each
+        class), absent_classes (names with no pixel), min_size / max_size (h, w) and
+        label_values (the raw mask values seen).
+        """
+        from tqdm import tqdm
+
+        k = self.num_classes
+        hist = np.zeros(256, dtype=np.int64)
+        class_images = np.zeros(k, dtype=np.int64)
+        min_size, max_size = None, None
+        for image_path, mask_path in tqdm(self.samples, desc=f"checking {self.image_dir}", unit="img",
+                                          disable=not progress, leave=False):
+            if decode_images:
+                size = load_image(image_path).shape[:2]
+            else:
+                try:
+                    with Image.open(image_path) as img:
+                        size = _oriented_size(img)
+                except _READ_ERRORS as e:
+                    raise TransegError(f"{image_path}: cannot read the image ({_reason(e)})") from None
+            raw = self.read_mask(mask_path)
+            if tuple(size) != raw.shape:
+                raise TransegError(f"{mask_path}: mask is {raw.shape[1]}x{raw.shape[0]} (WxH) but its image "
+                                   f"{image_path.name} is {size[1]}x{size[0]}")
+            counts = np.bincount(raw.reshape(-1), minlength=256)
+            bad = self._bad_values(counts)
+            if bad.size:
+                raise self._value_error(mask_path, bad)
+            hist += counts
+            present = np.nonzero(counts)[0]
+            present = present[present != 255]
+            if self.reduce_zero_label:
+                present = present[present != 0] - 1
+            class_images[present] += 1
+            min_size = tuple(size) if min_size is None else (min(min_size[0], size[0]), min(min_size[1], size[1]))
+            max_size = tuple(size) if max_size is None else (max(max_size[0], size[0]), max(max_size[1], size[1]))
+        if self.reduce_zero_label:
+            class_pixels = hist[1:k + 1]
+            ignore = int(hist[0] + hist[255])
+        else:
+            class_pixels = hist[:k]
+            ignore = int(hist[255])
+        return {
+            "num_images": len(self.samples),
+            "num_classes": k,
+            "classes": list(self.classes),
+            "class_pixels": [int(c) for c in class_pixels],
+            "ignore_pixels": ignore,
+            "total_pixels": int(hist.sum()),
+            "class_images": [int(c) for c in class_images],
+            "absent_classes": [self.classes[i] for i in range(k) if class_pixels[i] == 0],
+            "min_size": min_size,
+            "max_size": max_size,
+            "label_values": [int(v) for v in np.nonzero(hist)[0]],
+        }
