@@ -73,6 +73,8 @@ def test_resume_gives_identical_weights(tmp_path):
 
 def test_resume_refuses_changed_settings(tmp_path):
     train(_cfg(tmp_path, "run"), stop_at=2, progress=False, log=lambda *_: None)
+    with pytest.raises(transeg.TransegError, match=r"run: already holds a training run; continue it with --resume"):
+        train(_cfg(tmp_path, "run"), progress=False, log=lambda *_: None)
     with pytest.raises(transeg.TransegError, match=r"cannot resume with changed settings \['lr'\]"):
         train(_cfg(tmp_path, "run", lr=5e-4), resume=True, progress=False, log=lambda *_: None)
 
@@ -159,3 +161,30 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
     save_file({"w": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(transeg.TransegError, match="plain.safetensors: a safetensors file without transeg metadata"):
         transeg.load(tmp_path / "plain.safetensors")
+
+
+def test_amp_auto_resolves_to_bf16_or_nothing():
+    from transeg.engine.trainer import _amp, native_bf16
+
+    cpu = torch.device("cpu")
+    # auto never picks fp16 (emulated on CPUs, ~100x slower there): bf16 where native, else fp32
+    assert _amp(TrainConfig(amp="auto"), cpu) == (torch.bfloat16 if native_bf16(cpu) else None)
+    assert _amp(TrainConfig(amp="bf16"), cpu) == torch.bfloat16
+    assert _amp(TrainConfig(amp="no"), cpu) is None
+    with pytest.raises(transeg.TransegError, match="amp fp16 needs a CUDA device"):
+        _amp(TrainConfig(amp="fp16"), cpu)
+
+
+def test_ohem_keeps_hard_pixels_like_mmseg():
+    from transeg.losses import ohem_cross_entropy, ohem_weights
+
+    # 4 pixels, 2 classes; true-class probabilities sigmoid(4)=0.982, 0.5, sigmoid(-1)=0.269; last ignored
+    logits = torch.tensor([[[[4.0, 0.0, -1.0, 0.0]], [[0.0, 0.0, 0.0, 5.0]]]])
+    label = torch.tensor([[[0, 0, 0, 255]]])
+    # min_kept=1: threshold = max(0.7, 2nd smallest prob 0.5) = 0.7 -> pixels with p < 0.7 are hard
+    assert ohem_weights(logits, label, thresh=0.7, min_kept=1).tolist() == [[[0.0, 1.0, 1.0, 0.0]]]
+    # thresh=0.1: threshold = max(0.1, 0.5) = 0.5 -> only p=0.269 is below it (strict <, as mmseg)
+    assert ohem_weights(logits, label, thresh=0.1, min_kept=1).tolist() == [[[0.0, 0.0, 1.0, 0.0]]]
+    # loss over all 4 pixels ("all") = (CE at p=0.5 + CE at p=0.269) / 4
+    expected = (math.log(2) + math.log(1 + math.e)) / 4
+    assert ohem_cross_entropy(logits, label, 0.7, 1).item() == pytest.approx(expected, rel=1e-5)

@@ -37,7 +37,7 @@ class TrainConfig:
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
     loss_reduction: str = "all"                        # "all": mmseg 0.x mean over all pixels; "valid": over labelled ones
-    amp: str = "no"                                    # no | bf16 | fp16
+    amp: str = "no"                                    # no | bf16 | fp16 | auto (bf16 where the hardware has it)
     # test protocol used for periodic evaluation and stored in the checkpoint
     test_mode: str = "whole"
     test_scale: Optional[list] = None

@@ -66,14 +66,29 @@ def _device(name):
     return torch.device(name)
 
 
+def native_bf16(device):
+    """Whether `device` computes bf16 natively (so autocast speeds things up rather than emulating):
+    CUDA with bf16 support, or an x86 CPU with AMX or AVX512-BF16 (read from /proc/cpuinfo)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
 def _amp(cfg, device):
-    if cfg.amp == "no":
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "bf16" if native_bf16(device) else "no"
+    if amp == "no":
         return None
-    if cfg.amp not in ("bf16", "fp16"):
-        raise TransegError(f"amp must be no, bf16 or fp16, got {cfg.amp!r}")
-    if cfg.amp == "fp16" and device.type != "cuda":
+    if amp not in ("bf16", "fp16"):
+        raise TransegError(f"amp must be no, auto, bf16 or fp16, got {cfg.amp!r}")
+    if amp == "fp16" and device.type != "cuda":
         raise TransegError("amp fp16 needs a CUDA device; use amp=bf16 on CPU")
-    return torch.bfloat16 if cfg.amp == "bf16" else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
 def _distributed():
@@ -122,6 +137,8 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
 
     start, best = 0, -1.0
     state_path = out / STATE_FILE
+    if not resume and state_path.exists():
+        raise TransegError(f"{out}: already holds a training run; continue it with --resume or choose another --out")
     if resume:
         if not state_path.is_file():
             raise TransegError(f"{state_path}: nothing to resume (no training state in {out})")
@@ -140,6 +157,7 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
         start, best = state["iter"], state["best_miou"]
         if main:
             log(f"resuming {out} at iteration {start}/{cfg.iters}")
+            _truncate_log(out / "log.jsonl", start)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -165,7 +183,7 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
         log(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
             f"{model.meta['dataset']} ({len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes), "
             f"{cfg.iters} iterations x {cfg.batch_size * cfg.accum_steps * world} images, device {device}"
-            + (f", amp {cfg.amp}" if amp_dtype else "") + f"; eval: {describe(protocol)}")
+            + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "") + f"; eval: {describe(protocol)}")
     log_file = (out / "log.jsonl").open("a") if main else None
     writer = _tensorboard(out) if main and cfg.tensorboard else None
     bar = tqdm(total=end, initial=start, desc="train", disable=not (progress and main), dynamic_ncols=True)
@@ -249,3 +267,10 @@ def _tensorboard(out):
     except ImportError:
         raise TransegError("tensorboard=true needs the tensorboard extra: pip install 'transeg[tensorboard]'") from None
     return SummaryWriter(str(out / "tb"))
+
+
+def _truncate_log(path, last_iter):
+    """Drop records an interrupted run wrote after its last checkpoint (they are about to be redone)."""
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iter"] <= last_iter]
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
