@@ -9,12 +9,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .backbones import MixVisionTransformer
+from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import TransegError
 from .heads import SegFormerHead
 from .segmentor import Segmentor
-
-IMAGENET_MEAN = (123.675, 116.28, 103.53)
-IMAGENET_STD = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
