@@ -188,3 +188,15 @@ def test_ohem_keeps_hard_pixels_like_mmseg():
     # loss over all 4 pixels ("all") = (CE at p=0.5 + CE at p=0.269) / 4
     expected = (math.log(2) + math.log(1 + math.e)) / 4
     assert ohem_cross_entropy(logits, label, 0.7, 1).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_sample_ids_partition_the_global_batch():
+    from transeg.engine.trainer import _sample_ids
+
+    # one process, batch 2: micro-batch j takes samples 2j, 2j+1
+    assert list(_sample_ids(0, 3, 2, rank=0, world=1)) == [0, 1, 2, 3, 4, 5]
+    # two processes, batch 2 each: micro-batch j is samples 4j..4j+3, rank 0 the first half
+    assert list(_sample_ids(0, 2, 2, rank=0, world=2)) == [0, 1, 4, 5]
+    assert list(_sample_ids(0, 2, 2, rank=1, world=2)) == [2, 3, 6, 7]
+    # resuming at micro-batch 1 continues where micro-batch 0 ended, so an interrupted run sees the same data
+    assert list(_sample_ids(1, 3, 2, rank=0, world=1)) == [2, 3, 4, 5]
