@@ -63,9 +63,9 @@ def _protocol(args, model):
 
 
 def _device(name):
-    import torch
+    from .engine.trainer import resolve_device
 
-    return torch.device("cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name))
+    return resolve_device(name)
 
 
 # ----------------------------------------------------------------------------------------------- verbs
@@ -124,7 +124,7 @@ def cmd_eval(args):
     device = _device(args.device)
     model.to(device)
     spec = args.data if args.data is not None else model.meta.get("dataset")
-    dataset = build_dataset(None if spec == "synthetic" else spec, args.split)
+    dataset = build_dataset(spec, args.split)
     if len(dataset.classes) != model.num_classes:
         from .errors import TransegError
         raise TransegError(f"{args.checkpoint}: a {model.num_classes}-class model cannot be evaluated on "
@@ -142,16 +142,14 @@ def cmd_eval(args):
         print(f"per-class chart: {out / 'iou.png'}")
 
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
-
-
 def _inputs(paths):
+    from .data.folder import IMAGE_EXTENSIONS
     from .errors import TransegError
 
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
         elif p.is_file():
             files.append(p)
         else:
@@ -167,9 +165,9 @@ def cmd_predict(args):
     from PIL import Image
     from tqdm import tqdm
 
-    from . import inference, load
-    from .data import TestTransform
+    from . import load
     from .data.folder import load_image
+    from .engine.evaluate import protocol_scores, test_transform
     from .data.palettes import default_palette
     from .viz import overlay
 
@@ -177,8 +175,7 @@ def cmd_predict(args):
     device = _device(args.device)
     model.to(device)
     protocol = _protocol(args, model)
-    transform = TestTransform(scale=protocol.get("scale"), size_divisor=protocol.get("size_divisor"),
-                              mean=model.meta["mean"], std=model.meta["std"])
+    transform = test_transform(model, protocol)
     palette = [tuple(c) for c in (model.meta.get("palette") or default_palette(model.num_classes))]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -189,10 +186,7 @@ def cmd_predict(args):
         image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
         x = transform(image).unsqueeze(0).to(device)
         with torch.no_grad():
-            scores = inference.predict(model, x, out_size=image.shape[-2:], mode=protocol["mode"],
-                                       crop=protocol.get("crop"), stride=protocol.get("stride"),
-                                       scales=protocol.get("scales", [1.0]), flip=protocol.get("flip", False),
-                                       size_divisor=protocol.get("size_divisor"))
+            scores = protocol_scores(model, x, image.shape[-2:], protocol)
         label = scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
         stem = path.stem  # outputs are named from the stem only, so they always land inside --out
         while stem in used:
@@ -233,8 +227,7 @@ def cmd_bench(args):
     if Path(args.model).suffix == ".safetensors":
         model = load(args.model)
         name = model.meta["variant"]
-        with torch.device("meta"):
-            shape_model = create_model(name, **model.meta["model_args"])
+        shape_model = meta_model(name, **model.meta["model_args"])
     else:
         name = args.model
         model = create_model(name, num_classes=args.num_classes)

@@ -25,16 +25,28 @@ def describe(protocol):
     return ", ".join(parts)
 
 
+def test_transform(model, protocol):
+    """The protocol's resize/align + the model's normalisation, for uint8 [3,H,W] images."""
+    from ..data import TestTransform
+
+    return TestTransform(scale=protocol.get("scale"), size_divisor=protocol.get("size_divisor"),
+                         mean=model.meta["mean"], std=model.meta["std"])
+
+
+def protocol_scores(model, x, out_size, protocol):
+    """`inference.predict` with the protocol's mode, windows, scales and flip."""
+    return inference.predict(model, x, out_size=out_size, mode=protocol["mode"], crop=protocol.get("crop"),
+                             stride=protocol.get("stride"), scales=protocol.get("scales", [1.0]),
+                             flip=protocol.get("flip", False), size_divisor=protocol.get("size_divisor"))
+
+
 @torch.no_grad()
 def evaluate(model, dataset, protocol=None, device="cpu", amp_dtype=None, progress=True, max_samples=None):
     """Run `model` over `dataset` (items: uint8 image [3,H,W], int64 label [H,W]) and return
     ConfusionMatrix.compute()'s dict plus the protocol description. Labels stay at their original
     size: predictions are resized back to it, as mmseg does."""
-    from ..data import TestTransform
-
     protocol = protocol or default_protocol(model)
-    transform = TestTransform(scale=protocol.get("scale"), size_divisor=protocol.get("size_divisor"),
-                              mean=model.meta["mean"], std=model.meta["std"])
+    transform = test_transform(model, protocol)
     device = torch.device(device)
     was_training = model.training
     model.eval()
@@ -46,10 +58,7 @@ def evaluate(model, dataset, protocol=None, device="cpu", amp_dtype=None, progre
         x = transform(sample["image"]).unsqueeze(0).to(device, non_blocking=True)
         label = sample["label"].to(device, non_blocking=True)
         with autocast:
-            scores = inference.predict(model, x, out_size=label.shape[-2:], mode=protocol["mode"],
-                                       crop=protocol.get("crop"), stride=protocol.get("stride"),
-                                       scales=protocol.get("scales", [1.0]), flip=protocol.get("flip", False),
-                                       size_divisor=protocol.get("size_divisor"))
+            scores = protocol_scores(model, x, label.shape[-2:], protocol)
         cm.update(scores.argmax(1)[0], label)
     cm.all_reduce()
     model.train(was_training)

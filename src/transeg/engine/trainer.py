@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from ..checkpoint import atomic_write, load, save
 from ..errors import TransegError
+from ..flops import count_params
 from ..registry import create_model
 from .config import TrainConfig, resolve
 from .evaluate import default_protocol, describe, evaluate
@@ -60,7 +61,8 @@ def _sample_ids(start_micro, end_micro, batch, rank, world):
         yield from range(base, base + batch)
 
 
-def _device(name):
+def resolve_device(name):
+    """"auto" -> cuda when available, else cpu; anything else as torch.device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -123,7 +125,7 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
     rank, world = _distributed()
     main = rank == 0
     out = Path(cfg.out)
-    device = _device(cfg.device)
+    device = resolve_device(cfg.device)
     amp_dtype = _amp(cfg, device)
     torch.manual_seed(cfg.seed)
 
@@ -180,7 +182,7 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
 
     protocol = default_protocol(model)
     if main:
-        log(f"training {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params) on "
+        log(f"training {cfg.model} ({count_params(model) / 1e6:.2f}M params) on "
             f"{model.meta['dataset']} ({len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes), "
             f"{cfg.iters} iterations x {cfg.batch_size * cfg.accum_steps * world} images, device {device}"
             + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "") + f"; eval: {describe(protocol)}")
