@@ -16,7 +16,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-_POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+from .layers import KeyValuePool
+
+# KeyValuePool is the authors' nn.AvgPool2d in EDAFormer (counted even at kernel 1, as mmcv does).
+_POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, KeyValuePool)
 _ACTS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU)
 
 

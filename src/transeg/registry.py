@@ -8,10 +8,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .backbones import MixVisionTransformer
+from .backbones import EmbeddingFreeTransformer, MixVisionTransformer
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import TransegError
-from .heads import SegFormerHead
+from .heads import EDAFormerHead, SegFormerHead
 from .segmentor import Segmentor
 
 
@@ -103,4 +103,35 @@ for _b, _f in _SEGFORMER.items():
         kwargs=dict(embed_dims=_f["dims"], depths=_f["depths"], decoder_dim=_f["dec"], drop_path_rate=0.1),
         paper=dict(params_m=_f["params_m"], official_params=_f["official_params"], gflops=_f["gflops"], miou=_f["miou"],
                    reference="Xie et al., SegFormer, NeurIPS 2021, Tables 1-2"),
+    ))
+
+
+# --------------------------------------------------------------------------------------------- EDAFormer
+def build_edaformer(num_classes, embed_dims, depths, mlp_ratio, decoder_dim, decoder_mlp_ratio, num_heads=(1, 2, 4, 8),
+                    pooling_ratios=(8, 4, 2, 1), drop_path_rate=0.2, decoder_drop_path=0.1, dropout=0.1):
+    backbone = EmbeddingFreeTransformer(embed_dims=embed_dims, num_heads=num_heads, mlp_ratios=(mlp_ratio,) * 4,
+                                        depths=depths, pooling_ratios=pooling_ratios, drop_path_rate=drop_path_rate)
+    head = EDAFormerHead(backbone.out_channels, decoder_dim, num_classes, mlp_ratio=decoder_mlp_ratio,
+                         dropout=dropout, drop_path=decoder_drop_path)
+    return Segmentor(backbone, head, num_classes)
+
+
+# Paper: Yu et al., EDAFormer, ECCV 2024 (params 4.9M / 29.4M). official_params: the authors' model
+# with 150 classes including its unused 128->K conv_seg, counted by running their code (digest §1).
+# GFLOPs: the authors' tools/get_flops.py run on their model (digest §5-6; 1024x2048 with the
+# Cityscapes config's 19 classes). The paper's per-dataset mIoU table was not available to verify,
+# so no mIoU is listed.
+_EDAFORMER = {
+    "t": dict(dims=(32, 64, 128, 256), depths=(2, 2, 10, 2), mlp=3.8, dec=128, dec_mlp=2, params_m=4.9,
+              official_params=4_949_264, gflops={"512x512@150": 5.62, "1024x2048@19": 151.54}),
+    "b": dict(dims=(64, 128, 256, 512), depths=(3, 3, 22, 3), mlp=4, dec=768, dec_mlp=1, params_m=29.4,
+              official_params=29_457_516, gflops={"512x512@150": 31.93, "1024x2048@19": 605.39}),
+}
+for _b, _f in _EDAFORMER.items():
+    register(Variant(
+        name=f"edaformer-{_b}", family="edaformer", build=build_edaformer,
+        kwargs=dict(embed_dims=_f["dims"], depths=_f["depths"], mlp_ratio=_f["mlp"], decoder_dim=_f["dec"],
+                    decoder_mlp_ratio=_f["dec_mlp"]),
+        paper=dict(params_m=_f["params_m"], official_params=_f["official_params"], gflops=_f["gflops"], miou={},
+                   reference="Yu et al., EDAFormer, ECCV 2024"),
     ))

@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import inference
+from . import inference, isr
 from .losses import cross_entropy
 
 
@@ -34,6 +34,16 @@ class Segmentor(nn.Module):
     def predict(self, x, out_size=None, **kwargs):
         """Label map [N, H, W] at `out_size` (default: the input size). See `inference.predict`."""
         return inference.predict(self, x, out_size=out_size, **kwargs).argmax(1)
+
+    def set_isr(self, encoder=None, decoder=None):
+        """Inference spatial reduction: pool keys/values `encoder[i]` / `decoder[j]` times harder than
+        trained, without touching weights; `set_isr()` resets. See `transeg.isr`."""
+        return isr.set_isr(self, encoder, decoder)
+
+    @property
+    def isr(self):
+        """The current ISR multipliers, {"encoder": (...), "decoder": (...)}."""
+        return isr.get_isr(self)
 
     @property
     def classes(self):

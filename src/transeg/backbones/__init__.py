@@ -1,4 +1,5 @@
 """Encoders. Each takes [N,3,H,W] and returns a list of NCHW feature maps (see DESIGN.md)."""
+from .eft import EmbeddingFreeTransformer
 from .mit import MixVisionTransformer
 
-__all__ = ["MixVisionTransformer"]
+__all__ = ["EmbeddingFreeTransformer", "MixVisionTransformer"]

@@ -8,11 +8,10 @@ Module names match the authors' `mix_transformer.py` (`patch_embed1`, `block1.0.
 the authors' model and are kept: 1e-5 in the patch embeddings and the reduction norms, 1e-6 in the
 blocks and after each stage.
 """
-import math
-
 from torch import nn
 
 from ..layers import DropPath, MixFFN, OverlapPatchEmbed, SpatialReductionAttention, drop_path_rates
+from ..layers.init import init_weights
 
 
 class MiTBlock(nn.Module):
@@ -60,18 +59,6 @@ class MixVisionTransformer(nn.Module):
             features.append(x)
         return features
 
-
-def init_weights(m):
-    """The authors' from-scratch init (training normally starts from ImageNet weights instead)."""
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+    def isr_pools(self):
+        """The key/value pools of each stage, for `transeg.isr` (ISR pools before the strided conv)."""
+        return [[b.attn.pool for b in getattr(self, f"block{s}")] for s in range(1, 5)]

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from ..checkpoint import load_foreign, load_state_dict_checked
 from ..errors import TransegError
-from . import segformer, segformer_hf
+from . import edaformer, segformer, segformer_hf
 
 FORMATS = {
+    "edaformer": "the authors' hyunwoo137/EDAFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer": "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer-hf": "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)",
 }
@@ -24,8 +25,8 @@ def convert(src, fmt, model=None, num_classes=None):
         raise TransegError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if not src.exists():
         raise TransegError(f"{src}: no such file or directory")
-    if fmt == "segformer":
-        found = segformer.convert(load_foreign(src), src, model)
+    if fmt in ("segformer", "edaformer"):
+        found = {"segformer": segformer, "edaformer": edaformer}[fmt].convert(load_foreign(src), src, model)
     else:
         found = segformer_hf.convert(src, src, model)
     if num_classes is not None and num_classes != found["num_classes"]:

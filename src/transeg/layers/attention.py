@@ -1,8 +1,15 @@
 """Attention whose keys/values come from a spatially reduced copy of the tokens.
 
-SegFormer's "efficient self-attention" (PVT's spatial-reduction attention): queries are all H·W
-tokens; keys and values are computed from the token map shrunk by a strided conv (kernel = stride
-= `sr_ratio`) and a LayerNorm, which cuts the cost from O((HW)^2) to O((HW)^2 / sr^2).
+Two families pool keys/values here:
+
+- SegFormer's "efficient self-attention" (PVT's spatial-reduction attention): queries are all H·W
+  tokens; keys and values come from the token map shrunk by a strided conv (kernel = stride =
+  `sr_ratio`) and a LayerNorm, which cuts the cost from O((HW)^2) to O((HW)^2 / sr^2).
+- EDAFormer's embedding-free attention: no q/k/v projections at all; the queries are the tokens
+  themselves and keys = values = a 1x1 conv of the average-pooled tokens.
+
+Both reduce with a `KeyValuePool`, which carries the inference spatial reduction (ISR) multiplier
+(see `transeg.isr`): pooling harder at inference changes no weight, only how coarse K/V are.
 """
 import torch.nn.functional as F
 from torch import nn
@@ -14,12 +21,40 @@ def tokens_to_map(x, hw):
     return x.transpose(1, 2).reshape(n, c, hw[0], hw[1])
 
 
+class KeyValuePool(nn.Module):
+    """Average pooling with kernel = stride = `ratio × isr` (floor semantics, as nn.AvgPool2d).
+
+    `ratio` is the pooling the weights were trained with; `isr` is the inference multiplier set by
+    `transeg.isr.set_isr`. A window larger than the map is clipped to the map (one global K/V token
+    in that direction) instead of failing on an empty output, which the authors' code would do.
+    Holds no parameters, so the state dict is the same for every setting.
+    """
+
+    def __init__(self, ratio=1):
+        super().__init__()
+        self.ratio = int(ratio)
+        self.isr = 1
+
+    @property
+    def effective(self):
+        return self.ratio * self.isr
+
+    def forward(self, x):
+        s = self.effective
+        k = (min(s, x.shape[-2]), min(s, x.shape[-1]))
+        return F.avg_pool2d(x, k, k)
+
+    def extra_repr(self):
+        return f"ratio={self.ratio}, isr={self.isr}"
+
+
 class SpatialReductionAttention(nn.Module):
     """Multi-head attention with strided-conv key/value reduction.
 
     Parameter names follow the authors' code (`q`, `kv`, `proj`, `sr`, `norm`) so their checkpoints
     load unchanged. `kv` is one Linear with 2C outputs: rows [0, C) are K and [C, 2C) are V, each
-    ordered head-major.
+    ordered head-major. ISR pools the tokens by `pool.isr` *before* the strided conv (EDAFormer
+    Table 7's way of adding ISR to SegFormer); the trained path never calls the pool.
     """
 
     def __init__(self, dim, num_heads, sr_ratio=1, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, norm_eps=1e-5):
@@ -33,6 +68,7 @@ class SpatialReductionAttention(nn.Module):
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.pool = KeyValuePool(1)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim, eps=norm_eps)
@@ -41,10 +77,55 @@ class SpatialReductionAttention(nn.Module):
         n, length, c = x.shape
         heads = self.num_heads
         q = self.q(x).reshape(n, length, heads, c // heads).transpose(1, 2)
-        if self.sr_ratio > 1:
-            reduced = self.sr(tokens_to_map(x, hw)).flatten(2).transpose(1, 2)
-            x = self.norm(reduced)
+        if self.sr_ratio > 1 or self.pool.isr > 1:
+            kv_map = tokens_to_map(x, hw)
+            if self.pool.isr > 1:
+                kv_map = self.pool(kv_map)
+            if self.sr_ratio > 1:
+                kv_map = self.sr(kv_map)
+            x = kv_map.flatten(2).transpose(1, 2)
+            if self.sr_ratio > 1:
+                x = self.norm(x)
         kv = self.kv(x).reshape(n, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, kv[0], kv[1], dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(n, length, c)
         return self.proj_drop(self.proj(out))
+
+
+class EmbeddingFreeAttention(nn.Module):
+    """EDAFormer's embedding-free attention (Yu et al., ECCV 2024, Sec. 3.1).
+
+    Q = the input tokens split into heads; K = V = `sr`(pool(tokens)), a 1x1 conv of the pooled map
+    (the decoder's version adds LayerNorm + GELU after it: `kv_norm=True`); output = `proj`(attn).
+    Because the 1x1 conv acts after pooling, its weights do not depend on the pooling ratio, which
+    is what lets ISR pool harder at inference with the trained weights. Names follow the authors'
+    code (`pool`, `sr`, `norm`, `act`, `proj`).
+    """
+
+    def __init__(self, dim, num_heads, pool_ratio, kv_norm=False, norm_eps=1e-5, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.pool = KeyValuePool(pool_ratio)
+        self.sr = nn.Conv2d(dim, dim, 1)
+        if kv_norm:
+            self.norm = nn.LayerNorm(dim, eps=norm_eps)
+            self.act = nn.GELU()
+        self.kv_norm = kv_norm
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x, hw):
+        n, length, c = x.shape
+        heads = self.num_heads
+        q = x.reshape(n, length, heads, c // heads).transpose(1, 2)
+        # The pool runs even at ratio 1 (as the authors' nn.AvgPool2d(1) does) so that FLOP counts
+        # in their convention, which count pooling inputs, come out equal.
+        kv = self.sr(self.pool(tokens_to_map(x, hw))).flatten(2).transpose(1, 2)
+        if self.kv_norm:
+            kv = self.act(self.norm(kv))
+        kv = kv.reshape(n, -1, heads, c // heads).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, kv, kv, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, length, c)))

@@ -22,17 +22,22 @@ class MixFFN(nn.Module):
     """SegFormer's Mix-FFN: fc1 -> 3x3 depth-wise conv -> GELU -> fc2.
 
     The depth-wise conv leaks positional information into the tokens, which is why MiT needs no
-    position embeddings and works at any resolution.
+    position embeddings and works at any resolution. `relu_first=True` is the PVTv2 "linear" form
+    EDAFormer's encoder uses: fc1 -> ReLU -> depth-wise conv -> GELU -> fc2 (two activations in a row).
     """
 
-    def __init__(self, dim, hidden_dim, drop=0.0):
+    def __init__(self, dim, hidden_dim, drop=0.0, relu_first=False):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden_dim)
+        self.relu = nn.ReLU(inplace=True) if relu_first else None
         self.dwconv = DepthwiseConv(hidden_dim)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden_dim, dim)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x, hw):
-        x = self.act(self.dwconv(self.fc1(x), hw))
+        x = self.fc1(x)
+        if self.relu is not None:
+            x = self.relu(x)
+        x = self.act(self.dwconv(x, hw))
         return self.drop(self.fc2(self.drop(x)))
