@@ -9,3 +9,7 @@ TINY_DATA = "synthetic:size=32,n=16"
 @pytest.fixture(autouse=True)
 def _two_threads():
     torch.set_num_threads(2)  # the CI machine's core count; keeps timings and numerics comparable
+
+# An EDAFormer with the same code paths as T (EFT encoder, all-attention decoder) and tiny widths;
+# widths divisible by the decoder's fixed 2/4/8 heads.
+TINY_EDAFORMER = dict(embed_dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], mlp_ratio=2, decoder_dim=16, decoder_mlp_ratio=1)

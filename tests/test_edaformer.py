@@ -187,3 +187,45 @@ def test_classifier_head_for_imagenet_pretraining():
     assert enc.classify(x).shape == (2, 10)
     assert torch.allclose(enc.classify(x), enc.head(enc(x)[-1].mean(dim=(2, 3))))
     assert "head.weight" in enc.state_dict()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from conftest import TINY_DATA, TINY_EDAFORMER
+    from transeg.cli import main
+
+    out = tmp_path_factory.mktemp("eda")
+    assert main(["train", "--model", "edaformer-t", "--data", TINY_DATA, "--out", str(out), "--iters", "4",
+                 "--batch-size", "2", "--device", "cpu", "--set", f"model_args={json.dumps(TINY_EDAFORMER)}",
+                 "eval_interval=4", "ckpt_interval=4", "warmup_iters=0"]) == 0
+    return out
+
+
+def test_cli_eval_and_predict_take_isr(tiny_run, capsys, tmp_path):
+    from PIL import Image
+
+    from transeg.cli import main
+
+    ckpt = str(tiny_run / "model.safetensors")
+    assert main(["eval", ckpt, "--limit", "4", "--isr-encoder", "2,2,1,1", "--isr-decoder", "2,2,2"]) == 0
+    assert "scales [1.0], ISR encoder 2,2,1,1 / decoder 2,2,2" in capsys.readouterr().out
+    Image.new("RGB", (45, 37), (90, 20, 200)).save(tmp_path / "x.png")
+    assert main(["predict", ckpt, str(tmp_path / "x.png"), "--out", str(tmp_path / "p"), "--isr-encoder", "4,4,2,1"]) == 0
+    # decoder not given -> 1; K/V reductions: encoder (8,4,2,1) x (4,4,2,1), decoder as trained (4,2,1)
+    assert "ISR encoder 4,4,2,1 / decoder 1,1,1 (pooling encoder (32, 16, 4, 1), decoder (4, 2, 1))" in capsys.readouterr().out
+    assert (tmp_path / "p" / "x_mask.png").is_file()
+    assert main(["eval", ckpt, "--isr-decoder", "2,2"]) == 2
+    assert "edaformer-t: ISR decoder needs 3 ratios (one per decoder branch), got 2: 2,2" in capsys.readouterr().err
+
+
+def test_cli_isr_sweep_prints_plots_and_scores(tiny_run, capsys, tmp_path):
+    from transeg.cli import main
+
+    plot = tmp_path / "sweep.png"
+    assert main(["bench", str(tiny_run / "model.safetensors"), "--size", "64x64", "--runs", "1", "--warmup", "0",
+                 "--isr-sweep", "--data", "synthetic:size=32,n=16", "--limit", "4", "--plot", str(plot)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if "GFLOPs" in line]
+    assert len(lines) == 10  # the ten encoder/decoder settings of the digest's ISR table
+    assert lines[0].startswith("no ISR") and "( +0.0%)" in lines[0] and "mIoU" in lines[0]
+    assert lines[4].startswith("ISR encoder 2,2,1,1 / decoder 2,2,2")
+    assert plot.is_file()

@@ -12,6 +12,8 @@ examples:
   transeg predict runs/train/model.safetensors photo.jpg --out preds/
   transeg convert segformer.b0.512x512.ade.160k.pth b0-ade.safetensors --from segformer
   transeg bench segformer-b0 --size 512x512
+  transeg eval ckpt.safetensors --isr-encoder 2,2,1,1 --isr-decoder 2,2,2   # EDAFormer's inference spatial reduction
+  transeg bench edaformer-t --size 1024x2048 --isr-sweep --runs 3           # GFLOPs / latency per ISR setting
 """
 
 
@@ -44,6 +46,31 @@ def _add_protocol_args(p):
     g.add_argument("--scales", type=_floats, help="multi-scale ratios, e.g. 0.75,0.875,1,1.125,1.25")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped inputs (averaged softmax)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
+def _add_isr_args(p):
+    g = p.add_argument_group(
+        "inference spatial reduction (ISR)",
+        "Pool attention keys/values harder than in training, at inference only, with the same weights (EDAFormer,\n"
+        "Yu et al. 2024). One integer multiplier per encoder stage / decoder branch; 1 = as trained. Applies to\n"
+        "models whose attention pools keys/values: EDAFormer (encoder and decoder) and SegFormer (encoder).")
+    g.add_argument("--isr-encoder", metavar="R1,R2,R3,R4", help="e.g. 2,2,1,1 (the paper's setting): stage-1 and stage-2 "
+                   "keys/values pooled 2x more (the authors' --backbone_reduction_ratios 2211)")
+    g.add_argument("--isr-decoder", metavar="R2,R3,R4", help="e.g. 2,2,2: EDAFormer's decoder branches on c2, c3, c4 "
+                   "(the authors' --decoder_reduction_ratios 222)")
+
+
+def _apply_isr(args, *models):
+    """Set the ISR given on the command line on `models`; returns the setting (None when not given)."""
+    from .isr import parse_ratios
+
+    if args.isr_encoder is None and args.isr_decoder is None:
+        return None
+    setting = {"encoder": parse_ratios(args.isr_encoder, "--isr-encoder") if args.isr_encoder else None,
+               "decoder": parse_ratios(args.isr_decoder, "--isr-decoder") if args.isr_decoder else None}
+    for model in models:
+        model.set_isr(**setting)
+    return setting
 
 
 def _protocol(args, model):
@@ -121,6 +148,7 @@ def cmd_eval(args):
     from .viz import iou_chart
 
     model = load(args.checkpoint)
+    _apply_isr(args, model)
     device = _device(args.device)
     model.to(device)
     spec = args.data if args.data is not None else model.meta.get("dataset")
@@ -169,9 +197,13 @@ def cmd_predict(args):
     from .data.folder import load_image
     from .engine.evaluate import protocol_scores, test_transform
     from .data.palettes import default_palette
+    from .isr import effective_pooling
     from .viz import overlay
 
     model = load(args.checkpoint)
+    if _apply_isr(args, model):
+        from .isr import describe
+        print(f"{describe(model.isr)} (pooling {', '.join(f'{k} {v}' for k, v in effective_pooling(model).items() if v)})")
     device = _device(args.device)
     model.to(device)
     protocol = _protocol(args, model)
@@ -220,11 +252,14 @@ def cmd_bench(args):
 
     from . import load
     from .bench import environment, summarize, time_forward
+    from .errors import TransegError
     from .flops import count_gmacs, count_params, meta_model
+    from .isr import describe, effective_pooling, sweep_settings
     from .registry import create_model
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if Path(args.model).suffix == ".safetensors":
+    is_checkpoint = Path(args.model).suffix == ".safetensors"
+    if is_checkpoint:
         model = load(args.model)
         name = model.meta["variant"]
         shape_model = meta_model(name, **model.meta["model_args"])
@@ -232,15 +267,65 @@ def cmd_bench(args):
         name = args.model
         model = create_model(name, num_classes=args.num_classes)
         shape_model = meta_model(name, args.num_classes)
-    gmacs = count_gmacs(shape_model, args.size)["total"]
-    env = environment(_device(args.device))
-    print(f"{name}: {count_params(model) / 1e6:.2f}M params, {gmacs:.2f} GFLOPs (multiply-adds) at {args.size[0]}x{args.size[1]}")
+    if args.data is not None and not (args.isr_sweep and is_checkpoint):
+        raise TransegError("--data (accuracy per setting) needs --isr-sweep and a trained .safetensors checkpoint")
+    settings = sweep_settings(model) if args.isr_sweep else [_apply_isr(args, model) and model.isr]
+    dataset = _sweep_dataset(args, model) if args.data is not None else None
+    device = _device(args.device)
+    env = environment(device)
+    h, w = args.size
+    print(f"{name}: {count_params(model) / 1e6:.2f}M params, input {h}x{w}, batch {args.batch}")
     print(f"device {env['device']}, {env['threads']} threads, torch {env['torch']}, dtype {args.dtype}"
-          f"{' (autocast)' if args.dtype != 'fp32' else ''}, batch {args.batch}, input {args.size[0]}x{args.size[1]}, "
-          f"{args.warmup} warm-up + {args.runs} timed runs")
-    s = summarize(time_forward(model, args.size, args.batch, _device(args.device), dtype, args.warmup, args.runs))
-    print(f"latency median {s['median_ms']:.1f} ms (min {s['min_ms']:.1f}), "
-          f"throughput {1000 * args.batch / s['median_ms']:.1f} images/s")
+          f"{' (autocast)' if args.dtype != 'fp32' else ''}, {args.warmup} warm-up + {args.runs} timed runs (median)")
+    rows = []
+    for setting in settings:
+        if setting:
+            model.set_isr(**setting)
+            shape_model.set_isr(**setting)
+        row = {"setting": describe(model.isr), "pooling": effective_pooling(model),
+               "label": " / ".join(",".join(map(str, r)) for r in model.isr.values() if r),
+               "GFLOPs": count_gmacs(shape_model, args.size)["total"]}
+        t = summarize(time_forward(model, args.size, args.batch, device, dtype, args.warmup, args.runs))
+        row["latency ms"] = t["median_ms"]
+        if dataset is not None:
+            from .engine import evaluate
+            row["mIoU"] = 100 * evaluate(model, dataset, device=device, progress=False, max_samples=args.limit)["mIoU"]
+        rows.append(row)
+        _print_bench_row(row, rows[0] if args.isr_sweep else None, args.batch)
+    if args.isr_sweep:
+        from .viz import tradeoff_chart
+
+        plot = Path(args.plot)
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        title = (f"{name} ISR sweep (encoder / decoder ratios), {h}x{w}, {env['device']} {args.dtype}"
+                 + (f", mIoU on {args.data}" if dataset else ""))
+        tradeoff_chart(rows, title=title).save(plot)
+        print(f"trade-off chart: {plot}")
+
+
+def _sweep_dataset(args, model):
+    from .data import build_dataset
+    from .errors import TransegError
+
+    dataset = build_dataset(args.data, args.split)
+    if len(dataset.classes) != model.num_classes:
+        raise TransegError(f"{args.model}: a {model.num_classes}-class model cannot be evaluated on {args.data} "
+                           f"with {len(dataset.classes)} classes")
+    return dataset
+
+
+def _print_bench_row(row, base, batch):
+    """One line per setting; with `base` (a sweep), changes relative to the first (trained) setting."""
+    def rel(key):
+        return f" ({100 * (row[key] / base[key] - 1):+5.1f}%)" if base else ""
+
+    pooling = "; ".join(f"{k} {','.join(map(str, v))}" for k, v in row["pooling"].items() if v)
+    line = f"{row['setting']:<35}" + (f" pooling {pooling:<34}" if pooling else "")
+    line += f" {row['GFLOPs']:8.2f} GFLOPs{rel('GFLOPs')}  {row['latency ms']:8.1f} ms{rel('latency ms')}"
+    line += f"  {1000 * batch / row['latency ms']:7.1f} img/s"
+    if "mIoU" in row:
+        line += f"  mIoU {row['mIoU']:.2f}" + (f" ({row['mIoU'] - base['mIoU']:+.2f})" if base else "")
+    print(line)
 
 
 # ----------------------------------------------------------------------------------------------- parser
@@ -251,7 +336,7 @@ QUICKSTART = dict(model="segformer-b0", iters=2500, batch_size=8, lr=1e-3, warmu
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="transeg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Transformer semantic segmentation: SegFormer (more families coming). "
+        description="Transformer semantic segmentation: SegFormer and EDAFormer (more families coming). "
                     "Every verb runs without downloads: with no --data, the built-in synthetic dataset is used.")
     parser.add_argument("--version", action="version", version=f"transeg {__import__('transeg').__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -292,6 +377,7 @@ def build_parser():
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--out", help="also write the per-class IoU chart iou.png here")
     _add_protocol_args(p)
+    _add_isr_args(p)
 
     p = verb("predict", cmd_predict, "segment images: writes index-PNG masks and colour overlays")
     p.add_argument("checkpoint", type=Path, help="a transeg .safetensors")
@@ -299,6 +385,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     _add_protocol_args(p)
+    _add_isr_args(p)
 
     from .convert import FORMATS
     p = verb("convert", cmd_convert, "convert a foreign checkpoint into a transeg .safetensors",
@@ -319,6 +406,15 @@ def build_parser():
     p.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    _add_isr_args(p)
+    g = p.add_argument_group("ISR sweep")
+    g.add_argument("--isr-sweep", action="store_true",
+                   help="GFLOPs and latency for each setting of EDAFormer's ISR table (trained, 2,1,1,1 ... 8,4,2,1 / 2,2,2), "
+                        "printed and plotted")
+    g.add_argument("--data", help="with a checkpoint: also mIoU per setting on this dataset (e.g. synthetic, a folder)")
+    g.add_argument("--split", default="val", help="split for --data (default val)")
+    g.add_argument("--limit", type=int, help="only the first N images of --data")
+    g.add_argument("--plot", default="isr_sweep.png", help="where the sweep's chart goes (default ./isr_sweep.png)")
     return parser
 
 

@@ -80,8 +80,9 @@ def get_isr(model):
 
 
 def effective_pooling(model):
-    """The key/value pooling each group now uses (trained ratio × ISR), e.g. encoder (16, 8, 2, 1)."""
-    return {part: tuple(pools[0].effective for pools in groups) for part, groups in pool_groups(model).items()}
+    """How much each group's keys/values are now reduced per side (trained reduction × ISR), e.g.
+    EDAFormer-T encoder (16, 8, 2, 1) at 2,2,1,1."""
+    return {part: tuple(pools[0].kv_reduction for pools in groups) for part, groups in pool_groups(model).items()}
 
 
 def is_default(setting):

@@ -9,6 +9,8 @@ save it with ``img.save("x.png")``.
 * :func:`iou_chart` — per-class IoU as horizontal bars in the class colours, from
   :meth:`transeg.engine.metrics.ConfusionMatrix.compute`.
 * :func:`curves_chart` — training curves (loss, mIoU, ...) vs. iteration from JSONL log records.
+* :func:`tradeoff_chart` — labelled points of a cost (GFLOPs) against latency / accuracy, e.g. an
+  ISR sweep.
 
 A ``palette`` is anything shaped like ``[K, 3]`` (list of RGB tuples, flat list of 3K ints, numpy
 array, tensor); ``None`` means the PASCAL VOC colour map, which has a distinct colour per id.
@@ -24,7 +26,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from transeg.errors import TransegError
 
-__all__ = ["colorize", "overlay", "side_by_side", "legend", "iou_chart", "curves_chart", "voc_palette"]
+__all__ = ["colorize", "overlay", "side_by_side", "legend", "iou_chart", "curves_chart", "tradeoff_chart", "voc_palette"]
 
 WHITE = (255, 255, 255)
 TEXT = (34, 34, 34)
@@ -530,4 +532,69 @@ def curves_chart(records, keys=("loss", "mIoU"), title: str = "", width: int = 7
             r = 3 * s
             for cx, cy in xy:
                 draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color, outline=WHITE)
+    return img.reduce(s)
+
+
+def tradeoff_chart(points, x_key="GFLOPs", y_keys=("latency ms", "mIoU"), title: str = "", width: int = 760) -> Image.Image:
+    """One scatter panel per y key against ``x_key``, every point labelled with its ``"label"``.
+
+    ``points`` are dicts (``{"label": "2,2,1,1 / 2,2,2", "GFLOPs": 4.7, "latency ms": 31.0}``); a panel
+    is drawn only for keys some point has. The first point (the reference setting) is drawn in a
+    second colour so the trade-off reads as "from here to there".
+    """
+    panels = [k for k in y_keys if any(isinstance(p.get(k), Real) for p in points)]
+    s = 2 if _scalable_font() else 1
+    f_title, f_cap, f_tick = _font(20 * s), _font(14 * s), _font(11 * s)
+    margin, panel_h = 18 * s, 300 * s
+    W = width * s
+    title_h = _line_h(f_title) + 12 * s if title else 0
+    img = Image.new("RGB", (W, margin + title_h + max(len(panels), 1) * panel_h + margin), WHITE)
+    draw = ImageDraw.Draw(img)
+    if title:
+        draw.text((margin, margin), _fit(f_title, title, W - 2 * margin), fill=TEXT, font=f_title)
+    if not panels:
+        draw.text((margin, margin + title_h), "no data", fill=MUTED, font=f_cap)
+        return img.reduce(s)
+    xs_all = [p[x_key] for p in points]
+    x_pad = (max(xs_all) - min(xs_all)) * 0.08
+    x_lo, x_hi, x_ticks, x_step = _axis(min(xs_all) - x_pad, max(xs_all) + x_pad, 6)
+    tick_h = _line_h(f_tick)
+    for n, key in enumerate(panels):
+        pts = [(p[x_key], p[key], str(p.get("label", ""))) for p in points if isinstance(p.get(key), Real)]
+        ys = [q[1] for q in pts]
+        y_pad = (max(ys) - min(ys)) * 0.12
+        y_lo, y_hi, y_ticks, y_step = _axis(min(ys) - y_pad, max(ys) + y_pad, 5)
+        y_labels = [_fmt_tick(t, y_step) for t in y_ticks]
+        left = margin + max(_text_w(f_tick, t) for t in y_labels) + 10 * s
+        right = W - margin
+        py = margin + title_h + n * panel_h
+        top, bottom = py + _line_h(f_cap) + 10 * s, py + panel_h - 2 * tick_h - 24 * s
+
+        def X(v):
+            return left + (v - x_lo) / (x_hi - x_lo) * (right - left)
+
+        def Y(v):
+            return bottom - (v - y_lo) / (y_hi - y_lo) * (bottom - top)
+
+        draw.text((left, py), f"{key} vs {x_key}", fill=TEXT, font=f_cap)
+        for t, lbl in zip(y_ticks, y_labels):
+            yy = round(Y(t))
+            draw.line([(left, yy), (right, yy)], fill=GRID, width=s)
+            draw.text((left - 7 * s - _text_w(f_tick, lbl), yy - tick_h // 2 - s), lbl, fill=TEXT, font=f_tick)
+        for t in x_ticks:
+            xx, lbl = round(X(t)), _fmt_tick(t, x_step)
+            draw.line([(xx, top), (xx, bottom)], fill=GRID, width=s)
+            draw.text((xx - _text_w(f_tick, lbl) // 2, bottom + 6 * s), lbl, fill=TEXT, font=f_tick)
+        draw.rectangle([left, top, right, bottom], outline=AXIS, width=s)
+        draw.text(((left + right - _text_w(f_tick, x_key)) // 2, bottom + tick_h + 12 * s), x_key, fill=MUTED, font=f_tick)
+        r = 4 * s
+        order = {i: rank for rank, i in enumerate(sorted(range(len(pts)), key=lambda i: pts[i][0]))}
+        for i, (a, b, lbl) in enumerate(pts):
+            color = LINE_COLORS[1] if i == 0 else LINE_COLORS[0]
+            cx, cy = X(a), Y(b)
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color, outline=WHITE)
+            # labels alternate above/below along x so neighbours with close costs stay readable
+            ty = cy - r - tick_h - 2 * s if order[i] % 2 == 0 else cy + r + 2 * s
+            tx = min(max(cx - _text_w(f_tick, lbl) / 2, left + 2 * s), right - _text_w(f_tick, lbl) - 2 * s)
+            draw.text((tx, ty), lbl, fill=_darker(color), font=f_tick)
     return img.reduce(s)

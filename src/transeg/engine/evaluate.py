@@ -2,7 +2,7 @@
 import torch
 from tqdm import tqdm
 
-from .. import inference
+from .. import inference, isr
 from .metrics import ConfusionMatrix
 
 
@@ -64,4 +64,6 @@ def evaluate(model, dataset, protocol=None, device="cpu", amp_dtype=None, progre
     model.train(was_training)
     result = cm.compute()
     result["protocol"] = describe(protocol)
+    if not isr.is_default(model.isr):
+        result["protocol"] += f", {isr.describe(model.isr)}"
     return result

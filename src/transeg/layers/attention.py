@@ -28,16 +28,24 @@ class KeyValuePool(nn.Module):
     `transeg.isr.set_isr`. A window larger than the map is clipped to the map (one global K/V token
     in that direction) instead of failing on an empty output, which the authors' code would do.
     Holds no parameters, so the state dict is the same for every setting.
+
+    `kv_reduction` is what the attention's keys/values end up reduced by, for reports: the pooling
+    itself for EDAFormer, the strided conv's ratio × ISR for SegFormer (whose pool only does ISR).
     """
 
-    def __init__(self, ratio=1):
+    def __init__(self, ratio=1, trained_reduction=None):
         super().__init__()
         self.ratio = int(ratio)
+        self.trained_reduction = int(trained_reduction or ratio)
         self.isr = 1
 
     @property
     def effective(self):
         return self.ratio * self.isr
+
+    @property
+    def kv_reduction(self):
+        return self.trained_reduction * self.isr
 
     def forward(self, x):
         s = self.effective
@@ -68,7 +76,7 @@ class SpatialReductionAttention(nn.Module):
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        self.pool = KeyValuePool(1)
+        self.pool = KeyValuePool(1, trained_reduction=sr_ratio)
         if sr_ratio > 1:
             self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio, stride=sr_ratio)
             self.norm = nn.LayerNorm(dim, eps=norm_eps)
