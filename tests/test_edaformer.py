@@ -212,7 +212,7 @@ def test_cli_eval_and_predict_take_isr(tiny_run, capsys, tmp_path):
     Image.new("RGB", (45, 37), (90, 20, 200)).save(tmp_path / "x.png")
     assert main(["predict", ckpt, str(tmp_path / "x.png"), "--out", str(tmp_path / "p"), "--isr-encoder", "4,4,2,1"]) == 0
     # decoder not given -> 1; K/V reductions: encoder (8,4,2,1) x (4,4,2,1), decoder as trained (4,2,1)
-    assert "ISR encoder 4,4,2,1 / decoder 1,1,1 (pooling encoder (32, 16, 4, 1), decoder (4, 2, 1))" in capsys.readouterr().out
+    assert "ISR encoder 4,4,2,1 / decoder 1,1,1 (K/V pooling encoder 32,16,4,1; decoder 4,2,1)" in capsys.readouterr().out
     assert (tmp_path / "p" / "x_mask.png").is_file()
     assert main(["eval", ckpt, "--isr-decoder", "2,2"]) == 2
     assert "edaformer-t: ISR decoder needs 3 ratios (one per decoder branch), got 2: 2,2" in capsys.readouterr().err

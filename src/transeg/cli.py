@@ -73,6 +73,11 @@ def _apply_isr(args, *models):
     return setting
 
 
+def _pooling_text(pooling):
+    """{"encoder": (16, 8, 2, 1), "decoder": (8, 4, 2)} -> "encoder 16,8,2,1; decoder 8,4,2"."""
+    return "; ".join(f"{part} {','.join(map(str, r))}" for part, r in pooling.items() if r)
+
+
 def _protocol(args, model):
     from .engine.evaluate import default_protocol
 
@@ -203,7 +208,7 @@ def cmd_predict(args):
     model = load(args.checkpoint)
     if _apply_isr(args, model):
         from .isr import describe
-        print(f"{describe(model.isr)} (pooling {', '.join(f'{k} {v}' for k, v in effective_pooling(model).items() if v)})")
+        print(f"{describe(model.isr)} (K/V pooling {_pooling_text(effective_pooling(model))})")
     device = _device(args.device)
     model.to(device)
     protocol = _protocol(args, model)
@@ -286,12 +291,18 @@ def cmd_bench(args):
                "label": " / ".join(",".join(map(str, r)) for r in model.isr.values() if r),
                "GFLOPs": count_gmacs(shape_model, args.size)["total"]}
         t = summarize(time_forward(model, args.size, args.batch, device, dtype, args.warmup, args.runs))
-        row["latency ms"] = t["median_ms"]
+        row["latency ms"], row["min ms"] = t["median_ms"], t["min_ms"]
         if dataset is not None:
             from .engine import evaluate
             row["mIoU"] = 100 * evaluate(model, dataset, device=device, progress=False, max_samples=args.limit)["mIoU"]
         rows.append(row)
-        _print_bench_row(row, rows[0] if args.isr_sweep else None, args.batch)
+        if args.isr_sweep:
+            _print_bench_row(row, rows[0], args.batch)
+        else:
+            isr = "" if row["setting"] == "no ISR" else f", {row['setting']} (K/V pooling {_pooling_text(row['pooling'])})"
+            print(f"{row['GFLOPs']:.2f} GFLOPs (multiply-adds){isr}")
+            print(f"latency median {t['median_ms']:.1f} ms (min {t['min_ms']:.1f}), "
+                  f"throughput {1000 * args.batch / t['median_ms']:.1f} images/s")
     if args.isr_sweep:
         from .viz import tradeoff_chart
 
@@ -315,16 +326,16 @@ def _sweep_dataset(args, model):
 
 
 def _print_bench_row(row, base, batch):
-    """One line per setting; with `base` (a sweep), changes relative to the first (trained) setting."""
+    """One sweep line: the setting, its K/V reductions, cost and speed relative to the trained setting."""
     def rel(key):
-        return f" ({100 * (row[key] / base[key] - 1):+5.1f}%)" if base else ""
+        return f" ({100 * (row[key] / base[key] - 1):+5.1f}%)"
 
-    pooling = "; ".join(f"{k} {','.join(map(str, v))}" for k, v in row["pooling"].items() if v)
+    pooling = _pooling_text(row["pooling"])
     line = f"{row['setting']:<35}" + (f" pooling {pooling:<34}" if pooling else "")
     line += f" {row['GFLOPs']:8.2f} GFLOPs{rel('GFLOPs')}  {row['latency ms']:8.1f} ms{rel('latency ms')}"
     line += f"  {1000 * batch / row['latency ms']:7.1f} img/s"
     if "mIoU" in row:
-        line += f"  mIoU {row['mIoU']:.2f}" + (f" ({row['mIoU'] - base['mIoU']:+.2f})" if base else "")
+        line += f"  mIoU {row['mIoU']:.2f} ({row['mIoU'] - base['mIoU']:+.2f})"
     print(line)
 
 
