@@ -229,3 +229,22 @@ def test_cli_isr_sweep_prints_plots_and_scores(tiny_run, capsys, tmp_path):
     assert lines[0].startswith("no ISR") and "( +0.0%)" in lines[0] and "mIoU" in lines[0]
     assert lines[4].startswith("ISR encoder 2,2,1,1 / decoder 2,2,2")
     assert plot.is_file()
+
+
+def test_imagenet_encoder_weights_initialise_the_backbone(tmp_path):
+    """The paper fine-tunes from ImageNet EFT weights (`EFT_T.pth`: the encoder's own names + a 1000-way
+    `head`): `backbone_weights` / load_backbone_weights puts them in the segmentor's backbone."""
+    from conftest import TINY_EDAFORMER
+    from transeg.backbones import EmbeddingFreeTransformer
+    from transeg.convert import load_backbone_weights
+
+    dims = TINY_EDAFORMER["embed_dims"]
+    imagenet = EmbeddingFreeTransformer(embed_dims=dims, depths=(1, 1, 1, 1), mlp_ratios=(2,) * 4, num_classes=1000)
+    torch.save({"model": imagenet.state_dict()}, tmp_path / "EFT_tiny.pth")
+    model = transeg.create_model("edaformer-t", num_classes=3, **TINY_EDAFORMER)
+    load_backbone_weights(model, tmp_path / "EFT_tiny.pth")
+    for k, v in model.backbone.state_dict().items():
+        assert torch.equal(v, imagenet.state_dict()[k])
+    other = transeg.create_model("edaformer-t", num_classes=3)
+    with pytest.raises(transeg.TransegError, match=r"EFT_tiny.pth: does not fit the edaformer-t backbone; .*misshapen"):
+        load_backbone_weights(other, tmp_path / "EFT_tiny.pth")

@@ -93,8 +93,9 @@ def load(path, map_location="cpu"):
     return model.eval()
 
 
-def load_state_dict_checked(model, state, source="checkpoint"):
-    """Strict load whose error lists missing, unexpected and misshapen keys in one line each."""
+def load_state_dict_checked(model, state, source="checkpoint", target=None):
+    """Strict load whose error lists missing, unexpected and misshapen keys in one line each.
+    `target` names what is loaded into in that error (default: the model's variant and classes)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -106,8 +107,8 @@ def load_state_dict_checked(model, state, source="checkpoint"):
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
-        variant = model.meta.get("variant", "the model")
-        raise TransegError(f"{source}: does not fit {variant} with {model.num_classes} classes; " + "; ".join(parts))
+        target = target or f"{model.meta.get('variant', 'the model')} with {model.num_classes} classes"
+        raise TransegError(f"{source}: does not fit {target}; " + "; ".join(parts))
     model.load_state_dict(state)
 
 

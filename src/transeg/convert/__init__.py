@@ -36,3 +36,24 @@ def convert(src, fmt, model=None, num_classes=None):
     load_state_dict_checked(net, found["state"], source=src)
     net.meta["converted_from"] = f"{fmt}:{src.name}"
     return net.eval()
+
+
+# Containers ImageNet checkpoints use: timm/DeiT/PVT save {"model": ...}, mmcv {"state_dict": ...}.
+_CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema")
+
+
+def load_backbone_weights(model, src):
+    """Initialise `model.backbone` from ImageNet encoder weights in the authors' layout (e.g. NVlabs'
+    `mit_b0.pth`, EDAFormer's `EFT_T.pth`): keys as the backbone's own names, optionally prefixed by
+    `module.` or `backbone.`; the classifier (`head.*`) is dropped. Everything else must fit exactly."""
+    src = Path(src)
+    obj = load_foreign(src)
+    state = next((obj[k] for k in _CONTAINERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), obj)
+    if not isinstance(state, dict):
+        raise TransegError(f"{src}: expected a dict of tensors, got {type(state).__name__}")
+    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
+    if any(k.startswith("decode_head.") for k in state):
+        raise TransegError(f"{src}: a whole segmentation model, not backbone weights; convert it with `transeg convert`")
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    load_state_dict_checked(model.backbone, state, source=src, target=f"the {model.meta.get('variant', 'model')} backbone")
+    return model

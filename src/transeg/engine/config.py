@@ -16,6 +16,7 @@ class TrainConfig:
     model: str = "segformer-b0"
     model_args: dict = field(default_factory=dict)    # constructor overrides, e.g. {drop_path_rate: 0.2}
     pretrained: Optional[str] = None                   # a transeg .safetensors to start from
+    backbone_weights: Optional[str] = None             # ImageNet encoder weights (mit_b2.pth, EFT_T.pth, ...)
     # data; None = the built-in synthetic set. Sizes left at None take the dataset's defaults.
     data: Optional[str] = None
     crop_size: Optional[list] = None                   # [h, w]

@@ -110,6 +110,9 @@ def build_model(cfg, train_set):
         model.meta.update(classes=classes, palette=[list(c) for c in palette])
     else:
         model = create_model(cfg.model, num_classes=len(classes), classes=classes, palette=palette, **cfg.model_args)
+    if cfg.backbone_weights:
+        from ..convert import load_backbone_weights
+        load_backbone_weights(model, cfg.backbone_weights)
     model.meta["dataset"] = cfg.data or "synthetic"
     model.meta["test"] = dict(mode=cfg.test_mode, scale=cfg.test_scale, size_divisor=cfg.size_divisor,
                               crop=cfg.test_crop, stride=cfg.test_stride, scales=[1.0], flip=False)
