@@ -34,6 +34,23 @@ def time_forward(model, size, batch=1, device="cpu", dtype=torch.float32, warmup
     return times
 
 
+def time_interleaved(fns, device="cpu", warmup=3, runs=10):
+    """Seconds per call of each of `fns` ({name: callable}), called in turn within every round, so a
+    clock or thermal drift hits all of them alike; peers compared this way share one run.
+    Returns {name: [runs timings]}."""
+    device = torch.device(device)
+    times = {name: [] for name in fns}
+    for i in range(warmup + runs):
+        for name, fn in fns.items():
+            _sync(device)
+            t = time.perf_counter()
+            fn()
+            _sync(device)
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t)
+    return times
+
+
 def environment(device="cpu"):
     device = torch.device(device)
     if device.type == "cuda":

@@ -308,8 +308,7 @@ def cmd_bench(args):
 
         plot = Path(args.plot)
         plot.parent.mkdir(parents=True, exist_ok=True)
-        title = (f"{name} ISR sweep (encoder / decoder ratios), {h}x{w}, {env['device']} {args.dtype}"
-                 + (f", mIoU on {args.data}" if dataset else ""))
+        title = f"{name}: ISR encoder / decoder ratios, {h}x{w} {args.dtype}" + (f", mIoU on {args.data}" if dataset else "")
         tradeoff_chart(rows, title=title).save(plot)
         print(f"trade-off chart: {plot}")
 
