@@ -14,6 +14,7 @@ examples:
   transeg bench segformer-b0 --size 512x512
   transeg eval ckpt.safetensors --isr-encoder 2,2,1,1 --isr-decoder 2,2,2   # EDAFormer's inference spatial reduction
   transeg bench edaformer-t --size 1024x2048 --isr-sweep --runs 3           # GFLOPs / latency per ISR setting
+  transeg export ckpt.safetensors model.onnx --isr-encoder 2,2,1,1 --isr-decoder 2,2,2
 """
 
 
@@ -338,6 +339,23 @@ def _print_bench_row(row, base, batch):
     print(line)
 
 
+def cmd_export(args):
+    from . import load
+    from .errors import TransegError
+    from .export import export_onnx
+
+    if args.out.suffix != ".onnx":
+        raise TransegError(f"{args.out}: the output must be an .onnx file")
+    model = load(args.checkpoint)
+    _apply_isr(args, model)
+    print(f"exporting {model.meta['variant']} ({args.checkpoint}) to {args.out}, traced at {args.size[0]}x{args.size[1]}, "
+          "dynamic batch/height/width ...", flush=True)
+    r = export_onnx(model, args.out, sample_size=args.size, opset=args.opset, check=not args.no_check)
+    check = (f"; onnxruntime vs PyTorch on two other input shapes: max |diff| {r['max_abs_diff']:.1e}"
+             if "max_abs_diff" in r else "")
+    print(f"{r['path']}: opset {r['opset']}, {r['bytes'] / 1e6:.1f} MB, {r['isr']}{check}")
+
+
 # ----------------------------------------------------------------------------------------------- parser
 QUICKSTART = dict(model="segformer-b0", iters=2500, batch_size=8, lr=1e-3, warmup_iters=100, ratio_range=[0.75, 1.5],
                   amp="auto", workers=0, eval_interval=500, ckpt_interval=500, log_interval=25, out="runs/train")
@@ -425,6 +443,17 @@ def build_parser():
     g.add_argument("--split", default="val", help="split for --data (default val)")
     g.add_argument("--limit", type=int, help="only the first N images of --data")
     g.add_argument("--plot", default="isr_sweep.png", help="where the sweep's chart goes (default ./isr_sweep.png)")
+
+    p = verb("export", cmd_export, "export a checkpoint to ONNX (dynamic batch, height, width), checked by onnxruntime",
+             "Export to ONNX: input `image` [N,3,H,W] normalised with the mean/std in the file's metadata, output\n"
+             "`logits` [N,K,H/s,W/s] at the head's stride. Class names, palette, mean/std and the ISR setting are stored\n"
+             "in metadata_props['transeg']. Needs the onnx extra: pip install 'transeg[onnx]'.")
+    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors")
+    p.add_argument("out", type=Path, help="output .onnx (written only after the check passes)")
+    p.add_argument("--size", type=_size, default=(256, 256), help="input HxW to trace with (default 256x256)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    _add_isr_args(p)
     return parser
 
 

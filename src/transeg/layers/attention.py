@@ -11,6 +11,7 @@ Two families pool keys/values here:
 Both reduce with a `KeyValuePool`, which carries the inference spatial reduction (ISR) multiplier
 (see `transeg.isr`): pooling harder at inference changes no weight, only how coarse K/V are.
 """
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -49,6 +50,10 @@ class KeyValuePool(nn.Module):
 
     def forward(self, x):
         s = self.effective
+        if torch.compiler.is_exporting():
+            # symbolic sizes: a min() here becomes a guard torch.export cannot solve; exported graphs
+            # therefore need maps at least as large as the window (as the authors' code does)
+            return F.avg_pool2d(x, s, s)
         k = (min(s, x.shape[-2]), min(s, x.shape[-1]))
         return F.avg_pool2d(x, k, k)
 

@@ -1,0 +1,105 @@
+"""ONNX export with dynamic batch, height and width, checked against PyTorch by onnxruntime.
+
+    transeg export model.safetensors model.onnx [--isr-encoder 2,2,1,1 --isr-decoder 2,2,2]
+
+The graph maps a normalised image batch `image` [N, 3, H, W] (any N, H, W) to `logits`
+[N, K, H/s, W/s] at the head's stride s, like `model(x)`. What a runtime needs around it —
+class names, palette, mean/std (0-255 units), stride and the ISR setting the graph was traced
+with — is stored in the file's metadata_props under "transeg" (JSON).
+"""
+import contextlib
+import io
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+from .errors import TransegError
+from .isr import describe
+
+
+def _require(*modules):
+    import importlib
+
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            raise TransegError(f"ONNX export needs {name}: pip install 'transeg[onnx]'") from None
+
+
+def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, atol=1e-4):
+    """Export `model` (a Segmentor, in eval mode, with its current ISR) to `path`; with `check`, run
+    onnxruntime and PyTorch on inputs of two other shapes and compare. Returns a report dict."""
+    _require("onnx", "onnxscript")
+    path = Path(path)
+    model = model.eval().float()
+    stride = getattr(model.decode_head, "stride", None)
+    meta = {"variant": model.meta.get("variant"), "num_classes": model.num_classes, "classes": model.classes,
+            "palette": model.meta.get("palette"), "mean": model.meta.get("mean"), "std": model.meta.get("std"),
+            "stride": stride, "isr": {k: list(v) for k, v in model.isr.items()}, "input": "image [N,3,H,W] normalised",
+            "output": "logits [N,K,H/stride,W/stride]"}
+    # batch 2 in the example so that torch.export keeps the batch dimension symbolic (1 would specialise it)
+    x = torch.randn(2, 3, *sample_size)
+    auto = torch.export.Dim.AUTO
+    quiet = logging.getLogger("torch.onnx")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)  # the exporter warns about torchvision ops it cannot register
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        # the exporter prints its progress and deprecation notices; the report says what matters
+        with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, (x,), dynamic_shapes={"x": {0: auto, 2: auto, 3: auto}},
+                                        input_names=["image"], output_names=["logits"], opset_version=opset,
+                                        dynamo=True, verbose=False, optimize=True)
+        proto = program.model_proto
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = "transeg", json.dumps(meta)
+        import onnx
+
+        onnx.save(proto, tmp)
+        report = {"path": str(path), "opset": proto.opset_import[0].version, "isr": describe(model.isr),
+                  "bytes": os.path.getsize(tmp)}
+        if check:
+            report["max_abs_diff"] = _check(model, tmp, sample_size, atol)
+        os.replace(tmp, path)  # only a checked file replaces the destination
+    except TransegError:
+        raise
+    except Exception as e:  # the exporter's errors are pages long; keep the first line and say what usually helps
+        first = str(e).strip().splitlines()[0].replace("\x1b[96m", "").replace("\x1b[0m", "")[:200]
+        raise TransegError(f"{path}: ONNX export failed at trace size {sample_size[0]}x{sample_size[1]} ({first}); "
+                           "a larger --size often helps (feature or key/value maps of size 1 cannot stay dynamic)") from None
+    finally:
+        quiet.setLevel(level)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return report
+
+
+def _check(model, onnx_path, sample_size, atol):
+    """Max |onnxruntime - PyTorch| over two input shapes other than the traced one (batch 1 and 3,
+    odd sizes), so dynamic shapes are exercised; raises when it exceeds `atol`."""
+    _require("onnxruntime")
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    h, w = sample_size
+    worst = 0.0
+    for shape in ((1, 3, h + 32, w - 32 + 5), (3, 3, h - 32 + 7, w + 64)):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"image": x.numpy()})[0]
+        if got.shape != expected.shape:
+            raise TransegError(f"{onnx_path}: onnxruntime gives shape {got.shape} for input {shape}, PyTorch {expected.shape}")
+        worst = max(worst, float(abs(got - expected).max()))
+    if worst > atol:
+        raise TransegError(f"ONNX check failed: onnxruntime differs from PyTorch by {worst:.2e} (> {atol:g})")
+    return worst

@@ -1,0 +1,48 @@
+"""ONNX export: dynamic batch/height/width, ISR baked in, equal to PyTorch under onnxruntime."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import transeg
+from conftest import TINY_EDAFORMER
+from transeg.cli import main
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+
+def test_export_with_isr_matches_pytorch_at_other_shapes(tmp_path, capsys):
+    model = transeg.create_model("edaformer-t", num_classes=4, classes=["a", "b", "c", "d"], **TINY_EDAFORMER).eval()
+    transeg.save(model, tmp_path / "m.safetensors")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(tmp_path / "m.safetensors"), str(out), "--size", "128x128",
+                 "--isr-encoder", "2,2,1,1", "--isr-decoder", "2,2,2"]) == 0
+    printed = capsys.readouterr().out
+    assert "ISR encoder 2,2,1,1 / decoder 2,2,2; onnxruntime vs PyTorch" in printed
+
+    meta = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["transeg"])
+    assert meta["isr"] == {"encoder": [2, 2, 1, 1], "decoder": [2, 2, 2]} and meta["classes"] == ["a", "b", "c", "d"]
+    assert meta["stride"] == 8 and meta["mean"] == list(model.meta["mean"])
+
+    # an independent check at a batch and size the exporter never saw (odd, not a multiple of 32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = torch.randn(2, 3, 161, 203)
+    model.set_isr(encoder=(2, 2, 1, 1), decoder=(2, 2, 2))
+    with torch.no_grad():
+        expected = model(x).numpy()
+        plain = model.set_isr()(x).numpy()
+    got = session.run(None, {"image": x.numpy()})[0]
+    assert got.shape == expected.shape == (2, 4, 21, 26)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(got - plain).max() > 1e-3  # the graph really has the ISR pooling in it
+
+
+def test_export_refuses_other_suffixes(tmp_path, capsys):
+    model = transeg.create_model("edaformer-t", num_classes=2, **TINY_EDAFORMER)
+    transeg.save(model, tmp_path / "m.safetensors")
+    assert main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "m.pt")]) == 2
+    assert "m.pt: the output must be an .onnx file" in capsys.readouterr().err
+    assert not (tmp_path / "m.pt").exists()
