@@ -248,3 +248,13 @@ def test_imagenet_encoder_weights_initialise_the_backbone(tmp_path):
     other = transeg.create_model("edaformer-t", num_classes=3)
     with pytest.raises(transeg.TransegError, match=r"EFT_tiny.pth: does not fit the edaformer-t backbone; .*misshapen"):
         load_backbone_weights(other, tmp_path / "EFT_tiny.pth")
+
+
+def test_models_lists_edaformer(capsys):
+    from transeg.cli import main
+
+    assert main(["models", "--family", "edaformer"]) == 0
+    rows = {line.split()[0]: line.split()[1:6] for line in capsys.readouterr().out.splitlines()[1:3]}
+    # measured params (M) and GFLOPs at 512x512 beside the paper's 4.9 / 29.4 M and the authors' counter
+    assert rows == {"edaformer-t": ["4.9", "4.9", "512x512@150", "5.6", "5.62"],
+                    "edaformer-b": ["29.4", "29.4", "512x512@150", "31.9", "31.93"]}

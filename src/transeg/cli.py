@@ -121,12 +121,13 @@ def cmd_models(args):
         miou = v.paper.get("miou", {})
         rows.append([name, f"{count_params(model) / 1e6:.1f}", f"{v.paper.get('params_m', '-')}", size_key, measured,
                      f"{paper_gflops}", " ".join(f"{d} {m}" for d, m in miou.items())])
-    header = ["model", "params M", "paper", "GFLOPs at", "GFLOPs", "paper", "paper mIoU (single-scale)"]
+    header = ["model", "params M", "paper", "GFLOPs at", "GFLOPs", "reported", "paper mIoU (single-scale)"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print("\nparams: this implementation, 150 classes, without the authors' unused conv_seg layer; "
-          "GFLOPs: multiply-adds incl. attention (the papers' convention)")
+          "GFLOPs: multiply-adds incl. attention (the papers' convention); reported: the paper's table, or the authors' "
+          "get_flops.py on their code where the table was not available (EDAFormer)")
 
 
 def cmd_train(args):
