@@ -204,12 +204,11 @@ def cmd_predict(args):
     from .data.folder import load_image
     from .engine.evaluate import protocol_scores, test_transform
     from .data.palettes import default_palette
-    from .isr import effective_pooling
+    from .isr import describe, effective_pooling
     from .viz import overlay
 
     model = load(args.checkpoint)
     if _apply_isr(args, model):
-        from .isr import describe
         print(f"{describe(model.isr)} (K/V pooling {_pooling_text(effective_pooling(model))})")
     device = _device(args.device)
     model.to(device)
@@ -276,6 +275,8 @@ def cmd_bench(args):
         shape_model = meta_model(name, args.num_classes)
     if args.data is not None and not (args.isr_sweep and is_checkpoint):
         raise TransegError("--data (accuracy per setting) needs --isr-sweep and a trained .safetensors checkpoint")
+    if args.isr_sweep and (args.isr_encoder or args.isr_decoder):
+        raise TransegError("--isr-sweep measures its own list of settings; leave out --isr-encoder/--isr-decoder")
     settings = sweep_settings(model) if args.isr_sweep else [_apply_isr(args, model) and model.isr]
     dataset = _sweep_dataset(args, model) if args.data is not None else None
     device = _device(args.device)

@@ -16,6 +16,8 @@ meaning is the authors' `--backbone_reduction_ratios 2211 --decoder_reduction_ra
 positive integer rather than one digit per stage. SegFormer's strided-conv reduction gets ISR as an
 average pooling before the conv (the paper's Table 7); its head has no attention, so no decoder ratios.
 """
+import numbers
+
 from .errors import TransegError
 
 PARTS = ("encoder", "decoder")
@@ -47,7 +49,7 @@ def _check(model, part, ratios, groups):
         ratios = tuple(ratios)
     except TypeError:
         ratios = (ratios,)
-    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ratios):
+    if not all(isinstance(r, numbers.Integral) and not isinstance(r, bool) and r >= 1 for r in ratios):
         raise TransegError(f"ISR {part} ratios must be positive integers, got {ratios}")
     if not groups:
         if all(r == 1 for r in ratios):
@@ -59,7 +61,7 @@ def _check(model, part, ratios, groups):
         what = "stage" if part == "encoder" else "decoder branch"
         raise TransegError(f"{_name(model)}: ISR {part} needs {len(groups)} ratios (one per {what}), got {len(ratios)}: "
                            f"{','.join(map(str, ratios))}")
-    return ratios
+    return tuple(int(r) for r in ratios)
 
 
 def set_isr(model, encoder=None, decoder=None):
