@@ -113,14 +113,14 @@ def cmd_models(args):
     for name in tqdm(names, desc="measuring on the meta device", leave=False, disable=not sys.stderr.isatty()):
         v = VARIANTS[name]
         model = meta_model(name, 150)
-        size_key, paper_gflops = next(iter(v.paper.get("gflops", {"-": None}).items()))
+        size_key, paper_gflops = next(iter((v.paper.get("gflops") or {"512x512@150": None}).items()))
         measured = "-"
-        if paper_gflops is not None and not args.no_flops:
+        if not args.no_flops:
             hw, k = size_key.split("@")
             measured = f"{count_gmacs(meta_model(name, int(k)) if int(k) != 150 else model, _size(hw))['total']:.1f}"
         miou = v.paper.get("miou", {})
-        rows.append([name, f"{count_params(model) / 1e6:.1f}", f"{v.paper.get('params_m', '-')}", size_key, measured,
-                     f"{paper_gflops}", " ".join(f"{d} {m}" for d, m in miou.items())])
+        rows.append([name, f"{count_params(model) / 1e6:.1f}", f"{v.paper.get('params_m') or '-'}", size_key, measured,
+                     f"{paper_gflops if paper_gflops is not None else '-'}", " ".join(f"{d} {m}" for d, m in miou.items())])
     header = ["model", "params M", "paper", "GFLOPs at", "GFLOPs", "reported", "paper mIoU (single-scale)"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:

@@ -18,8 +18,10 @@ def _resize(x, size):
 
 
 def logits_whole(model, x):
-    """One forward pass; logits upsampled to the input size (mmseg encode_decode)."""
-    return _resize(model(x), x.shape[-2:])
+    """One forward pass; logits upsampled to the input size (mmseg encode_decode; models that pad
+    their input crop the padding back off, see Segmentor.upsample_logits)."""
+    upsample = getattr(model, "upsample_logits", None)
+    return upsample(model(x), x.shape[-2:]) if upsample else _resize(model(x), x.shape[-2:])
 
 
 def slide_windows(height, width, crop, stride):
@@ -69,13 +71,15 @@ def logits_slide(model, x, crop, stride, batch_size=8, canvas_device="auto", num
 
 
 def predict(model, x, out_size=None, mode="whole", crop=None, stride=None, scales=(1.0,), flip=False,
-            size_divisor=None, batch_size=8, canvas_device="auto"):
+            size_divisor=None, batch_size=8, canvas_device="auto", min_short_side=None):
     """Scores [N, K, *out_size].
 
     mode: "whole" or "slide" (needs `crop` and `stride`, (h, w) tuples).
     scales: ratios applied to the input; with `size_divisor`, each scaled size is rounded up to a
     multiple of it (SegFormer's AlignedResize). Several scales or flip -> mean of softmax
     probabilities, each resized to `out_size` first (flipped predictions are flipped back).
+    min_short_side: a scaled image whose short side is below it is first enlarged (keep ratio, long
+    side truncated) so that it is not (Segmenter's rule: windows are never larger than the image).
     """
     if mode not in ("whole", "slide"):
         raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
@@ -90,6 +94,10 @@ def predict(model, x, out_size=None, mode="whole", crop=None, stride=None, scale
         size = (int(h * scale + 0.5), int(w * scale + 0.5))
         if size_divisor:
             size = tuple(math.ceil(s / size_divisor) * size_divisor for s in size)
+        if min_short_side and min(size) < min_short_side:
+            ratio = max(size) / min(size)
+            size = (min_short_side, int(ratio * min_short_side)) if size[0] <= size[1] else \
+                (int(ratio * min_short_side), min_short_side)
         xs = _resize(x, size)
         for flipped in ([False, True] if flip else [False]):
             xi = xs.flip(-1) if flipped else xs

@@ -8,10 +8,10 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .backbones import EmbeddingFreeTransformer, MixVisionTransformer
+from .backbones import EmbeddingFreeTransformer, MixVisionTransformer, VisionTransformer
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import TransegError
-from .heads import EDAFormerHead, SegFormerHead
+from .heads import EDAFormerHead, LinearDecoder, MaskTransformer, SegFormerHead
 from .segmentor import Segmentor
 
 
@@ -134,4 +134,62 @@ for _b, _f in _EDAFORMER.items():
                     decoder_mlp_ratio=_f["dec_mlp"]),
         paper=dict(params_m=_f["params_m"], official_params=_f["official_params"], gflops=_f["gflops"], miou={},
                    reference="Yu et al., EDAFormer, ECCV 2024"),
+    ))
+
+
+# --------------------------------------------------------------------------------------------- Segmenter
+# Normalisation (digest §5): ViT weights were trained on [-1, 1] inputs (mean = std = 127.5); DeiT uses
+# the ImageNet statistics as the authors' mmseg pipeline rounds them (2 decimals in 0-255 units).
+VIT_MEAN, VIT_STD = (127.5, 127.5, 127.5), (127.5, 127.5, 127.5)
+DEIT_MEAN, DEIT_STD = (123.68, 116.28, 103.53), (58.4, 57.12, 57.38)
+
+
+def build_segmenter(num_classes, patch_size, embed_dim, depth, num_heads, decoder, crop=512, distilled=False,
+                    decoder_depth=2, drop_path_rate=0.1, decoder_drop=0.1, imagenet_classes=1000):
+    """crop: the training crop, which fixes the stored position-embedding grid (crop / patch)."""
+    backbone = VisionTransformer(img_size=(crop, crop), patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                 num_heads=num_heads, distilled=distilled, drop_path_rate=drop_path_rate,
+                                 num_classes=imagenet_classes)
+    if decoder == "linear":
+        head = LinearDecoder(embed_dim, num_classes, patch_size)
+    elif decoder == "mask":
+        head = MaskTransformer(embed_dim, num_classes, patch_size, depth=decoder_depth, drop=decoder_drop)
+    else:
+        raise TransegError(f"unknown Segmenter decoder {decoder!r}; use 'linear' or 'mask'")
+    return Segmentor(backbone, head, num_classes)
+
+
+_VIT = {"t": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
+# name -> (backbone, patch, decoder, crop, the authors' model's params with 150 classes incl. the ImageNet
+# head(s) = the README convention (digest §9, counted by running their code), README params (M), ADE20K
+# single-scale mIoU (README / paper)).
+_SEGMENTER = {
+    "vit-t16-mask": ("t", 16, "mask", 512, 6_906_388, 7, 38.1),
+    "vit-t16-linear": ("t", 16, "linear", 512, 5_905_342, None, None),
+    "vit-s16-mask": ("s", 16, "mask", 512, 26_418_964, 27, 45.3),
+    "vit-s16-linear": ("s", 16, "linear", 512, 22_426_366, None, 45.37),
+    "vit-s32-linear": ("s", 32, "linear", 512, 23_016_190, None, None),
+    "vit-b16-mask": ("b", 16, "mask", 512, 103_266_580, 106, 48.5),
+    "vit-b16-linear": ("b", 16, "linear", 512, 87_318_910, None, 48.06),
+    "vit-b32-linear": ("b", 32, "linear", 512, 88_498_558, None, 43.07),
+    "vit-b8-linear": ("b", 8, "linear", 512, 89_235_838, 89, 49.5),
+    "vit-l16-linear": ("l", 16, "linear", 512, 305_328_254, None, 50.71),
+    "vit-l16-mask": ("l", 16, "mask", 640, 334_259_476, 334, 51.8),
+    "deit-t16-linear": ("t", 16, "linear", 512, 6_098_726, None, None),
+    "deit-t16-mask": ("t", 16, "mask", 512, 7_099_772, None, None),
+    "deit-s16-linear": ("s", 16, "linear", 512, 22_812_134, None, None),
+    "deit-b16-linear": ("b", 16, "linear", 512, 88_089_446, 87, 47.1),
+    "deit-b16-mask": ("b", 16, "mask", 512, 104_037_116, 106, 48.7),
+}
+for _n, (_b, _p, _dec, _crop, _official, _readme, _miou) in _SEGMENTER.items():
+    _d, _depth, _heads = _VIT[_b]
+    _deit = _n.startswith("deit")
+    register(Variant(
+        name=f"segmenter-{_n}", family="segmenter", build=build_segmenter,
+        kwargs=dict(patch_size=_p, embed_dim=_d, depth=_depth, num_heads=_heads, decoder=_dec, crop=_crop,
+                    distilled=_deit),
+        mean=DEIT_MEAN if _deit else VIT_MEAN, std=DEIT_STD if _deit else VIT_STD,
+        paper=dict(params_m=_readme, official_params=_official, gflops={f"{_crop}x{_crop}@150": None},
+                   miou={"ade20k": _miou} if _miou else {},
+                   reference="Strudel et al., Segmenter, ICCV 2021 (README of rstrudel/segmenter)"),
     ))

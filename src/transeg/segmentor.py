@@ -24,9 +24,19 @@ class Segmentor(nn.Module):
     def forward(self, x):
         return self.decode_head(self.backbone(x))
 
+    def upsample_logits(self, logits, size):
+        """Head-stride logits -> `size` (bilinear, align_corners=False). A backbone that zero-pads its
+        input to a multiple (`pad_multiple`: the plain ViT) gets its logits upsampled to the padded
+        size and cropped, as Segmenter does, so the padding never shifts the predictions."""
+        m = getattr(self.backbone, "pad_multiple", 1)
+        padded = (-(-size[0] // m) * m, -(-size[1] // m) * m)
+        if tuple(logits.shape[-2:]) != padded:
+            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+        return logits[..., :size[0], :size[1]]
+
     def loss(self, logits, label, ignore_index=255, reduction="all"):
         """CE on logits upsampled (bilinear, align_corners=False) to the label size."""
-        logits = F.interpolate(logits, size=label.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.upsample_logits(logits, label.shape[-2:])
         ce = cross_entropy(logits.float(), label, ignore_index, reduction)
         return {"loss": ce, "loss_ce": ce}
 

@@ -7,12 +7,14 @@ from pathlib import Path
 
 from ..checkpoint import load_foreign, load_state_dict_checked
 from ..errors import TransegError
-from . import edaformer, segformer, segformer_hf
+from . import edaformer, segformer, segformer_hf, segmenter
 
 FORMATS = {
     "edaformer": "the authors' hyunwoo137/EDAFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer": "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer-hf": "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)",
+    "segmenter": "the authors' rstrudel/segmenter checkpoint.pth ({'model', 'n_cls', 'epoch'}; a variant.yml beside it "
+                 "adds the dataset's test protocol)",
 }
 
 
@@ -25,16 +27,19 @@ def convert(src, fmt, model=None, num_classes=None):
         raise TransegError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if not src.exists():
         raise TransegError(f"{src}: no such file or directory")
-    if fmt in ("segformer", "edaformer"):
-        found = {"segformer": segformer, "edaformer": edaformer}[fmt].convert(load_foreign(src), src, model)
+    if fmt in ("segformer", "edaformer", "segmenter"):
+        found = {"segformer": segformer, "edaformer": edaformer, "segmenter": segmenter}[fmt].convert(
+            load_foreign(src), src, model)
     else:
         found = segformer_hf.convert(src, src, model)
     if num_classes is not None and num_classes != found["num_classes"]:
         raise TransegError(f"{src}: holds a {found['num_classes']}-class head, not {num_classes}")
     net = create_model(found["variant"], num_classes=found["num_classes"], classes=found["classes"],
-                       palette=found["palette"])
+                       palette=found["palette"], **found.get("overrides", {}))
     load_state_dict_checked(net, found["state"], source=src)
     net.meta["converted_from"] = f"{fmt}:{src.name}"
+    if found.get("test"):
+        net.meta["test"] = found["test"]
     return net.eval()
 
 
@@ -42,18 +47,51 @@ def convert(src, fmt, model=None, num_classes=None):
 _CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
 
-def load_backbone_weights(model, src):
-    """Initialise `model.backbone` from ImageNet encoder weights in the authors' layout (e.g. NVlabs'
-    `mit_b0.pth`, EDAFormer's `EFT_T.pth`): keys as the backbone's own names, optionally prefixed by
-    `module.` or `backbone.`; the classifier (`head.*`) is dropped. Everything else must fit exactly."""
-    src = Path(src)
+def _read_backbone_state(src):
+    """{name: tensor} from an ImageNet checkpoint file, a Google .npz, or a Hugging Face directory."""
+    import numpy as np
+
+    from . import vit
+
+    if src.is_dir():
+        files = [src / n for n in ("model.safetensors", "pytorch_model.bin") if (src / n).is_file()]
+        if not files:
+            raise TransegError(f"{src}: a directory without model.safetensors or pytorch_model.bin")
+        src = files[0]
+    if src.suffix == ".npz":
+        try:
+            with np.load(src, allow_pickle=False) as npz:
+                return vit.from_augreg(npz)
+        except (OSError, ValueError, KeyError) as e:
+            raise TransegError(f"{src}: not a ViT .npz in the Google/AugReg layout ({e})") from None
     obj = load_foreign(src)
     state = next((obj[k] for k in _CONTAINERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), obj)
     if not isinstance(state, dict):
         raise TransegError(f"{src}: expected a dict of tensors, got {type(state).__name__}")
-    state = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in state.items()}
-    if any(k.startswith("decode_head.") for k in state):
+    if any(k.removeprefix("vit.").startswith("embeddings.") for k in state):
+        state = vit.from_hf(state)
+    return state
+
+
+def load_backbone_weights(model, src):
+    """Initialise `model.backbone` from ImageNet encoder weights: the authors' layout (NVlabs' `mit_b0.pth`,
+    EDAFormer's `EFT_T.pth`), timm / DeiT `.pth`, Google AugReg `.npz` or a Hugging Face ViT. Keys may be
+    prefixed by `module.`, `backbone.` or `encoder.`. A plain ViT's position embeddings are resized to the
+    model's grid and its ImageNet head kept when it fits (Segmenter keeps it); other classifiers are dropped.
+    Everything else must fit exactly."""
+    from ..backbones import VisionTransformer
+    from . import vit
+
+    src = Path(src)
+    if not src.exists():
+        raise TransegError(f"{src}: no such file or directory")
+    state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder."): v
+             for k, v in _read_backbone_state(src).items()}
+    if any(k.startswith(("decode_head.", "decoder.")) for k in state):
         raise TransegError(f"{src}: a whole segmentation model, not backbone weights; convert it with `transeg convert`")
-    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    if isinstance(model.backbone, VisionTransformer):
+        state = vit.fit_to(model.backbone, state, src)
+    else:
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
     load_state_dict_checked(model.backbone, state, source=src, target=f"the {model.meta.get('variant', 'model')} backbone")
     return model

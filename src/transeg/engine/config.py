@@ -29,6 +29,7 @@ class TrainConfig:
     batch_size: int = 16                               # per optimizer step and process, before accumulation
     accum_steps: int = 1                               # micro-batches of batch_size per optimizer step
     optimizer: str = "adamw"
+    nesterov: bool = False                             # SGD only (Segmenter trains with Nesterov momentum 0.9)
     lr: float = 6e-5
     weight_decay: float = 0.01
     custom_keys: dict = field(default_factory=lambda: {"head": {"lr_mult": 10.0}, "norm": {"decay_mult": 0.0},

@@ -21,6 +21,8 @@ def describe(protocol):
     parts.append(f"resize keep-ratio to {tuple(protocol['scale'])}" if protocol.get("scale") else "original size")
     if protocol.get("size_divisor"):
         parts.append(f"align {protocol['size_divisor']}")
+    if protocol.get("min_short_side"):
+        parts.append(f"short side >= {protocol['min_short_side']}")
     parts.append(f"scales {list(protocol['scales'])}" + (" + flip" if protocol["flip"] else ""))
     return ", ".join(parts)
 
@@ -37,7 +39,8 @@ def protocol_scores(model, x, out_size, protocol):
     """`inference.predict` with the protocol's mode, windows, scales and flip."""
     return inference.predict(model, x, out_size=out_size, mode=protocol["mode"], crop=protocol.get("crop"),
                              stride=protocol.get("stride"), scales=protocol.get("scales", [1.0]),
-                             flip=protocol.get("flip", False), size_divisor=protocol.get("size_divisor"))
+                             flip=protocol.get("flip", False), size_divisor=protocol.get("size_divisor"),
+                             min_short_side=protocol.get("min_short_side"))
 
 
 @torch.no_grad()

@@ -28,7 +28,7 @@ def param_groups(model, lr, weight_decay, custom_keys=None):
 
 
 def build_optimizer(model, name="adamw", lr=6e-5, weight_decay=0.01, betas=(0.9, 0.999), momentum=0.9,
-                    custom_keys=None):
+                    custom_keys=None, nesterov=False):
     groups = param_groups(model, lr, weight_decay, custom_keys)
     for g in groups:
         g.pop("names")
@@ -37,7 +37,7 @@ def build_optimizer(model, name="adamw", lr=6e-5, weight_decay=0.01, betas=(0.9,
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay, **fused)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **fused)
     raise ValueError(f"unknown optimizer {name!r} (adamw, sgd)")
 
 

@@ -136,7 +136,8 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
     val_set = build_dataset(cfg.data, "val")
     cfg = resolve(cfg, train_set)
     model = build_model(cfg, train_set).to(device)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, custom_keys=cfg.custom_keys)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, custom_keys=cfg.custom_keys,
+                                nesterov=cfg.nesterov)
     scheduler = build_scheduler(optimizer, cfg.iters, cfg.power, cfg.min_lr_ratio, cfg.warmup_iters, cfg.warmup_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 

@@ -1,12 +1,15 @@
 """Building blocks shared by more than one model family. One concept per file."""
-from .attention import EmbeddingFreeAttention, KeyValuePool, SpatialReductionAttention, tokens_to_map
+from .attention import (EmbeddingFreeAttention, KeyValuePool, MultiHeadSelfAttention, SpatialReductionAttention,
+                        tokens_to_map)
 from .conv import ConvBNReLU
 from .drop import DropPath, drop_path_rates
 from .eft_block import EFTBlock
-from .mlp import DepthwiseConv, MixFFN
+from .mlp import DepthwiseConv, MixFFN, Mlp
 from .patch_embed import OverlapPatchEmbed
+from .vit_block import TransformerBlock
 
 __all__ = [
-    "ConvBNReLU", "DepthwiseConv", "DropPath", "EFTBlock", "EmbeddingFreeAttention", "KeyValuePool", "MixFFN",
-    "OverlapPatchEmbed", "SpatialReductionAttention", "drop_path_rates", "tokens_to_map",
+    "ConvBNReLU", "DepthwiseConv", "DropPath", "EFTBlock", "EmbeddingFreeAttention", "KeyValuePool", "MixFFN", "Mlp",
+    "MultiHeadSelfAttention", "OverlapPatchEmbed", "SpatialReductionAttention", "TransformerBlock", "drop_path_rates",
+    "tokens_to_map",
 ]

@@ -142,3 +142,24 @@ class EmbeddingFreeAttention(nn.Module):
         kv = kv.reshape(n, -1, heads, c // heads).transpose(1, 2)
         out = F.scaled_dot_product_attention(q, kv, kv, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, length, c)))
+
+
+class MultiHeadSelfAttention(nn.Module):
+    """Standard ViT self-attention with one fused `qkv` Linear (rows q | k | v, each head-major) and
+    `proj`, as timm's and Segmenter's layout, computed with scaled_dot_product_attention."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        n, length, c = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, length, c)))

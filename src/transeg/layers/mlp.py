@@ -41,3 +41,17 @@ class MixFFN(nn.Module):
             x = self.relu(x)
         x = self.act(self.dwconv(x, hw))
         return self.drop(self.fc2(self.drop(x)))
+
+
+class Mlp(nn.Module):
+    """The transformer FFN: fc1 -> GELU -> dropout -> fc2 -> dropout (timm / Segmenter names)."""
+
+    def __init__(self, dim, hidden_dim, drop=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))

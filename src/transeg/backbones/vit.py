@@ -1,0 +1,117 @@
+"""Plain Vision Transformer (Dosovitskiy et al. 2021; DeiT, Touvron et al. 2021) as a segmentation encoder.
+
+Non-overlapping P×P patches -> [class token (, distillation token)] + patch tokens + learned absolute
+position embeddings -> pre-norm transformer blocks -> final LayerNorm. The output is a single map of
+patch tokens at stride P (the extra tokens are dropped: no head here needs them yet).
+
+Position embeddings are stored at the checkpoint grid (crop / P) and resized for each input grid
+(`pos_interp`: Segmenter resizes bilinearly, align_corners=False, keeping the extra tokens as they
+are). Inputs whose sides are not multiples of P are zero-padded at the bottom/right (after
+normalisation, as Segmenter does); `pad_multiple` tells the segmentor to crop the logits back.
+
+Names follow timm / Segmenter (`patch_embed.proj`, `cls_token`, `dist_token`, `pos_embed`, `blocks.i`,
+`norm`, `head`, `head_dist`) so their checkpoints load unchanged. `num_classes > 0` keeps the ImageNet
+classifier(s) those checkpoints carry; they are frozen (segmentation never calls them) and counted in
+the parameters, as the Segmenter README counts them.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import TransformerBlock, drop_path_rates, tokens_to_map
+
+
+def resize_pos_embed(pos_embed, old_grid, new_grid, num_extra, mode="bilinear"):
+    """(1, extra + gh*gw, D) position embeddings resized from `old_grid` to `new_grid` (extra tokens kept)."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    extra, grid = pos_embed[:, :num_extra], pos_embed[:, num_extra:]
+    d = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], d).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_grid), mode=mode, align_corners=False)
+    return torch.cat([extra, grid.permute(0, 2, 3, 1).reshape(1, -1, d)], dim=1)
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class VisionTransformer(nn.Module):
+    """Returns [map]: the last layer's normalised patch tokens as an NCHW map at stride `patch_size`."""
+
+    def __init__(self, img_size=(512, 512), patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
+                 distilled=False, drop_rate=0.0, drop_path_rate=0.1, norm_eps=1e-5, num_classes=1000,
+                 pos_interp="bilinear", in_chans=3):
+        super().__init__()
+        self.patch_size = self.pad_multiple = patch_size
+        self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
+        self.num_extra = 2 if distilled else 1
+        self.pos_interp = pos_interp
+        self.out_channels = [embed_dim]
+        self.strides = [patch_size]
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_extra + self.grid[0] * self.grid[1], embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        rates = drop_path_rates([depth], drop_path_rate)[0]
+        self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads, mlp_ratio, drop_rate, rates[i], norm_eps)
+                                    for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else None
+        self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 and distilled else None
+        self._init_weights()
+
+    def _init_weights(self):
+        for p in (self.cls_token, self.dist_token, self.pos_embed):
+            if p is not None:
+                nn.init.trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        for head in (self.head, self.head_dist):
+            if head is not None:
+                head.requires_grad_(False)
+
+    def tokens(self, x):
+        """All tokens after the final norm, [N, extra + gh*gw, D], and the grid (gh, gw) of the padded input."""
+        p = self.patch_size
+        pad_h, pad_w = -x.shape[-2] % p, -x.shape[-1] % p
+        if pad_h or pad_w:
+            x = F.pad(x, (0, pad_w, 0, pad_h))
+        grid = (x.shape[-2] // p, x.shape[-1] // p)
+        x = self.patch_embed(x)
+        extra = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
+        x = torch.cat([t.expand(x.shape[0], -1, -1) for t in extra] + [x], dim=1)
+        x = self.pos_drop(x + resize_pos_embed(self.pos_embed, self.grid, grid, self.num_extra, self.pos_interp))
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x), grid
+
+    def forward(self, x):
+        tokens, grid = self.tokens(x)
+        return [tokens_to_map(tokens[:, self.num_extra:], grid)]
+
+    def classify(self, x):
+        """ImageNet logits from the class token (DeiT: mean of the class and distillation heads)."""
+        if self.head is None:
+            raise ValueError("built without a classifier (num_classes=0)")
+        tokens, _ = self.tokens(x)
+        if self.head_dist is None:
+            return self.head(tokens[:, 0])
+        return (self.head(tokens[:, 0]) + self.head_dist(tokens[:, 1])) / 2
+
+
+def padded_size(size, multiple):
+    return tuple(math.ceil(s / multiple) * multiple for s in size)
