@@ -125,7 +125,8 @@ def cmd_models(args):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("\nparams: this implementation, 150 classes, without the authors' unused conv_seg layer; "
+    print("\nparams: this implementation, 150 classes (SegFormer, EDAFormer: without the authors' unused conv_seg layer; "
+          "Segmenter: with the ImageNet head its checkpoints carry, as its README counts); "
           "GFLOPs: multiply-adds incl. attention (the papers' convention); reported: the paper's table, or the authors' "
           "get_flops.py on their code where the table was not available (EDAFormer)")
 
@@ -366,7 +367,7 @@ QUICKSTART = dict(model="segformer-b0", iters=2500, batch_size=8, lr=1e-3, warmu
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="transeg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Transformer semantic segmentation: SegFormer and EDAFormer (more families coming). "
+        description="Transformer semantic segmentation: SegFormer, EDAFormer and Segmenter (more families coming). "
                     "Every verb runs without downloads: with no --data, the built-in synthetic dataset is used.")
     parser.add_argument("--version", action="version", version=f"transeg {__import__('transeg').__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
