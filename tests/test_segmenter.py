@@ -229,3 +229,10 @@ def test_tiny_segmenter_trains_and_evaluates(tmp_path, capsys):
     assert len(losses) == 3 and losses[-1] < losses[0]
     model = transeg.load(tmp_path / "model.safetensors")
     assert model.meta["model_args"]["patch_size"] == 8 and model.decode_head.stride == 8
+
+
+def test_converted_checkpoint_without_variant_yml_gets_the_ade_protocol(tmp_path):
+    case = FIXTURE["cases"][0]
+    _official_pth(case, tmp_path / "checkpoint.pth")
+    test = convert(tmp_path / "checkpoint.pth", "segmenter").meta["test"]
+    assert (test["mode"], test["crop"], test["stride"], test["scale"]) == ("slide", [512, 512], [480, 480], [2048, 512])

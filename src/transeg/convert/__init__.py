@@ -14,7 +14,7 @@ FORMATS = {
     "segformer": "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer-hf": "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)",
     "segmenter": "the authors' rstrudel/segmenter checkpoint.pth ({'model', 'n_cls', 'epoch'}; a variant.yml beside it "
-                 "adds the dataset's test protocol)",
+                 "names the dataset of its test protocol)",
 }
 
 

@@ -5,8 +5,9 @@ names under `backbone.` / `decode_head.` instead of `encoder.` / `decoder.`, and
 (qkv stays fused, `proj_patch` / `proj_classes` stay right-multiplied matrices, the ImageNet heads are
 kept). The variant is recognised from the shapes: width, depth, patch size, class + distillation
 tokens, decoder type and depth, and the training crop from the stored position-embedding grid. A
-`variant.yml` beside the checkpoint adds the dataset's test protocol (sliding windows of the crop
-with stride crop - 32, as the authors' published evaluation) and is checked against the weights.
+`variant.yml` beside the checkpoint names the dataset of the test protocol (sliding windows of the crop
+with stride crop - 32, as the authors' published evaluation; ADE20K's resize without one) and is
+checked against the weights.
 """
 import math
 import re
@@ -73,8 +74,8 @@ def convert(obj, source, model=None):
     overrides = {k: v for k, v in found.items() if defaults.get(k) != v}
     out = dict(variant=name, num_classes=num_classes, state=state, overrides=overrides, classes=None, palette=None)
     variant_yml = Path(source).with_name("variant.yml")
-    if variant_yml.is_file():
-        out["test"] = _protocol(read_variant(variant_yml), crop, distilled, variant_yml)
+    variant = read_variant(variant_yml) if variant_yml.is_file() else {}
+    out["test"] = _protocol(variant, crop, distilled, variant_yml)
     return out
 
 
@@ -87,6 +88,7 @@ def _protocol(variant, crop, distilled, path):
                            f"{'DeiT' if distilled else 'ViT'} (transeg uses {'deit' if distilled else 'vit'})")
     if data.get("crop_size") not in (None, crop):
         raise TransegError(f"{path}: says crop_size {data['crop_size']}, the position embeddings are for {crop}")
+    # without a variant.yml: ADE20K's rule around the crop (short side = crop, long side <= 4x)
     short, ratio = _TEST_RESIZE.get(data.get("dataset"), (data.get("image_size") or crop, 4))
     return dict(mode="slide", crop=[crop, crop], stride=[crop - 32, crop - 32], scale=[ratio * short, short],
                 size_divisor=None, scales=[1.0], flip=False, min_short_side=crop, dataset=data.get("dataset"))
