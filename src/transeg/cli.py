@@ -117,7 +117,7 @@ def cmd_models(args):
         measured = "-"
         if not args.no_flops:
             hw, k = size_key.split("@")
-            measured = f"{count_gmacs(meta_model(name, int(k)) if int(k) != 150 else model, _size(hw))['total']:.1f}"
+            measured = f"{count_gmacs(meta_model(name, int(k)) if int(k) != 150 else model, _size(hw), convention=v.paper.get('gflops_convention', 'mmcv'))['total']:.1f}"
         miou = v.paper.get("miou", {})
         rows.append([name, f"{count_params(model) / 1e6:.1f}", f"{v.paper.get('params_m') or '-'}", size_key, measured,
                      f"{paper_gflops if paper_gflops is not None else '-'}", " ".join(f"{d} {m}" for d, m in miou.items())])
@@ -280,6 +280,8 @@ def cmd_bench(args):
         raise TransegError("--isr-sweep measures its own list of settings; leave out --isr-encoder/--isr-decoder")
     settings = sweep_settings(model) if args.isr_sweep else [_apply_isr(args, model) and model.isr]
     dataset = _sweep_dataset(args, model) if args.data is not None else None
+    from .registry import get_variant
+    flops_convention = args.flops or get_variant(name).paper.get("gflops_convention", "mmcv")
     device = _device(args.device)
     env = environment(device)
     h, w = args.size
@@ -293,7 +295,7 @@ def cmd_bench(args):
             shape_model.set_isr(**setting)
         row = {"setting": describe(model.isr), "pooling": effective_pooling(model),
                "label": " / ".join(",".join(map(str, r)) for r in model.isr.values() if r),
-               "GFLOPs": count_gmacs(shape_model, args.size)["total"]}
+               "GFLOPs": count_gmacs(shape_model, args.size, convention=flops_convention)["total"]}
         t = summarize(time_forward(model, args.size, args.batch, device, dtype, args.warmup, args.runs))
         row["latency ms"], row["min ms"] = t["median_ms"], t["min_ms"]
         if dataset is not None:
@@ -304,7 +306,7 @@ def cmd_bench(args):
             _print_bench_row(row, rows[0], args.batch)
         else:
             isr = "" if row["setting"] == "no ISR" else f", {row['setting']} (K/V pooling {_pooling_text(row['pooling'])})"
-            print(f"{row['GFLOPs']:.2f} GFLOPs (multiply-adds){isr}")
+            print(f"{row['GFLOPs']:.2f} GFLOPs (multiply-adds, {flops_convention} convention){isr}")
             print(f"latency median {t['median_ms']:.1f} ms (min {t['min_ms']:.1f}), "
                   f"throughput {1000 * args.batch / t['median_ms']:.1f} images/s")
     if args.isr_sweep:
@@ -437,6 +439,9 @@ def build_parser():
     p.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--flops", choices=["mmcv", "fvcore"],
+                   help="GFLOPs convention (default: the paper's: mmcv's counter for SegFormer/EDAFormer, fvcore's "
+                        "for SegViT -- it adds LayerNorm/upsampling terms and no conv bias)")
     _add_isr_args(p)
     g = p.add_argument_group("ISR sweep")
     g.add_argument("--isr-sweep", action="store_true",

@@ -14,6 +14,7 @@ mmcv counts are added by module hooks. `count_bn=False` matches models whose aut
 """
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import KeyValuePool
@@ -27,8 +28,30 @@ def count_params(model, trainable_only=False):
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-def count_gmacs(model, input_size, count_bn=False, batch=1):
+class _FvcoreExtras(TorchDispatchMode):
+    """The element-wise ops fvcore counts beside matmuls: LayerNorm 5 per input element, bilinear
+    upsampling 4 per output element."""
+
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if name == "native_layer_norm":
+            self.total += args[0].numel() * 5
+        elif name.startswith("upsample_bilinear2d"):
+            self.total += out.numel() * 4
+        return out
+
+
+def count_gmacs(model, input_size, count_bn=False, batch=1, convention="mmcv"):
     """GMACs of one forward pass at `input_size` (H, W), in the papers' mmcv convention.
+
+    convention="fvcore" is SegViT's (fvcore's counter on mmseg's `forward_dummy`): matmul and conv
+    MACs without biases, LayerNorm 5 and bilinear upsampling 4 per element, plus the final resize of
+    the scores to the input size that mmseg always runs.
 
     The model may live on the meta device (preferred: no weights needed); inputs are made on the
     model's device. Returns a dict: total, matmul (conv/linear/attention MACs), extra (elementwise
@@ -48,21 +71,36 @@ def count_gmacs(model, input_size, count_bn=False, batch=1):
         elif count_bn and type(module) is nn.BatchNorm2d:
             extra[0] += inputs[0].numel() * (2 if module.affine else 1)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, (nn.Conv2d, nn.Upsample, nn.BatchNorm2d) + _ACTS + _POOLS)]
+    if convention not in ("mmcv", "fvcore"):
+        raise ValueError(f"unknown FLOP convention {convention!r} (mmcv, fvcore)")
+    fvcore = convention == "fvcore"
+    handles = [] if fvcore else [m.register_forward_hook(hook) for m in model.modules()
+                                 if isinstance(m, (nn.Conv2d, nn.Upsample, nn.BatchNorm2d) + _ACTS + _POOLS)]
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False)
+    extras = _FvcoreExtras()
     try:
-        with counter, torch.no_grad():
-            model(x)
+        with counter, torch.no_grad(), (extras if fvcore else _nothing()):
+            out = model(x)
+            if fvcore:
+                extra[0] += 4 * out.shape[0] * out.shape[1] * input_size[0] * input_size[1]
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    extra[0] += extras.total
     per_op = {str(k).removeprefix("aten."): v / 2e9 / batch for k, v in counter.get_flop_counts()["Global"].items()}
     matmul = counter.get_total_flops() / 2e9 / batch
     return {"total": matmul + extra[0] / 1e9 / batch, "matmul": matmul, "extra": extra[0] / 1e9 / batch, "per_op": per_op}
+
+
+class _nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
 
 
 def meta_model(name, num_classes=150, **overrides):

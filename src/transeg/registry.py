@@ -11,7 +11,7 @@ from typing import Callable
 from .backbones import EmbeddingFreeTransformer, MixVisionTransformer, VisionTransformer
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import TransegError
-from .heads import EDAFormerHead, LinearDecoder, MaskTransformer, SegFormerHead
+from .heads import ATMHead, EDAFormerHead, LinearDecoder, MaskTransformer, SegFormerHead, TPNATMHead
 from .segmentor import Segmentor
 
 
@@ -192,4 +192,50 @@ for _n, (_b, _p, _dec, _crop, _official, _readme, _miou) in _SEGMENTER.items():
         paper=dict(params_m=_readme, official_params=_official, gflops={f"{_crop}x{_crop}@150": None},
                    miou={"ade20k": _miou} if _miou else {},
                    reference="Strudel et al., Segmenter, ICCV 2021 (README of rstrudel/segmenter)"),
+    ))
+
+
+# --------------------------------------------------------------------------------------------- SegViT
+def build_segvit(num_classes, embed_dim, depth, num_heads, out_indices, head_dim, head_heads, crop, shrunk=False,
+                 shrink_index=8, drop_path_rate=0.1, head_layers=3, patch_size=16):
+    """mmseg 0.24's ViT (class token dropped before the blocks, no final norm, LN eps 1e-6, bicubic
+    position-embedding resize) + the ATM head; `shrunk`: QD at block `shrink_index` + the QU/TPN head.
+    crop: the training crop (position-embedding grid and the head's fixed output size)."""
+    backbone = VisionTransformer(img_size=(crop, crop), patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                 num_heads=num_heads, drop_path_rate=drop_path_rate, norm_eps=1e-6, num_classes=0,
+                                 pos_interp="bicubic", out_indices=out_indices, final_norm=False,
+                                 cls_token_in_blocks=False, drop_path_attn=False,
+                                 shrink_index=shrink_index if shrunk else None, logits_follow_padding=False)
+    if shrunk:
+        head = TPNATMHead(embed_dim, num_classes, crop, head_dim, head_heads, head_layers, patch_size)
+    else:
+        head = ATMHead(embed_dim, num_classes, crop, head_dim, head_heads, head_layers, use_stages=len(out_indices),
+                       stride=patch_size)
+    return Segmentor(backbone, head, num_classes)
+
+
+_SEGVIT_B = dict(embed_dim=768, depth=12, num_heads=12, out_indices=(5, 7, 11), head_dim=384, head_heads=12,
+                 drop_path_rate=0.1)
+_SEGVIT_L = dict(embed_dim=1024, depth=24, num_heads=16, out_indices=(7, 15, 23), head_dim=512, head_heads=16,
+                 drop_path_rate=0.3)
+# name -> (kwargs, classes of the dataset, the authors' modules' params (digest §1, verified by running
+# their code), README GFLOPs (fvcore MACs at the crop), README single-scale mIoU, dataset)
+_SEGVIT = {
+    "vit-b16": (dict(_SEGVIT_B, crop=512), 150, 108_736_279, 120.9, 51.3, "ade20k"),
+    "vit-l16": (dict(_SEGVIT_L, crop=640), 150, 344_305_303, 637.9, 54.6, "ade20k"),
+    "vit-l16-coco10k": (dict(_SEGVIT_L, crop=512), 171, 343_737_004, 383.9, 49.9, "cocostuff10k"),
+    "vit-l16-pc": (dict(_SEGVIT_L, crop=480), 60, 343_496_253, 321.6, 64.1, "pascal_context"),
+    "vit-l16-shrunk": (dict(_SEGVIT_L, crop=640, out_indices=(7, 23), shrunk=True), 150, 344_598_679, 373.5, 53.9,
+                       "ade20k"),
+    "vit-l16-shrunk-coco10k": (dict(_SEGVIT_L, crop=512, out_indices=(7, 23), shrunk=True), 171, 343_735_468, 224.8,
+                               49.1, "cocostuff10k"),
+    "vit-l16-shrunk-pc": (dict(_SEGVIT_L, crop=480, out_indices=(7, 23), shrunk=True), 60, 343_431_229, 186.9, 62.3,
+                          "pascal_context"),
+}
+for _n, (_kw, _k, _official, _gflops, _miou, _data) in _SEGVIT.items():
+    register(Variant(
+        name=f"segvit-{_n}", family="segvit", build=build_segvit, kwargs=_kw, mean=VIT_MEAN, std=VIT_STD,
+        paper=dict(official_params=_official, official_classes=_k, gflops={f"{_kw['crop']}x{_kw['crop']}@{_k}": _gflops},
+                   gflops_convention="fvcore", miou={_data: _miou},
+                   reference="Zhang et al., SegViT, NeurIPS 2022 (README of zbwxp/SegVit)"),
     ))

@@ -35,7 +35,10 @@ class Segmentor(nn.Module):
         return logits[..., :size[0], :size[1]]
 
     def loss(self, logits, label, ignore_index=255, reduction="all"):
-        """CE on logits upsampled (bilinear, align_corners=False) to the label size."""
+        """CE on logits upsampled (bilinear, align_corners=False) to the label size, or the head's own
+        loss for heads that return several outputs in training (SegViT)."""
+        if isinstance(logits, dict):
+            return self.decode_head.loss(logits, label, ignore_index)
         logits = self.upsample_logits(logits, label.shape[-2:])
         ce = cross_entropy(logits.float(), label, ignore_index, reduction)
         return {"loss": ce, "loss_ce": ce}

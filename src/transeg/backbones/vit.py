@@ -1,8 +1,18 @@
 """Plain Vision Transformer (Dosovitskiy et al. 2021; DeiT, Touvron et al. 2021) as a segmentation encoder.
 
 Non-overlapping P×P patches -> [class token (, distillation token)] + patch tokens + learned absolute
-position embeddings -> pre-norm transformer blocks -> final LayerNorm. The output is a single map of
-patch tokens at stride P (the extra tokens are dropped: no head here needs them yet).
+position embeddings -> pre-norm transformer blocks -> final LayerNorm. The output is the maps of the
+patch tokens after the blocks in `out_indices` (default: the last, after the final norm), at stride P;
+the extra tokens are dropped (no head here needs them).
+
+Two users, two sets of options:
+- Segmenter (timm-style): the class token runs through the blocks, final norm, LayerNorm eps 1e-5,
+  bilinear position-embedding resize, logits cropped after the padding (`logits_follow_padding`).
+- SegViT (mmseg 0.24's ViT): `cls_token_in_blocks=False` (the class token is added with its position
+  embedding and dropped before the first block), no final norm, eps 1e-6, bicubic resize, several
+  `out_indices`, stochastic depth on the FFN branch only; and for the Shrunk variant the
+  query-based down-sampling layer `shrink_index`: that block's queries are the top-left token of each
+  2×2 cell and its keys/values all tokens, so the blocks after it run on a 2× coarser grid.
 
 Position embeddings are stored at the checkpoint grid (crop / P) and resized for each input grid
 (`pos_interp`: Segmenter resizes bilinearly, align_corners=False, keeping the extra tokens as they
@@ -48,23 +58,30 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, img_size=(512, 512), patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  distilled=False, drop_rate=0.0, drop_path_rate=0.1, norm_eps=1e-5, num_classes=1000,
-                 pos_interp="bilinear", in_chans=3):
+                 pos_interp="bilinear", in_chans=3, out_indices=None, final_norm=True, cls_token_in_blocks=True,
+                 drop_path_attn=True, shrink_index=None, logits_follow_padding=True):
         super().__init__()
-        self.patch_size = self.pad_multiple = patch_size
+        self.patch_size = patch_size
+        # Segmenter upsamples its logits to the padded size and crops; mmseg resizes to the input size
+        self.pad_multiple = patch_size if logits_follow_padding else 1
         self.grid = (img_size[0] // patch_size, img_size[1] // patch_size)
         self.num_extra = 2 if distilled else 1
         self.pos_interp = pos_interp
-        self.out_channels = [embed_dim]
-        self.strides = [patch_size]
+        self.cls_token_in_blocks = cls_token_in_blocks
+        self.out_indices = [i % depth for i in (out_indices if out_indices is not None else [depth - 1])]
+        self.shrink_index = shrink_index
+        self.out_channels = [embed_dim] * len(self.out_indices)
+        self.strides = [patch_size * (2 if shrink_index is not None and i >= shrink_index else 1)
+                        for i in self.out_indices]
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_extra + self.grid[0] * self.grid[1], embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = drop_path_rates([depth], drop_path_rate)[0]
-        self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads, mlp_ratio, drop_rate, rates[i], norm_eps)
-                                    for i in range(depth))
-        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads, mlp_ratio, drop_rate, rates[i], norm_eps,
+                                                     drop_path_attn=drop_path_attn) for i in range(depth))
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else None
         self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 and distilled else None
         self._init_weights()
@@ -84,8 +101,8 @@ class VisionTransformer(nn.Module):
             if head is not None:
                 head.requires_grad_(False)
 
-    def tokens(self, x):
-        """All tokens after the final norm, [N, extra + gh*gw, D], and the grid (gh, gw) of the padded input."""
+    def _embed(self, x):
+        """Patch tokens + extra tokens + position embeddings, and the grid of the padded input."""
         p = self.patch_size
         pad_h, pad_w = -x.shape[-2] % p, -x.shape[-1] % p
         if pad_h or pad_w:
@@ -95,13 +112,33 @@ class VisionTransformer(nn.Module):
         extra = [self.cls_token] + ([self.dist_token] if self.dist_token is not None else [])
         x = torch.cat([t.expand(x.shape[0], -1, -1) for t in extra] + [x], dim=1)
         x = self.pos_drop(x + resize_pos_embed(self.pos_embed, self.grid, grid, self.num_extra, self.pos_interp))
+        return x, grid
+
+    def tokens(self, x):
+        """All tokens after the final norm, [N, extra + gh*gw, D], and the grid (gh, gw) of the padded input
+        (Segmenter's layout: extra tokens through the blocks)."""
+        x, grid = self._embed(x)
         for block in self.blocks:
             x = block(x)
-        return self.norm(x), grid
+        return (self.norm(x) if self.norm is not None else x), grid
 
     def forward(self, x):
-        tokens, grid = self.tokens(x)
-        return [tokens_to_map(tokens[:, self.num_extra:], grid)]
+        x, grid = self._embed(x)
+        extra = self.num_extra if self.cls_token_in_blocks else 0
+        if not self.cls_token_in_blocks:
+            x = x[:, self.num_extra:]
+        outs = []
+        for i, block in enumerate(self.blocks):
+            if i == self.shrink_index:
+                patches = tokens_to_map(x[:, extra:], grid)[:, :, ::2, ::2]  # top-left token of each 2x2 cell
+                grid = tuple(patches.shape[-2:])
+                x = block(torch.cat([x[:, :extra], patches.flatten(2).transpose(1, 2)], dim=1), context=x)
+            else:
+                x = block(x)
+            if i in self.out_indices:
+                y = self.norm(x) if self.norm is not None and i == len(self.blocks) - 1 else x
+                outs.append(tokens_to_map(y[:, extra:], grid))
+        return outs
 
     def classify(self, x):
         """ImageNet logits from the class token (DeiT: mean of the class and distillation heads)."""

@@ -7,12 +7,13 @@ from pathlib import Path
 
 from ..checkpoint import load_foreign, load_state_dict_checked
 from ..errors import TransegError
-from . import edaformer, segformer, segformer_hf, segmenter
+from . import edaformer, segformer, segformer_hf, segmenter, segvit
 
 FORMATS = {
     "edaformer": "the authors' hyunwoo137/EDAFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer": "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer-hf": "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)",
+    "segvit": "the authors' zbwxp/SegVit .pth (mmcv layout: {'meta', 'state_dict', 'optimizer'}; optimizer ignored)",
     "segmenter": "the authors' rstrudel/segmenter checkpoint.pth ({'model', 'n_cls', 'epoch'}; a variant.yml beside it "
                  "names the dataset of its test protocol)",
 }
@@ -27,9 +28,9 @@ def convert(src, fmt, model=None, num_classes=None):
         raise TransegError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if not src.exists():
         raise TransegError(f"{src}: no such file or directory")
-    if fmt in ("segformer", "edaformer", "segmenter"):
-        found = {"segformer": segformer, "edaformer": edaformer, "segmenter": segmenter}[fmt].convert(
-            load_foreign(src), src, model)
+    readers = {"segformer": segformer, "edaformer": edaformer, "segmenter": segmenter, "segvit": segvit}
+    if fmt in readers:
+        found = readers[fmt].convert(load_foreign(src), src, model)
     else:
         found = segformer_hf.convert(src, src, model)
     if num_classes is not None and num_classes != found["num_classes"]:

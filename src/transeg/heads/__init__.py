@@ -2,5 +2,6 @@
 from .edaformer_head import EDAFormerHead
 from .segformer_head import SegFormerHead
 from .segmenter_head import LinearDecoder, MaskTransformer
+from .segvit_head import ATMHead, TPNATMHead
 
-__all__ = ["EDAFormerHead", "LinearDecoder", "MaskTransformer", "SegFormerHead"]
+__all__ = ["ATMHead", "EDAFormerHead", "LinearDecoder", "MaskTransformer", "SegFormerHead", "TPNATMHead"]

@@ -158,8 +158,17 @@ class MultiHeadSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x):
+    def forward(self, x, context=None):
+        """Self-attention; with `context`, the queries come from `x` and keys/values from `context`
+        through the same fused weights (SegViT's query-based down-sampling)."""
         n, length, c = x.shape
-        q, k, v = self.qkv(x).reshape(n, length, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        heads = self.num_heads
+        if context is None:
+            q, k, v = self.qkv(x).reshape(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+        else:
+            w, b = self.qkv.weight, self.qkv.bias
+            q = F.linear(x, w[:c], None if b is None else b[:c]).reshape(n, length, heads, c // heads).transpose(1, 2)
+            k, v = F.linear(context, w[c:], None if b is None else b[c:]).reshape(
+                n, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, length, c)))

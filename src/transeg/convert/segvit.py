@@ -1,0 +1,52 @@
+"""The authors' SegViT checkpoints (zbwxp/SegVit, mmcv 1.4 `.pth`: {'meta', 'state_dict', 'optimizer'}) -> transeg.
+
+The head keeps the authors' names. The backbone is mmseg 0.24's ViT, renamed to timm's layout:
+`patch_embed.projection` -> `patch_embed.proj`, `layers.i` -> `blocks.i`, `ln1/ln2` -> `norm1/norm2`,
+`attn.attn.in_proj_*` -> `attn.qkv.*` (same q | k | v row order), `attn.attn.out_proj` -> `attn.proj`,
+`ffn.layers.0.0` / `ffn.layers.1` -> `mlp.fc1` / `mlp.fc2`. The loss modules' `empty_weight` buffers
+(a constant of the loss) and the optimizer state are dropped. The variant is recognised from the
+width, the Shrunk head's QU queries and the crop (position-embedding grid).
+"""
+import math
+import re
+
+from ..errors import TransegError
+from ..registry import VARIANTS
+from .segformer import class_info
+
+_BACKBONE = [(r"^patch_embed\.projection\.", "patch_embed.proj."), (r"^layers\.(\d+)\.", r"blocks.\1."),
+             (r"\.ln1\.", ".norm1."), (r"\.ln2\.", ".norm2."), (r"\.attn\.attn\.in_proj_weight$", ".attn.qkv.weight"),
+             (r"\.attn\.attn\.in_proj_bias$", ".attn.qkv.bias"), (r"\.attn\.attn\.out_proj\.", ".attn.proj."),
+             (r"\.ffn\.layers\.0\.0\.", ".mlp.fc1."), (r"\.ffn\.layers\.1\.", ".mlp.fc2.")]
+
+
+def rename_backbone(key):
+    for pattern, new in _BACKBONE:
+        key = re.sub(pattern, new, key)
+    return key
+
+
+def convert(obj, source, model=None):
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict) or "backbone.pos_embed" not in state:
+        raise TransegError(f"{source}: not a SegViT checkpoint (no state_dict['backbone.pos_embed'])")
+    out = {}
+    for k, v in state.items():
+        k = k.removeprefix("module.")
+        if k.endswith("criterion.empty_weight"):
+            continue
+        out["backbone." + rename_backbone(k[9:]) if k.startswith("backbone.") else k] = v
+    dim = out["backbone.cls_token"].shape[-1]
+    grid = math.isqrt(out["backbone.pos_embed"].shape[1] - 1)
+    crop = grid * out["backbone.patch_embed.proj.weight"].shape[-1]
+    shrunk = "decode_head.atm.q.weight" in out
+    num_classes = out["decode_head.atm.q.weight" if shrunk else "decode_head.q.weight"].shape[0]
+    name = model or next((n for n, v in VARIANTS.items() if v.family == "segvit" and v.kwargs["embed_dim"] == dim
+                          and v.kwargs.get("shrunk", False) == shrunk and v.kwargs["crop"] == crop), None)
+    if name is None:
+        raise TransegError(f"{source}: SegViT with width {dim}, crop {crop}{', Shrunk' if shrunk else ''} matches no "
+                           "registered variant; pass --model")
+    overrides = {"crop": crop} if VARIANTS[name].kwargs["crop"] != crop else {}
+    meta = obj.get("meta") or {} if isinstance(obj, dict) else {}
+    return dict(variant=name, num_classes=num_classes, state=out, overrides=overrides,
+                **class_info(meta.get("CLASSES"), meta.get("PALETTE"), num_classes))
