@@ -203,3 +203,14 @@ def test_loss_equals_the_authors_atm_loss(index, label_kind, tmp_path):
             weight = 20.0 if key.startswith("loss_mask") else 1.0
             assert weight * losses[key].item() == pytest.approx(value, rel=1e-4, abs=1e-5), key
     assert losses["loss"].item() == pytest.approx(expected["total"], rel=1e-4)  # the sum of their loss terms
+
+
+def test_converted_checkpoint_carries_the_released_test_protocol():
+    from transeg.convert.segvit import test_protocol
+
+    # ADE20K ViT-L: short side 640 (long <= 2048), 640 windows, stride 608; Pascal Context: short side 520
+    # whatever the long side (mmseg's min_size semantics), 480 windows, stride 320
+    assert test_protocol(640, 150)["scale"] == [2048, 640] and test_protocol(640, 150)["stride"] == [608, 608]
+    pc = test_protocol(480, 60)
+    assert pc["scale"][1] == 520 and pc["scale"][0] >= 10_000 and pc["stride"] == [320, 320]
+    assert test_protocol(512, 150)["stride"] == [341, 341]  # the ViT-B base config

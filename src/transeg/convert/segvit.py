@@ -48,5 +48,24 @@ def convert(obj, source, model=None):
                            "registered variant; pass --model")
     overrides = {"crop": crop} if VARIANTS[name].kwargs["crop"] != crop else {}
     meta = obj.get("meta") or {} if isinstance(obj, dict) else {}
-    return dict(variant=name, num_classes=num_classes, state=out, overrides=overrides,
+    return dict(variant=name, num_classes=num_classes, state=out, overrides=overrides, test=test_protocol(crop, num_classes),
                 **class_info(meta.get("CLASSES"), meta.get("PALETTE"), num_classes))
+
+
+# No cap on the long side: mmseg's `min_size` makes the SHORT side the target (digest §8).
+_UNCAPPED = 100_000
+
+
+def test_protocol(crop, num_classes):
+    """The released configs' sliding-window test (digest §8), chosen by the head's class count:
+    ADE20K (150) short side = crop (long <= 2048), windows of the crop, stride crop - 32 (ViT-B 512:
+    stride 341); COCO-Stuff-10K (171) short side 512 uncapped, stride 341; Pascal Context (60) short
+    side 520 uncapped, stride 320."""
+    if num_classes == 171:
+        scale, stride = [_UNCAPPED, 512], 341
+    elif num_classes in (59, 60):
+        scale, stride = [_UNCAPPED, 520], 320
+    else:
+        scale, stride = [2048, crop], (341 if crop == 512 else crop - 32)
+    return dict(mode="slide", crop=[crop, crop], stride=[stride, stride], scale=scale, size_divisor=None,
+                scales=[1.0], flip=False)
