@@ -22,11 +22,17 @@ def ohem_weights(logits, label, thresh=0.7, min_kept=100_000, ignore_index=255):
 
     A labelled pixel is hard when the softmax probability of its true class is below
     max(thresh, p_k), where p_k is the (min_kept * N)-th smallest such probability in the batch —
-    so at least min_kept pixels per image are kept even when the model is confident. Written
+    so at least min_kept pixels per image are kept even when the model is confident. With
+    thresh=None the min_kept * N labelled pixels of highest cross-entropy are kept. Written
     without boolean indexing so it never waits on the device.
     """
     with torch.no_grad():
         valid = label != ignore_index
+        if thresh is None:  # the sampler's other mode (SeMask): the min_kept * N highest-loss labelled pixels
+            ce = F.cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction="none")
+            ranked = ce.masked_fill(~valid, float("-inf")).flatten().sort(descending=True).values
+            kept = valid.sum().clamp(max=min_kept * label.shape[0]).sub(1).clamp(min=0)
+            return ((ce >= ranked.gather(0, kept.view(1))) & valid).float()
         prob = logits.float().softmax(1).gather(1, label.masked_fill(~valid, 0).unsqueeze(1)).squeeze(1)
         ranked = prob.masked_fill(~valid, 2.0).flatten().sort().values  # ignored pixels sort last
         kept = (valid.sum() - 1).clamp(min=0).clamp(max=min_kept * label.shape[0])

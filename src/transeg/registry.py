@@ -8,10 +8,11 @@ import inspect
 from dataclasses import dataclass, field
 from typing import Callable
 
-from .backbones import EmbeddingFreeTransformer, MixVisionTransformer, VisionTransformer
+from .backbones import EmbeddingFreeTransformer, MixVisionTransformer, SeMaskSwinTransformer, VisionTransformer
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import TransegError
-from .heads import ATMHead, EDAFormerHead, LinearDecoder, MaskTransformer, SegFormerHead, TPNATMHead
+from .heads import (ATMHead, EDAFormerHead, LinearDecoder, MaskTransformer, SegFormerHead, SeMaskFPNHead,
+                    TPNATMHead)
 from .segmentor import Segmentor
 
 
@@ -238,4 +239,33 @@ for _n, (_kw, _k, _official, _gflops, _miou, _data) in _SEGVIT.items():
         paper=dict(official_params=_official, official_classes=_k, gflops={f"{_kw['crop']}x{_kw['crop']}@{_k}": _gflops},
                    gflops_convention="fvcore", miou={_data: _miou},
                    reference="Zhang et al., SegViT, NeurIPS 2022 (README of zbwxp/SegVit)"),
+    ))
+
+
+# --------------------------------------------------------------------------------------------- SeMask
+def build_semask_fpn(num_classes, embed_dim, depths, num_heads, window_size, drop_path_rate=0.3, channels=256,
+                     dropout=0.1, global_stage_ids=None):
+    """global_stage_ids: stages whose semantic attention is global (None: the authors' rule from the
+    width and class count, see backbones.semask.global_stages)."""
+    backbone = SeMaskSwinTransformer(num_classes, embed_dim, depths, num_heads, window_size, drop_path_rate,
+                                     global_stage_ids=global_stage_ids)
+    return Segmentor(backbone, SeMaskFPNHead(backbone.out_channels, num_classes, channels, dropout), num_classes)
+
+
+# name -> (embed, depths, heads, window, the authors' model's params for 150 / 19 / 171 classes (digest §8,
+# counted by running their code), README params (M), ADE20K / Cityscapes / COCO-Stuff-10k single-scale mIoU)
+_SEMASK = {
+    "t": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, (34_655_748, 34_243_753, 34_721_793), 35, (42.06, 74.92, 37.53)),
+    "s": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7, (55_973_652, 55_561_657, 56_039_697), 56, (45.92, 77.13, 40.72)),
+    "b": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12, (96_485_826, 95_948_071, 96_572_031), 96, (49.35, 77.70, 44.63)),
+    "l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, (210_791_934, 210_002_659, 210_918_459), 211, (51.89, 78.53, 47.47)),
+}
+for _n, (_c, _d, _h, _w, _official, _readme, _miou) in _SEMASK.items():
+    register(Variant(
+        name=f"semask-swin-{_n}-fpn", family="semask", build=build_semask_fpn,
+        kwargs=dict(embed_dim=_c, depths=_d, num_heads=_h, window_size=_w),
+        paper=dict(params_m=_readme, official_params=_official[0], official_params_by_classes=dict(zip((150, 19, 171), _official)),
+                   gflops={f"{640 if _n == 'l' else 512}x{640 if _n == 'l' else 512}@150": None},
+                   miou=dict(zip(("ade20k", "cityscapes", "cocostuff10k"), _miou)),
+                   reference="Jain et al., SeMask (README of Picsart-AI-Research/SeMask-Segmentation)"),
     ))

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import inference, isr
-from .losses import cross_entropy
+from .losses import cross_entropy, ohem_cross_entropy
 
 
 class Segmentor(nn.Module):
@@ -34,12 +34,16 @@ class Segmentor(nn.Module):
             logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
         return logits[..., :size[0], :size[1]]
 
-    def loss(self, logits, label, ignore_index=255, reduction="all"):
+    def loss(self, logits, label, ignore_index=255, reduction="all", ohem=None):
         """CE on logits upsampled (bilinear, align_corners=False) to the label size, or the head's own
-        loss for heads that return several outputs in training (SegViT)."""
+        loss for heads that return several outputs in training (SegViT, SeMask). `ohem`: mmseg's
+        OHEMPixelSampler settings, e.g. {"thresh": None, "min_kept": 100000}."""
         if isinstance(logits, dict):
-            return self.decode_head.loss(logits, label, ignore_index)
+            return self.decode_head.loss(logits, label, ignore_index=ignore_index, reduction=reduction, ohem=ohem)
         logits = self.upsample_logits(logits, label.shape[-2:])
+        if ohem:
+            ce = ohem_cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction=reduction, **ohem)
+            return {"loss": ce, "loss_ce": ce}
         ce = cross_entropy(logits.float(), label, ignore_index, reduction)
         return {"loss": ce, "loss_ce": ce}
 

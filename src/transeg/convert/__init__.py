@@ -7,12 +7,13 @@ from pathlib import Path
 
 from ..checkpoint import load_foreign, load_state_dict_checked
 from ..errors import TransegError
-from . import edaformer, segformer, segformer_hf, segmenter, segvit
+from . import edaformer, segformer, segformer_hf, segmenter, semask, segvit
 
 FORMATS = {
     "edaformer": "the authors' hyunwoo137/EDAFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer": "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer-hf": "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)",
+    "semask": "the authors' SeMask-FPN .pth (mmcv layout: {'meta', 'state_dict'})",
     "segvit": "the authors' zbwxp/SegVit .pth (mmcv layout: {'meta', 'state_dict', 'optimizer'}; optimizer ignored)",
     "segmenter": "the authors' rstrudel/segmenter checkpoint.pth ({'model', 'n_cls', 'epoch'}; a variant.yml beside it "
                  "names the dataset of its test protocol)",
@@ -28,7 +29,7 @@ def convert(src, fmt, model=None, num_classes=None):
         raise TransegError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if not src.exists():
         raise TransegError(f"{src}: no such file or directory")
-    readers = {"segformer": segformer, "edaformer": edaformer, "segmenter": segmenter, "segvit": segvit}
+    readers = {"segformer": segformer, "edaformer": edaformer, "segmenter": segmenter, "segvit": segvit, "semask": semask}
     if fmt in readers:
         found = readers[fmt].convert(load_foreign(src), src, model)
     else:
@@ -80,8 +81,8 @@ def load_backbone_weights(model, src):
     prefixed by `module.`, `backbone.` or `encoder.`. A plain ViT's position embeddings are resized to the
     model's grid and its ImageNet head kept when it fits (Segmenter keeps it); other classifiers are dropped.
     Everything else must fit exactly."""
-    from ..backbones import VisionTransformer
-    from . import vit
+    from ..backbones import SwinTransformer, VisionTransformer
+    from . import swin, vit
 
     src = Path(src)
     if not src.exists():
@@ -92,6 +93,8 @@ def load_backbone_weights(model, src):
         raise TransegError(f"{src}: a whole segmentation model, not backbone weights; convert it with `transeg convert`")
     if isinstance(model.backbone, VisionTransformer):
         state = vit.fit_to(model.backbone, state, src)
+    elif isinstance(model.backbone, SwinTransformer):
+        state = swin.fit_to(model.backbone, state, src)
     else:
         state = {k: v for k, v in state.items() if not k.startswith("head.")}
     load_state_dict_checked(model.backbone, state, source=src, target=f"the {model.meta.get('variant', 'model')} backbone")

@@ -38,6 +38,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
+    ohem: Optional[dict] = None                        # OHEM pixel sampling, e.g. {thresh: null, min_kept: 100000}
     loss_reduction: str = "all"                        # "all": mmseg 0.x mean over all pixels; "valid": over labelled ones
     amp: str = "no"                                    # no | bf16 | fp16 | auto (bf16 where the hardware has it)
     # test protocol used for periodic evaluation and stored in the checkpoint

@@ -206,7 +206,7 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
             with (net.no_sync() if not sync else contextlib.nullcontext()), \
                     torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                 loss = model.loss(net(image), label, ignore_index=getattr(train_set, "ignore_index", 255),
-                                  reduction=cfg.loss_reduction)["loss"]
+                                  reduction=cfg.loss_reduction, ohem=cfg.ohem)["loss"]
                 scaler.scale(loss / cfg.accum_steps).backward()
             running += loss.detach()
             running_n += 1

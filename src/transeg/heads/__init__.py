@@ -3,5 +3,6 @@ from .edaformer_head import EDAFormerHead
 from .segformer_head import SegFormerHead
 from .segmenter_head import LinearDecoder, MaskTransformer
 from .segvit_head import ATMHead, TPNATMHead
+from .semask_fpn_head import SeMaskFPNHead
 
-__all__ = ["ATMHead", "EDAFormerHead", "LinearDecoder", "MaskTransformer", "SegFormerHead", "TPNATMHead"]
+__all__ = ["ATMHead", "EDAFormerHead", "LinearDecoder", "MaskTransformer", "SeMaskFPNHead", "SegFormerHead", "TPNATMHead"]

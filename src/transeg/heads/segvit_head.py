@@ -139,7 +139,10 @@ class ATMHead(nn.Module):
         return {"pred": pred, "pred_logits": logits[-1], "pred_masks": pred_masks,
                 "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(logits[:-1], masks[:-1])]}
 
-    def loss(self, outputs, label, ignore_index=255):
+    def loss(self, outputs, label, ignore_index=255, reduction=None, ohem=None):
+        """The ATM loss (its own normalisations; `reduction` and `ohem` do not apply)."""
+        if ohem:
+            raise ValueError("SegViT's loss has no OHEM option")
         return atm_loss(outputs, label, self.num_classes, ignore_index)
 
 
@@ -173,7 +176,10 @@ class TPNATMHead(nn.Module):
             q = getattr(self, f"decoder_{i}")(q, memory)
         return self.atm([q.transpose(1, 2).reshape(n, -1, self.grid, self.grid)])
 
-    def loss(self, outputs, label, ignore_index=255):
+    def loss(self, outputs, label, ignore_index=255, reduction=None, ohem=None):
+        """The ATM loss (its own normalisations; `reduction` and `ohem` do not apply)."""
+        if ohem:
+            raise ValueError("SegViT's loss has no OHEM option")
         return atm_loss(outputs, label, self.num_classes, ignore_index)
 
 

@@ -1,0 +1,200 @@
+"""Swin Transformer (Liu et al., ICCV 2021) as a segmentation encoder, in the layout of the authors'
+segmentation code (Swin-Transformer-Semantic-Segmentation, which SeMask forks).
+
+Patch embedding (4×4 conv + LayerNorm; inputs zero-padded to a multiple of 4) -> four stages of
+(shifted-)window attention blocks with a relative position bias, joined by patch merging -> a
+LayerNorm per output stage (`norm0..3`). Every block of a stage alternates shift 0 / window//2, the
+last stage included; feature maps that do not divide by the window are zero-padded after `norm1`
+(padded tokens take part as zero keys/values, as theirs) and the shifted-window mask uses -100.
+
+Names follow the authors' (`patch_embed.proj`, `layers.i.blocks.j.attn.relative_position_bias_table`,
+`layers.i.downsample.reduction`, `norm{i}`); `relative_position_index` is kept as a (saved) buffer so
+their checkpoints load strictly.
+"""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import DropPath, Mlp, drop_path_rates
+
+
+def window_partition(x, w):
+    """[B, H, W, C] (H, W multiples of w) -> [B, nW, w*w, C], windows in row-major order."""
+    b, h, wd, c = x.shape
+    return x.view(b, h // w, w, wd // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, -1, w * w, c)
+
+
+def window_reverse(windows, w, h, wd):
+    """[B, nW, w*w, C] -> [B, H, W, C]."""
+    b, _, _, c = windows.shape
+    return windows.view(b, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, wd, c)
+
+
+def relative_position_index(w):
+    """(w², w²) indices into the ((2w-1)², heads) bias table: (dy + w - 1) * (2w - 1) + (dx + w - 1)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (w - 1)
+    return rel[..., 0] * (2 * w - 1) + rel[..., 1]
+
+
+def shift_mask(hp, wp, w, s, device):
+    """The shifted-window attention mask [nW, w², w²]: 0 within a region, -100 across regions."""
+    img = torch.zeros(1, hp, wp, 1, device=device)
+    count = 0
+    for hs in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+        for ws in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+            img[:, hs, ws, :] = count
+            count += 1
+    regions = window_partition(img, w)[0, :, :, 0]  # [nW, w²]
+    diff = regions[:, None, :] - regions[:, :, None]
+    return torch.where(diff != 0, torch.tensor(-100.0, device=device), torch.tensor(0.0, device=device))
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, window_size, num_heads, qkv_bias=True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.window_size = window_size
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window_size - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window_size))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x, mask=None):
+        """x: [B, nW, N, C] windows; mask: [nW, N, N] or None."""
+        b, nw, n, c = x.shape
+        h = self.num_heads
+        q, k, v = self.qkv(x).reshape(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # [B, nW, heads, N, d]
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, h).permute(2, 0, 1)
+        bias = bias if mask is None else bias + mask[:, None]  # [heads, N, N] or [nW, heads, N, N]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, num_heads, window_size, shift, mlp_ratio=4.0, drop_path=0.0):
+        super().__init__()
+        self.window_size, self.shift = window_size, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, window_size, num_heads)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x, hw, mask):
+        h, wd = hw
+        b, _, c = x.shape
+        w, s = self.window_size, self.shift
+        y = self.norm1(x).view(b, h, wd, c)
+        hp, wp = -(-h // w) * w, -(-wd // w) * w
+        y = F.pad(y, (0, 0, 0, wp - wd, 0, hp - h))
+        if s:
+            y = torch.roll(y, (-s, -s), dims=(1, 2))
+        y = window_reverse(self.attn(window_partition(y, w), mask if s else None), w, hp, wp)
+        if s:
+            y = torch.roll(y, (s, s), dims=(1, 2))
+        x = x + self.drop_path(y[:, :h, :wd].reshape(b, h * wd, c))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """2×2 neighbourhoods -> 4C channels (order: (even,even), (odd,even), (even,odd), (odd,odd) rows/cols)
+    -> LayerNorm -> Linear(4C, 2C, no bias). Odd sides are zero-padded first."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x, hw):
+        h, w = hw
+        b, _, c = x.shape
+        x = F.pad(x.view(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
+        hw = tuple(x.shape[1:3])
+        return self.reduction(self.norm(x.reshape(b, -1, 4 * c))), hw
+
+
+class SwinStage(nn.Module):
+    """`blocks`, then (SeMask) `semantic_layer`, then `downsample` (all but the last stage)."""
+
+    def __init__(self, dim, depth, num_heads, window_size, drop_paths, downsample, mlp_ratio=4.0):
+        super().__init__()
+        self.window_size = window_size
+        self.blocks = nn.ModuleList(SwinBlock(dim, num_heads, window_size, 0 if j % 2 == 0 else window_size // 2,
+                                              mlp_ratio, drop_paths[j]) for j in range(depth))
+        self.downsample = PatchMerging(dim) if downsample else None
+
+    def run_blocks(self, x, hw):
+        w = self.window_size
+        hp, wp = -(-hw[0] // w) * w, -(-hw[1] // w) * w
+        mask = shift_mask(hp, wp, w, w // 2, x.device) if len(self.blocks) > 1 else None
+        for block in self.blocks:
+            x = block(x, hw, mask)
+        return x
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch_size, in_chans, embed_dim):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, patch_size, patch_size)
+        self.norm = nn.LayerNorm(embed_dim)
+
+    def forward(self, x):
+        p = self.patch_size
+        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        x = self.proj(x)
+        hw = tuple(x.shape[-2:])
+        return self.norm(x.flatten(2).transpose(1, 2)), hw
+
+
+class SwinTransformer(nn.Module):
+    """Returns [c1..c4]: `norm{i}`-normalised NCHW maps at strides 4, 8, 16, 32 with C·2^i channels."""
+
+    def __init__(self, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0,
+                 drop_path_rate=0.3, patch_size=4, in_chans=3):
+        super().__init__()
+        self.out_channels = [embed_dim * 2 ** i for i in range(4)]
+        self.strides = [patch_size * 2 ** i for i in range(4)]
+        self.depths = list(depths)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.pos_drop = nn.Dropout(0.0)
+        rates = drop_path_rates(depths, drop_path_rate)
+        self.layers = nn.ModuleList(SwinStage(self.out_channels[i], depths[i], num_heads[i], window_size, rates[i],
+                                              downsample=i < 3, mlp_ratio=mlp_ratio) for i in range(4))
+        for i, c in enumerate(self.out_channels):
+            setattr(self, f"norm{i}", nn.LayerNorm(c))
+        self.apply(_init)
+
+    def stage_tokens(self, stage, x, hw):
+        """(tokens a stage outputs -- before its norm{i} and its patch merging --, anything else it returns).
+        SeMask overrides this to add its semantic layer and return the stage's prior map."""
+        return self.layers[stage].run_blocks(x, hw), None
+
+    def stages(self, x):
+        """The four normalised maps and what each stage returned beside its tokens."""
+        x, hw = self.patch_embed(x)
+        x = self.pos_drop(x)
+        features, extras = [], []
+        for i, stage in enumerate(self.layers):
+            x, extra = self.stage_tokens(i, x, hw)
+            features.append(getattr(self, f"norm{i}")(x).transpose(1, 2).reshape(x.shape[0], -1, *hw))
+            extras.append(extra)
+            if stage.downsample is not None:
+                x, hw = stage.downsample(x, hw)
+        return features, extras
+
+    def forward(self, x):
+        return self.stages(x)[0]
+
+
+def _init(m):
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)

@@ -1,0 +1,67 @@
+"""SeMask-FPN's head (the authors' `BranchFPNHead`): Semantic-FPN's head on the raw backbone maps (there
+is no FPN neck despite the name) plus the parameter-free semantic decoder on the prior maps.
+
+Main branch: level i goes through max(1, i) blocks of 3x3 conv-BN-ReLU (256 channels), each but the
+first level's followed by a ×2 bilinear upsampling; the four are summed at stride 4 (the coarser ones
+resized to the finest), then Dropout2d and `conv_seg`. Semantic decoder: the four prior maps summed
+after i repeated ×2 bilinear upsamplings (then a resize), no weights. In training both are returned
+for the loss: CE on the main logits (optionally OHEM) + 0.4 × CE on the semantic logits.
+"""
+import torch.nn.functional as F
+from torch import nn
+
+from ..layers import ConvBNReLU
+from ..losses import cross_entropy, ohem_cross_entropy
+
+
+def _up():
+    return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
+
+
+class SeMaskFPNHead(nn.Module):
+    def __init__(self, in_channels, num_classes, channels=256, dropout=0.1, cate_weight=0.4):
+        super().__init__()
+        self.num_classes = num_classes
+        self.stride = 4
+        self.cate_weight = cate_weight
+        self.scale_heads = nn.ModuleList()
+        for i, c in enumerate(in_channels):
+            layers = []
+            for j in range(max(1, i)):
+                layers.append(ConvBNReLU(c if j == 0 else channels, channels, 3, padding=1))
+                if i > 0:
+                    layers.append(_up())
+            self.scale_heads.append(nn.Sequential(*layers))
+        self.cls_scale_heads = nn.ModuleList(nn.Sequential(*[_up() for _ in range(i)]) for i in range(len(in_channels)))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        for m in self.modules():
+            if isinstance(m, ConvBNReLU):
+                nn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.normal_(self.conv_seg.weight, 0, 0.01)
+        nn.init.zeros_(self.conv_seg.bias)
+
+    @staticmethod
+    def _merge(maps, heads):
+        out = heads[0](maps[0])
+        for x, head in zip(maps[1:], heads[1:]):
+            out = out + F.interpolate(head(x), size=out.shape[-2:], mode="bilinear", align_corners=False)
+        return out
+
+    def forward(self, inputs):
+        features, priors = inputs
+        seg = self.conv_seg(self.dropout(self._merge(features, self.scale_heads)))
+        if not self.training:
+            return seg
+        return {"seg": seg, "cls": self._merge(priors, self.cls_scale_heads)}
+
+    def loss(self, outputs, label, ignore_index=255, reduction="all", ohem=None):
+        """loss_ce (OHEM when `ohem` = dict(thresh=None, min_kept=100000)) + 0.4 · loss_cate, both on logits
+        upsampled to the label size."""
+        size = label.shape[-2:]
+        seg = F.interpolate(outputs["seg"].float(), size=size, mode="bilinear", align_corners=False)
+        cls = F.interpolate(outputs["cls"].float(), size=size, mode="bilinear", align_corners=False)
+        ce = (ohem_cross_entropy(seg, label, ignore_index=ignore_index, reduction=reduction, **ohem) if ohem
+              else cross_entropy(seg, label, ignore_index, reduction))
+        cate = self.cate_weight * cross_entropy(cls, label, ignore_index, reduction)
+        return {"loss": ce + cate, "loss_ce": ce, "loss_cate": cate}
