@@ -126,7 +126,7 @@ def cmd_models(args):
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
     print("\nparams: this implementation, 150 classes (SegFormer, EDAFormer: without the authors' unused conv_seg layer; "
-          "Segmenter: with the ImageNet head its checkpoints carry, as its README counts; SegViT: the authors' modules); "
+          "Segmenter: with the ImageNet head its checkpoints carry, as its README counts; SegViT, SeMask: the authors' modules); "
           "GFLOPs: multiply-adds incl. attention in each paper's convention (mmcv's counter; SegViT: fvcore's); reported: "
           "the paper's or README's table, or the authors' get_flops.py on their code where no table was available "
           "(EDAFormer)")
@@ -370,7 +370,7 @@ QUICKSTART = dict(model="segformer-b0", iters=2500, batch_size=8, lr=1e-3, warmu
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="transeg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Transformer semantic segmentation: SegFormer, EDAFormer, Segmenter and SegViT (SeMask coming). "
+        description="Transformer semantic segmentation: SegFormer, EDAFormer, Segmenter, SegViT and SeMask-FPN. "
                     "Every verb runs without downloads: with no --data, the built-in synthetic dataset is used.")
     parser.add_argument("--version", action="version", version=f"transeg {__import__('transeg').__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
