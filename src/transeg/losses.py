@@ -112,3 +112,120 @@ def atm_loss(outputs, label, num_classes, ignore_index=255, no_object_weight=0.1
         total = total + class_weight * ce + mask_weight * focal + dice_weight * dice
     losses["loss"] = total
     return losses
+
+
+# ------------------------------------------------------------------------- Mask2Former set prediction
+def linear_sum_assignment(cost):
+    """Minimum-cost assignment of a rectangular matrix (Hungarian method with potentials, O(n²m)).
+
+    Returns (rows, cols) as sorted-by-row int64 arrays with min(n, m) pairs, like scipy's function
+    (scipy is not a dependency). Every row of the smaller side is assigned."""
+    import numpy as np
+
+    c = np.asarray(cost, dtype=np.float64)
+    transposed = c.shape[0] > c.shape[1]
+    if transposed:
+        c = c.T
+    n, m = c.shape
+    u, v = np.zeros(n + 1), np.zeros(m + 1)
+    owner = np.zeros(m + 1, dtype=np.int64)  # owner[j]: the row (1-based) assigned to column j; column 0 is a sentinel
+    way = np.zeros(m + 1, dtype=np.int64)
+    for i in range(1, n + 1):
+        owner[0], j0 = i, 0
+        minv = np.full(m + 1, np.inf)
+        used = np.zeros(m + 1, dtype=bool)
+        while True:  # grow an alternating tree from row i until it reaches a free column
+            used[j0] = True
+            i0 = owner[j0]
+            free = ~used[1:]
+            reduced = c[i0 - 1] - u[i0] - v[1:]
+            better = free & (reduced < minv[1:])
+            minv[1:][better] = reduced[better]
+            way[1:][better] = j0
+            candidates = np.where(free, minv[1:], np.inf)
+            j1 = int(candidates.argmin()) + 1
+            delta = candidates[j1 - 1]
+            u[owner[used]] += delta
+            v[used] -= delta
+            minv[~used] -= delta
+            j0 = j1
+            if owner[j0] == 0:
+                break
+        while j0:  # flip the augmenting path
+            j1 = way[j0]
+            owner[j0] = owner[j1]
+            j0 = j1
+    cols = np.nonzero(owner[1:])[0]
+    rows = owner[1:][cols] - 1
+    if transposed:
+        rows, cols = cols, rows
+    order = np.argsort(rows)
+    return rows[order], cols[order]
+
+
+def _pairwise_mask_costs(pred, target):
+    """pred [Q, P] logits, target [T, P] binary -> sigmoid BCE [Q, T] (mean over points) and dice [Q, T]."""
+    pos = F.binary_cross_entropy_with_logits(pred, torch.ones_like(pred), reduction="none")
+    neg = F.binary_cross_entropy_with_logits(pred, torch.zeros_like(pred), reduction="none")
+    bce = (pos @ target.T + neg @ (1 - target).T) / pred.shape[1]
+    p = pred.sigmoid()
+    dice = 1 - (2 * p @ target.T + 1) / (p.sum(1)[:, None] + target.sum(1)[None, :] + 1)
+    return bce, dice
+
+
+@torch.no_grad()
+def hungarian_match(pred_logits, pred_masks, targets, cost_class=2.0, cost_mask=5.0, cost_dice=5.0):
+    """Mask2Former's matcher: per image, the one-to-one query/target assignment minimising
+    cost_class · (-p[class]) + cost_mask · sigmoid-BCE + cost_dice · dice, with the masks compared on
+    the same points (here: every pixel of the target resolution, or what the caller sampled).
+    targets: [{"labels": [T], "masks": [T, H, W]}]. Returns [(query_idx, target_idx)] per image."""
+    out = []
+    for b, t in enumerate(targets):
+        if t["labels"].numel() == 0:
+            out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+            continue
+        masks = F.interpolate(pred_masks[b][:, None].float(), size=t["masks"].shape[-2:], mode="bilinear",
+                              align_corners=False)[:, 0].flatten(1)
+        bce, dice = _pairwise_mask_costs(masks, t["masks"].float().flatten(1))
+        cls = -pred_logits[b].float().softmax(-1)[:, t["labels"]]
+        rows, cols = linear_sum_assignment((cost_class * cls + cost_mask * bce + cost_dice * dice).cpu())
+        out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+    return out
+
+
+def mask2former_loss(outputs, targets, num_classes, no_object_weight=0.1, class_weight=2.0, mask_weight=5.0,
+                     dice_weight=5.0):
+    """Mask2Former's set loss summed over the final and auxiliary outputs, each with its own matching:
+    CE over all queries (matched -> their target's class, the rest -> "no object" with weight 0.1),
+    and for matched pairs sigmoid BCE (mean over pixels) and dice, each summed and divided by the
+    number of targets in the batch. Masks are compared at the target resolution (the authors sample
+    12,544 points instead; see `hungarian_match`)."""
+    device = outputs["pred_logits"].device
+    num_masks = max(sum(int(t["labels"].numel()) for t in targets), 1)
+    weight = torch.ones(num_classes + 1, device=device)
+    weight[-1] = no_object_weight
+    losses, total = {}, 0.0
+    for k, out in enumerate([outputs] + list(outputs.get("aux_outputs", []))):
+        suffix = "" if k == 0 else f"_{k - 1}"
+        matches = hungarian_match(out["pred_logits"], out["pred_masks"], targets, class_weight, mask_weight, dice_weight)
+        n, q = out["pred_logits"].shape[:2]
+        target_classes = torch.full((n, q), num_classes, dtype=torch.long, device=device)
+        preds, gts = [], []
+        for b, (qi, ti) in enumerate(matches):
+            target_classes[b, qi.to(device)] = targets[b]["labels"][ti.to(device)]
+            if qi.numel():
+                size = targets[b]["masks"].shape[-2:]
+                preds.append(F.interpolate(out["pred_masks"][b, qi.to(device)][:, None].float(), size=size,
+                                           mode="bilinear", align_corners=False)[:, 0].flatten(1))
+                gts.append(targets[b]["masks"][ti.to(device)].float().flatten(1))
+        ce = F.cross_entropy(out["pred_logits"].float().transpose(1, 2), target_classes, weight)
+        if preds:
+            pred, gt = torch.cat(preds), torch.cat(gts)
+            bce = F.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(1).sum() / num_masks
+            dice = dice_loss(pred, gt).sum() / num_masks
+        else:
+            bce = dice = out["pred_masks"].sum() * 0.0
+        losses.update({f"loss_ce{suffix}": ce, f"loss_mask{suffix}": bce, f"loss_dice{suffix}": dice})
+        total = total + class_weight * ce + mask_weight * bce + dice_weight * dice
+    losses["loss"] = total
+    return losses
