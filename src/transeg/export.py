@@ -68,14 +68,15 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
         report = {"path": str(path), "opset": proto.opset_import[0].version, "isr": describe(model.isr),
                   "bytes": os.path.getsize(tmp)}
         if check:
-            report["max_abs_diff"] = _check(model, tmp, sample_size, atol)
+            report["max_abs_diff"] = _check(model, tmp, sample_size, atol, path)
         os.replace(tmp, path)  # only a checked file replaces the destination
     except TransegError:
         raise
     except Exception as e:  # the exporter's errors are pages long; keep the first line and say what usually helps
         first = str(e).strip().splitlines()[0].replace("\x1b[96m", "").replace("\x1b[0m", "")[:200]
-        raise TransegError(f"{path}: ONNX export failed at trace size {sample_size[0]}x{sample_size[1]} ({first}); "
-                           "a larger --size often helps (feature or key/value maps of size 1 cannot stay dynamic)") from None
+        hint = ("; a larger --size often helps (feature or key/value maps of size 1 cannot stay dynamic)"
+                if "step 1/3" in first else "; this model does not export to ONNX with dynamic sizes yet")
+        raise TransegError(f"{path}: ONNX export failed at trace size {sample_size[0]}x{sample_size[1]} ({first}){hint}") from None
     finally:
         quiet.setLevel(level)
         if os.path.exists(tmp):
@@ -83,7 +84,7 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
     return report
 
 
-def _check(model, onnx_path, sample_size, atol):
+def _check(model, onnx_path, sample_size, atol, dest):
     """Max |onnxruntime - PyTorch| over two input shapes other than the traced one (batch 1 and 3,
     odd sizes), so dynamic shapes are exercised; raises when it exceeds `atol`."""
     _require("onnxruntime")
@@ -96,10 +97,16 @@ def _check(model, onnx_path, sample_size, atol):
         x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             expected = model(x).numpy()
-        got = session.run(None, {"image": x.numpy()})[0]
+        try:
+            got = session.run(None, {"image": x.numpy()})[0]
+        except Exception as e:
+            first = str(e).strip().splitlines()[0][:160]
+            raise TransegError(f"{dest}: the exported graph runs at the traced size but not at {tuple(shape)} ({first}): "
+                               "part of this model is fixed to the trace size, so it does not export with dynamic "
+                               "sizes yet") from None
         if got.shape != expected.shape:
-            raise TransegError(f"{onnx_path}: onnxruntime gives shape {got.shape} for input {shape}, PyTorch {expected.shape}")
+            raise TransegError(f"{dest}: onnxruntime gives shape {got.shape} for input {shape}, PyTorch {expected.shape}")
         worst = max(worst, float(abs(got - expected).max()))
     if worst > atol:
-        raise TransegError(f"ONNX check failed: onnxruntime differs from PyTorch by {worst:.2e} (> {atol:g})")
+        raise TransegError(f"{dest}: ONNX check failed: onnxruntime differs from PyTorch by {worst:.2e} (> {atol:g})")
     return worst
