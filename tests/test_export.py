@@ -46,3 +46,17 @@ def test_export_refuses_other_suffixes(tmp_path, capsys):
     assert main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "m.pt")]) == 2
     assert "m.pt: the output must be an .onnx file" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("segmenter-vit-t16-mask", dict(embed_dim=32, depth=1, num_heads=1, crop=64, decoder_depth=1)),
+    ("segvit-vit-b16", dict(embed_dim=32, depth=3, num_heads=1, out_indices=[0, 1, 2], head_dim=16, head_heads=1, crop=64)),
+])
+def test_plain_vit_families_export_with_dynamic_sizes(name, kwargs, tmp_path):
+    """The ViT pads to the patch and resizes its position embeddings in the exported graph too (at the
+    trace size both are no-ops that eager code skips), so other sizes -- odd ones included -- run."""
+    from transeg.export import export_onnx
+
+    model = transeg.create_model(name, num_classes=3, **kwargs).eval()
+    report = export_onnx(model, tmp_path / "m.onnx", sample_size=(128, 128))
+    assert report["max_abs_diff"] <= 1e-4

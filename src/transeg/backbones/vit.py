@@ -35,8 +35,8 @@ from ..layers import TransformerBlock, drop_path_rates, tokens_to_map
 
 def resize_pos_embed(pos_embed, old_grid, new_grid, num_extra, mode="bilinear"):
     """(1, extra + gh*gw, D) position embeddings resized from `old_grid` to `new_grid` (extra tokens kept)."""
-    if tuple(old_grid) == tuple(new_grid):
-        return pos_embed
+    if tuple(old_grid) == tuple(new_grid) and not torch.compiler.is_exporting():
+        return pos_embed  # (an exported graph always resizes: its grid is symbolic)
     extra, grid = pos_embed[:, :num_extra], pos_embed[:, num_extra:]
     d = grid.shape[-1]
     grid = grid.reshape(1, old_grid[0], old_grid[1], d).permute(0, 3, 1, 2)
@@ -105,7 +105,7 @@ class VisionTransformer(nn.Module):
         """Patch tokens + extra tokens + position embeddings, and the grid of the padded input."""
         p = self.patch_size
         pad_h, pad_w = -x.shape[-2] % p, -x.shape[-1] % p
-        if pad_h or pad_w:
+        if pad_h or pad_w or torch.compiler.is_exporting():  # exported graphs keep the pad: sizes are symbolic
             x = F.pad(x, (0, pad_w, 0, pad_h))
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         x = self.patch_embed(x)
