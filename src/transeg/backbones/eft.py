@@ -14,6 +14,7 @@ from torch import nn
 
 from ..layers import EFTBlock, OverlapPatchEmbed, drop_path_rates
 from ..layers.init import init_weights
+from .mit import run_stages
 
 
 class EmbeddingFreeTransformer(nn.Module):
@@ -38,15 +39,7 @@ class EmbeddingFreeTransformer(nn.Module):
         self.apply(init_weights)
 
     def forward(self, x):
-        features = []
-        for s in range(1, 5):
-            x, hw = getattr(self, f"patch_embed{s}")(x)
-            for block in getattr(self, f"block{s}"):
-                x = block(x, hw)
-            x = getattr(self, f"norm{s}")(x)
-            x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
-            features.append(x)
-        return features
+        return run_stages(self, x)
 
     def classify(self, x):
         """ImageNet logits [N, num_classes]: global average of the last stage, then `head`."""

@@ -49,16 +49,21 @@ class MixVisionTransformer(nn.Module):
         self.apply(init_weights)
 
     def forward(self, x):
-        features = []
-        for s in range(1, 5):
-            x, hw = getattr(self, f"patch_embed{s}")(x)
-            for block in getattr(self, f"block{s}"):
-                x = block(x, hw)
-            x = getattr(self, f"norm{s}")(x)
-            x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
-            features.append(x)
-        return features
+        return run_stages(self, x)
 
     def isr_pools(self):
         """The key/value pools of each stage, for `transeg.isr` (ISR pools before the strided conv)."""
         return [[b.attn.pool for b in getattr(self, f"block{s}")] for s in range(1, 5)]
+
+
+def run_stages(encoder, x):
+    """The four-stage loop MiT and EDAFormer's EFT share: `patch_embed{s}` -> `block{s}` -> `norm{s}` -> map."""
+    features = []
+    for s in range(1, 5):
+        x, hw = getattr(encoder, f"patch_embed{s}")(x)
+        for block in getattr(encoder, f"block{s}"):
+            x = block(x, hw)
+        x = getattr(encoder, f"norm{s}")(x)
+        x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
+        features.append(x)
+    return features

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .swin import SwinTransformer, _init, window_partition, window_reverse
+from ..layers.init import init_linear_norm
+from .swin import SwinTransformer, window_partition, window_reverse
 
 
 class SemanticAttention(nn.Module):
@@ -75,7 +76,7 @@ class SeMaskSwinTransformer(SwinTransformer):
         self.global_stage_ids = glob
         for i, stage in enumerate(self.layers):
             stage.semantic_layer = SemanticLayer(self.out_channels[i], num_classes, window_size, i not in glob)
-            stage.semantic_layer.apply(_init)
+            stage.semantic_layer.apply(init_linear_norm)
 
     def stage_tokens(self, stage, x, hw):
         prior, x = self.layers[stage].semantic_layer(self.layers[stage].run_blocks(x, hw), hw)

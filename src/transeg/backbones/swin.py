@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import DropPath, Mlp, drop_path_rates
+from ..layers.init import init_linear_norm
 
 
 def window_partition(x, w):
@@ -166,7 +167,7 @@ class SwinTransformer(nn.Module):
                                               downsample=i < 3, mlp_ratio=mlp_ratio) for i in range(4))
         for i, c in enumerate(self.out_channels):
             setattr(self, f"norm{i}", nn.LayerNorm(c))
-        self.apply(_init)
+        self.apply(init_linear_norm)
 
     def stage_tokens(self, stage, x, hw):
         """(tokens a stage outputs -- before its norm{i} and its patch merging --, anything else it returns).
@@ -188,13 +189,3 @@ class SwinTransformer(nn.Module):
 
     def forward(self, x):
         return self.stages(x)[0]
-
-
-def _init(m):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import TransformerBlock, drop_path_rates, tokens_to_map
+from ..layers.init import init_linear_norm
 
 
 def resize_pos_embed(pos_embed, old_grid, new_grid, num_extra, mode="bilinear"):
@@ -90,13 +91,7 @@ class VisionTransformer(nn.Module):
         for p in (self.cls_token, self.dist_token, self.pos_embed):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(init_linear_norm)
         for head in (self.head, self.head_dist):
             if head is not None:
                 head.requires_grad_(False)

@@ -13,15 +13,7 @@ import torch
 from torch import nn
 
 from ..layers import TransformerBlock, drop_path_rates
-
-
-def _init(m):
-    if isinstance(m, nn.Linear):
-        nn.init.trunc_normal_(m.weight, std=0.02)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+from ..layers.init import init_linear_norm
 
 
 class LinearDecoder(nn.Module):
@@ -30,7 +22,7 @@ class LinearDecoder(nn.Module):
         self.num_classes = num_classes
         self.stride = stride
         self.head = nn.Linear(in_dim, num_classes)
-        self.apply(_init)
+        self.apply(init_linear_norm)
 
     def forward(self, features):
         x = features[-1]
@@ -54,7 +46,7 @@ class MaskTransformer(nn.Module):
         self.proj_classes = nn.Parameter(d ** -0.5 * torch.randn(d, d))
         self.decoder_norm = nn.LayerNorm(d, eps=norm_eps)
         self.mask_norm = nn.LayerNorm(num_classes, eps=norm_eps)
-        self.apply(_init)
+        self.apply(init_linear_norm)
         nn.init.trunc_normal_(self.cls_emb, std=0.02)
 
     def forward(self, features):

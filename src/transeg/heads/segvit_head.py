@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..layers.init import init_linear_norm
 from ..losses import atm_loss
 
 
@@ -83,16 +84,6 @@ class ATMDecoder(nn.Module):
         return out
 
 
-def _init(module):
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.trunc_normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-
-
 class ATMHead(nn.Module):
     """`single=True` is the authors' ATMSingleHead (inside the Shrunk head): one level, no input
     projection, a mask from every layer, not accumulated."""
@@ -111,7 +102,7 @@ class ATMHead(nn.Module):
             setattr(self, f"decoder_{i}", ATMDecoder(embed_dim, num_heads, num_layers))
         self.q = nn.Embedding(num_classes, embed_dim)
         self.class_embed = nn.Linear(embed_dim, num_classes + 1)
-        _init(self)
+        self.apply(init_linear_norm)
         nn.init.normal_(self.q.weight)
 
     def forward(self, features):
@@ -163,7 +154,7 @@ class TPNATMHead(nn.Module):
         self.q = nn.Embedding(self.grid * self.grid, embed_dim)
         self.atm = ATMHead(embed_dim, num_classes, img_size, embed_dim, num_heads, num_layers, use_stages=1,
                            use_proj=False, single=True, stride=patch_size)
-        _init(self)
+        self.apply(init_linear_norm)
         nn.init.normal_(self.q.weight)
         nn.init.normal_(self.atm.q.weight)
 
