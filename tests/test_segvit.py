@@ -132,7 +132,7 @@ def _model(label, num_classes, tmp_path, seed):
     return model.eval()
 
 
-CASES = [c for c in FIXTURE["cases"]]
+CASES = FIXTURE["cases"]
 
 
 @pytest.mark.parametrize("index", range(len(CASES)), ids=[f"{c['variant']}-{'x'.join(map(str, c['input_shape']))}"

@@ -263,7 +263,7 @@ def cmd_bench(args):
     from .errors import TransegError
     from .flops import count_gmacs, count_params, meta_model
     from .isr import describe, effective_pooling, sweep_settings
-    from .registry import create_model
+    from .registry import create_model, get_variant
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     is_checkpoint = Path(args.model).suffix == ".safetensors"
@@ -281,7 +281,6 @@ def cmd_bench(args):
         raise TransegError("--isr-sweep measures its own list of settings; leave out --isr-encoder/--isr-decoder")
     settings = sweep_settings(model) if args.isr_sweep else [_apply_isr(args, model) and model.isr]
     dataset = _sweep_dataset(args, model) if args.data is not None else None
-    from .registry import get_variant
     flops_convention = args.flops or get_variant(name).paper.get("gflops_convention", "mmcv")
     device = _device(args.device)
     env = environment(device)
@@ -298,7 +297,7 @@ def cmd_bench(args):
                "label": " / ".join(",".join(map(str, r)) for r in model.isr.values() if r),
                "GFLOPs": count_gmacs(shape_model, args.size, convention=flops_convention)["total"]}
         t = summarize(time_forward(model, args.size, args.batch, device, dtype, args.warmup, args.runs))
-        row["latency ms"], row["min ms"] = t["median_ms"], t["min_ms"]
+        row["latency ms"] = t["median_ms"]
         if dataset is not None:
             from .engine import evaluate
             row["mIoU"] = 100 * evaluate(model, dataset, device=device, progress=False, max_samples=args.limit)["mIoU"]

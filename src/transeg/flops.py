@@ -12,6 +12,8 @@ FlopCounterMode (which reports 2 FLOPs per MAC, so it is halved), and the few el
 mmcv counts are added by module hooks. `count_bn=False` matches models whose authors used SyncBN
 (the mmcv counter skipped it).
 """
+import contextlib
+
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -78,10 +80,14 @@ def count_gmacs(model, input_size, count_bn=False, batch=1, convention="mmcv"):
                                  if isinstance(m, (nn.Conv2d, nn.Upsample, nn.BatchNorm2d) + _ACTS + _POOLS)]
     was_training = model.training
     model.eval()
+    # Counting needs no gradients; parameters that require them make FlopCounterMode's module tracker
+    # hook views of them (e.g. a query embedding expanded over the batch) and fail.
+    grad_flags = [p.requires_grad for p in model.parameters()]
+    model.requires_grad_(False)
     counter = FlopCounterMode(display=False)
     extras = _FvcoreExtras()
     try:
-        with counter, torch.no_grad(), (extras if fvcore else _nothing()):
+        with counter, torch.no_grad(), (extras if fvcore else contextlib.nullcontext()):
             out = model(x)
             if fvcore:
                 extra[0] += 4 * out.shape[0] * out.shape[1] * input_size[0] * input_size[1]
@@ -89,18 +95,12 @@ def count_gmacs(model, input_size, count_bn=False, batch=1, convention="mmcv"):
         for h in handles:
             h.remove()
         model.train(was_training)
+        for p, flag in zip(model.parameters(), grad_flags):
+            p.requires_grad_(flag)
     extra[0] += extras.total
     per_op = {str(k).removeprefix("aten."): v / 2e9 / batch for k, v in counter.get_flop_counts()["Global"].items()}
     matmul = counter.get_total_flops() / 2e9 / batch
     return {"total": matmul + extra[0] / 1e9 / batch, "matmul": matmul, "extra": extra[0] / 1e9 / batch, "per_op": per_op}
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def meta_model(name, num_classes=150, **overrides):

@@ -12,9 +12,9 @@ PVTv2 which EFT derives from) used to pre-train the encoder; segmentation never 
 """
 from torch import nn
 
-from ..layers import EFTBlock, OverlapPatchEmbed, drop_path_rates
+from ..layers import EFTBlock
 from ..layers.init import init_weights
-from .mit import run_stages
+from .mit import build_stages, run_stages
 
 
 class EmbeddingFreeTransformer(nn.Module):
@@ -23,18 +23,8 @@ class EmbeddingFreeTransformer(nn.Module):
     def __init__(self, in_chans=3, embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), mlp_ratios=(3.8,) * 4,
                  depths=(2, 2, 10, 2), pooling_ratios=(8, 4, 2, 1), drop_path_rate=0.2, num_classes=0):
         super().__init__()
-        self.out_channels = list(embed_dims)
-        self.strides = [4, 8, 16, 32]
-        self.depths = list(depths)
-        rates = drop_path_rates(depths, drop_path_rate)
-        chans = [in_chans] + list(embed_dims)
-        for s in range(4):
-            patch, stride = (7, 4) if s == 0 else (3, 2)
-            setattr(self, f"patch_embed{s + 1}", OverlapPatchEmbed(chans[s], chans[s + 1], patch, stride, norm_eps=1e-5))
-            setattr(self, f"block{s + 1}", nn.ModuleList(
-                EFTBlock(embed_dims[s], num_heads[s], mlp_ratios[s], pooling_ratios[s], rates[s][j])
-                for j in range(depths[s])))
-            setattr(self, f"norm{s + 1}", nn.LayerNorm(embed_dims[s], eps=1e-6))
+        build_stages(self, in_chans, embed_dims, depths, drop_path_rate,
+                     lambda s, rate: EFTBlock(embed_dims[s], num_heads[s], mlp_ratios[s], pooling_ratios[s], rate))
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else None
         self.apply(init_weights)
 

@@ -34,18 +34,8 @@ class MixVisionTransformer(nn.Module):
     def __init__(self, in_chans=3, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4),
                  depths=(3, 4, 6, 3), sr_ratios=(8, 4, 2, 1), drop_path_rate=0.1, qkv_bias=True):
         super().__init__()
-        self.out_channels = list(embed_dims)
-        self.strides = [4, 8, 16, 32]
-        self.depths = list(depths)
-        rates = drop_path_rates(depths, drop_path_rate)
-        chans = [in_chans] + list(embed_dims)
-        for s in range(4):
-            patch, stride = (7, 4) if s == 0 else (3, 2)
-            setattr(self, f"patch_embed{s + 1}", OverlapPatchEmbed(chans[s], chans[s + 1], patch, stride, norm_eps=1e-5))
-            setattr(self, f"block{s + 1}", nn.ModuleList(
-                MiTBlock(embed_dims[s], num_heads[s], mlp_ratios[s], sr_ratios[s], rates[s][j], qkv_bias)
-                for j in range(depths[s])))
-            setattr(self, f"norm{s + 1}", nn.LayerNorm(embed_dims[s], eps=1e-6))
+        build_stages(self, in_chans, embed_dims, depths, drop_path_rate,
+                     lambda s, rate: MiTBlock(embed_dims[s], num_heads[s], mlp_ratios[s], sr_ratios[s], rate, qkv_bias))
         self.apply(init_weights)
 
     def forward(self, x):
@@ -54,6 +44,21 @@ class MixVisionTransformer(nn.Module):
     def isr_pools(self):
         """The key/value pools of each stage, for `transeg.isr` (ISR pools before the strided conv)."""
         return [[b.attn.pool for b in getattr(self, f"block{s}")] for s in range(1, 5)]
+
+
+def build_stages(encoder, in_chans, embed_dims, depths, drop_path_rate, make_block):
+    """The four-stage layout MiT and EDAFormer's EFT share: `patch_embed{s}` (7x7/4, then 3x3/2, LayerNorm
+    eps 1e-5), `block{s}` = [make_block(stage, drop-path rate)] * depth, `norm{s}` (eps 1e-6)."""
+    encoder.out_channels = list(embed_dims)
+    encoder.strides = [4, 8, 16, 32]
+    encoder.depths = list(depths)
+    rates = drop_path_rates(depths, drop_path_rate)
+    chans = [in_chans] + list(embed_dims)
+    for s in range(4):
+        patch, stride = (7, 4) if s == 0 else (3, 2)
+        setattr(encoder, f"patch_embed{s + 1}", OverlapPatchEmbed(chans[s], chans[s + 1], patch, stride, norm_eps=1e-5))
+        setattr(encoder, f"block{s + 1}", nn.ModuleList(make_block(s, rates[s][j]) for j in range(depths[s])))
+        setattr(encoder, f"norm{s + 1}", nn.LayerNorm(embed_dims[s], eps=1e-6))
 
 
 def run_stages(encoder, x):

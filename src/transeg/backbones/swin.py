@@ -11,6 +11,8 @@ Names follow the authors' (`patch_embed.proj`, `layers.i.blocks.j.attn.relative_
 `layers.i.downsample.reduction`, `norm{i}`); `relative_position_index` is kept as a (saved) buffer so
 their checkpoints load strictly.
 """
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,8 +40,10 @@ def relative_position_index(w):
     return rel[..., 0] * (2 * w - 1) + rel[..., 1]
 
 
+@functools.lru_cache(maxsize=64)
 def shift_mask(hp, wp, w, s, device):
-    """The shifted-window attention mask [nW, w², w²]: 0 within a region, -100 across regions."""
+    """The shifted-window attention mask [nW, w², w²]: 0 within a region, -100 across regions. Cached:
+    it depends only on the padded size, the window and the device, and no step writes to it."""
     img = torch.zeros(1, hp, wp, 1, device=device)
     count = 0
     for hs in (slice(0, -w), slice(-w, -s), slice(-s, None)):

@@ -108,7 +108,7 @@ class ATMHead(nn.Module):
     def forward(self, features):
         maps = list(features[:self.use_stages])[::-1]  # deepest level first
         n = maps[0].shape[0]
-        q = self.q.weight.unsqueeze(0).repeat(n, 1, 1)  # a copy: views of a parameter upset the FLOP counter
+        q = self.q.weight.unsqueeze(0).expand(n, -1, -1)
         queries, sims = [], []
         for i, x in enumerate(maps, 1):
             h, w = x.shape[-2:]
@@ -161,7 +161,7 @@ class TPNATMHead(nn.Module):
     def forward(self, features):
         f16, f32 = features[0], features[-1]
         n = f16.shape[0]
-        q = self.q.weight.unsqueeze(0).repeat(n, 1, 1)  # a copy: views of a parameter upset the FLOP counter
+        q = self.q.weight.unsqueeze(0).expand(n, -1, -1)
         for i, x in ((1, f16), (2, f32)):
             memory = getattr(self, f"proj_norm_{i}")(getattr(self, f"input_proj_{i}")(x.flatten(2).transpose(1, 2)))
             q = getattr(self, f"decoder_{i}")(q, memory)
