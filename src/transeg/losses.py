@@ -173,33 +173,82 @@ def _pairwise_mask_costs(pred, target):
     return bce, dice
 
 
+def point_sample(maps, coords):
+    """maps [M, H, W], coords [M, P, 2] as (x, y) in [0, 1] -> [M, P]: bilinear values at those points
+    (PointRend's `point_sample`: grid_sample, align_corners=False, zeros outside)."""
+    return F.grid_sample(maps[:, None], 2 * coords[:, :, None] - 1, align_corners=False)[:, 0, :, 0]
+
+
+def uncertain_points(logits, num_points, oversample_ratio=3.0, importance_sample_ratio=0.75):
+    """PointRend's training points for mask logits [M, h, w] -> coords [M, P, 2]: draw
+    oversample_ratio·P uniform points, keep the importance_sample_ratio·P whose logits are nearest 0
+    (the most uncertain), top up with fresh uniform points. Draws `torch.rand` exactly as the
+    reference does (same shapes, same order), so a seeded run reproduces its numbers."""
+    m = logits.shape[0]
+    sampled = torch.rand(m, int(num_points * oversample_ratio), 2, device=logits.device)
+    uncertainty = -point_sample(logits, sampled).abs()
+    keep = int(importance_sample_ratio * num_points)
+    idx = uncertainty.topk(keep, dim=1).indices
+    coords = torch.gather(sampled, 1, idx[..., None].expand(-1, -1, 2))
+    if num_points > keep:
+        coords = torch.cat([coords, torch.rand(m, num_points - keep, 2, device=logits.device)], dim=1)
+    return coords
+
+
 @torch.no_grad()
-def hungarian_match(pred_logits, pred_masks, targets, cost_class=2.0, cost_mask=5.0, cost_dice=5.0):
+def hungarian_match(pred_logits, pred_masks, targets, cost_class=2.0, cost_mask=5.0, cost_dice=5.0, num_points=None):
     """Mask2Former's matcher: per image, the one-to-one query/target assignment minimising
-    cost_class · (-p[class]) + cost_mask · sigmoid-BCE + cost_dice · dice, with the masks compared on
-    the same points (here: every pixel of the target resolution, or what the caller sampled).
+    cost_class · (-p[class]) + cost_mask · sigmoid-BCE + cost_dice · dice.
+    Masks are compared at `num_points` uniform random points shared by predictions and targets (the
+    authors' 12,544, one `torch.rand(1, P, 2)` per image even when it has no target), or, with
+    num_points=None, at every pixel of the target resolution (predictions upsampled bilinearly).
     targets: [{"labels": [T], "masks": [T, H, W]}]. Returns [(query_idx, target_idx)] per image."""
     out = []
     for b, t in enumerate(targets):
+        if num_points:
+            coords = torch.rand(1, num_points, 2, device=pred_masks.device)
         if t["labels"].numel() == 0:
             out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
             continue
-        masks = F.interpolate(pred_masks[b][:, None].float(), size=t["masks"].shape[-2:], mode="bilinear",
-                              align_corners=False)[:, 0].flatten(1)
-        bce, dice = _pairwise_mask_costs(masks, t["masks"].float().flatten(1))
+        if num_points:
+            tgt = point_sample(t["masks"].float(), coords.expand(t["masks"].shape[0], -1, -1))
+            masks = point_sample(pred_masks[b].float(), coords.expand(pred_masks.shape[1], -1, -1))
+        else:
+            masks = F.interpolate(pred_masks[b][:, None].float(), size=t["masks"].shape[-2:], mode="bilinear",
+                                  align_corners=False)[:, 0].flatten(1)
+            tgt = t["masks"].float().flatten(1)
+        bce, dice = _pairwise_mask_costs(masks, tgt)
         cls = -pred_logits[b].float().softmax(-1)[:, t["labels"]]
-        rows, cols = linear_sum_assignment((cost_class * cls + cost_mask * bce + cost_dice * dice).cpu())
+        rows, cols = linear_sum_assignment((cost_mask * bce + cost_class * cls + cost_dice * dice).cpu())
         out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
     return out
 
 
+def semantic_targets(label, ignore_index=255, size=None):
+    """A label map [N, H, W] -> Mask2Former targets: per image the classes present (ascending, the
+    ignore value left out) and their binary masks, zero-padded at the bottom/right to `size`."""
+    out = []
+    for lab in label:
+        classes = lab.unique()
+        classes = classes[classes != ignore_index]
+        masks = (lab[None] == classes[:, None, None]).float()
+        if size is not None and tuple(size) != tuple(lab.shape):
+            masks = F.pad(masks, (0, size[1] - lab.shape[1], 0, size[0] - lab.shape[0]))
+        out.append({"labels": classes.long(), "masks": masks})
+    return out
+
+
 def mask2former_loss(outputs, targets, num_classes, no_object_weight=0.1, class_weight=2.0, mask_weight=5.0,
-                     dice_weight=5.0):
+                     dice_weight=5.0, num_points=None, oversample_ratio=3.0, importance_sample_ratio=0.75):
     """Mask2Former's set loss summed over the final and auxiliary outputs, each with its own matching:
     CE over all queries (matched -> their target's class, the rest -> "no object" with weight 0.1),
-    and for matched pairs sigmoid BCE (mean over pixels) and dice, each summed and divided by the
-    number of targets in the batch. Masks are compared at the target resolution (the authors sample
-    12,544 points instead; see `hungarian_match`)."""
+    and for matched pairs sigmoid BCE (mean over points) and dice, each summed and divided by the
+    number of targets in the batch.
+
+    num_points=None compares masks at every target pixel; an integer (the authors' 12,544) samples
+    points as they do: uniform ones for the matching, uncertainty-biased ones (`uncertain_points`)
+    for the mask losses, in the reference's order of random draws. Returns the unweighted terms
+    (`loss_ce`, `loss_mask`, `loss_dice`, suffixed `_k` for auxiliary output k) and the weighted sum `loss`."""
     device = outputs["pred_logits"].device
     num_masks = max(sum(int(t["labels"].numel()) for t in targets), 1)
     weight = torch.ones(num_classes + 1, device=device)
@@ -207,20 +256,28 @@ def mask2former_loss(outputs, targets, num_classes, no_object_weight=0.1, class_
     losses, total = {}, 0.0
     for k, out in enumerate([outputs] + list(outputs.get("aux_outputs", []))):
         suffix = "" if k == 0 else f"_{k - 1}"
-        matches = hungarian_match(out["pred_logits"], out["pred_masks"], targets, class_weight, mask_weight, dice_weight)
+        matches = hungarian_match(out["pred_logits"], out["pred_masks"], targets, class_weight, mask_weight,
+                                  dice_weight, num_points)
         n, q = out["pred_logits"].shape[:2]
         target_classes = torch.full((n, q), num_classes, dtype=torch.long, device=device)
         preds, gts = [], []
         for b, (qi, ti) in enumerate(matches):
-            target_classes[b, qi.to(device)] = targets[b]["labels"][ti.to(device)]
+            qi, ti = qi.to(device), ti.to(device)
+            target_classes[b, qi] = targets[b]["labels"][ti]
             if qi.numel():
-                size = targets[b]["masks"].shape[-2:]
-                preds.append(F.interpolate(out["pred_masks"][b, qi.to(device)][:, None].float(), size=size,
-                                           mode="bilinear", align_corners=False)[:, 0].flatten(1))
-                gts.append(targets[b]["masks"][ti.to(device)].float().flatten(1))
+                preds.append(out["pred_masks"][b, qi])
+                gts.append(targets[b]["masks"][ti].float())
         ce = F.cross_entropy(out["pred_logits"].float().transpose(1, 2), target_classes, weight)
         if preds:
-            pred, gt = torch.cat(preds), torch.cat(gts)
+            pred, gt = torch.cat(preds).float(), torch.cat(gts)
+            if num_points:
+                with torch.no_grad():
+                    coords = uncertain_points(pred.detach(), num_points, oversample_ratio, importance_sample_ratio)
+                    gt = point_sample(gt, coords)
+                pred = point_sample(pred, coords)
+            else:
+                pred = F.interpolate(pred[:, None], size=gt.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                pred, gt = pred.flatten(1), gt.flatten(1)
             bce = F.binary_cross_entropy_with_logits(pred, gt, reduction="none").mean(1).sum() / num_masks
             dice = dice_loss(pred, gt).sum() / num_masks
         else:
