@@ -9,6 +9,7 @@ import transeg
 from seeded import sample_positions, seeded_input, seeded_state_dict
 from transeg.convert import convert
 from transeg.flops import count_gmacs, count_params, meta_model
+from transeg.heads.semask_fpn_head import semantic_decoder
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "semask_official.json").read_text())
 NAMES = {"T": "semask-swin-t-fpn", "S": "semask-swin-s-fpn", "B": "semask-swin-b-fpn", "L": "semask-swin-l-fpn"}
@@ -74,7 +75,7 @@ def test_logits_equal_the_authors_code(index, tmp_path):
     with torch.no_grad():
         features, priors = model.backbone(x)
         head = model.decode_head
-        out = {"seg": head((features, priors)), "cls": head._merge(priors, head.cls_scale_heads)}
+        out = {"seg": head((features, priors)), "cls": semantic_decoder(priors)}
     assert [list(f.shape[1:]) for f in features] == [list(s[1:]) for s in case["feature_shapes"]]
     assert [list(p.shape) for p in priors] == case["prior_shapes"]
     for key, name in (("seg", "seg"), ("cls", "cls")):
@@ -94,7 +95,7 @@ def test_loss_equals_the_authors(tmp_path):
     with torch.no_grad():  # the authors' loss on their eval-mode outputs (no dropout / drop path)
         features, priors = model.backbone(seeded_input(case["input_shape"], case["input_seed"]))
         head = model.decode_head
-        out = {"seg": head((features, priors)), "cls": head._merge(priors, head.cls_scale_heads)}
+        out = {"seg": head((features, priors)), "cls": semantic_decoder(priors)}
     label = torch.randint(0, case["num_classes"], ref["label_shape"], generator=torch.Generator().manual_seed(90))
     label[:, :ref["ignored_rows"], :] = 255
     losses = model.loss(out, label)

@@ -20,8 +20,8 @@ def _resize(x, size):
 def logits_whole(model, x):
     """One forward pass; logits upsampled to the input size (mmseg encode_decode; models that pad
     their input crop the padding back off, see Segmentor.upsample_logits)."""
-    upsample = getattr(model, "upsample_logits", None)
-    return upsample(model(x), x.shape[-2:]) if upsample else _resize(model(x), x.shape[-2:])
+    full = getattr(model, "logits", None)
+    return full(x) if full else _resize(model(x), x.shape[-2:])
 
 
 def slide_windows(height, width, crop, stride):
@@ -110,6 +110,6 @@ def predict(model, x, out_size=None, mode="whole", crop=None, stride=None, scale
             logits = _resize(logits, out_size)
             if single:
                 return logits
-            probs = logits.float().softmax(1)
+            probs = logits.float() if getattr(model, "outputs_probabilities", False) else logits.float().softmax(1)
             total = probs if total is None else total.add_(probs)
     return total / (len(scales) * (2 if flip else 1))

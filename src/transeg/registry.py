@@ -11,8 +11,9 @@ from typing import Callable
 from .backbones import EmbeddingFreeTransformer, MixVisionTransformer, SeMaskSwinTransformer, VisionTransformer
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import TransegError
+from .backbones.semask import global_stages_mask2former
 from .heads import (ATMHead, EDAFormerHead, LinearDecoder, MaskTransformer, SegFormerHead, SeMaskFPNHead,
-                    TPNATMHead)
+                    SeMaskMask2FormerHead, TPNATMHead)
 from .segmentor import Segmentor
 
 
@@ -269,3 +270,33 @@ for _n, (_c, _d, _h, _w, _official, _readme, _miou) in _SEMASK.items():
                    miou=dict(zip(("ade20k", "cityscapes", "cocostuff10k"), _miou)),
                    reference="Jain et al., SeMask (README of Picsart-AI-Research/SeMask-Segmentation)"),
     ))
+
+
+def build_semask_mask2former(num_classes, embed_dim, depths, num_heads, window_size, drop_path_rate=0.3,
+                             sem_window_size=None, global_stage_ids=None, num_queries=100, hidden_dim=256,
+                             enc_layers=6, enc_ffn_dim=1024, dec_layers=9, dec_ffn_dim=2048, num_points=12544):
+    """SeMask Swin + Mask2Former (the authors' SeMask-Mask2Former). Their code picks two things the
+    weights do not show: global semantic attention in stage 4 only with 150 classes
+    (`global_stages_mask2former`), and the semantic window = the Swin window in the ADE20K config but
+    detectron2's default 7 in the Cityscapes one (so: the Swin window for 150 classes, else 7).
+    The image is zero-padded to a multiple of 32 after normalisation, as detectron2 does."""
+    if global_stage_ids is None:
+        global_stage_ids = global_stages_mask2former(num_classes)
+    if sem_window_size is None:
+        sem_window_size = window_size if num_classes == 150 else 7
+    backbone = SeMaskSwinTransformer(num_classes, embed_dim, depths, num_heads, window_size, drop_path_rate,
+                                     global_stage_ids=global_stage_ids, sem_window_size=sem_window_size,
+                                     pad_multiple=32)
+    head = SeMaskMask2FormerHead(backbone.out_channels, num_classes, conv_dim=hidden_dim, mask_dim=hidden_dim,
+                                 enc_layers=enc_layers, enc_ffn_dim=enc_ffn_dim, num_queries=num_queries,
+                                 dec_layers=dec_layers, dec_ffn_dim=dec_ffn_dim, num_points=num_points)
+    return Segmentor(backbone, head, num_classes)
+
+
+register(Variant(
+    name="semask-swin-l-mask2former", family="semask", build=build_semask_mask2former,
+    kwargs=dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
+    paper=dict(params_m=222, gflops={"640x640@150": None}, miou=dict(ade20k=56.41, cityscapes=83.97),
+               miou_ms=dict(ade20k=57.52, cityscapes=84.98),
+               reference="Jain et al., SeMask (README of Picsart-AI-Research/SeMask-Segmentation, SeMask-Mask2Former)"),
+))

@@ -34,6 +34,23 @@ class Segmentor(nn.Module):
             logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
         return logits[..., :size[0], :size[1]]
 
+    @property
+    def outputs_probabilities(self):
+        """True when the head's scores are already probabilities (Mask2Former), so multi-scale
+        inference averages them as they are instead of through a softmax."""
+        return getattr(self.decode_head, "outputs_probabilities", False)
+
+    def logits(self, x):
+        """Scores at the input size: `upsample_logits(self(x))`, or, for heads that decide at full
+        resolution (Mask2Former: mask logits are upsampled before their sigmoid), the head's own
+        `scores` at the padded size, cropped."""
+        size = x.shape[-2:]
+        if not hasattr(self.decode_head, "scores"):
+            return self.upsample_logits(self(x), size)
+        m = getattr(self.backbone, "pad_multiple", 1)
+        padded = (-(-size[0] // m) * m, -(-size[1] // m) * m)
+        return self.decode_head.scores(self.backbone(x), padded)[..., :size[0], :size[1]]
+
     def loss(self, logits, label, ignore_index=255, reduction="all", ohem=None):
         """CE on logits upsampled (bilinear, align_corners=False) to the label size, or the head's own
         loss for heads that return several outputs in training (SegViT, SeMask). `ohem`: mmseg's

@@ -8,6 +8,8 @@ input of the next stage's patch merging. The attention runs inside non-overlappi
 windows, or over the whole stage for the "global" stages: T, S and L with more than 19 classes use
 global attention in stages 3-4, B and every Cityscapes model (19 classes) windows everywhere. The
 weights do not tell the two apart, so the rule is applied here from the variant and class count.
+SeMask-Mask2Former (detectron2 code) has its own rule: only stage 4 global with 150 classes, windows
+everywhere otherwise (`global_stages_mask2former`).
 
 The backbone returns (features, priors): the four normalised maps and the four [N, K, h, w] prior maps.
 """
@@ -68,14 +70,23 @@ def global_stages(embed_dim, num_classes):
     return (2, 3) if embed_dim in (96, 192) and num_classes > 19 else ()
 
 
+def global_stages_mask2former(num_classes):
+    """SeMask-Mask2Former's rule (its BasicLayer): stage 4 global for exactly 150 classes, else none."""
+    return (3,) if num_classes == 150 else ()
+
+
 class SeMaskSwinTransformer(SwinTransformer):
+    """sem_window_size: the semantic layers' window (default: the Swin window; SeMask-Mask2Former's
+    Cityscapes config leaves it at 7 beside a Swin window of 12)."""
+
     def __init__(self, num_classes, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
-                 drop_path_rate=0.3, global_stage_ids=None, **kwargs):
+                 drop_path_rate=0.3, global_stage_ids=None, sem_window_size=None, **kwargs):
         super().__init__(embed_dim, depths, num_heads, window_size, drop_path_rate=drop_path_rate, **kwargs)
         glob = global_stages(embed_dim, num_classes) if global_stage_ids is None else tuple(global_stage_ids)
         self.global_stage_ids = glob
+        sem_window = sem_window_size or window_size
         for i, stage in enumerate(self.layers):
-            stage.semantic_layer = SemanticLayer(self.out_channels[i], num_classes, window_size, i not in glob)
+            stage.semantic_layer = SemanticLayer(self.out_channels[i], num_classes, sem_window, i not in glob)
             stage.semantic_layer.apply(init_linear_norm)
 
     def stage_tokens(self, stage, x, hw):

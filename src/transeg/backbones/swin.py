@@ -159,8 +159,11 @@ class SwinTransformer(nn.Module):
     """Returns [c1..c4]: `norm{i}`-normalised NCHW maps at strides 4, 8, 16, 32 with C·2^i channels."""
 
     def __init__(self, embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7, mlp_ratio=4.0,
-                 drop_path_rate=0.3, patch_size=4, in_chans=3):
+                 drop_path_rate=0.3, patch_size=4, in_chans=3, pad_multiple=1):
         super().__init__()
+        # detectron2 models (Mask2Former) zero-pad the normalised image to a multiple of 32 first;
+        # mmseg ones only pad to the patch inside the patch embedding (pad_multiple=1)
+        self.pad_multiple = pad_multiple
         self.out_channels = [embed_dim * 2 ** i for i in range(4)]
         self.strides = [patch_size * 2 ** i for i in range(4)]
         self.depths = list(depths)
@@ -180,6 +183,9 @@ class SwinTransformer(nn.Module):
 
     def stages(self, x):
         """The four normalised maps and what each stage returned beside its tokens."""
+        m = self.pad_multiple
+        if m > 1:
+            x = F.pad(x, (0, -x.shape[-1] % m, 0, -x.shape[-2] % m))
         x, hw = self.patch_embed(x)
         x = self.pos_drop(x)
         features, extras = [], []

@@ -13,7 +13,8 @@ FORMATS = {
     "edaformer": "the authors' hyunwoo137/EDAFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer": "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})",
     "segformer-hf": "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)",
-    "semask": "the authors' SeMask-FPN .pth (mmcv layout: {'meta', 'state_dict'})",
+    "semask": "the authors' SeMask-FPN .pth (mmcv layout: {'meta', 'state_dict'}) or SeMask-Mask2Former .pth "
+              "(detectron2 layout: {'model', ...})",
     "segvit": "the authors' zbwxp/SegVit .pth (mmcv layout: {'meta', 'state_dict', 'optimizer'}; optimizer ignored)",
     "segmenter": "the authors' rstrudel/segmenter checkpoint.pth ({'model', 'n_cls', 'epoch'}; a variant.yml beside it "
                  "names the dataset of its test protocol)",

@@ -18,6 +18,21 @@ def _up():
     return nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False)
 
 
+def semantic_decoder(priors, align_corners=False, size=None):
+    """SeMask's parameter-free semantic decoder: the prior map of stage i (stride 4·2^i) upsampled ×2
+    i times, resized to stage 1's size and summed; optionally resized to `size`. SeMask-FPN
+    interpolates with align_corners=False, SeMask-Mask2Former with True (and resizes ×4)."""
+    def resize(x, **kw):
+        return F.interpolate(x, mode="bilinear", align_corners=align_corners, **kw)
+
+    out = priors[0]
+    for i, p in enumerate(priors[1:], start=1):
+        for _ in range(i):
+            p = resize(p, scale_factor=2)
+        out = out + resize(p, size=out.shape[-2:])
+    return out if size is None else resize(out, size=tuple(size))
+
+
 class SeMaskFPNHead(nn.Module):
     def __init__(self, in_channels, num_classes, channels=256, dropout=0.1, cate_weight=0.4):
         super().__init__()
@@ -32,7 +47,6 @@ class SeMaskFPNHead(nn.Module):
                 if i > 0:
                     layers.append(_up())
             self.scale_heads.append(nn.Sequential(*layers))
-        self.cls_scale_heads = nn.ModuleList(nn.Sequential(*[_up() for _ in range(i)]) for i in range(len(in_channels)))
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         for m in self.modules():
@@ -53,7 +67,7 @@ class SeMaskFPNHead(nn.Module):
         seg = self.conv_seg(self.dropout(self._merge(features, self.scale_heads)))
         if not self.training:
             return seg
-        return {"seg": seg, "cls": self._merge(priors, self.cls_scale_heads)}
+        return {"seg": seg, "cls": semantic_decoder(priors)}
 
     def loss(self, outputs, label, ignore_index=255, reduction="all", ohem=None):
         """loss_ce (OHEM when `ohem` = dict(thresh=None, min_kept=100000)) + 0.4 · loss_cate, both on logits
