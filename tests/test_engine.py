@@ -200,3 +200,22 @@ def test_sample_ids_partition_the_global_batch():
     assert list(_sample_ids(0, 2, 2, rank=1, world=2)) == [2, 3, 6, 7]
     # resuming at micro-batch 1 continues where micro-batch 0 ended, so an interrupted run sees the same data
     assert list(_sample_ids(1, 3, 2, rank=0, world=1)) == [2, 3, 4, 5]
+
+
+def test_gradient_clipping_bounds_the_first_sgd_step(tmp_path):
+    """clip_grad_norm (Mask2Former's recipe clips the whole model's gradient to norm 0.01): the first
+    SGD step moves the weights by exactly lr · min(‖g‖, clip), so with lr 1 and clip 1e-3 the total
+    parameter change has norm 1e-3, while the unclipped step is far larger."""
+    start = transeg.create_model("segformer-b0", num_classes=6, **TINY)
+    transeg.save(start, tmp_path / "start.safetensors")
+    w0 = {k: v.clone() for k, v in start.named_parameters()}
+
+    def step_norm(name, clip):
+        cfg = _cfg(tmp_path, name, iters=1, optimizer="sgd", lr=1.0, weight_decay=0.0, warmup_iters=0,
+                   pretrained=str(tmp_path / "start.safetensors"), clip_grad_norm=clip, custom_keys={})
+        train(cfg, progress=False, log=lambda *_: None)
+        w1 = dict(transeg.load(tmp_path / name / "model.safetensors").named_parameters())
+        return math.sqrt(sum(((w1[k] - w0[k]).double() ** 2).sum().item() for k in w0))
+
+    assert step_norm("clipped", 1e-3) == pytest.approx(1e-3, rel=1e-3)
+    assert step_norm("free", None) > 0.1

@@ -210,6 +210,9 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
                 scaler.scale(loss / cfg.accum_steps).backward()
             running += loss.detach()
             running_n += 1
+        if cfg.clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
