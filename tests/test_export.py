@@ -60,3 +60,16 @@ def test_plain_vit_families_export_with_dynamic_sizes(name, kwargs, tmp_path):
     model = transeg.create_model(name, num_classes=3, **kwargs).eval()
     report = export_onnx(model, tmp_path / "m.onnx", sample_size=(128, 128))
     assert report["max_abs_diff"] <= 1e-4
+
+
+def test_semask_is_refused_at_once_with_one_line(tmp_path, capsys):
+    """Swin-based models do not export yet: a one-line error, exit status 2 and no file, instead of a
+    converter failure or a trace that does not finish."""
+    model = transeg.create_model("semask-swin-l-mask2former", num_classes=3, embed_dim=32, depths=(2, 2, 2, 2),
+                                 num_heads=(1, 2, 4, 8), window_size=7, hidden_dim=64, enc_layers=1,
+                                 enc_ffn_dim=64, dec_layers=3, dec_ffn_dim=64, num_queries=4)
+    transeg.save(model, tmp_path / "m.safetensors")
+    assert main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Swin-based models (SeMask) do not export to ONNX" in err[0]
+    assert not (tmp_path / "m.onnx").exists()

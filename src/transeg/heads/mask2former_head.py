@@ -130,6 +130,11 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.layer_1 = ConvGN(conv_dim, conv_dim, 3, relu=True)
 
     def forward(self, features):
+        # fp32 under autocast too, as the authors' (deformable sampling is not reliable in half precision)
+        with torch.autocast(features[0].device.type, enabled=False):
+            return self._forward([f.float() for f in features])
+
+    def _forward(self, features):
         levels = self.transformer([proj(f) for proj, f in zip(self.input_proj, features[1:][::-1])])
         lateral = self.adapter_1(features[0])
         fine = self.layer_1(lateral + F.interpolate(levels[-1], size=lateral.shape[-2:], mode="bilinear",
