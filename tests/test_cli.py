@@ -41,6 +41,13 @@ def test_eval_slide_and_flip(trained, capsys):
         in capsys.readouterr().out
 
 
+def test_eval_ms_uses_the_recipes_multi_scale_protocol(trained, capsys):
+    """--ms: the multi-scale ratios + flip stored with the run (TrainConfig ms_scales / ms_flip; the
+    default is mmseg's 0.5..1.75 + flip, as SegFormer, SegViT and SeMask-FPN test)."""
+    assert main(["eval", str(trained / "model.safetensors"), "--ms", "--limit", "2"]) == 0
+    assert "scales [0.5, 0.75, 1.0, 1.25, 1.5, 1.75] + flip" in capsys.readouterr().out
+
+
 def test_predict_writes_masks_and_overlays_inside_out(trained, tmp_path):
     Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(tmp_path / "a.png")
     Image.fromarray(np.full((33, 47, 3), 30, np.uint8)).convert("L").save(tmp_path / "b.jpg")  # grayscale

@@ -46,6 +46,8 @@ def _add_protocol_args(p):
     g.add_argument("--scale", type=_size, help="keep-ratio resize target LONGxSHORT before inference, e.g. 2048x512")
     g.add_argument("--scales", type=_floats, help="multi-scale ratios, e.g. 0.75,0.875,1,1.125,1.25")
     g.add_argument("--flip", action="store_true", help="add horizontally flipped inputs (averaged softmax)")
+    g.add_argument("--ms", action="store_true", help="the paper's multi-scale + flip test stored with the model "
+                   "(default ratios 0.5,0.75,1,1.25,1.5,1.75 + flip)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
@@ -83,6 +85,9 @@ def _protocol(args, model):
     from .engine.evaluate import default_protocol
 
     protocol = default_protocol(model)
+    if getattr(args, "ms", False):
+        ms = protocol.get("ms") or dict(scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], flip=True)
+        protocol.update(scales=list(ms["scales"]), flip=ms["flip"])
     for key in ("mode", "crop", "stride", "scales"):
         if getattr(args, key) is not None:
             protocol[key] = list(getattr(args, key)) if key != "mode" else args.mode
@@ -361,6 +366,48 @@ def cmd_export(args):
     print(f"{r['path']}: opset {r['opset']}, {r['bytes'] / 1e6:.1f} MB, {r['isr']}{check}")
 
 
+def cmd_data_prepare(args):
+    from .data.prepare import prepare
+
+    report = prepare(args.name, args.raw, args.out, progress=True)
+    print(f"{args.name}: {report['masks']} label maps written under {args.out}; "
+          f"train with --data {args.out} (the layout is recognised)")
+
+
+def cmd_data_check(args):
+    import numpy as np
+
+    from .data import build_dataset
+
+    dataset = build_dataset(args.dir, args.split)
+    s = dataset.check(progress=True, decode_images=not args.fast)
+    total = max(s["total_pixels"], 1)
+    print(f"{dataset!r}")
+    print(f"{s['num_images']} image/mask pairs, sizes {s['min_size'][1]}x{s['min_size'][0]} .. "
+          f"{s['max_size'][1]}x{s['max_size'][0]} (WxH); raw label values: {_ranges(s['label_values'])}")
+    print(f"ignored: {100 * s['ignore_pixels'] / total:.1f}% of pixels")
+    order = np.argsort(s["class_pixels"])[::-1]
+    print(f"{'class':24s} {'pixels %':>9s} {'images':>7s}")
+    for i in order:
+        if s["class_pixels"][i]:
+            print(f"{s['classes'][i][:24]:24s} {100 * s['class_pixels'][i] / total:9.3f} {s['class_images'][i]:7d}")
+    if s["absent_classes"]:
+        print(f"classes with no pixel in this split: {', '.join(s['absent_classes'])}")
+    print("all masks match their images and hold only allowed values")
+
+
+def _ranges(values):
+    """[0, 1, 2, 5, 255] -> '0-2, 5, 255'."""
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ", ".join(out)
+
+
 # ----------------------------------------------------------------------------------------------- parser
 QUICKSTART = dict(model="segformer-b0", iters=2500, batch_size=8, lr=1e-3, warmup_iters=100, ratio_range=[0.75, 1.5],
                   amp="auto", workers=0, eval_interval=500, ckpt_interval=500, log_interval=25, out="runs/train")
@@ -451,6 +498,25 @@ def build_parser():
     g.add_argument("--split", default="val", help="split for --data (default val)")
     g.add_argument("--limit", type=int, help="only the first N images of --data")
     g.add_argument("--plot", default="isr_sweep.png", help="where the sweep's chart goes (default ./isr_sweep.png)")
+
+    from .data import prepare as prepare_module
+    p = verb("data", None, "prepare a benchmark dataset, or check a dataset folder",
+             "Datasets: ADE20K, Cityscapes, COCO-Stuff 164k / 10k and Pascal Context are read in their official\n"
+             "layouts (give the folder to --data, or NAME:PATH, e.g. --data cityscapes:/data/cityscapes); any other\n"
+             "folder with images/, masks/ and classes.txt is a dataset of your own.")
+    dsub = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    d = dsub.add_parser("prepare", help="one-off conversion of a downloaded benchmark",
+                        formatter_class=argparse.RawDescriptionHelpFormatter,
+                        description=prepare_module.__doc__)
+    d.set_defaults(fn=cmd_data_prepare)
+    d.add_argument("name", choices=sorted(prepare_module.PREPARE), help="which dataset")
+    d.add_argument("raw", type=Path, help="the downloaded (extracted) dataset folder")
+    d.add_argument("out", type=Path, help="output folder (may be the same as RAW)")
+    d = dsub.add_parser("check", help="scan a dataset: sizes, label values, class frequencies, bad pairs")
+    d.set_defaults(fn=cmd_data_check)
+    d.add_argument("dir", help="dataset folder (or NAME:PATH)")
+    d.add_argument("--split", default="train", help="split to scan (default train)")
+    d.add_argument("--fast", action="store_true", help="read image headers only (skip full decoding)")
 
     p = verb("export", cmd_export, "export a checkpoint to ONNX (dynamic batch, height, width), checked by onnxruntime",
              "Export to ONNX: input `image` [N,3,H,W] normalised with the mean/std in the file's metadata, output\n"

@@ -8,6 +8,7 @@ built-in synthetic set, a folder is a `FolderDataset`. Every dataset yields dict
 import os
 
 from ..errors import TransegError
+from .benchmarks import DATASETS, detect
 from .folder import FolderDataset
 from .palettes import default_palette
 from .synthetic import SyntheticDataset
@@ -23,6 +24,7 @@ __all__ = [
     "normalize",
     "default_palette",
     "build_dataset",
+    "DATASETS",
 ]
 
 _SYNTHETIC_OPTIONS = {"size": "size", "n": "num_samples", "seed": "seed"}
@@ -63,7 +65,10 @@ def build_dataset(spec, split="train", **kwargs):
 
     None, "" or "synthetic"   the built-in SyntheticDataset(split)
     "synthetic:size=96,n=500,seed=3"   the same with options (size=HxW also works; n = samples)
-    an existing folder        FolderDataset(spec, split) (images/, masks/, classes.txt)
+    "ade20k:PATH", "cityscapes:PATH", "coco-stuff164k:PATH", "coco-stuff10k:PATH",
+    "pascal-context:PATH", "pascal-context-59:PATH"   that benchmark in its official layout
+    an existing folder        the benchmark whose layout it holds, else FolderDataset(spec, split)
+                              (images/, masks/, classes.txt)
 
     `kwargs` go to the dataset's constructor (e.g. num_samples, reduce_zero_label); options
     written in the spec win over them.
@@ -75,7 +80,13 @@ def build_dataset(spec, split="train", **kwargs):
             raise TransegError("--data synthetic: reduce_zero_label does not apply to the synthetic set")
         options.update(_synthetic_options(text) if ":" in text else {})
         return SyntheticDataset(split=split, **options)
+    name, colon, path = text.partition(":")
+    if colon and name.lower() in DATASETS:
+        return DATASETS[name.lower()](path, split=split)
     if os.path.isdir(text):
+        found = detect(text)
+        if found:
+            return DATASETS[found](text, split=split)
         return FolderDataset(text, split=split, **kwargs)
     if os.path.exists(text):
         raise TransegError(f"--data {text}: is a file, not a folder (give a folder with images/, masks/ and "

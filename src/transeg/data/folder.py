@@ -138,6 +138,7 @@ class FolderDataset(torch.utils.data.Dataset):
     """
 
     ignore_index = 255
+    class_source = "classes.txt"  # where the class list comes from, for messages
 
     def __init__(self, root, split=None, reduce_zero_label=False):
         self.root = Path(root)
@@ -154,6 +155,22 @@ class FolderDataset(torch.utils.data.Dataset):
         self.classes, self.palette = read_classes(classes_txt)
         self.image_dir, self.mask_dir = self._folders()
         self.samples = self._pair_files()
+        self.lut, self.valid = self._label_map()
+
+    def _label_map(self):
+        """(lut, valid): raw mask value -> label (255 = ignore), and which raw values may occur.
+        Values 0..K-1 are the classes (reduce_zero_label: 1..K, 0 ignored), 255 is ignore."""
+        k = self.num_classes
+        lut = np.full(256, 255, dtype=np.int64)
+        valid = np.zeros(256, dtype=bool)
+        valid[255] = True
+        if self.reduce_zero_label:
+            lut[1:k + 1] = np.arange(k)
+            valid[:k + 1] = True
+        else:
+            lut[:k] = np.arange(k)
+            valid[:k] = True
+        return lut, valid
 
     # -- layout -------------------------------------------------------------------------------
 
@@ -250,13 +267,12 @@ class FolderDataset(torch.utils.data.Dataset):
     def _allowed(self):
         k = self.num_classes
         if self.reduce_zero_label:
-            return f"allowed 0=ignore, 1..{k} for the {k} classes of classes.txt (reduce_zero_label) and 255=ignore"
+            return f"allowed 0=ignore, 1..{k} for the {k} classes of {self.class_source} (reduce_zero_label) and 255=ignore"
         return f"allowed 0..{k - 1} and 255=ignore"
 
     def _bad_values(self, counts):
         """The raw values (from a 256-bin histogram) that are not allowed, ascending."""
-        limit = self.num_classes + (1 if self.reduce_zero_label else 0)
-        return np.nonzero(counts[limit:255])[0] + limit
+        return np.nonzero(counts * ~self.valid)[0]
 
     def _value_error(self, path, bad):
         k = self.num_classes
@@ -264,14 +280,10 @@ class FolderDataset(torch.utils.data.Dataset):
             what = f"label value {int(bad[0])} is"
         else:
             what = "label values " + ", ".join(str(int(v)) for v in bad[:5]) + (" ..." if len(bad) > 5 else "") + " are"
-        return TransegError(f"{path}: {what} outside the {k} classes of classes.txt ({self._allowed()})")
+        return TransegError(f"{path}: {what} outside the {k} classes of {self.class_source} ({self._allowed()})")
 
     def _to_label(self, raw):
-        lab = raw.astype(np.int64)
-        if self.reduce_zero_label:
-            lab = lab - 1
-            lab[(raw == 0) | (raw == 255)] = 255
-        return lab
+        return self.lut[raw]
 
     def __getitem__(self, index):
         image_path, mask_path = self.samples[index]
@@ -328,19 +340,12 @@ class FolderDataset(torch.utils.data.Dataset):
             if bad.size:
                 raise self._value_error(mask_path, bad)
             hist += counts
-            present = np.nonzero(counts)[0]
-            present = present[present != 255]
-            if self.reduce_zero_label:
-                present = present[present != 0] - 1
-            class_images[present] += 1
+            present = np.unique(self.lut[np.nonzero(counts)[0]])
+            class_images[present[present != 255]] += 1
             min_size = tuple(size) if min_size is None else (min(min_size[0], size[0]), min(min_size[1], size[1]))
             max_size = tuple(size) if max_size is None else (max(max_size[0], size[0]), max(max_size[1], size[1]))
-        if self.reduce_zero_label:
-            class_pixels = hist[1:k + 1]
-            ignore = int(hist[0] + hist[255])
-        else:
-            class_pixels = hist[:k]
-            ignore = int(hist[255])
+        mapped = np.bincount(self.lut, weights=hist, minlength=256).astype(np.int64)
+        class_pixels, ignore = mapped[:k], int(mapped[255])
         return {
             "num_images": len(self.samples),
             "num_classes": k,

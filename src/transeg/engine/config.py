@@ -48,6 +48,9 @@ class TrainConfig:
     test_crop: Optional[list] = None
     test_stride: Optional[list] = None
     size_divisor: Optional[int] = 32
+    # the paper's multi-scale + flip test (`transeg eval --ms`); ratios of the single-scale size
+    ms_scales: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    ms_flip: bool = True
     # bookkeeping
     out: str = "runs/train"
     eval_interval: int = 16_000

@@ -115,7 +115,8 @@ def build_model(cfg, train_set):
         load_backbone_weights(model, cfg.backbone_weights)
     model.meta["dataset"] = cfg.data or "synthetic"
     model.meta["test"] = dict(mode=cfg.test_mode, scale=cfg.test_scale, size_divisor=cfg.size_divisor,
-                              crop=cfg.test_crop, stride=cfg.test_stride, scales=[1.0], flip=False)
+                              crop=cfg.test_crop, stride=cfg.test_stride, scales=[1.0], flip=False,
+                              ms=dict(scales=list(cfg.ms_scales), flip=cfg.ms_flip))
     return model
 
 

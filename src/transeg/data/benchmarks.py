@@ -1,0 +1,221 @@
+"""The four benchmark datasets in their official (mmsegmentation) layouts.
+
+    ADE20K          ADEChallengeData2016/images/{training,validation}/*.jpg
+                                         annotations/{training,validation}/*.png   0 = other (ignored), 1..150
+    Cityscapes      cityscapes/leftImg8bit/{train,val,test}/<city>/*_leftImg8bit.png
+                              gtFine/<split>/<city>/*_gtFine_labelTrainIds.png  (or the raw *_gtFine_labelIds.png,
+                                                                                  mapped to the 19 train ids here)
+    COCO-Stuff 164k coco_stuff164k/images/{train2017,val2017}/*.jpg
+                                   annotations/<split>/*_labelTrainIds.png   (or the raw stuffthingmaps *.png, 0..181)
+    COCO-Stuff 10k  coco_stuff10k/images/{train2014,test2014}/*.jpg
+                                  annotations/<split>/*_labelTrainIds.png   (`transeg data prepare coco-stuff10k`)
+    Pascal Context  VOCdevkit/VOC2010/JPEGImages/*.jpg, SegmentationClassContext/*.png (0 = background, 1..59),
+                                     ImageSets/SegmentationContext/{train,val}.txt
+
+Splits are called "train" and "val" everywhere (COCO-Stuff 10k's test2014 is its validation set).
+Pascal Context comes with 60 classes (background counted, as SegViT and Segmenter's 60-class
+tables) or 59 (`pascal-context-59`, background ignored: reduce_zero_label, as mmseg's
+PascalContextDataset59).
+
+Each reader is a FolderDataset with the class names, palette and raw-value -> train-id map of its
+dataset, so `check()`, the error messages and the value checks are the same as for a user's folder.
+"""
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import TransegError
+from . import classes as C
+from .folder import FolderDataset, _few
+from .palettes import default_palette
+
+
+def _lookup(mapping, extra_valid=()):
+    lut = np.full(256, 255, dtype=np.int64)
+    valid = np.zeros(256, dtype=bool)
+    valid[255] = True
+    for raw, train in mapping.items():
+        lut[raw] = train
+        valid[raw] = True
+    valid[list(extra_valid)] = True
+    return lut, valid
+
+
+class BenchmarkDataset(FolderDataset):
+    """Base class: subclasses set `name`, `class_names`, `splits` (our split -> folder name) and
+    implement `_list(split_dir_name) -> [(image_path, mask_path)]`."""
+
+    name = ""
+    class_names = ()
+    palette_colors = None
+    splits = {"train": "train", "val": "val"}
+    reduce_zero_label = False
+
+    @property
+    def class_source(self):
+        return self.name
+
+    def __init__(self, root, split="train"):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise TransegError(f"{self.root}: no such folder (expected the {self.name} layout, see "
+                               f"`transeg data --help`)")
+        if split not in self.splits:
+            raise TransegError(f"{self.root}: {self.name} has no split {split!r} (known: {', '.join(self.splits)})")
+        self.split = split
+        self.classes = list(self.class_names)
+        self.palette = [list(c) for c in (self.palette_colors or default_palette(len(self.classes)))]
+        self.samples = self._list(self.splits[split])
+        if not self.samples:
+            raise TransegError(f"{self.image_dir}: no {self.name} images for split {split!r}")
+        self.lut, self.valid = self._label_map()
+
+    def __repr__(self):
+        return f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, {len(self)} images)"
+
+    def _pairs(self, images, mask_for):
+        """Pair each image with mask_for(image); a missing mask is an error naming the first few."""
+        pairs, missing = [], []
+        for image in images:
+            mask = mask_for(image)
+            (pairs if mask.is_file() else missing).append((image, mask))
+        if missing:
+            raise TransegError(f"{missing[0][1].parent}: no mask for {len(missing)} image(s) "
+                               f"({_few([m.name for _, m in missing])})")
+        return pairs
+
+    def _require(self, *dirs):
+        for d in dirs:
+            if not d.is_dir():
+                raise TransegError(f"{d}: missing (expected the {self.name} layout under {self.root})")
+
+
+class ADE20K(BenchmarkDataset):
+    name = "ADE20K"
+    class_names = C.ADE20K
+    splits = {"train": "training", "val": "validation"}
+    reduce_zero_label = True  # 0 = "other objects", ignored by every paper here
+
+    def _list(self, folder):
+        self.image_dir = self.root / "images" / folder
+        self.mask_dir = self.root / "annotations" / folder
+        self._require(self.image_dir, self.mask_dir)
+        return self._pairs(sorted(self.image_dir.glob("*.jpg")), lambda p: self.mask_dir / f"{p.stem}.png")
+
+
+class Cityscapes(BenchmarkDataset):
+    name = "Cityscapes"
+    class_names = C.CITYSCAPES
+    palette_colors = C.CITYSCAPES_PALETTE
+    splits = {"train": "train", "val": "val", "test": "test"}
+
+    def _list(self, folder):
+        self.image_dir = self.root / "leftImg8bit" / folder
+        self.mask_dir = self.root / "gtFine" / folder
+        self._require(self.image_dir, self.mask_dir)
+        images = sorted(self.image_dir.glob("*/*_leftImg8bit.png"))
+        # trainIds files (prepared) when present, else the raw labelIds mapped through the 19-class table
+        self.raw_ids = not any(self.mask_dir.glob("*/*_gtFine_labelTrainIds.png"))
+        suffix = "_gtFine_labelIds.png" if self.raw_ids else "_gtFine_labelTrainIds.png"
+        return self._pairs(images, lambda p: self.mask_dir / p.parent.name /
+                           (p.name.removesuffix("_leftImg8bit.png") + suffix))
+
+    def _label_map(self):
+        if self.raw_ids:
+            return _lookup(C.CITYSCAPES_LABEL_TO_TRAIN, extra_valid=range(34))
+        return super()._label_map()
+
+    def _allowed(self):
+        if self.raw_ids:
+            return "allowed the Cityscapes label ids 0..33 (mapped to the 19 train ids) and 255"
+        return super()._allowed()
+
+
+class COCOStuff164k(BenchmarkDataset):
+    name = "COCO-Stuff 164k"
+    class_names = C.COCO_STUFF
+    splits = {"train": "train2017", "val": "val2017"}
+
+    def _list(self, folder):
+        self.image_dir = self.root / "images" / folder
+        self.mask_dir = self.root / "annotations" / folder
+        self._require(self.image_dir, self.mask_dir)
+        self.raw_ids = not any(self.mask_dir.glob("*_labelTrainIds.png"))
+        suffix = ".png" if self.raw_ids else "_labelTrainIds.png"
+        return self._pairs(sorted(self.image_dir.glob("*.jpg")), lambda p: self.mask_dir / f"{p.stem}{suffix}")
+
+    def _label_map(self):
+        if self.raw_ids:
+            return _lookup(C.COCO_STUFF_ID_TO_TRAIN, extra_valid=range(182))
+        return super()._label_map()
+
+    def _allowed(self):
+        if self.raw_ids:
+            return "allowed the COCO-Stuff ids 0..181 (mapped to the 171 train ids) and 255"
+        return super()._allowed()
+
+
+class COCOStuff10k(BenchmarkDataset):
+    name = "COCO-Stuff 10k"
+    class_names = C.COCO_STUFF
+    splits = {"train": "train2014", "val": "test2014"}
+
+    def _list(self, folder):
+        self.image_dir = self.root / "images" / folder
+        self.mask_dir = self.root / "annotations" / folder
+        self._require(self.image_dir, self.mask_dir)
+        return self._pairs(sorted(self.image_dir.glob("*.jpg")),
+                           lambda p: self.mask_dir / f"{p.stem}_labelTrainIds.png")
+
+
+class PascalContext(BenchmarkDataset):
+    name = "Pascal Context"
+    class_names = C.PASCAL_CONTEXT_60
+
+    def _list(self, split):
+        root = self.root / "VOC2010" if (self.root / "VOC2010").is_dir() else self.root
+        self.image_dir, self.mask_dir = root / "JPEGImages", root / "SegmentationClassContext"
+        self._require(self.image_dir, self.mask_dir)
+        ids_file = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
+        if not ids_file.is_file():
+            raise TransegError(f"{ids_file}: missing (the list of {split} image ids)")
+        ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
+        missing = [i for i in ids if not (self.image_dir / f"{i}.jpg").is_file()]
+        if missing:
+            raise TransegError(f"{ids_file}: {len(missing)} listed image(s) not in {self.image_dir} ({_few(missing)})")
+        return self._pairs([self.image_dir / f"{i}.jpg" for i in ids], lambda p: self.mask_dir / f"{p.stem}.png")
+
+
+class PascalContext59(PascalContext):
+    name = "Pascal Context (59 classes)"
+    class_names = C.PASCAL_CONTEXT_59
+    reduce_zero_label = True  # background ignored
+
+
+DATASETS = {
+    "ade20k": ADE20K,
+    "cityscapes": Cityscapes,
+    "coco-stuff164k": COCOStuff164k,
+    "coco-stuff10k": COCOStuff10k,
+    "pascal-context": PascalContext,
+    "pascal-context-59": PascalContext59,
+}
+
+
+def detect(root):
+    """The benchmark layout a folder holds, or None (a plain folder dataset)."""
+    root = Path(root)
+    if (root / "classes.txt").is_file():
+        return None
+    if (root / "images" / "training").is_dir() and (root / "annotations").is_dir():
+        return "ade20k"
+    if (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir():
+        return "cityscapes"
+    if (root / "images" / "train2017").is_dir() or (root / "images" / "val2017").is_dir():
+        return "coco-stuff164k"
+    if (root / "images" / "train2014").is_dir() or (root / "images" / "test2014").is_dir():
+        return "coco-stuff10k"
+    for base in (root, root / "VOC2010"):
+        if (base / "SegmentationClassContext").is_dir():
+            return "pascal-context"
+    return None
