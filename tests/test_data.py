@@ -490,3 +490,36 @@ def test_default_palette_is_voc():
     # VOC bit interleave: 1 -> (128,0,0), 2 -> (0,128,0), 3 -> (128,128,0), 4 -> (0,0,128), 8 -> (64,0,0)
     assert pal[:5] == [(0, 0, 0), (128, 0, 0), (0, 128, 0), (128, 128, 0), (0, 0, 128)] and pal[8] == (64, 0, 0)
     assert len(set(pal)) == 256
+
+
+# ---------------------------------------------------------------------------------------------
+# the augmentation's statistics over many draws (the recipes' specification: ratio U(0.5, 2),
+# cat_max_ratio 0.75 with 10 retries, flip p = 0.5)
+
+
+def test_augmentation_statistics_match_the_specification():
+    rng = np.random.default_rng(2024)
+    t = TrainTransform(scale=(64, 16), ratio_range=(0.5, 2.0))
+    img, lab = _image(48, 64), torch.zeros(48, 64, dtype=torch.int64)
+    # resize: the short side becomes int(16 r) with r ~ U(0.5, 2): 8..32, a third of the draws below 16
+    shorts = np.array([t.resize(img, lab, rng)[0].shape[1] for _ in range(3000)])
+    assert shorts.min() >= 8 and shorts.max() <= 32
+    assert abs((shorts < 16).mean() - 1 / 3) < 0.03  # 3.5 sigma of 3000 draws
+    assert abs(shorts.mean() - 19.5) < 0.3  # E[int(16 r)] = 20 - 0.5
+
+    # flip: p = 0.5
+    flips = np.mean([bool(t.flip(img, lab, rng)[0][0, 0, 0] != img[0, 0, 0]) for _ in range(4000)])
+    assert abs(flips - 0.5) < 0.03
+
+    # cat_max_ratio: left 80% class 0, right 20% class 1; a 50x50 crop of 100x100 passes (max share < 0.75)
+    # only when x1 >= 43, p = 8/51 per box; 10 tries + an unchecked 11th box pass with 1 - (1 - p)^11 = 0.847
+    # (a single unchecked box would pass 15.7% of the time)
+    lab = torch.zeros(100, 100, dtype=torch.int64)
+    lab[:, 80:] = 1
+    passed = []
+    for _ in range(2000):
+        y1, y2, x1, x2 = random_crop_box(lab, (50, 50), rng, cat_max_ratio=0.75)
+        share = torch.bincount(lab[y1:y2, x1:x2].flatten(), minlength=2).max().item() / 2500
+        passed.append(share < 0.75)
+    p = 8 / 51
+    assert abs(np.mean(passed) - (1 - (1 - p) ** 11)) < 0.03
