@@ -210,3 +210,15 @@ def test_train_and_evaluate_on_each_layout(tmp_path, maker, spec):
     assert model.num_classes == k and 0.0 <= result["mIoU"] <= 1.0
     records = [json.loads(r) for r in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert any("mIoU" in r for r in records)
+
+
+def test_converted_checkpoint_without_names_gets_the_benchmark_classes(tmp_path):
+    """A foreign file with no class names (the authors' Segmenter / Mask2Former files, a stripped mmseg
+    file) takes the names of the benchmark with its class count: 19 -> Cityscapes, with its colours."""
+    from transeg.convert import convert
+
+    model = transeg.create_model("segformer-b0", num_classes=19)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "b0.pth")
+    converted = convert(tmp_path / "b0.pth", "segformer")
+    assert converted.classes[:3] == ["road", "sidewalk", "building"] and converted.classes[-1] == "bicycle"
+    assert converted.meta["palette"][0] == [128, 64, 128]

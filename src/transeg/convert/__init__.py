@@ -6,6 +6,7 @@
 from pathlib import Path
 
 from ..checkpoint import load_foreign, load_state_dict_checked
+from ..data.classes import by_count
 from ..errors import TransegError
 from . import edaformer, segformer, segformer_hf, segmenter, semask, segvit
 
@@ -37,8 +38,12 @@ def convert(src, fmt, model=None, num_classes=None):
         found = segformer_hf.convert(src, src, model)
     if num_classes is not None and num_classes != found["num_classes"]:
         raise TransegError(f"{src}: holds a {found['num_classes']}-class head, not {num_classes}")
-    net = create_model(found["variant"], num_classes=found["num_classes"], classes=found["classes"],
-                       palette=found["palette"], **found.get("overrides", {}))
+    classes, palette = found["classes"], found["palette"]
+    known = by_count(found["num_classes"]) if classes is None else None
+    if known:  # no names in the file: the benchmark with this class count (ADE20K 150, Cityscapes 19, ...)
+        classes, palette = list(known[1]), palette or (known[2] and [list(c) for c in known[2]])
+    net = create_model(found["variant"], num_classes=found["num_classes"], classes=classes,
+                       palette=palette, **found.get("overrides", {}))
     load_state_dict_checked(net, found["state"], source=src)
     net.meta["converted_from"] = f"{fmt}:{src.name}"
     if found.get("test"):

@@ -70,3 +70,12 @@ PASCAL_CONTEXT_60 = ("background",) + PASCAL_CONTEXT_59
 
 assert len(ADE20K) == 150 and len(CITYSCAPES) == 19 and len(COCO_STUFF) == 171 and len(PASCAL_CONTEXT_59) == 59
 assert len(COCO_STUFF_ID_TO_TRAIN) == 171
+
+
+def by_count(num_classes):
+    """(dataset name, class names, palette or None) of the benchmark with that many classes, or None.
+    Used to name the classes of converted checkpoints that carry no names (detectron2, Segmenter)."""
+    table = {150: ("ADE20K", ADE20K, None), 19: ("Cityscapes", CITYSCAPES, CITYSCAPES_PALETTE),
+             171: ("COCO-Stuff", COCO_STUFF, None), 60: ("Pascal Context", PASCAL_CONTEXT_60, None),
+             59: ("Pascal Context 59", PASCAL_CONTEXT_59, None)}
+    return table.get(num_classes)
