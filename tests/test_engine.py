@@ -219,3 +219,15 @@ def test_gradient_clipping_bounds_the_first_sgd_step(tmp_path):
 
     assert step_norm("clipped", 1e-3) == pytest.approx(1e-3, rel=1e-3)
     assert step_norm("free", None) > 0.1
+
+
+def test_global_batch_splits_over_processes():
+    """A recipe's global_batch 16 is 16 per step on 1 process, 2 per process on 8, 1 with accumulation 2;
+    a split that does not divide is refused with the numbers."""
+    from transeg.engine.trainer import per_process_batch
+
+    cfg = TrainConfig(global_batch=16)
+    assert per_process_batch(cfg, 1).batch_size == 16 and per_process_batch(cfg, 8).batch_size == 2
+    assert per_process_batch(TrainConfig(global_batch=16, accum_steps=2), 8).batch_size == 1
+    with pytest.raises(transeg.TransegError, match="global_batch 16 does not split over 3 process"):
+        per_process_batch(cfg, 3)

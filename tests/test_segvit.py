@@ -214,3 +214,32 @@ def test_converted_checkpoint_carries_the_released_test_protocol():
     pc = test_protocol(480, 60)
     assert pc["scale"][1] == 520 and pc["scale"][0] >= 10_000 and pc["stride"] == [320, 320]
     assert test_protocol(512, 150)["stride"] == [341, 341]  # the ViT-B base config
+
+
+def test_backbone_weights_read_mmseg_vit_files(tmp_path):
+    """SegViT's recipes start from mmseg's ViT files (vit_large_p16_384_20220308-d4efb41d.pth: keys
+    layers.i.ln1, attn.attn.in_proj_*, ffn.layers.0.0, a top-level final norm ln1). A small ViT saved
+    under those names loads as `backbone_weights` into an equal encoder; ln1 is dropped (no final norm)."""
+    from transeg.convert import load_backbone_weights
+    from transeg.convert.segvit import rename_backbone
+
+    source = transeg.create_model("segvit-vit-b16", num_classes=5, **dict(_TINY, out_indices=[1, 3, 5]))
+    ours = source.backbone.state_dict()
+    dim = ours["cls_token"].shape[-1]
+    # inverse of rename_backbone, checked key by key below
+    inverse = [("patch_embed.proj.", "patch_embed.projection."), (".norm1.", ".ln1."), (".norm2.", ".ln2."),
+               (".attn.qkv.weight", ".attn.attn.in_proj_weight"), (".attn.qkv.bias", ".attn.attn.in_proj_bias"),
+               (".attn.proj.", ".attn.attn.out_proj."), (".mlp.fc1.", ".ffn.layers.0.0."), (".mlp.fc2.", ".ffn.layers.1.")]
+    mmseg = {}
+    for k, v in ours.items():
+        m = k.replace("blocks.", "layers.", 1) if k.startswith("blocks.") else k
+        for a, b in inverse:
+            m = m.replace(a, b)
+        assert rename_backbone(m) == k
+        mmseg[m] = v
+    mmseg.update({"ln1.weight": torch.ones(dim), "ln1.bias": torch.zeros(dim)})
+    torch.save({"state_dict": mmseg}, tmp_path / "vit_mmseg.pth")
+    fresh = transeg.create_model("segvit-vit-b16", num_classes=5, **dict(_TINY, out_indices=[1, 3, 5]))
+    load_backbone_weights(fresh, tmp_path / "vit_mmseg.pth")
+    for k, v in fresh.backbone.state_dict().items():
+        assert torch.equal(v, ours[k]), k

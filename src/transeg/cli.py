@@ -147,6 +147,8 @@ def cmd_train(args):
     # (from scratch, so a higher lr and a short warm-up instead of the paper's ImageNet fine-tuning).
     cfg = load_config(args.config, args.set, **{**(QUICKSTART if quick else {}),
                                                 **{k: v for k, v in given.items() if v is not None}})
+    if args.batch_size is not None and not any(s.startswith("global_batch=") for s in args.set):
+        cfg.global_batch = None  # an explicit per-process batch wins over the recipe's total
     result = train(cfg, resume=args.resume)
     out = Path(cfg.out)
     if result is not None:
@@ -441,7 +443,8 @@ def build_parser():
     p.add_argument("--data", help="folder with images/, masks/, classes.txt (default: synthetic)")
     p.add_argument("--out", help="output directory (default runs/train)")
     p.add_argument("--iters", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="images per step and process")
+    p.add_argument("--batch-size", type=int, help="images per step and process (recipes state the paper's total as "
+                   "global_batch, split over the processes)")
     p.add_argument("--amp", choices=["no", "auto", "bf16", "fp16"],
                    help="mixed precision; auto = bf16 where the hardware computes it natively (fp16 needs CUDA)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")

@@ -3,6 +3,7 @@
     model = transeg.convert.convert("segformer.b0.512x512.ade.160k.pth", "segformer")
     transeg.save(model, "segformer-b0-ade.safetensors")
 """
+import re
 from pathlib import Path
 
 from ..checkpoint import load_foreign, load_state_dict_checked
@@ -92,11 +93,21 @@ def load_backbone_weights(model, src):
 
     src = Path(src)
     if not src.exists():
-        raise TransegError(f"{src}: no such file or directory")
+        raise TransegError(f"{src}: no such file (ImageNet weights for the backbone: download the file the recipe "
+                           "names and give its path with --set backbone_weights=PATH, or train from scratch with "
+                           "--set backbone_weights=null)")
     state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder."): v
              for k, v in _read_backbone_state(src).items()}
     if any(k.startswith(("decode_head.", "decoder.")) for k in state):
         raise TransegError(f"{src}: a whole segmentation model, not backbone weights; convert it with `transeg convert`")
+    if any(re.match(r"layers\.\d+\.ln1\.", k) for k in state):
+        # mmseg's ViT layout (SegViT's ImageNet files, e.g. vit_large_p16_384_20220308-d4efb41d.pth): timm's
+        # names; its top-level `ln1` is the final norm, which SegViT's encoder does not have
+        from .segvit import rename_backbone
+
+        final_norm = getattr(model.backbone, "norm", None) is not None
+        state = {("norm." + k[4:] if k.startswith("ln1.") else rename_backbone(k)): v for k, v in state.items()
+                 if final_norm or not k.startswith("ln1.")}
     if isinstance(model.backbone, VisionTransformer):
         state = vit.fit_to(model.backbone, state, src)
     elif isinstance(model.backbone, SwinTransformer):

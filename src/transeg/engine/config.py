@@ -27,6 +27,8 @@ class TrainConfig:
     # optimisation (SegFormer's recipe: AdamW 6e-5, wd 0.01, head lr x10, norms without decay, poly + warm-up)
     iters: int = 160_000
     batch_size: int = 16                               # per optimizer step and process, before accumulation
+    global_batch: Optional[int] = None                 # the paper's total batch: sets batch_size to
+                                                       # global_batch / (processes x accum_steps)
     accum_steps: int = 1                               # micro-batches of batch_size per optimizer step
     optimizer: str = "adamw"
     nesterov: bool = False                             # SGD only (Segmenter trains with Nesterov momentum 0.9)
@@ -48,6 +50,8 @@ class TrainConfig:
     test_crop: Optional[list] = None
     test_stride: Optional[list] = None
     size_divisor: Optional[int] = 32
+    min_short_side: Optional[int] = None               # test images whose short side is below it are enlarged
+                                                       # to it (Segmenter's windows; SegViT's mmseg min_size)
     # the paper's multi-scale + flip test (`transeg eval --ms`); ratios of the single-scale size
     ms_scales: list = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     ms_flip: bool = True

@@ -6,6 +6,7 @@ data never depends on worker count, process order or where a run was interrupted
 randomness (dropout, drop path) comes from torch's global generator, saved with every checkpoint.
 """
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -101,6 +102,16 @@ def _distributed():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def per_process_batch(cfg, world):
+    """cfg with batch_size = global_batch / (world x accum_steps): a recipe states the paper's total
+    batch and runs unchanged on 1 process or under torchrun on 8."""
+    share, rest = divmod(cfg.global_batch, world * cfg.accum_steps)
+    if rest or not share:
+        raise TransegError(f"global_batch {cfg.global_batch} does not split over {world} process(es) x "
+                           f"{cfg.accum_steps} accumulation step(s); change accum_steps or the process count")
+    return dataclasses.replace(cfg, batch_size=share)
+
+
 def build_model(cfg, train_set):
     classes, palette = list(train_set.classes), list(train_set.palette)
     if cfg.pretrained:
@@ -116,6 +127,7 @@ def build_model(cfg, train_set):
     model.meta["dataset"] = cfg.data or "synthetic"
     model.meta["test"] = dict(mode=cfg.test_mode, scale=cfg.test_scale, size_divisor=cfg.size_divisor,
                               crop=cfg.test_crop, stride=cfg.test_stride, scales=[1.0], flip=False,
+                              min_short_side=cfg.min_short_side,
                               ms=dict(scales=list(cfg.ms_scales), flip=cfg.ms_flip))
     return model
 
@@ -133,6 +145,8 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
     amp_dtype = _amp(cfg, device)
     torch.manual_seed(cfg.seed)
 
+    if cfg.global_batch:
+        cfg = per_process_batch(cfg, world)
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
     cfg = resolve(cfg, train_set)
