@@ -5,7 +5,7 @@ transeg keeps the authors' module names, so the mapping is the identity except t
 and the decoder's fuse width. Pooling ratios and ISR are not in the weights: a converted model runs
 with the trained pooling, and `set_isr` / `--isr-*` change it at inference.
 """
-from .segformer import class_info, head_shape, match_variant, read_mmseg_state, stage_shapes
+from .segformer import class_info, head_shape, match_variant, read_mmseg_state, stage_shapes, test_protocol
 
 
 def convert(obj, source, model=None):
@@ -14,4 +14,5 @@ def convert(obj, source, model=None):
     dims, depths = stage_shapes(state, source, "EDAFormer")
     decoder_dim, num_classes = head_shape(state, source, "EDAFormer")
     variant = model or match_variant("edaformer", source, embed_dims=dims, depths=depths, decoder_dim=decoder_dim)
-    return dict(variant=variant, num_classes=num_classes, state=state, **class_info(classes, palette, num_classes))
+    return dict(variant=variant, num_classes=num_classes, state=state, test=test_protocol(num_classes),
+                **class_info(classes, palette, num_classes))

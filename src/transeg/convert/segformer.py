@@ -70,8 +70,23 @@ def class_info(classes, palette, num_classes):
                 if palette is not None and len(palette) == num_classes else None)
 
 
+def test_protocol(num_classes, short_side=512, size_divisor=32):
+    """The released mmseg configs' test, chosen by the head's class count (SegFormer / EDAFormer digest §5):
+    Cityscapes (19) 1024x1024 windows with stride 768 on the 2048x1024 image, multi-scale 0.5..2.0;
+    otherwise the whole image resized to short side `short_side` (long <= 2048) and aligned to 32,
+    multi-scale 0.75..1.25 for ADE20K and 0.5..1.75 for the others."""
+    if num_classes == 19:
+        return dict(mode="slide", crop=[1024, 1024], stride=[768, 768], scale=[2048, 1024], size_divisor=None,
+                    scales=[1.0], flip=False, ms=dict(scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0], flip=True))
+    ms = [0.75, 0.875, 1.0, 1.125, 1.25] if num_classes == 150 else [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    return dict(mode="whole", crop=None, stride=None, scale=[2048, short_side], size_divisor=size_divisor,
+                scales=[1.0], flip=False, ms=dict(scales=ms, flip=True))
+
+
 def convert(obj, source, model=None):
-    """obj: what `torch.load` returned. Returns dict(variant, num_classes, state, classes, palette)."""
+    """obj: what `torch.load` returned. Returns dict(variant, num_classes, state, classes, palette, test)."""
     state, classes, palette = read_mmseg_state(obj, source, "MiT")
     variant, num_classes = infer_segformer_variant(state, source)
-    return dict(variant=model or variant, num_classes=num_classes, state=state, **class_info(classes, palette, num_classes))
+    short = 640 if (model or variant) == "segformer-b5" and num_classes == 150 else 512  # B5 ADE20K runs at 640
+    return dict(variant=model or variant, num_classes=num_classes, state=state, test=test_protocol(num_classes, short),
+                **class_info(classes, palette, num_classes))

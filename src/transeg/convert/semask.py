@@ -52,8 +52,16 @@ def convert(obj, source, model=None):
     num_classes = state["decode_head.conv_seg.weight"].shape[0]
     name, state = _match(state, source, model, "-fpn")
     meta = obj.get("meta") or {} if isinstance(obj, dict) else {}
-    return dict(variant=name, num_classes=num_classes, state=state,
+    return dict(variant=name, num_classes=num_classes, state=state, test=test_protocol_fpn(name, num_classes),
                 **class_info(meta.get("CLASSES"), meta.get("PALETTE"), num_classes))
+
+
+def test_protocol_fpn(name, num_classes):
+    """SeMask-FPN's released test (digest §7): the whole image, no alignment, resized into (2048, 1024)
+    for Cityscapes, (2048, 512) otherwise ((2560, 640) for L); multi-scale 0.5..1.75 + flip."""
+    scale = [2048, 1024] if num_classes == 19 else ([2560, 640] if name == "semask-swin-l-fpn" else [2048, 512])
+    return dict(mode="whole", scale=scale, size_divisor=None, crop=None, stride=None, scales=[1.0], flip=False,
+                ms=dict(scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], flip=True))
 
 
 def _match(state, source, model, suffix):
