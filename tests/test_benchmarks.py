@@ -81,6 +81,15 @@ def make_pascal_context(root):
     return root
 
 
+def make_coco10k(root):
+    """The prepared layout (what `transeg data prepare coco-stuff10k` writes)."""
+    for split, n in (("train2014", 3), ("test2014", 2)):
+        for i in range(n):
+            _image(root / "images" / split / f"COCO_train2014_{i:012d}.jpg", i)
+            _mask(root / "annotations" / split / f"COCO_train2014_{i:012d}_labelTrainIds.png", [0, 80, 170, 255])
+    return root
+
+
 def test_ade20k_reads_with_reduce_zero_label(tmp_path):
     """ADE20K's 0 ("other") is ignored and 1..150 become 0..149 (mmseg's reduce_zero_label)."""
     root = make_ade20k(tmp_path / "ADEChallengeData2016")
@@ -195,8 +204,10 @@ def test_data_check_reports_values_and_frequencies(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("maker,spec", [(make_ade20k, "{root}"), (make_cityscapes, "{root}"),
-                                        (make_coco164k, "{root}"), (make_pascal_context, "pascal-context-59:{root}")],
-                         ids=["ade20k", "cityscapes", "coco-stuff164k", "pascal-context-59"])
+                                        (make_coco164k, "{root}"), (make_coco10k, "{root}"),
+                                        (make_pascal_context, "{root}"), (make_pascal_context, "pascal-context-59:{root}")],
+                         ids=["ade20k", "cityscapes", "coco-stuff164k", "coco-stuff10k", "pascal-context",
+                              "pascal-context-59"])
 def test_train_and_evaluate_on_each_layout(tmp_path, maker, spec):
     """Two iterations of a tiny SegFormer on each miniature benchmark, then evaluation on its val split."""
     root = maker(tmp_path / "data")

@@ -18,8 +18,8 @@ def _resize(x, size):
 
 
 def logits_whole(model, x):
-    """One forward pass; logits upsampled to the input size (mmseg encode_decode; models that pad
-    their input crop the padding back off, see Segmentor.upsample_logits)."""
+    """One forward pass; scores at the input size (mmseg encode_decode; see Segmentor.logits: models
+    that pad their input crop the padding back off, Mask2Former upsamples its masks first)."""
     full = getattr(model, "logits", None)
     return full(x) if full else _resize(model(x), x.shape[-2:])
 
