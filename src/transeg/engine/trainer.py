@@ -179,6 +179,7 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
         if main:
             log(f"resuming {out} at iteration {start}/{cfg.iters}")
             _truncate_log(out / "log.jsonl", start)
+            _remove_stale_temporaries(out)
     if main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -293,8 +294,25 @@ def _tensorboard(out):
     return SummaryWriter(str(out / "tb"))
 
 
+def _record_iter(line):
+    """The iteration of a log line, or None for a line a killed run left half-written."""
+    try:
+        return json.loads(line)["iter"]
+    except (ValueError, KeyError, TypeError):
+        return None
+
+
 def _truncate_log(path, last_iter):
-    """Drop records an interrupted run wrote after its last checkpoint (they are about to be redone)."""
+    """Drop records an interrupted run wrote after its last checkpoint (they are about to be redone),
+    and any line it was killed in the middle of writing."""
     if path.is_file():
-        keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["iter"] <= last_iter]
+        keep = [line for line in path.read_text().splitlines()
+                if (it := _record_iter(line)) is not None and it <= last_iter]
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
+
+
+def _remove_stale_temporaries(out):
+    """Temp files of atomic writes a killed run left behind (`.NAME.XXXX.tmp`); the files they were
+    replacing are intact."""
+    for tmp in out.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
