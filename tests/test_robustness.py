@@ -106,3 +106,137 @@ def test_resume_tolerates_a_half_written_log_line_and_removes_stale_temporaries(
     records = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert not list(run.glob(".*.tmp"))
+
+
+class _Payload:
+    """Unpickling this runs a shell command: what a booby-trapped .pth does."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
+    """A .pth whose pickle calls os.system: `transeg convert` and `backbone_weights` refuse it with one
+    line naming the file and the global it wanted, the command never runs, nothing is written."""
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"decode_head.conv_seg.weight": _Payload(marker)}}, evil)
+    assert main(["convert", str(evil), str(tmp_path / "out.safetensors"), "--from", "segformer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "evil.pth: refused: loading it would run code" in err[0] and "system" in err[0]
+    from transeg.convert import load_backbone_weights
+
+    with pytest.raises(transeg.TransegError, match="evil.pth: refused: loading it would run code"):
+        load_backbone_weights(transeg.create_model("segformer-b0", num_classes=3, **TINY), evil)
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+    # the same file unpickled naively would have run the command (so the test checks something real)
+    with open(evil, "rb") as f:
+        torch.load(f, weights_only=False)
+    assert marker.exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# Bad input: one line naming the file and the problem, exit status 2, nothing half-written. The
+# README's robustness table lists these same cases.
+import numpy as np  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def _ckpt(tmp):
+    path = tmp / "tiny.safetensors"
+    if not path.exists():
+        transeg.save(transeg.create_model("segformer-b0", num_classes=3, classes=["a", "b", "c"], **TINY), path)
+    return path
+
+
+def _folder(tmp, image_size=(12, 16), mask_size=(12, 16), value=1, masks=True, images=True):
+    root = tmp / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    if images:
+        Image.fromarray(np.zeros((*image_size, 3), np.uint8)).save(root / "images" / "x.png")
+    if masks:
+        Image.fromarray(np.full(mask_size, value, np.uint8)).save(root / "masks" / "x.png")
+    return root
+
+
+def _image(tmp, name, make):
+    path = tmp / name
+    make(path)
+    return path
+
+
+def _truncated(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path.with_suffix(".full.jpg"))
+    data = path.with_suffix(".full.jpg").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _bomb(path):
+    # 15000 x 12000 = 180M pixels of one bit: a 3 kB PNG that would decode to half a gigabyte of RGB
+    Image.new("1", (15000, 12000)).save(path, optimize=True)
+
+
+def _exif_rotated(path):
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(np.zeros((8, 12, 3), np.uint8)).save(path, exif=exif)
+
+
+BAD = [
+    ("truncated image", lambda t: ["predict", str(_ckpt(t)), str(_image(t, "cut.jpg", _truncated)), "--out", str(t / "o")],
+     "cut.jpg: cannot read the image (image file is truncated"),
+    ("not an image", lambda t: ["predict", str(_ckpt(t)), str(_image(t, "junk.png", lambda p: p.write_bytes(b"\x89PNG junk"))),
+                                "--out", str(t / "o")], "junk.png: cannot read the image"),
+    ("decompression bomb", lambda t: ["predict", str(_ckpt(t)), str(_image(t, "bomb.png", _bomb)), "--out", str(t / "o")],
+     "bomb.png: cannot read the image (Image size (180000000 pixels) exceeds limit"),
+    ("mask size differs from its image", lambda t: ["data", "check", str(_folder(t, mask_size=(10, 20)))],
+     "x.png: mask is 20x10 (WxH) but its image x.png is 16x12"),
+    ("label value outside the classes", lambda t: ["data", "check", str(_folder(t, value=9))],
+     "x.png: label value 9 is outside the 3 classes of classes.txt (allowed 0..2 and 255=ignore)"),
+    ("empty dataset folder", lambda t: ["data", "check", str(_folder(t, masks=False, images=False))],
+     "images: no images"),
+    ("image without a mask", lambda t: ["data", "check", str(_folder(t, masks=False))],
+     "masks: no mask for 1 image(s) (x.png); each images/NAME.ext needs masks/NAME.png"),
+    ("checkpoint with another class count", lambda t: ["eval", str(_ckpt(t)), "--data", "synthetic"],
+     "tiny.safetensors: a 3-class model cannot be evaluated on synthetic with 6 classes"),
+    ("YAML with an unknown key", lambda t: ["train", str(_image(t, "r.yaml", lambda p: p.write_text("learning_rate: 0.1\n")))],
+     "r.yaml: unknown key 'learning_rate'; did you mean 'lr'?"),
+    ("loss becomes NaN", lambda t: _train_args(t / "nan", 4, batch_size=2, lr=1e30, ckpt_interval=1, eval_interval=4),
+     "loss became nan by iteration 2; the last checkpoint, iteration 1, is"),
+]
+
+
+@pytest.mark.parametrize("case,argv,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_one_line(tmp_path, capsys, case, argv, message):
+    args = argv(tmp_path)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("transeg: error:")]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing half-written
+
+
+def test_convertible_images_are_accepted_and_the_conversion_is_said(tmp_path, capsys):
+    """RGBA, 16-bit grey, grey, palette and EXIF-rotated images are read (as the displayed RGB image)
+    and predict says what it did to each."""
+    makers = {
+        "rgba.png": lambda p: Image.fromarray(np.zeros((8, 12, 4), np.uint8)).save(p),
+        "grey16.png": lambda p: Image.fromarray(np.full((8, 12), 40000, np.uint16)).save(p),
+        "grey.png": lambda p: Image.fromarray(np.zeros((8, 12), np.uint8)).save(p),
+        "palette.png": lambda p: Image.fromarray(np.zeros((8, 12), np.uint8)).convert("P").save(p),
+        "rotated.jpg": _exif_rotated,
+    }
+    paths = [str(_image(tmp_path, n, m)) for n, m in makers.items()]
+    assert main(["predict", str(_ckpt(tmp_path)), *paths, "--out", str(tmp_path / "o")]) == 0
+    out = capsys.readouterr().out
+    for name, note in (("rgba.png", "alpha channel dropped"), ("grey16.png", "16-bit greyscale scaled to 8-bit RGB"),
+                       ("grey.png", "greyscale converted to RGB"), ("palette.png", "palette image converted to RGB"),
+                       ("rotated.jpg", "EXIF orientation applied")):
+        assert f"{name} ({note})" in out, name
+    # the rotated 12x8 JPEG is predicted as displayed: 8 wide, 12 high
+    assert Image.open(tmp_path / "o" / "rotated_mask.png").size == (8, 12)

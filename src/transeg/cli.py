@@ -210,7 +210,7 @@ def cmd_predict(args):
     from tqdm import tqdm
 
     from . import load
-    from .data.folder import load_image
+    from .data.folder import conversion_note, load_image
     from .engine.evaluate import protocol_scores, test_transform
     from .data.palettes import default_palette
     from .isr import describe, effective_pooling
@@ -245,7 +245,9 @@ def cmd_predict(args):
         overlay(rgb, label, palette, alpha=args.alpha).save(out / f"{stem}_overlay.jpg", quality=92)
         counts = np.bincount(label.ravel(), minlength=model.num_classes)
         top = ", ".join(f"{model.classes[c]} {100 * counts[c] / label.size:.0f}%" for c in counts.argsort()[::-1][:3] if counts[c])
-        tqdm.write(f"{path.name}: {top} -> {out / (stem + '_mask.png')}, {out / (stem + '_overlay.jpg')}")
+        note = conversion_note(path)
+        tqdm.write(f"{path.name}{f' ({note})' if note else ''}: {top} -> {out / (stem + '_mask.png')}, "
+                   f"{out / (stem + '_overlay.jpg')}")
 
 
 def cmd_convert(args):

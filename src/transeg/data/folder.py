@@ -93,6 +93,30 @@ def load_image(path):
         raise TransegError(f"{path}: cannot read the image ({_reason(e)})") from None
 
 
+_MODE_NOTES = {"L": "greyscale converted to RGB", "LA": "greyscale + alpha converted to RGB (alpha dropped)",
+               "RGBA": "alpha channel dropped", "PA": "palette + alpha converted to RGB (alpha dropped)",
+               "P": "palette image converted to RGB", "CMYK": "CMYK converted to RGB", "YCbCr": "YCbCr converted to RGB",
+               "1": "1-bit image converted to RGB", "I": "32-bit integer image converted to 8-bit RGB",
+               "F": "floating-point image converted to 8-bit RGB"}
+
+
+def conversion_note(path):
+    """What `load_image` does to this file beyond reading it, for the user to see ("alpha channel
+    dropped", "16-bit scaled to 8 bits", "EXIF orientation applied"), or "" for a plain RGB image."""
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            notes = [("16-bit greyscale scaled to 8-bit RGB" if mode.startswith("I;16") else _MODE_NOTES.get(mode, ""))]
+            try:
+                if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+                    notes.append("EXIF orientation applied")
+            except Exception:
+                pass
+    except _READ_ERRORS:
+        return ""
+    return ", ".join(n for n in notes if n)
+
+
 def _reason(e):
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__

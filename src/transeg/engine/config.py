@@ -84,11 +84,18 @@ def resolve(cfg: TrainConfig, dataset=None) -> TrainConfig:
     return cfg
 
 
+# what other toolboxes call our keys, for the "did you mean" of an unknown key
+_ALIASES = {"learning_rate": "lr", "base_lr": "lr", "max_iters": "iters", "num_iters": "iters", "iterations": "iters",
+            "samples_per_gpu": "batch_size", "batch": "batch_size", "ims_per_batch": "global_batch", "crop": "crop_size",
+            "img_scale": "scale", "dataset": "data", "data_root": "data", "fp16": "amp", "grad_clip": "clip_grad_norm",
+            "warmup": "warmup_iters", "checkpoint": "pretrained", "output_dir": "out", "work_dir": "out"}
+
+
 def _check_keys(keys, source):
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     for key in keys:
         if key not in names:
-            near = difflib.get_close_matches(key, names, n=1)
+            near = [_ALIASES[key.lower()]] if key.lower() in _ALIASES else difflib.get_close_matches(key, names, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise TransegError(f"{source}: unknown key {key!r}{hint}")
 

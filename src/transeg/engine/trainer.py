@@ -213,59 +213,67 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
     running_n, t0, result = 0, time.perf_counter(), None
     batches = iter(loader)
     net.train()
-    for it in range(start, end):
-        for micro in range(cfg.accum_steps):
-            image, label = next(batches)
-            image = image.to(device, non_blocking=True)
-            label = label.to(device, non_blocking=True)
-            sync = micro == cfg.accum_steps - 1 or world == 1
-            with (net.no_sync() if not sync else contextlib.nullcontext()), \
-                    torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                loss = model.loss(net(image), label, ignore_index=getattr(train_set, "ignore_index", 255),
-                                  reduction=cfg.loss_reduction, ohem=cfg.ohem)["loss"]
-                scaler.scale(loss / cfg.accum_steps).backward()
-            running += loss.detach()
-            running_n += 1
-        if cfg.clip_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        done = it + 1
-        bar.update(1)
-        if done % cfg.log_interval == 0 or done == end:
-            mean_loss = (running / running_n).item()  # the one host sync per log interval
-            if not math.isfinite(mean_loss):
-                raise TransegError(f"loss became {mean_loss} by iteration {done}; "
-                                   f"lower lr or use amp=no (last checkpoint in {out})")
-            record = {"iter": done, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"],
-                      "sec_per_iter": round((time.perf_counter() - t0) / running_n * cfg.accum_steps, 4)}
-            running.zero_()
-            running_n, t0 = 0, time.perf_counter()
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
-            if main:
-                _write(log_file, writer, record)
-        if done % cfg.eval_interval == 0 or done == cfg.iters:
-            result = evaluate(model, val_part, protocol, device, amp_dtype, progress=False)
-            net.train()
-            if main:
-                _write(log_file, writer, {"iter": done, **{k: round(result[k], 5) for k in ("mIoU", "mAcc", "aAcc")}})
-                bar.write(f"iter {done}: mIoU {100 * result['mIoU']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
-                          f"aAcc {100 * result['aAcc']:.2f}")
-                iou_chart(result, model.classes, model.meta["palette"], title=f"{cfg.model} iter {done}").save(out / "val_iou.png")
-                if result["mIoU"] > best:
-                    best = result["mIoU"]
-                    save(model, out / "best.safetensors")
-        if main and (done % cfg.ckpt_interval == 0 or done == end):
-            save(model, out / "model.safetensors")
-            state = {"iter": done, "best_miou": best, "config": cfg.to_dict(), "model": model.state_dict(),
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()}}
-            if device.type == "cuda":
-                state["rng"]["cuda"] = torch.cuda.get_rng_state(device)
-            atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+    saved_at = start if resume else None
+    try:
+        for it in range(start, end):
+            for micro in range(cfg.accum_steps):
+                image, label = next(batches)
+                image = image.to(device, non_blocking=True)
+                label = label.to(device, non_blocking=True)
+                sync = micro == cfg.accum_steps - 1 or world == 1
+                with (net.no_sync() if not sync else contextlib.nullcontext()), \
+                        torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = model.loss(net(image), label, ignore_index=getattr(train_set, "ignore_index", 255),
+                                      reduction=cfg.loss_reduction, ohem=cfg.ohem)["loss"]
+                    scaler.scale(loss / cfg.accum_steps).backward()
+                running += loss.detach()
+                running_n += 1
+            if cfg.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            done = it + 1
+            bar.update(1)
+            if done % cfg.log_interval == 0 or done == end:
+                mean_loss = (running / running_n).item()  # the one host sync per log interval
+                if not math.isfinite(mean_loss):
+                    where = (f"the last checkpoint, iteration {saved_at}, is {state_path}" if saved_at is not None
+                             else "no checkpoint was written yet")
+                    raise TransegError(f"loss became {mean_loss} by iteration {done}; {where}; lower lr or use "
+                                       f"amp=no, then --resume")
+                record = {"iter": done, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"],
+                          "sec_per_iter": round((time.perf_counter() - t0) / running_n * cfg.accum_steps, 4)}
+                running.zero_()
+                running_n, t0 = 0, time.perf_counter()
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
+                if main:
+                    _write(log_file, writer, record)
+            if done % cfg.eval_interval == 0 or done == cfg.iters:
+                result = evaluate(model, val_part, protocol, device, amp_dtype, progress=False)
+                net.train()
+                if main:
+                    _write(log_file, writer, {"iter": done, **{k: round(result[k], 5) for k in ("mIoU", "mAcc", "aAcc")}})
+                    bar.write(f"iter {done}: mIoU {100 * result['mIoU']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
+                              f"aAcc {100 * result['aAcc']:.2f}")
+                    iou_chart(result, model.classes, model.meta["palette"], title=f"{cfg.model} iter {done}").save(out / "val_iou.png")
+                    if result["mIoU"] > best:
+                        best = result["mIoU"]
+                        save(model, out / "best.safetensors")
+            if main and (done % cfg.ckpt_interval == 0 or done == end):
+                save(model, out / "model.safetensors")
+                state = {"iter": done, "best_miou": best, "config": cfg.to_dict(), "model": model.state_dict(),
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+                if device.type == "cuda":
+                    state["rng"]["cuda"] = torch.cuda.get_rng_state(device)
+                atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+                saved_at = done
+    except BaseException:
+        bar.close()  # so the error prints on its own line, not after the progress bar
+        raise
     bar.close()
     if main:
         log_file.close()
