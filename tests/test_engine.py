@@ -231,3 +231,15 @@ def test_global_batch_splits_over_processes():
     assert per_process_batch(TrainConfig(global_batch=16, accum_steps=2), 8).batch_size == 1
     with pytest.raises(transeg.TransegError, match="global_batch 16 does not split over 3 process"):
         per_process_batch(cfg, 3)
+
+
+def test_auto_resume_starts_or_continues(tmp_path):
+    """resume="auto" (--auto-resume, what torchrun --max-restarts needs): a fresh --out starts the run,
+    an interrupted one continues it to the same weights as an uninterrupted run."""
+    train(_cfg(tmp_path, "full"), progress=False, log=lambda *_: None)
+    train(_cfg(tmp_path, "auto"), resume="auto", stop_at=2, progress=False, log=lambda *_: None)
+    assert json.loads((tmp_path / "auto" / "log.jsonl").read_text().splitlines()[-1])["iter"] == 2
+    train(_cfg(tmp_path, "auto"), resume="auto", progress=False, log=lambda *_: None)
+    full = transeg.load(tmp_path / "full" / "model.safetensors").state_dict()
+    auto = transeg.load(tmp_path / "auto" / "model.safetensors").state_dict()
+    assert all(torch.equal(full[k], auto[k]) for k in full)

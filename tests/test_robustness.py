@@ -240,3 +240,24 @@ def test_convertible_images_are_accepted_and_the_conversion_is_said(tmp_path, ca
         assert f"{name} ({note})" in out, name
     # the rotated 12x8 JPEG is predicted as displayed: 8 wide, 12 high
     assert Image.open(tmp_path / "o" / "rotated_mask.png").size == (8, 12)
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The disk fills up half-way through writing a checkpoint: one clear error, the previous file is
+    byte-for-byte intact and no temporary file is left."""
+    import errno
+
+    from transeg.checkpoint import atomic_write
+
+    target = tmp_path / "train_state.pt"
+    torch.save({"iter": 1}, target)
+    before = target.read_bytes()
+
+    def fill_disk(tmp):
+        Path(tmp).write_bytes(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(transeg.TransegError, match=r"train_state.pt: could not be saved \(No space left on device\); "
+                                                   r"the previous version is intact"):
+        atomic_write(target, fill_disk)
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["train_state.pt"]

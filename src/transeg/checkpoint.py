@@ -33,6 +33,10 @@ def atomic_write(path, write):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        kept = "the previous version is intact" if path.exists() else "nothing was written"
+        raise TransegError(f"{path}: could not be saved ({e.strerror or e}); {kept}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -149,7 +149,7 @@ def cmd_train(args):
                                                 **{k: v for k, v in given.items() if v is not None}})
     if args.batch_size is not None and not any(s.startswith("global_batch=") for s in args.set):
         cfg.global_batch = None  # an explicit per-process batch wins over the recipe's total
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume="auto" if args.auto_resume else args.resume)
     out = Path(cfg.out)
     if result is not None:
         print(f"mIoU {100 * result['mIoU']:.2f} ({result['protocol']}); model: {out / 'model.safetensors'}, "
@@ -452,6 +452,8 @@ def build_parser():
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--workers", type=int, help="data-loading processes")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue the run in --out if there is one, else start it (for torchrun --max-restarts)")
     p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set lr=1e-4 crop_size=[256,256] warmup_iters=0")
 

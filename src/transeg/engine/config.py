@@ -36,6 +36,7 @@ class TrainConfig:
     weight_decay: float = 0.01
     custom_keys: dict = field(default_factory=lambda: {"head": {"lr_mult": 10.0}, "norm": {"decay_mult": 0.0},
                                                        "pos_block": {"decay_mult": 0.0}})
+    sync_bn: bool = False                              # BatchNorm statistics over all processes (DDP on CUDA)
     clip_grad_norm: Optional[float] = None             # max L2 norm of all gradients (Mask2Former: 0.01)
     power: float = 1.0
     min_lr_ratio: float = 0.0

@@ -134,7 +134,8 @@ def build_model(cfg, train_set):
 
 def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print):
     """Train per `cfg`; returns the last evaluation result. `stop_at`: stop (with a checkpoint) after
-    that many iterations, as if interrupted — the run can then be resumed."""
+    that many iterations, as if interrupted — the run can then be resumed. resume="auto" continues
+    the run in cfg.out when there is one and starts it otherwise (for torchrun --max-restarts)."""
     from ..data import TrainTransform, build_dataset
     from ..viz import curves_chart, iou_chart
 
@@ -160,6 +161,8 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
     state_path = out / STATE_FILE
     if not resume and state_path.exists():
         raise TransegError(f"{out}: already holds a training run; continue it with --resume or choose another --out")
+    if resume == "auto":
+        resume = state_path.is_file()
     if resume:
         if not state_path.is_file():
             raise TransegError(f"{state_path}: nothing to resume (no training state in {out})")
@@ -186,6 +189,10 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
 
     net = model
     if world > 1:
+        if cfg.sync_bn:
+            if device.type != "cuda":
+                raise TransegError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU implementation)")
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     transform = TrainTransform(crop_size=tuple(cfg.crop_size), scale=tuple(cfg.scale), ratio_range=tuple(cfg.ratio_range),
