@@ -239,3 +239,14 @@ def test_converted_checkpoint_without_names_gets_the_benchmark_classes(tmp_path)
     assert describe(default_protocol(converted)) == \
         "slide (1024, 1024) stride (768, 768), resize keep-ratio to (2048, 1024), scales [1.0]"
     assert default_protocol(converted)["ms"]["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+
+
+def test_raw_id_outside_the_dataset_names_the_file(tmp_path):
+    """Raw Cityscapes labelIds stop at 33: a 40 is named with the file and what is allowed."""
+    raw = make_cityscapes(tmp_path / "cityscapes")
+    bad = raw / "gtFine/train/aachen/aachen_000001_000019_gtFine_labelIds.png"
+    _mask(bad, [7, 40])
+    ds = build_dataset(str(raw), "train")
+    with pytest.raises(transeg.TransegError, match=r"aachen_000001_000019_gtFine_labelIds.png: label value 40 is outside "
+                                                   r"the 19 classes of Cityscapes \(allowed the Cityscapes label ids 0..33"):
+        ds[1]

@@ -50,6 +50,10 @@ class BenchmarkDataset(FolderDataset):
     palette_colors = None
     splits = {"train": "train", "val": "val"}
     reduce_zero_label = False
+    # datasets whose unprepared label maps hold raw ids: raw id -> train id, how many raw ids exist, and
+    # how to name them in messages; `raw_ids` is set by `_list` when the prepared files are absent
+    raw_ids = False
+    raw_map, raw_count, raw_description = None, 0, ""
 
     @property
     def class_source(self):
@@ -72,6 +76,16 @@ class BenchmarkDataset(FolderDataset):
 
     def __repr__(self):
         return f"{type(self).__name__}({str(self.root)!r}, split={self.split!r}, {len(self)} images)"
+
+    def _label_map(self):
+        if self.raw_ids:
+            return _lookup(self.raw_map, extra_valid=range(self.raw_count))
+        return super()._label_map()
+
+    def _allowed(self):
+        if self.raw_ids:
+            return f"allowed {self.raw_description} and 255"
+        return super()._allowed()
 
     def _pairs(self, images, mask_for):
         """Pair each image with mask_for(image); a missing mask is an error naming the first few."""
@@ -108,6 +122,8 @@ class Cityscapes(BenchmarkDataset):
     class_names = C.CITYSCAPES
     palette_colors = C.CITYSCAPES_PALETTE
     splits = {"train": "train", "val": "val", "test": "test"}
+    raw_map, raw_count = C.CITYSCAPES_LABEL_TO_TRAIN, 34
+    raw_description = "the Cityscapes label ids 0..33 (mapped to the 19 train ids)"
 
     def _list(self, folder):
         self.image_dir = self.root / "leftImg8bit" / folder
@@ -120,21 +136,14 @@ class Cityscapes(BenchmarkDataset):
         return self._pairs(images, lambda p: self.mask_dir / p.parent.name /
                            (p.name.removesuffix("_leftImg8bit.png") + suffix))
 
-    def _label_map(self):
-        if self.raw_ids:
-            return _lookup(C.CITYSCAPES_LABEL_TO_TRAIN, extra_valid=range(34))
-        return super()._label_map()
-
-    def _allowed(self):
-        if self.raw_ids:
-            return "allowed the Cityscapes label ids 0..33 (mapped to the 19 train ids) and 255"
-        return super()._allowed()
 
 
 class COCOStuff164k(BenchmarkDataset):
     name = "COCO-Stuff 164k"
     class_names = C.COCO_STUFF
     splits = {"train": "train2017", "val": "val2017"}
+    raw_map, raw_count = C.COCO_STUFF_ID_TO_TRAIN, 182
+    raw_description = "the COCO-Stuff ids 0..181 (mapped to the 171 train ids)"
 
     def _list(self, folder):
         self.image_dir = self.root / "images" / folder
@@ -144,15 +153,6 @@ class COCOStuff164k(BenchmarkDataset):
         suffix = ".png" if self.raw_ids else "_labelTrainIds.png"
         return self._pairs(sorted(self.image_dir.glob("*.jpg")), lambda p: self.mask_dir / f"{p.stem}{suffix}")
 
-    def _label_map(self):
-        if self.raw_ids:
-            return _lookup(C.COCO_STUFF_ID_TO_TRAIN, extra_valid=range(182))
-        return super()._label_map()
-
-    def _allowed(self):
-        if self.raw_ids:
-            return "allowed the COCO-Stuff ids 0..181 (mapped to the 171 train ids) and 255"
-        return super()._allowed()
 
 
 class COCOStuff10k(BenchmarkDataset):
