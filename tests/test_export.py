@@ -62,14 +62,41 @@ def test_plain_vit_families_export_with_dynamic_sizes(name, kwargs, tmp_path):
     assert report["max_abs_diff"] <= 1e-4
 
 
-def test_semask_is_refused_at_once_with_one_line(tmp_path, capsys):
-    """Swin-based models do not export yet: a one-line error, exit status 2 and no file, instead of a
-    converter failure or a trace that does not finish."""
-    model = transeg.create_model("semask-swin-l-mask2former", num_classes=3, embed_dim=32, depths=(2, 2, 2, 2),
-                                 num_heads=(1, 2, 4, 8), window_size=7, hidden_dim=64, enc_layers=1,
-                                 enc_ffn_dim=64, dec_layers=3, dec_ffn_dim=64, num_queries=4)
+def _semask(name, tmp_path, **kw):
+    model = transeg.create_model(name, num_classes=3, embed_dim=32, depths=(2, 2, 2, 2), num_heads=(1, 2, 4, 8),
+                                 window_size=7, **kw)
     transeg.save(model, tmp_path / "m.safetensors")
-    assert main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "m.onnx")]) == 2
+    return tmp_path / "m.safetensors"
+
+
+M2F_TINY = dict(hidden_dim=64, enc_layers=1, enc_ffn_dim=64, dec_layers=3, dec_ffn_dim=64, num_queries=4)
+
+
+def test_semask_dynamic_export_is_refused_at_once_with_one_line(tmp_path, capsys):
+    """Swin-based models do not export with dynamic sizes yet: a one-line error pointing at --static,
+    exit status 2 and no file, instead of a trace that runs for minutes and then misplaces the padding."""
+    ckpt = _semask("semask-swin-l-mask2former", tmp_path, **M2F_TINY)
+    assert main(["export", str(ckpt), str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Swin-based models (SeMask) do not export to ONNX" in err[0]
-    assert not (tmp_path / "m.onnx").exists()
+    assert len(err) == 1 and "Swin-based models (SeMask) do not export to ONNX with dynamic sizes yet" in err[0]
+    assert "--static" in err[0] and not (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("name,kw,size", [
+    ("semask-swin-t-fpn", dict(channels=32), "200x296"),  # 200x296: padding to the window in every stage
+    pytest.param("semask-swin-l-mask2former", M2F_TINY, "128x160", marks=pytest.mark.slow),
+], ids=["fpn", "mask2former"])
+def test_semask_static_export_matches_pytorch(tmp_path, capsys, name, kw, size):
+    """--static: a graph for one image of the traced size, equal to PyTorch under onnxruntime (1e-4)."""
+    ckpt = _semask(name, tmp_path, **kw)
+    assert main(["export", str(ckpt), str(tmp_path / "m.onnx"), "--static", "--size", size]) == 0
+    assert "onnxruntime vs PyTorch on two fresh inputs: max |diff|" in capsys.readouterr().out
+    h, w = (int(v) for v in size.split("x"))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, h, w)
+    model = transeg.load(ckpt).eval()
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() <= 1e-4
+    meta = json.loads({p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}["transeg"])
+    assert meta["static_size"] == [h, w]

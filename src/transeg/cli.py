@@ -362,11 +362,13 @@ def cmd_export(args):
         raise TransegError(f"{args.out}: the output must be an .onnx file")
     model = load(args.checkpoint)
     _apply_isr(args, model)
+    shape = "one image of exactly that size" if args.static else "dynamic batch/height/width"
     print(f"exporting {model.meta['variant']} ({args.checkpoint}) to {args.out}, traced at {args.size[0]}x{args.size[1]}, "
-          "dynamic batch/height/width ...", flush=True)
-    r = export_onnx(model, args.out, sample_size=args.size, opset=args.opset, check=not args.no_check)
-    check = (f"; onnxruntime vs PyTorch on two other input shapes: max |diff| {r['max_abs_diff']:.1e}"
-             if "max_abs_diff" in r else "")
+          f"{shape} ...", flush=True)
+    r = export_onnx(model, args.out, sample_size=args.size, opset=args.opset, check=not args.no_check,
+                    static=args.static)
+    where = "two fresh inputs" if args.static else "two other input shapes"
+    check = (f"; onnxruntime vs PyTorch on {where}: max |diff| {r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "")
     print(f"{r['path']}: opset {r['opset']}, {r['bytes'] / 1e6:.1f} MB, {r['isr']}{check}")
 
 
@@ -534,6 +536,8 @@ def build_parser():
     p.add_argument("--size", type=_size, default=(256, 256), help="input HxW to trace with (default 256x256)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--static", action="store_true", help="a graph for one image of exactly --size (Swin-based models "
+                   "such as SeMask export only this way today)")
     _add_isr_args(p)
     return parser
 

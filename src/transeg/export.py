@@ -32,27 +32,30 @@ def _require(*modules):
             raise TransegError(f"ONNX export needs {name}: pip install 'transeg[onnx]'") from None
 
 
-def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, atol=1e-4):
+def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, atol=1e-4, static=False):
     """Export `model` (a Segmentor, in eval mode, with its current ISR) to `path`; with `check`, run
-    onnxruntime and PyTorch on inputs of two other shapes and compare. Returns a report dict."""
+    onnxruntime and PyTorch on inputs of two other shapes and compare. Returns a report dict.
+    static=True fixes the graph to one image of `sample_size` (and checks it there): the only way for
+    Swin-based models (SeMask) today."""
     _require("onnx", "onnxscript")
     path = Path(path)
     from .backbones.swin import SwinTransformer
 
-    if isinstance(model.backbone, SwinTransformer):
-        # SeMask-FPN fails in the converter and SeMask-Mask2Former traces for over 15 minutes on 2
-        # cores without finishing: say so at once instead
+    if isinstance(model.backbone, SwinTransformer) and not static:
+        # a dynamic trace runs for minutes and then misplaces the window padding: say so at once
         raise TransegError(f"{path}: Swin-based models (SeMask) do not export to ONNX with dynamic sizes yet "
-                           "(their window padding and shifted-window masks depend on the input size)")
+                           "(their window padding and shifted-window masks depend on the input size); "
+                           "--static exports a graph for the one --size")
     model = model.eval().float()
     stride = getattr(model.decode_head, "stride", None)
     meta = {"variant": model.meta.get("variant"), "num_classes": model.num_classes, "classes": model.classes,
             "palette": model.meta.get("palette"), "mean": model.meta.get("mean"), "std": model.meta.get("std"),
             "stride": stride, "isr": {k: list(v) for k, v in model.isr.items()}, "input": "image [N,3,H,W] normalised",
-            "output": "logits [N,K,H/stride,W/stride]"}
+            "output": "logits [N,K,H/stride,W/stride]", "static_size": list(sample_size) if static else None}
     # batch 2 in the example so that torch.export keeps the batch dimension symbolic (1 would specialise it)
-    x = torch.randn(2, 3, *sample_size)
+    x = torch.randn(1 if static else 2, 3, *sample_size)
     auto = torch.export.Dim.AUTO
+    dynamic = None if static else {"x": {0: auto, 2: auto, 3: auto}}
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the exporter warns about torchvision ops it cannot register
@@ -63,7 +66,7 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
         # the exporter prints its progress and deprecation notices; the report says what matters
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(model, (x,), dynamic_shapes={"x": {0: auto, 2: auto, 3: auto}},
+            program = torch.onnx.export(model, (x,), dynamic_shapes=dynamic,
                                         input_names=["image"], output_names=["logits"], opset_version=opset,
                                         dynamo=True, verbose=False, optimize=True)
         proto = program.model_proto
@@ -75,7 +78,7 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
         report = {"path": str(path), "opset": proto.opset_import[0].version, "isr": describe(model.isr),
                   "bytes": os.path.getsize(tmp)}
         if check:
-            report["max_abs_diff"] = _check(model, tmp, sample_size, atol, path)
+            report["max_abs_diff"] = _check(model, tmp, sample_size, atol, path, static)
         os.replace(tmp, path)  # only a checked file replaces the destination
     except TransegError:
         raise
@@ -91,17 +94,19 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
     return report
 
 
-def _check(model, onnx_path, sample_size, atol, dest):
+def _check(model, onnx_path, sample_size, atol, dest, static=False):
     """Max |onnxruntime - PyTorch| over two input shapes other than the traced one (batch 1 and 3,
-    odd sizes), so dynamic shapes are exercised; raises when it exceeds `atol`."""
+    odd sizes), so dynamic shapes are exercised, or two fresh inputs of the traced shape for a static
+    graph; raises when it exceeds `atol`."""
     _require("onnxruntime")
     import onnxruntime as ort
 
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     h, w = sample_size
     worst = 0.0
-    for shape in ((1, 3, h + 32, w - 32 + 5), (3, 3, h - 32 + 7, w + 64)):
-        x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    shapes = ((1, 3, h, w),) * 2 if static else ((1, 3, h + 32, w - 32 + 5), (3, 3, h - 32 + 7, w + 64))
+    for seed, shape in enumerate(shapes):
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             expected = model(x).numpy()
         try:

@@ -70,11 +70,18 @@ class WindowAttention(nn.Module):
         """x: [B, nW, N, C] windows; mask: [nW, N, N] or None."""
         b, nw, n, c = x.shape
         h = self.num_heads
-        q, k, v = self.qkv(x).reshape(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # [B, nW, heads, N, d]
+        # windows folded into the batch: 4-D attention, which every SDPA kernel and ONNX's converter take
+        q, k, v = self.qkv(x).reshape(b * nw, n, 3, h, c // h).permute(2, 0, 3, 1, 4)  # [B·nW, heads, N, d]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, h).permute(2, 0, 1)
-        bias = bias if mask is None else bias + mask[:, None]  # [heads, N, N] or [nW, heads, N, N]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
-        return self.proj(out.transpose(2, 3).reshape(b, nw, n, c))
+        if mask is not None:  # [nW, heads, N, N], the same for every image
+            bias = (bias + mask[:, None]).expand(b, -1, -1, -1, -1).reshape(b * nw, h, n, n)
+        if torch.compiler.is_exporting():
+            # written out: the exporter's SDPA decomposition yields strides its own next view rejects
+            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
+            out = attn.softmax(-1) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+        return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))
 
 
 class SwinBlock(nn.Module):
@@ -134,7 +141,9 @@ class SwinStage(nn.Module):
     def run_blocks(self, x, hw):
         w = self.window_size
         hp, wp = -(-hw[0] // w) * w, -(-hw[1] // w) * w
-        mask = shift_mask(hp, wp, w, w // 2, x.device) if len(self.blocks) > 1 else None
+        # the cache keys on ints; an exported graph builds the mask from its symbolic sizes instead
+        make = shift_mask.__wrapped__ if torch.compiler.is_exporting() else shift_mask
+        mask = make(hp, wp, w, w // 2, x.device) if len(self.blocks) > 1 else None
         for block in self.blocks:
             x = block(x, hw, mask)
         return x
