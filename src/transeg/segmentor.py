@@ -24,12 +24,16 @@ class Segmentor(nn.Module):
     def forward(self, x):
         return self.decode_head(self.backbone(x))
 
+    def padded_size(self, size):
+        """`size` rounded up to the backbone's `pad_multiple` (the size it really runs at)."""
+        m = getattr(self.backbone, "pad_multiple", 1)
+        return (-(-size[0] // m) * m, -(-size[1] // m) * m)
+
     def upsample_logits(self, logits, size):
         """Head-stride logits -> `size` (bilinear, align_corners=False). A backbone that zero-pads its
         input to a multiple (`pad_multiple`: the plain ViT) gets its logits upsampled to the padded
         size and cropped, as Segmenter does, so the padding never shifts the predictions."""
-        m = getattr(self.backbone, "pad_multiple", 1)
-        padded = (-(-size[0] // m) * m, -(-size[1] // m) * m)
+        padded = self.padded_size(size)
         if tuple(logits.shape[-2:]) != padded:
             logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
         return logits[..., :size[0], :size[1]]
@@ -47,9 +51,7 @@ class Segmentor(nn.Module):
         size = x.shape[-2:]
         if not hasattr(self.decode_head, "scores"):
             return self.upsample_logits(self(x), size)
-        m = getattr(self.backbone, "pad_multiple", 1)
-        padded = (-(-size[0] // m) * m, -(-size[1] // m) * m)
-        return self.decode_head.scores(self.backbone(x), padded)[..., :size[0], :size[1]]
+        return self.decode_head.scores(self.backbone(x), self.padded_size(size))[..., :size[0], :size[1]]
 
     def loss(self, logits, label, ignore_index=255, reduction="all", ohem=None):
         """CE on logits upsampled (bilinear, align_corners=False) to the label size, or the head's own

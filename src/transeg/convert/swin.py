@@ -13,11 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import TransegError
+from .vit import HF_BLOCK
 
-# HF block module names: the Hub layout (older save_pretrained files) and transformers v5's.
-_HF_BLOCK = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
-             "attention.o_proj": "attn.proj", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
-             "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+# HF block module names are ViT's (convert/vit.py); only the q/k/v prefixes differ for Swin
 _HF_QKV = {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
            "attention.q_proj": "q", "attention.k_proj": "k", "attention.v_proj": "v"}
 
@@ -43,8 +41,8 @@ def from_hf(state):
                 out[prefix + "attn." + leaf] = v
             elif module in _HF_QKV:
                 qkv.setdefault(prefix + "attn.qkv." + leaf, {})[_HF_QKV[module]] = v
-            elif module in _HF_BLOCK:
-                out[prefix + _HF_BLOCK[module] + "." + leaf] = v
+            elif module in HF_BLOCK:
+                out[prefix + HF_BLOCK[module] + "." + leaf] = v
     for k, parts in qkv.items():
         out[k] = torch.cat([parts["q"], parts["k"], parts["v"]])
     return out

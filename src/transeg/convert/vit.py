@@ -20,7 +20,7 @@ from ..errors import TransegError
 
 # HF module names per block, both the Hub layout (`encoder.layer.i...`, what older `save_pretrained`
 # files hold) and transformers v5's (`layers.i...`).
-_HF_BLOCK = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
+HF_BLOCK = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.output.dense": "attn.proj",
              "attention.o_proj": "attn.proj", "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2",
              "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
 _HF_QKV = {"attention.attention.query": "q", "attention.attention.key": "k", "attention.attention.value": "v",
@@ -45,8 +45,8 @@ def from_hf(state):
             out["head." + leaf] = v
         elif m := re.match(r"(?:encoder\.layer|layers)\.(\d+)\.(.+)\.(?:weight|bias)$", k):
             i, module = m.groups()
-            if module in _HF_BLOCK:
-                out[f"blocks.{i}.{_HF_BLOCK[module]}.{leaf}"] = v
+            if module in HF_BLOCK:
+                out[f"blocks.{i}.{HF_BLOCK[module]}.{leaf}"] = v
             elif module in _HF_QKV:
                 qkv.setdefault(f"blocks.{i}.attn.qkv.{leaf}", {})[_HF_QKV[module]] = v
     for k, parts in qkv.items():

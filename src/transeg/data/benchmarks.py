@@ -98,10 +98,12 @@ class BenchmarkDataset(FolderDataset):
                                f"({_few([m.name for _, m in missing])})")
         return pairs
 
-    def _require(self, *dirs):
-        for d in dirs:
+    def _use(self, image_dir, mask_dir):
+        """Set the split's image and mask folders; both must exist."""
+        for d in (image_dir, mask_dir):
             if not d.is_dir():
                 raise TransegError(f"{d}: missing (expected the {self.name} layout under {self.root})")
+        self.image_dir, self.mask_dir = image_dir, mask_dir
 
 
 class ADE20K(BenchmarkDataset):
@@ -111,9 +113,7 @@ class ADE20K(BenchmarkDataset):
     reduce_zero_label = True  # 0 = "other objects", ignored by every paper here
 
     def _list(self, folder):
-        self.image_dir = self.root / "images" / folder
-        self.mask_dir = self.root / "annotations" / folder
-        self._require(self.image_dir, self.mask_dir)
+        self._use(self.root / "images" / folder, self.root / "annotations" / folder)
         return self._pairs(sorted(self.image_dir.glob("*.jpg")), lambda p: self.mask_dir / f"{p.stem}.png")
 
 
@@ -126,16 +126,13 @@ class Cityscapes(BenchmarkDataset):
     raw_description = "the Cityscapes label ids 0..33 (mapped to the 19 train ids)"
 
     def _list(self, folder):
-        self.image_dir = self.root / "leftImg8bit" / folder
-        self.mask_dir = self.root / "gtFine" / folder
-        self._require(self.image_dir, self.mask_dir)
+        self._use(self.root / "leftImg8bit" / folder, self.root / "gtFine" / folder)
         images = sorted(self.image_dir.glob("*/*_leftImg8bit.png"))
         # trainIds files (prepared) when present, else the raw labelIds mapped through the 19-class table
         self.raw_ids = not any(self.mask_dir.glob("*/*_gtFine_labelTrainIds.png"))
         suffix = "_gtFine_labelIds.png" if self.raw_ids else "_gtFine_labelTrainIds.png"
         return self._pairs(images, lambda p: self.mask_dir / p.parent.name /
                            (p.name.removesuffix("_leftImg8bit.png") + suffix))
-
 
 
 class COCOStuff164k(BenchmarkDataset):
@@ -146,13 +143,10 @@ class COCOStuff164k(BenchmarkDataset):
     raw_description = "the COCO-Stuff ids 0..181 (mapped to the 171 train ids)"
 
     def _list(self, folder):
-        self.image_dir = self.root / "images" / folder
-        self.mask_dir = self.root / "annotations" / folder
-        self._require(self.image_dir, self.mask_dir)
+        self._use(self.root / "images" / folder, self.root / "annotations" / folder)
         self.raw_ids = not any(self.mask_dir.glob("*_labelTrainIds.png"))
         suffix = ".png" if self.raw_ids else "_labelTrainIds.png"
         return self._pairs(sorted(self.image_dir.glob("*.jpg")), lambda p: self.mask_dir / f"{p.stem}{suffix}")
-
 
 
 class COCOStuff10k(BenchmarkDataset):
@@ -161,9 +155,7 @@ class COCOStuff10k(BenchmarkDataset):
     splits = {"train": "train2014", "val": "test2014"}
 
     def _list(self, folder):
-        self.image_dir = self.root / "images" / folder
-        self.mask_dir = self.root / "annotations" / folder
-        self._require(self.image_dir, self.mask_dir)
+        self._use(self.root / "images" / folder, self.root / "annotations" / folder)
         return self._pairs(sorted(self.image_dir.glob("*.jpg")),
                            lambda p: self.mask_dir / f"{p.stem}_labelTrainIds.png")
 
@@ -174,8 +166,7 @@ class PascalContext(BenchmarkDataset):
 
     def _list(self, split):
         root = self.root / "VOC2010" if (self.root / "VOC2010").is_dir() else self.root
-        self.image_dir, self.mask_dir = root / "JPEGImages", root / "SegmentationClassContext"
-        self._require(self.image_dir, self.mask_dir)
+        self._use(root / "JPEGImages", root / "SegmentationClassContext")
         ids_file = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
         if not ids_file.is_file():
             raise TransegError(f"{ids_file}: missing (the list of {split} image ids)")
