@@ -161,6 +161,20 @@ def test_hugging_face_conversion(tmp_path, config, size):
         assert (hf(pixel_values=x).logits - ours).abs().max().item() <= 1e-5
 
 
+def test_hugging_face_in_memory_names():
+    """transformers>=5 names its modules differently in memory (`segformer.stages.0.layer_norm`,
+    `...patch_embeddings.layer_norm`) from what it saves; both must map, and a stage norm must never
+    land on a patch-embedding norm (which a too-loose pattern once did, silently, at load strict)."""
+    from transeg.convert.segformer_hf import hf_to_official
+
+    hf = _random_hf(150)
+    model = transeg.create_model("segformer-b0", num_classes=150).eval()
+    model.load_state_dict(hf_to_official(hf.state_dict(), "in-memory"), strict=True)
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert (hf(pixel_values=x).logits - model(x)).abs().max().item() <= 1e-4
+
+
 def test_odd_input_sizes_use_ceil_grids():
     model = transeg.create_model("segformer-b0", num_classes=4, embed_dims=(8, 16, 24, 32), num_heads=(1, 1, 1, 1),
                                  depths=(1, 1, 1, 1), decoder_dim=16).eval()

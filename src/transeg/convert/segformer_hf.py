@@ -15,7 +15,13 @@ import torch
 from ..errors import TransegError
 from .segformer import infer_segformer_variant
 
-_BLOCK = r"segformer\.(?:encoder\.block\.(\d+)\.(\d+)|stages\.(\d+)\.blocks\.(\d+))\."
+_BLOCK = r"segformer\.encoder\.block\.(\d+)\.(\d+)\."
+# transformers>=5 in-memory names -> the Hub names, so one set of rules below serves both
+_V5_NAMES = [
+    (r"segformer\.stages\.(\d+)\.blocks\.(\d+)\.", r"segformer.encoder.block.\1.\2."),
+    (r"segformer\.stages\.(\d+)\.patch_embeddings\.", r"segformer.encoder.patch_embeddings.\1."),
+    (r"segformer\.stages\.(\d+)\.layer_norm\.", r"segformer.encoder.layer_norm.\1."),
+]
 # (pattern on the HF key after the block prefix, official suffix)
 _BLOCK_RULES = [
     (r"(?:layer_norm_1|layernorm_before)\.", "norm1."),
@@ -31,9 +37,9 @@ _BLOCK_RULES = [
     (r"mlp\.(?:dense2|fc2)\.", "mlp.fc2."),
 ]
 _OTHER_RULES = [
-    (r"segformer\.(?:encoder\.patch_embeddings|stages)\.(\d+)\.(?:patch_embeddings\.)?proj\.", "backbone.patch_embed{}.proj."),
-    (r"segformer\.(?:encoder\.patch_embeddings|stages)\.(\d+)\.(?:patch_embeddings\.)?layer_norm\.", "backbone.patch_embed{}.norm."),
-    (r"segformer\.(?:encoder\.layer_norm|stages)\.(\d+)\.(?:layer_norm\.)?", "backbone.norm{}."),
+    (r"segformer\.encoder\.patch_embeddings\.(\d+)\.proj\.", "backbone.patch_embed{}.proj."),
+    (r"segformer\.encoder\.patch_embeddings\.(\d+)\.layer_norm\.", "backbone.patch_embed{}.norm."),
+    (r"segformer\.encoder\.layer_norm\.(\d+)\.", "backbone.norm{}."),
     (r"decode_head\.(?:linear_c|linear_projections)\.(\d+)\.proj\.", "decode_head.linear_c{}.proj."),
 ]
 _HEAD_RULES = [
@@ -63,10 +69,11 @@ def hf_to_official(hf_state, source):
 
 
 def _map_key(key):
+    for pattern, hub in _V5_NAMES:
+        key = re.sub("^" + pattern, hub, key)
     m = re.match(_BLOCK, key)
     if m:
-        stage = int(m.group(1) if m.group(1) is not None else m.group(3)) + 1
-        block = m.group(2) if m.group(2) is not None else m.group(4)
+        stage, block = int(m.group(1)) + 1, m.group(2)
         rest = key[m.end():]
         for pattern, official in _BLOCK_RULES:
             r = re.match(pattern, rest)
