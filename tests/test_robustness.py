@@ -2,7 +2,6 @@
 untrusted pickles are refused."""
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys

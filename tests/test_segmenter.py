@@ -155,7 +155,6 @@ def test_padding_crops_back_and_windows_fit():
 def _augreg_npz(hf_state, depth, heads):
     """A random HF ViT written in Google's Flax/AugReg .npz layout (kernels [in, out]; attention
     kernels [D, heads, head_dim]; the output kernel [heads, head_dim, D]; the patch kernel HWIO)."""
-    import numpy as np
 
     s = {k: v.numpy() for k, v in hf_state.items()}
     d = s["embeddings.cls_token"].shape[-1]

@@ -1,5 +1,4 @@
 """Stochastic depth (Huang et al. 2016), per sample, as used by every transformer family here."""
-import torch
 from torch import nn
 
 
