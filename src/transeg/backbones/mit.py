@@ -10,7 +10,7 @@ blocks and after each stage.
 """
 from torch import nn
 
-from ..layers import DropPath, MixFFN, OverlapPatchEmbed, SpatialReductionAttention, drop_path_rates
+from ..layers import DropPath, MixFFN, OverlapPatchEmbed, SpatialReductionAttention, drop_path_rates, tokens_to_map
 from ..layers.init import init_weights
 
 
@@ -69,6 +69,6 @@ def run_stages(encoder, x):
         for block in getattr(encoder, f"block{s}"):
             x = block(x, hw)
         x = getattr(encoder, f"norm{s}")(x)
-        x = x.transpose(1, 2).reshape(x.shape[0], -1, hw[0], hw[1])
+        x = tokens_to_map(x, hw)
         features.append(x)
     return features

@@ -1,6 +1,6 @@
 """Building blocks shared by more than one model family. One concept per file."""
 from .attention import (EmbeddingFreeAttention, KeyValuePool, MultiHeadSelfAttention, SpatialReductionAttention,
-                        tokens_to_map)
+                        map_to_tokens, tokens_to_map)
 from .conv import ConvBNReLU
 from .drop import DropPath, drop_path_rates
 from .eft_block import EFTBlock
@@ -11,5 +11,5 @@ from .vit_block import TransformerBlock
 __all__ = [
     "ConvBNReLU", "DepthwiseConv", "DropPath", "EFTBlock", "EmbeddingFreeAttention", "KeyValuePool", "MixFFN", "Mlp",
     "MultiHeadSelfAttention", "OverlapPatchEmbed", "SpatialReductionAttention", "TransformerBlock", "drop_path_rates",
-    "tokens_to_map",
+    "map_to_tokens", "tokens_to_map",
 ]

@@ -17,9 +17,17 @@ from torch import nn
 
 
 def tokens_to_map(x, hw):
-    """(N, H*W, C) -> (N, C, H, W)."""
+    """(N, H*W, C) -> (N, C, H, W), as a channels-last view: no copy. Convolutions, pooling and
+    interpolation take channels-last input natively (and return it), so the token <-> map round
+    trips of the hierarchical encoders cost nothing instead of two transposing copies each."""
     n, _, c = x.shape
-    return x.transpose(1, 2).reshape(n, c, hw[0], hw[1])
+    return x.reshape(n, hw[0], hw[1], c).permute(0, 3, 1, 2)
+
+
+def map_to_tokens(x):
+    """(N, C, H, W) -> (N, H*W, C); free for a channels-last map, one copy otherwise."""
+    n, c = x.shape[:2]
+    return x.permute(0, 2, 3, 1).reshape(n, -1, c)
 
 
 class KeyValuePool(nn.Module):
@@ -96,7 +104,7 @@ class SpatialReductionAttention(nn.Module):
                 kv_map = self.pool(kv_map)
             if self.sr_ratio > 1:
                 kv_map = self.sr(kv_map)
-            x = kv_map.flatten(2).transpose(1, 2)
+            x = map_to_tokens(kv_map)
             if self.sr_ratio > 1:
                 x = self.norm(x)
         kv = self.kv(x).reshape(n, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
@@ -136,7 +144,7 @@ class EmbeddingFreeAttention(nn.Module):
         q = x.reshape(n, length, heads, c // heads).transpose(1, 2)
         # The pool runs even at ratio 1 (as the authors' nn.AvgPool2d(1) does) so that FLOP counts
         # in their convention, which count pooling inputs, come out equal.
-        kv = self.sr(self.pool(tokens_to_map(x, hw))).flatten(2).transpose(1, 2)
+        kv = map_to_tokens(self.sr(self.pool(tokens_to_map(x, hw))))
         if self.kv_norm:
             kv = self.act(self.norm(kv))
         kv = kv.reshape(n, -1, heads, c // heads).transpose(1, 2)

@@ -1,7 +1,7 @@
 """Feed-forward blocks."""
 from torch import nn
 
-from .attention import tokens_to_map
+from .attention import map_to_tokens, tokens_to_map
 
 
 class DepthwiseConv(nn.Module):
@@ -15,7 +15,7 @@ class DepthwiseConv(nn.Module):
         self.dwconv = nn.Conv2d(dim, dim, 3, 1, 1, groups=dim)
 
     def forward(self, x, hw):
-        return self.dwconv(tokens_to_map(x, hw)).flatten(2).transpose(1, 2)
+        return map_to_tokens(self.dwconv(tokens_to_map(x, hw)))
 
 
 class MixFFN(nn.Module):

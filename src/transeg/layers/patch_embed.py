@@ -1,6 +1,8 @@
 """Patch embeddings."""
 from torch import nn
 
+from .attention import map_to_tokens
+
 
 class OverlapPatchEmbed(nn.Module):
     """Conv with kernel > stride (padding k//2), flattened to tokens, then LayerNorm.
@@ -18,4 +20,4 @@ class OverlapPatchEmbed(nn.Module):
         """Returns tokens (N, H'*W', C) and their grid size (H', W')."""
         x = self.proj(x)
         hw = x.shape[-2:]
-        return self.norm(x.flatten(2).transpose(1, 2)), hw
+        return self.norm(map_to_tokens(x)), hw
