@@ -20,6 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .layers import KeyValuePool
+from .layers.fusion import unfused
 
 # KeyValuePool is the authors' nn.AvgPool2d in EDAFormer (counted even at kernel 1, as mmcv does).
 _POOLS = (nn.AvgPool2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, KeyValuePool)
@@ -87,7 +88,8 @@ def count_gmacs(model, input_size, count_bn=False, batch=1, convention="mmcv"):
     counter = FlopCounterMode(display=False)
     extras = _FvcoreExtras()
     try:
-        with counter, torch.no_grad(), (extras if fvcore else contextlib.nullcontext()):
+        # the published computation, not transeg's algebraically fused one (layers/fusion.py)
+        with counter, torch.no_grad(), unfused(model), (extras if fvcore else contextlib.nullcontext()):
             out = model(x)
             if fvcore:
                 extra[0] += 4 * out.shape[0] * out.shape[1] * input_size[0] * input_size[1]
