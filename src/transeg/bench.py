@@ -2,8 +2,10 @@
 import platform
 import statistics
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def _sync(device):
@@ -51,6 +53,52 @@ def time_interleaved(fns, device="cpu", warmup=3, runs=10):
     return times
 
 
+class _PeakTensorMemory(TorchDispatchMode):
+    """Tracks the bytes of tensor storages created while active and still alive; `peak` is the most
+    at any moment. A storage lives while any tensor viewing it does (weak references per tensor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _release(self, ptr):
+        entry = self.live.get(ptr)
+        if entry is not None:
+            entry[2] -= 1
+            if entry[2] == 0:
+                self.current -= self.live.pop(ptr)[0]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+                continue
+            storage = t.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self.live and ptr not in self.known:
+                self.live[ptr] = [storage.nbytes(), [], 0]  # bytes, weak refs (kept so they fire), count
+                self.current += storage.nbytes()
+                self.peak = max(self.peak, self.current)
+            if ptr in self.live:
+                entry = self.live[ptr]
+                entry[1].append(weakref.ref(t, lambda _, ptr=ptr: self._release(ptr)))
+                entry[2] += 1
+        return out
+
+
+def peak_tensor_memory(fn, *inputs):
+    """Peak bytes of the tensors `fn()` allocates (activations and outputs; the weights and `inputs`
+    already exist and are not counted), device-independent. On CUDA, torch.cuda.max_memory_allocated
+    is the allocator's view of the same thing; this one also works on CPU, where RSS is no guide
+    because freed memory stays in the process's heap."""
+    mode = _PeakTensorMemory()
+    mode.known = {t.untyped_storage().data_ptr() for t in inputs}
+    with mode:
+        out = fn()
+    del out
+    return mode.peak
+
+
 def environment(device="cpu"):
     device = torch.device(device)
     if device.type == "cuda":
@@ -62,3 +110,36 @@ def environment(device="cpu"):
 
 def summarize(times):
     return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "runs": len(times)}
+
+
+def hf_segformer_peer(name="segformer-b0", num_classes=150, seed=0):
+    """(transeg model, Hugging Face SegformerForSemanticSegmentation) with the same random weights, both
+    in eval mode, for timing against HF in one process. HF's block and stage LayerNorms get the authors'
+    eps 1e-6 (HF builds all with 1e-5) so the two compute the same function and the logits compare.
+    Needs `transformers` (pip install transformers); any MiT variant, B0..B5."""
+    from .errors import TransegError
+    from .registry import create_model, get_variant
+
+    try:
+        import transformers
+    except ImportError:
+        raise TransegError("comparing with Hugging Face needs the transformers package: pip install transformers") from None
+    variant = get_variant(name)
+    if variant.family != "segformer":
+        raise TransegError(f"{name}: --compare hf exists for SegFormer (B0..B5) only; HF has no {variant.family}")
+    args = variant.kwargs
+    config = transformers.SegformerConfig(
+        num_labels=num_classes, hidden_sizes=list(args["embed_dims"]), depths=list(args["depths"]),
+        decoder_hidden_size=args["decoder_dim"], num_attention_heads=list(args.get("num_heads", (1, 2, 5, 8))),
+        sr_ratios=list(args.get("sr_ratios", (8, 4, 2, 1))), mlp_ratios=list(args.get("mlp_ratios", (4, 4, 4, 4))))
+    torch.manual_seed(seed)
+    hf = transformers.SegformerForSemanticSegmentation(config)
+    from .convert.segformer_hf import hf_to_official
+
+    ours = create_model(name, num_classes=num_classes)
+    ours.load_state_dict(hf_to_official(hf.state_dict(), "transformers"))
+    for key, module in hf.named_modules():  # the authors': 1e-5 in patch embeddings and K/V reduction, else 1e-6
+        if isinstance(module, torch.nn.LayerNorm):
+            reduction = any(k in key for k in ("patch_embeddings", "sequence_reduction", ".self.layer_norm"))
+            module.eps = 1e-5 if reduction else 1e-6
+    return ours.eval(), hf.eval()

@@ -1,0 +1,108 @@
+"""The speed-ups compute the same function: algebraic fusion of the decoders (layers/fusion.py), the
+channels-last token views, native bf16 inference, and the peak-memory meter of the benchmarks.
+No timing here (benchmarks/ does that); these tests check equalities that a wrong fusion breaks."""
+import pytest
+import torch
+
+import transeg
+from transeg.bench import peak_tensor_memory
+from transeg.layers import map_to_tokens, tokens_to_map
+from transeg.layers.fusion import unfused
+
+TINY = {
+    "segformer-b0": dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 1, 2, 2), depths=(1, 1, 1, 1), decoder_dim=32),
+    "edaformer-t": dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1), decoder_dim=32),
+}
+
+
+def _model(name, seed=0):
+    torch.manual_seed(seed)
+    model = transeg.create_model(name, num_classes=5, **TINY[name])
+    bn = model.decode_head.linear_fuse.bn
+    with torch.no_grad():  # statistics and affine terms away from their identity defaults
+        bn.running_mean.normal_(0, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_(0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("name", ["segformer-b0", "edaformer-t"])
+def test_fused_decoder_equals_the_published_one_in_eval(name):
+    """sum_i up(W_i P_i x_i) + folded BN == BN(conv(cat_i up(P_i x_i))): same logits to 1e-5 at an odd
+    size (upsampling by non-integer factors), while the fusion is actually on (the head never calls
+    its fuse conv) and the published path does call it."""
+    model = _model(name).eval()
+    x = torch.randn(2, 3, 75, 99, generator=torch.Generator().manual_seed(1))
+    calls = []
+    model.decode_head.linear_fuse.conv.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        fused = model(x)
+        assert calls == []
+        with unfused(model):
+            published = model(x)
+        assert calls == [1]
+    stride_size = (19, 25) if name.startswith("segformer") else (10, 13)  # ceil(75/4), ceil(99/4); /8
+    assert fused.shape == published.shape == (2, 5, *stride_size)
+    assert (fused - published).abs().max().item() <= 1e-5
+    assert published.abs().max().item() > 0.1  # not a comparison of zeros
+
+
+@pytest.mark.parametrize("name", ["segformer-b0", "edaformer-t"])
+def test_fused_decoder_trains_identically(name):
+    """In training BatchNorm uses batch statistics of the fused sum; loss, every gradient and the
+    running statistics must equal the published computation's (dropout off so both draw nothing)."""
+    results = []
+    for fused in (True, False):
+        model = _model(name, seed=3).train()
+        model.decode_head.dropout.p = 0.0
+        x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(4))
+        label = torch.randint(0, 5, (2, 64, 64), generator=torch.Generator().manual_seed(5))
+        with (torch.enable_grad() if fused else unfused(model)):
+            loss = model.loss(model(x), label)["loss"]
+            loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+        results.append((loss.item(), grads, model.decode_head.linear_fuse.bn.running_var.clone()))
+    (l1, g1, v1), (l2, g2, v2) = results
+    assert abs(l1 - l2) <= 1e-6 * abs(l2)
+    assert g1.keys() == g2.keys() and "decode_head.linear_fuse.conv.weight" in g1
+    for k in g2:
+        scale = g2[k].abs().max().item()
+        assert (g1[k] - g2[k]).abs().max().item() <= 1e-5 * max(scale, 1e-3), k
+    assert torch.allclose(v1, v2, rtol=1e-5, atol=1e-6)
+
+
+def test_token_map_views_share_memory_and_round_trip():
+    """tokens_to_map is a channels-last view (no copy) and map_to_tokens undoes it for free; values
+    are those of the transposing reshape the encoders used before."""
+    tokens = torch.randn(2, 12, 5)
+    m = tokens_to_map(tokens, (3, 4))
+    assert m.data_ptr() == tokens.data_ptr() and m.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(m, tokens.transpose(1, 2).reshape(2, 5, 3, 4))
+    back = map_to_tokens(m)
+    assert back.data_ptr() == tokens.data_ptr() and torch.equal(back, tokens)
+    nchw = torch.randn(2, 5, 3, 4)
+    assert torch.equal(map_to_tokens(nchw), nchw.flatten(2).transpose(1, 2))
+
+
+def test_native_bf16_inference_is_close_to_fp32():
+    """optimize_for_inference(bfloat16) casts the weights, casts the input on entry and returns
+    float32 scores from `logits`; bf16 keeps ~3 significant digits, so probabilities stay within 0.05
+    of fp32 (a wrong cast, e.g. of the BN folding, moves them by far more)."""
+    model = _model("segformer-b0").eval()
+    x = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        ref = model.logits(x).softmax(1)
+        model.optimize_for_inference(torch.bfloat16)
+        assert model.dtype == torch.bfloat16 and not model.training
+        out = model.logits(x)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    assert (out.softmax(1) - ref).abs().max().item() < 0.05
+
+
+def test_peak_tensor_memory_counts_live_storages():
+    """(a + 1) * 2 on 10^6 floats holds two 4 MB results at once at its peak (the sum is still alive
+    while the product is made): 8,000,000 bytes; the input itself is not counted. A view adds nothing."""
+    a = torch.randn(1000, 1000)
+    assert peak_tensor_memory(lambda: (a + 1) * 2, a) == 8_000_000
+    assert peak_tensor_memory(lambda: (a + 1).view(-1)[::2] * 2, a) == 4_000_000 + 2_000_000
