@@ -106,3 +106,19 @@ def test_peak_tensor_memory_counts_live_storages():
     a = torch.randn(1000, 1000)
     assert peak_tensor_memory(lambda: (a + 1) * 2, a) == 8_000_000
     assert peak_tensor_memory(lambda: (a + 1).view(-1)[::2] * 2, a) == 4_000_000 + 2_000_000
+
+
+def test_gemm_upsample_sum_equals_interpolate():
+    """The bf16 CPU path resamples by matrix products; in fp32 it must equal F.interpolate (bilinear,
+    align_corners=False) + add to 1e-5, for integer and non-integer factors and edge clamping."""
+    import torch.nn.functional as F
+
+    from transeg.layers.fusion import upsample_sum_gemm
+
+    g = torch.Generator().manual_seed(7)
+    acc = torch.randn(2, 6, 19, 25, generator=g)
+    maps = [torch.randn(2, 6, h, w, generator=g) for h, w in ((10, 13), (5, 7), (3, 4), (19, 25))]
+    expected = acc + sum(F.interpolate(m, size=(19, 25), mode="bilinear", align_corners=False) for m in maps)
+    got = upsample_sum_gemm(tokens_to_map(map_to_tokens(acc), (19, 25)), maps)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5

@@ -14,6 +14,7 @@ The fused path is the default in training and inference (gradients are those of 
 convention and the equality tests use.
 """
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -65,11 +66,45 @@ def fused_concat_conv_bn(inputs, projections, conv, bn, size):
     fused.insert(0, fused.pop(first))
     if shift is not None:
         fused[0][2] = shift if fused[0][2] is None else fused[0][2] + shift
-    out = None
-    for x, w, b in fused:
-        y = tokens_to_map(F.linear(map_to_tokens(x), w, b), x.shape[-2:])
-        if tuple(y.shape[-2:]) != tuple(size):
-            y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-        # in place: none of linear, interpolate or add needs these values for its gradient
-        out = y if out is None else out.add_(y)
+    ys = [tokens_to_map(F.linear(map_to_tokens(x), w, b), x.shape[-2:]) for x, w, b in fused]
+    out, rest = ys[0], ys[1:]
+    if out.device.type == "cpu" and out.dtype in (torch.bfloat16, torch.float16):
+        out = upsample_sum_gemm(out, rest)
+    else:
+        for y in rest:
+            # in place: none of linear, interpolate or add needs these values for its gradient
+            out = out.add_(F.interpolate(y, size=size, mode="bilinear", align_corners=False))
     return out if shift is not None else bn(out)
+
+
+@functools.lru_cache(maxsize=64)
+def bilinear_matrix(out_size, in_size, dtype, device):
+    """(out_size, in_size) matrix M with `M @ v` = 1-D bilinear resampling of v, align_corners=False,
+    PyTorch's exact rule: source = max((i + 0.5) * in/out - 0.5, 0), two taps, the last one clamped."""
+    i = torch.arange(out_size, dtype=torch.float64)
+    src = ((i + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
+    i0 = src.floor().long().clamp(max=in_size - 1)
+    i1 = (i0 + 1).clamp(max=in_size - 1)
+    frac = src - i0
+    m = torch.zeros(out_size, in_size, dtype=torch.float64)
+    m.index_put_((i.long(), i0), 1 - frac, accumulate=True)
+    m.index_put_((i.long(), i1), frac, accumulate=True)
+    return m.to(dtype=dtype, device=device)
+
+
+def upsample_sum_gemm(acc, maps):
+    """`acc + sum_i up(maps_i)` (bilinear, align_corners=False, to acc's size) as matrix products:
+    each map is resampled along W by one batched GEMM, then all of them along H by a single GEMM
+    that accumulates into `acc` (their H-matrices side by side, K = sum of the heights). Used for
+    bf16/fp16 on CPU, where the interpolation kernel runs ~6x slower than this (and rounds to bf16
+    after every level, where the GEMM accumulates in fp32); equal to interpolate + add otherwise."""
+    n, c, height, width = acc.shape
+    rows, resampled = [], []
+    for y in maps:
+        h, w = y.shape[-2:]
+        z = torch.matmul(bilinear_matrix(width, w, y.dtype, y.device), map_to_tokens(y).reshape(n * h, w, c))
+        resampled.append(z.reshape(n, h, width * c))
+        rows.append(bilinear_matrix(height, h, y.dtype, y.device))
+    a = torch.cat(rows, 1).expand(n, -1, -1)
+    out = torch.baddbmm(map_to_tokens(acc).reshape(n, height, width * c), a, torch.cat(resampled, 1))
+    return tokens_to_map(out.reshape(n, height * width, c), (height, width))
