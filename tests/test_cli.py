@@ -67,6 +67,35 @@ def test_bench_prints_environment(capsys):
     assert "segformer-b0: 3.75M params" in out and "threads" in out and "latency median" in out
 
 
+def test_bench_compare_hf_checks_logits_and_reports_ratios(capsys):
+    """--compare hf: HF SegFormer with the same weights timed in the same run; the fp32 logits agree
+    (HF's LayerNorm eps aligned to the authors'), and each contender gets a ratio to HF fp32."""
+    pytest.importorskip("transformers")
+    assert main(["bench", "segformer-b0", "--size", "64x64", "--runs", "1", "--warmup", "0", "--compare", "hf",
+                 "--dtype", "bf16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    diff = next(float(line.split("= ")[1].split()[0]) for line in lines if line.startswith("fp32 logits"))
+    assert diff <= 1e-4
+    names = [line[:24].strip() for line in lines if line.endswith("x HF fp32")]
+    assert names == ["HF fp32", "HF bf16 (autocast)", "transeg bf16"]
+    assert main(["bench", "edaformer-t", "--compare", "hf"]) == 2  # one line: HF has no EDAFormer
+
+
+def test_predict_in_bf16_matches_fp32_masks(trained, tmp_path):
+    """--dtype bf16 runs native bf16 weights; on a trained model's clear-cut synthetic image the masks
+    agree with fp32 on nearly every pixel (bf16 keeps ~3 digits, ties may flip)."""
+    from transeg.data.synthetic import SyntheticDataset
+
+    image = SyntheticDataset("val", num_samples=1, size=(64, 64), seed=3)[0]["image"]
+    Image.fromarray(image.permute(1, 2, 0).numpy()).save(tmp_path / "s.png")
+    masks = []
+    for dtype in ("fp32", "bf16"):
+        assert main(["predict", str(trained / "model.safetensors"), str(tmp_path / "s.png"), "--out",
+                     str(tmp_path / dtype), "--dtype", dtype]) == 0
+        masks.append(np.array(Image.open(tmp_path / dtype / "s_mask.png")))
+    assert (masks[0] == masks[1]).mean() >= 0.95
+
+
 def test_models_lists_paper_and_measured(capsys):
     assert main(["models", "--family", "segformer"]) == 0
     out = capsys.readouterr().out

@@ -122,3 +122,17 @@ def test_gemm_upsample_sum_equals_interpolate():
     got = upsample_sum_gemm(tokens_to_map(map_to_tokens(acc), (19, 25)), maps)
     assert got.shape == expected.shape
     assert (got - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.slow
+def test_compiled_inference_equals_eager():
+    """optimize_for_inference(compile=True): inductor with weight freezing must compute the same logits
+    (fusion reorders float sums only: 1e-5), and the compiled modules are what runs."""
+    model = _model("segformer-b0").eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        eager = model.logits(x)
+        model.optimize_for_inference(compile=True)
+        compiled = model.logits(x)
+    assert model.backbone._compiled_call_impl is not None
+    assert (compiled - eager).abs().max().item() <= 1e-5

@@ -16,7 +16,8 @@ def _sync(device):
 def time_forward(model, size, batch=1, device="cpu", dtype=torch.float32, warmup=3, runs=10, channels_last=False):
     """Seconds per forward pass (list of `runs` timings) at input (batch, 3, *size).
 
-    dtype float32 runs in fp32; bfloat16/float16 run under autocast (weights stay fp32)."""
+    dtype bfloat16/float16 runs under autocast (for native low-precision weights, cast the model
+    with optimize_for_inference and leave dtype float32)."""
     device = torch.device(device)
     model = model.to(device).eval()
     x = torch.randn(batch, 3, *size, device=device)

@@ -51,6 +51,26 @@ def _add_protocol_args(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
+def _add_speed_args(p, default_dtype="fp32"):
+    g = p.add_argument_group("speed")
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=default_dtype,
+                   help="inference precision: bf16/fp16 cast the weights (native low precision, faster than "
+                        "autocast on AMX CPUs and tensor-core GPUs; ~3 significant digits). Default fp32")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile with weight freezing: the first image of each size compiles (~30 s on CPU), "
+                        "later ones run faster; worth it for many images of one size")
+
+
+def _optimize(args, model):
+    """Apply --dtype / --compile (Segmentor.optimize_for_inference)."""
+    import torch
+
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if getattr(args, "autocast", False):
+        dtype = None  # bench --autocast: fp32 weights, low precision by autocast
+    return model.optimize_for_inference(dtype, compile=args.compile)
+
+
 def _add_isr_args(p):
     g = p.add_argument_group(
         "inference spatial reduction (ISR)",
@@ -166,7 +186,7 @@ def cmd_eval(args):
     model = load(args.checkpoint)
     _apply_isr(args, model)
     device = _device(args.device)
-    model.to(device)
+    _optimize(args, model.to(device))
     spec = args.data if args.data is not None else model.meta.get("dataset")
     dataset = build_dataset(spec, args.split)
     if len(dataset.classes) != model.num_classes:
@@ -220,7 +240,7 @@ def cmd_predict(args):
     if _apply_isr(args, model):
         print(f"{describe(model.isr)} (K/V pooling {_pooling_text(effective_pooling(model))})")
     device = _device(args.device)
-    model.to(device)
+    _optimize(args, model.to(device))
     protocol = _protocol(args, model)
     transform = test_transform(model, protocol)
     palette = [tuple(c) for c in (model.meta.get("palette") or default_palette(model.num_classes))]
@@ -275,6 +295,9 @@ def cmd_bench(args):
     from .registry import create_model, get_variant
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    autocast_dtype = dtype if args.autocast else torch.float32
+    if args.compare and args.isr_sweep:
+        raise TransegError("--compare and --isr-sweep are separate measurements; run them one at a time")
     is_checkpoint = Path(args.model).suffix == ".safetensors"
     if is_checkpoint:
         model = load(args.model)
@@ -294,9 +317,14 @@ def cmd_bench(args):
     device = _device(args.device)
     env = environment(device)
     h, w = args.size
+    precision = args.dtype + ("" if args.dtype == "fp32" else " (autocast)" if args.autocast else " (native weights)")
+    precision += ", compiled" if args.compile else ""
     print(f"{name}: {count_params(model) / 1e6:.2f}M params, input {h}x{w}, batch {args.batch}")
-    print(f"device {env['device']}, {env['threads']} threads, torch {env['torch']}, dtype {args.dtype}"
-          f"{' (autocast)' if args.dtype != 'fp32' else ''}, {args.warmup} warm-up + {args.runs} timed runs (median)")
+    print(f"device {env['device']}, {env['threads']} threads, torch {env['torch']}, {precision}, "
+          f"{args.warmup} warm-up + {args.runs} timed runs (median)")
+    if args.compare:
+        return _compare_hf(args, name, model.num_classes, device, autocast_dtype)
+    _optimize(args, model.to(device))
     rows = []
     for setting in settings:
         if setting:
@@ -305,7 +333,7 @@ def cmd_bench(args):
         row = {"setting": describe(model.isr), "pooling": effective_pooling(model),
                "label": " / ".join(",".join(map(str, r)) for r in model.isr.values() if r),
                "GFLOPs": count_gmacs(shape_model, args.size, convention=flops_convention)["total"]}
-        t = summarize(time_forward(model, args.size, args.batch, device, dtype, args.warmup, args.runs))
+        t = summarize(time_forward(model, args.size, args.batch, device, autocast_dtype, args.warmup, args.runs))
         row["latency ms"] = t["median_ms"]
         if dataset is not None:
             from .engine import evaluate
@@ -326,6 +354,39 @@ def cmd_bench(args):
         title = f"{name}: ISR encoder / decoder ratios, {h}x{w} {args.dtype}" + (f", mIoU on {args.data}" if dataset else "")
         tradeoff_chart(rows, title=title).save(plot)
         print(f"trade-off chart: {plot}")
+
+
+def _compare_hf(args, name, num_classes, device, autocast_dtype):
+    """`bench --compare hf`: transeg and HF SegFormer on the same random weights, timed in turn within
+    each round; logits checked equal first."""
+    import statistics
+
+    import torch
+
+    from .bench import hf_segformer_peer, time_interleaved
+
+    ours, hf = hf_segformer_peer(name, num_classes)
+    ours, hf = ours.to(device), hf.to(device)
+    x = torch.randn(args.batch, 3, *args.size, device=device)
+    with torch.inference_mode():
+        diff = (ours(x) - hf(pixel_values=x).logits).abs().max().item()
+    _optimize(args, ours)
+    low = torch.float32 if args.dtype == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+
+    def run(model, autocast_to, hf_call=False):
+        def call():
+            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_to, enabled=autocast_to != torch.float32):
+                return model(pixel_values=x) if hf_call else model(x)
+        return call
+
+    fns = {"HF fp32": run(hf, torch.float32, True)}
+    if args.dtype != "fp32":
+        fns[f"HF {args.dtype} (autocast)"] = run(hf, low, True)
+    fns[f"transeg {args.dtype}"] = run(ours, autocast_dtype)
+    times = {k: statistics.median(v) * 1e3 for k, v in time_interleaved(fns, device, args.warmup, args.runs).items()}
+    print(f"fp32 logits: max |transeg - HF| = {diff:.1e} (same weights)")
+    for k, ms in times.items():
+        print(f"{k:24s} {ms:8.1f} ms  {1000 * args.batch / ms:6.1f} images/s  {times['HF fp32'] / ms:5.2f}x HF fp32")
 
 
 def _sweep_dataset(args, model):
@@ -466,6 +527,7 @@ def build_parser():
     p.add_argument("--limit", type=int, help="only the first N images")
     p.add_argument("--out", help="also write the per-class IoU chart iou.png here")
     _add_protocol_args(p)
+    _add_speed_args(p)
     _add_isr_args(p)
 
     p = verb("predict", cmd_predict, "segment images: writes index-PNG masks and colour overlays")
@@ -474,6 +536,7 @@ def build_parser():
     p.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
     p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
     _add_protocol_args(p)
+    _add_speed_args(p)
     _add_isr_args(p)
 
     from .convert import FORMATS
@@ -490,11 +553,16 @@ def build_parser():
     p.add_argument("model", help="variant name or a .safetensors checkpoint")
     p.add_argument("--size", type=_size, default=(512, 512), help="input HxW (default 512x512)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--num-classes", type=int, default=150)
     p.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    _add_speed_args(p)
+    p.add_argument("--autocast", action="store_true",
+                   help="with --dtype bf16/fp16: keep fp32 weights and run under torch.autocast instead")
+    p.add_argument("--compare", choices=["hf"],
+                   help="also time Hugging Face transformers' SegFormer with the same weights in the same run "
+                        "(SegFormer variants; needs pip install transformers)")
     p.add_argument("--flops", choices=["mmcv", "fvcore"],
                    help="GFLOPs convention (default: the paper's: mmcv's counter for SegFormer/EDAFormer, fvcore's "
                         "for SegViT -- it adds LayerNorm/upsampling terms and no conv bias)")
