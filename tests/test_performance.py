@@ -136,3 +136,17 @@ def test_compiled_inference_equals_eager():
         compiled = model.logits(x)
     assert model.backbone._compiled_call_impl is not None
     assert (compiled - eager).abs().max().item() <= 1e-5
+
+
+def test_bf16_inference_then_bf16_training_in_one_process():
+    """The bf16 CPU decoder caches its resampling matrices; made under inference_mode they would be
+    inference tensors and break a later autograd step (found by benchmarks/segformer_hf.py)."""
+    model = _model("segformer-b0")
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.eval()(x)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(model(x), torch.zeros(2, 64, 64, dtype=torch.long))["loss"]
+    loss.backward()
+    assert model.decode_head.linear_c1.proj.weight.grad.abs().sum().item() > 0

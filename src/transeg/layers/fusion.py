@@ -80,7 +80,14 @@ def fused_concat_conv_bn(inputs, projections, conv, bn, size):
 @functools.lru_cache(maxsize=64)
 def bilinear_matrix(out_size, in_size, dtype, device):
     """(out_size, in_size) matrix M with `M @ v` = 1-D bilinear resampling of v, align_corners=False,
-    PyTorch's exact rule: source = max((i + 0.5) * in/out - 0.5, 0), two taps, the last one clamped."""
+    PyTorch's exact rule: source = max((i + 0.5) * in/out - 0.5, 0), two taps, the last one clamped.
+    Cached, so always made as a normal tensor: one made under inference_mode could not enter a
+    later training step's autograd graph."""
+    with torch.inference_mode(False):
+        return _bilinear_matrix(out_size, in_size).to(dtype=dtype, device=device)
+
+
+def _bilinear_matrix(out_size, in_size):
     i = torch.arange(out_size, dtype=torch.float64)
     src = ((i + 0.5) * (in_size / out_size) - 0.5).clamp(min=0)
     i0 = src.floor().long().clamp(max=in_size - 1)
@@ -89,7 +96,7 @@ def bilinear_matrix(out_size, in_size, dtype, device):
     m = torch.zeros(out_size, in_size, dtype=torch.float64)
     m.index_put_((i.long(), i0), 1 - frac, accumulate=True)
     m.index_put_((i.long(), i1), frac, accumulate=True)
-    return m.to(dtype=dtype, device=device)
+    return m
 
 
 def upsample_sum_gemm(acc, maps):
