@@ -38,6 +38,8 @@ class TrainConfig:
                                                        "pos_block": {"decay_mult": 0.0}})
     sync_bn: bool = False                              # BatchNorm statistics over all processes (DDP on CUDA)
     clip_grad_norm: Optional[float] = None             # max L2 norm of all gradients (Mask2Former: 0.01)
+    compile: bool = False                              # torch.compile the model (the first steps compile;
+                                                       # gains in benchmarks/train_step.py, BENCHMARKS.md)
     power: float = 1.0
     min_lr_ratio: float = 0.0
     warmup_iters: int = 1500

@@ -194,6 +194,8 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
                 raise TransegError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU implementation)")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if cfg.compile:
+        net.compile()  # in place: the state dict keeps its names, checkpoints are unchanged
 
     transform = TrainTransform(crop_size=tuple(cfg.crop_size), scale=tuple(cfg.scale), ratio_range=tuple(cfg.ratio_range),
                                cat_max_ratio=cfg.cat_max_ratio, photometric=cfg.photometric,
