@@ -130,9 +130,14 @@ class MSDeformAttnPixelDecoder(nn.Module):
         self.layer_1 = ConvGN(conv_dim, conv_dim, 3, relu=True)
 
     def forward(self, features):
-        # fp32 under autocast too, as the authors' (deformable sampling is not reliable in half precision)
-        with torch.autocast(features[0].device.type, enabled=False):
-            return self._forward([f.float() for f in features])
+        # In the weights' precision: fp32 under autocast too, as the authors' (deformable sampling is
+        # not reliable in half precision); bf16 only when the weights were cast for inference.
+        dtype, device = self.mask_features.weight.dtype, features[0].device.type
+        features = [f.to(dtype) for f in features]
+        if device == "meta" or not torch.is_autocast_enabled(device):  # (autocast has no meta device)
+            return self._forward(features)
+        with torch.autocast(device, enabled=False):
+            return self._forward(features)
 
     def _forward(self, features):
         levels = self.transformer([proj(f) for proj, f in zip(self.input_proj, features[1:][::-1])])
