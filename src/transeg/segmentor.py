@@ -46,6 +46,10 @@ class Segmentor(nn.Module):
         fp32 needs no call to be fast: the decoders' algebraic fusion (layers/fusion.py) always runs,
         as it computes the same function from the weights as they are. Returns self."""
         self.eval()
+        if dtype is not None and dtype != torch.float32 and self.outputs_probabilities:
+            from .errors import TransegError
+            raise TransegError("native low-precision weights are not supported for the Mask2Former head yet "
+                               "(its deformable attention mixes fp32 positions in); use fp32 or bench --autocast")
         if dtype is not None:
             self.to(dtype)
         if compile:
