@@ -51,6 +51,13 @@ def _add_protocol_args(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
+def _torch_dtype(name):
+    """--dtype's value as a torch dtype (torch imported here, not at CLI start-up: fast --help)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
 def _add_speed_args(p, default_dtype="fp32"):
     g = p.add_argument_group("speed")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=default_dtype,
@@ -65,9 +72,9 @@ def _optimize(args, model):
     """Apply --dtype / --compile (Segmentor.optimize_for_inference)."""
     import torch
 
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    if getattr(args, "autocast", False):
-        dtype = None  # bench --autocast: fp32 weights, low precision by autocast
+    dtype = _torch_dtype(args.dtype)
+    if dtype == torch.float32 or getattr(args, "autocast", False):
+        dtype = None  # fp32, or bench --autocast: fp32 weights, low precision by autocast
     return model.optimize_for_inference(dtype, compile=args.compile)
 
 
@@ -294,7 +301,7 @@ def cmd_bench(args):
     from .isr import describe, effective_pooling, sweep_settings
     from .registry import create_model, get_variant
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = _torch_dtype(args.dtype)
     autocast_dtype = dtype if args.autocast else torch.float32
     if args.compare and args.isr_sweep:
         raise TransegError("--compare and --isr-sweep are separate measurements; run them one at a time")
@@ -371,7 +378,7 @@ def _compare_hf(args, name, num_classes, device, autocast_dtype):
     with torch.inference_mode():
         diff = (ours(x) - hf(pixel_values=x).logits).abs().max().item()
     _optimize(args, ours)
-    low = torch.float32 if args.dtype == "fp32" else {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    low = _torch_dtype(args.dtype)
 
     def run(model, autocast_to, hf_call=False):
         def call():

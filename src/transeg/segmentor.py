@@ -22,10 +22,13 @@ class Segmentor(nn.Module):
         self.meta = dict(meta or {})
 
     def forward(self, x):
-        dtype = self.dtype
-        if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(dtype)  # native low-precision weights (optimize_for_inference(torch.bfloat16))
-        return self.decode_head(self.backbone(x))
+        return self.decode_head(self.backbone(self._to_weight_dtype(x)))
+
+    def _to_weight_dtype(self, x):
+        """Inputs follow native low-precision weights (optimize_for_inference(torch.bfloat16))."""
+        if x.dtype != self.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.dtype)
+        return x
 
     @property
     def dtype(self):
@@ -84,9 +87,7 @@ class Segmentor(nn.Module):
         size = x.shape[-2:]
         if not hasattr(self.decode_head, "scores"):
             return self.upsample_logits(self(x).float(), size)
-        if x.dtype != self.dtype and not torch.is_autocast_enabled(x.device.type):
-            x = x.to(self.dtype)
-        return self.decode_head.scores(self.backbone(x), self.padded_size(size)).float()[..., :size[0], :size[1]]
+        return self.decode_head.scores(self.backbone(self._to_weight_dtype(x)), self.padded_size(size)).float()[..., :size[0], :size[1]]
 
     def loss(self, logits, label, ignore_index=255, reduction="all", ohem=None):
         """CE on logits upsampled (bilinear, align_corners=False) to the label size, or the head's own
