@@ -150,3 +150,57 @@ def test_bf16_inference_then_bf16_training_in_one_process():
         loss = model.loss(model(x), torch.zeros(2, 64, 64, dtype=torch.long))["loss"]
     loss.backward()
     assert model.decode_head.linear_c1.proj.weight.grad.abs().sum().item() > 0
+
+
+@pytest.mark.parametrize("logit_size,label_size,padded,reduction,block_bytes", [
+    ((16, 12), (64, 48), None, "all", 1 << 21),        # the head's stride 4, one block per image
+    ((16, 12), (64, 48), None, "valid", 200),          # one output row per block: every band edge
+    ((5, 7), (77, 109), (80, 112), "all", 3000),       # ViT: upsampled to the padded size, then cropped
+    ((10, 10), (37, 41), None, "valid", 1000),         # non-integer factors
+    ((40, 30), (24, 18), None, "all", 500),            # down-sampling
+])
+def test_upsampled_cross_entropy_equals_upsample_then_ce(monkeypatch, logit_size, label_size, padded, reduction,
+                                                         block_bytes):
+    """The blocked loss must be cross_entropy(interpolate(logits)[..., :H, :W]) in value (1e-6) and in
+    gradient (1e-5 of its largest entry: the taps are rounded from fp64 here), channels-last or not, with ignored pixels, for every way the
+    row blocks can cut the resampling bands."""
+    import torch.nn.functional as F
+
+    from transeg.losses import _UpsampledCrossEntropy, cross_entropy, upsampled_cross_entropy
+
+    monkeypatch.setattr(_UpsampledCrossEntropy, "BLOCK_BYTES", block_bytes)
+    g = torch.Generator().manual_seed(10)
+    for channels_last in (False, True):
+        x = torch.randn(2, 7, *logit_size, generator=g)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        label = torch.randint(0, 7, (2, *label_size), generator=g)
+        label[:, :3] = 255
+        up = F.interpolate(x, size=padded or label_size, mode="bilinear", align_corners=False)
+        expected = cross_entropy(up[..., :label_size[0], :label_size[1]], label, 255, reduction)
+        (g_expected,) = torch.autograd.grad(expected, x)
+        got = upsampled_cross_entropy(x, label, 255, reduction, padded)
+        (g_got,) = torch.autograd.grad(got, x)
+        assert abs(got.item() - expected.item()) <= 1e-6 * expected.item()
+        assert (g_got - g_expected).abs().max().item() <= 1e-5 * g_expected.abs().max().item()
+
+
+def test_upsampled_cross_entropy_bf16_and_no_labels():
+    """bf16 logits are resampled in fp32 (the loss equals the fp32 one on the same values, and the
+    gradient comes back in bf16); a batch with no labelled pixel gives loss 0 under "valid" (mean over
+    nothing), where F.cross_entropy gives NaN, which would stop training."""
+    from transeg.losses import cross_entropy, upsampled_cross_entropy
+
+    import torch.nn.functional as F
+
+    x = torch.randn(2, 5, 8, 8, generator=torch.Generator().manual_seed(11)).bfloat16().requires_grad_(True)
+    label = torch.randint(0, 5, (2, 32, 32), generator=torch.Generator().manual_seed(12))
+    loss = upsampled_cross_entropy(x, label)
+    expected = cross_entropy(F.interpolate(x.detach().float(), size=(32, 32), mode="bilinear"), label)
+    assert abs(loss.item() - expected.item()) <= 1e-6 * expected.item()
+    loss.backward()
+    assert x.grad.dtype == torch.bfloat16 and x.grad.abs().sum().item() > 0
+    ignored = torch.full((2, 32, 32), 255)
+    assert upsampled_cross_entropy(x, ignored, reduction="valid").item() == 0.0
+    assert torch.isnan(F.cross_entropy(F.interpolate(x.detach().float(), size=(32, 32)), ignored, ignore_index=255))

@@ -1,4 +1,6 @@
 """Losses shared by the families."""
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -15,6 +17,114 @@ def cross_entropy(logits, label, ignore_index=255, reduction="all"):
     if reduction != "all":
         raise ValueError(f"loss reduction must be 'all' or 'valid', got {reduction!r}")
     return F.cross_entropy(logits, label, ignore_index=ignore_index, reduction="none").mean()
+
+
+def upsampled_cross_entropy(logits, label, ignore_index=255, reduction="all", padded_size=None, blocked=True):
+    """`cross_entropy(interpolate(logits, padded_size)[..., :H, :W], label)` without ever holding the
+    full-resolution logits: the same value and gradient, in a fraction of the time and memory.
+
+    logits: (N, C, h, w) at the head's stride; label: (N, H, W); padded_size: the size the logits are
+    upsampled to before cropping to the label (default: the label's size; see Segmentor.upsample_logits).
+    Bilinear (align_corners=False) upsampling is separable, so each image is first resampled along W
+    by PyTorch's kernel (at the head's height h), then a few output rows at a time along H by one
+    small matrix product with the rows of the resampling matrix that block needs; each block's loss
+    (and in backward its softmax gradient, pushed back through the same matrix) is taken while it is
+    in cache. For SegFormer's training batch (8 × 150 classes × 512²) the published way writes and
+    re-reads a 1.26 GB tensor about ten times (upsample, log-softmax, NLL and their backward
+    passes); this works in blocks of ~2 MB. Computed in fp32 whatever the logits' dtype, like
+    `cross_entropy(logits.float(), ...)`. reduction as in `cross_entropy`; "valid" with no labelled
+    pixel at all gives 0 (not NaN, which would stop training). blocked=False runs the published
+    computation instead (what `layers.fusion.unfused` selects, for comparisons).
+    """
+    if reduction not in ("all", "valid"):
+        raise ValueError(f"loss reduction must be 'all' or 'valid', got {reduction!r}")
+    size = tuple(label.shape[-2:])
+    padded = tuple(padded_size or size)
+    if padded[0] < size[0] or padded[1] < size[1]:
+        raise ValueError(f"padded size {padded} is smaller than the label's {size}")
+    if not blocked:
+        if tuple(logits.shape[-2:]) != padded:
+            logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+        return cross_entropy(logits[..., :size[0], :size[1]].float(), label, ignore_index, reduction)
+    return _UpsampledCrossEntropy.apply(logits, label.long(), padded, ignore_index, reduction)
+
+
+class _UpsampledCrossEntropy(torch.autograd.Function):
+    """See `upsampled_cross_entropy`. Works on channels-last slices (H, W, C), so the softmax over
+    classes runs along contiguous memory and a block of rows is one contiguous (rows, W·C) matrix;
+    the Python loop is over images and row blocks only (a few hundred iterations per batch)."""
+
+    BLOCK_BYTES = 1 << 21  # about 2 MB of fp32 logits per block of rows: a core's L2
+
+    @staticmethod
+    def _plan(padded_h, h, height, width, c, device):
+        """The H-resampling matrix (height, h) and the row blocks [(r0, r1, lo, hi)]: output rows
+        r0..r1-1 read only input rows lo..hi-1 (two taps per row, the taps never go backwards)."""
+        from .layers.fusion import bilinear_matrix
+
+        a = bilinear_matrix(padded_h, h, torch.float32, device)[:height]
+        rows = max(1, _UpsampledCrossEntropy.BLOCK_BYTES // (4 * width * c))
+
+        def first_tap(i):  # bilinear_matrix's rule, in the same float64 arithmetic
+            return min(math.floor(max((i + 0.5) * (h / padded_h) - 0.5, 0.0)), h - 1)
+        blocks = [(r0, min(r0 + rows, height), first_tap(r0), min(first_tap(min(r0 + rows, height) - 1) + 2, h))
+                  for r0 in range(0, height, rows)]
+        return a, blocks
+
+    @staticmethod
+    def _widen(x, padded_w, width):
+        """(1, C, h, w) -> (h, width·C): resampled along W to padded_w, cropped to width, channels last."""
+        t = F.interpolate(x, size=(x.shape[-2], padded_w), mode="bilinear", align_corners=False)
+        return t.permute(0, 2, 3, 1)[0, :, :width].reshape(x.shape[-2], -1)
+
+    @staticmethod
+    def forward(ctx, logits, label, padded, ignore_index, reduction):
+        with torch.autocast(logits.device.type, enabled=False), torch.no_grad():
+            x = logits.detach().float()
+            n, c, h, w = x.shape
+            height, width = label.shape[-2:]
+            a, blocks = _UpsampledCrossEntropy._plan(padded[0], h, height, width, c, x.device)
+            total = x.new_zeros(())
+            for b in range(n):
+                t = _UpsampledCrossEntropy._widen(x[b:b + 1], padded[1], width)
+                for r0, r1, lo, hi in blocks:
+                    up = torch.mm(a[r0:r1, lo:hi], t[lo:hi]).view(-1, c)
+                    total += F.cross_entropy(up, label[b, r0:r1].reshape(-1), ignore_index=ignore_index,
+                                             reduction="sum")
+            valid = label != ignore_index
+            denom = valid.sum().clamp(min=1).float() if reduction == "valid" else x.new_tensor(float(valid.numel()))
+        ctx.save_for_backward(logits, label, valid, denom)
+        ctx.padded = padded
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, label, valid, denom = ctx.saved_tensors
+        with torch.autocast(logits.device.type, enabled=False), torch.no_grad():
+            x = logits.detach().float()
+            n, c, h, w = x.shape
+            height, width = label.shape[-2:]
+            padded = ctx.padded
+            a, blocks = _UpsampledCrossEntropy._plan(padded[0], h, height, width, c, x.device)
+            scale = (valid * (grad / denom)).unsqueeze(-1)  # d loss / d logit = scale · (softmax - onehot)
+            target = label.masked_fill(~valid, 0).unsqueeze(-1)
+            grad_x = torch.empty_like(x)
+            for b in range(n):
+                t = _UpsampledCrossEntropy._widen(x[b:b + 1], padded[1], width)
+                gt = torch.zeros(h, padded[1], c, dtype=x.dtype, device=x.device)
+                g = gt[:, :width].view(h, -1) if width == padded[1] else None
+                g_crop = torch.zeros(h, width * c, dtype=x.dtype, device=x.device) if g is None else g
+                for r0, r1, lo, hi in blocks:
+                    up = torch.mm(a[r0:r1, lo:hi], t[lo:hi]).view(r1 - r0, width, c)
+                    p = torch.softmax(up, -1)
+                    s = scale[b, r0:r1]
+                    p.mul_(s).scatter_add_(-1, target[b, r0:r1], -s)
+                    g_crop[lo:hi].addmm_(a[r0:r1, lo:hi].T, p.view(r1 - r0, -1))
+                if g is None:
+                    gt[:, :width] = g_crop.view(h, width, c)
+                grad_x[b] = torch.ops.aten.upsample_bilinear2d_backward(
+                    gt.permute(2, 0, 1)[None], [h, padded[1]], [1, c, h, w], False)[0]
+        return grad_x.to(logits.dtype), None, None, None, None
 
 
 def ohem_weights(logits, label, thresh=0.7, min_kept=100_000, ignore_index=255):

@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import inference, isr
-from .losses import cross_entropy, ohem_cross_entropy
+from .losses import ohem_cross_entropy, upsampled_cross_entropy
 
 
 class Segmentor(nn.Module):
@@ -20,6 +20,7 @@ class Segmentor(nn.Module):
         self.decode_head = decode_head
         self.num_classes = num_classes
         self.meta = dict(meta or {})
+        self.fused = True  # the blocked loss (losses.upsampled_cross_entropy); layers.fusion.unfused turns it off
 
     def forward(self, x):
         return self.decode_head(self.backbone(self._to_weight_dtype(x)))
@@ -95,11 +96,12 @@ class Segmentor(nn.Module):
         OHEMPixelSampler settings, e.g. {"thresh": None, "min_kept": 100000}."""
         if isinstance(logits, dict):
             return self.decode_head.loss(logits, label, ignore_index=ignore_index, reduction=reduction, ohem=ohem)
-        logits = self.upsample_logits(logits, label.shape[-2:])
         if ohem:
+            logits = self.upsample_logits(logits, label.shape[-2:])
             ce = ohem_cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction=reduction, **ohem)
-            return {"loss": ce, "loss_ce": ce}
-        ce = cross_entropy(logits.float(), label, ignore_index, reduction)
+        else:  # = cross_entropy(upsample_logits(logits).float(), label), without the full-size logits
+            ce = upsampled_cross_entropy(logits, label, ignore_index, reduction, self.padded_size(label.shape[-2:]),
+                                         blocked=self.fused)
         return {"loss": ce, "loss_ce": ce}
 
     @torch.no_grad()

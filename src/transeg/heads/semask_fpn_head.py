@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import ConvBNReLU
-from ..losses import cross_entropy, ohem_cross_entropy
+from ..losses import ohem_cross_entropy, upsampled_cross_entropy
 
 
 def _up():
@@ -49,6 +49,7 @@ class SeMaskFPNHead(nn.Module):
             self.scale_heads.append(nn.Sequential(*layers))
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.fused = True  # the blocked losses (losses.upsampled_cross_entropy); layers.fusion.unfused turns it off
         for m in self.modules():
             if isinstance(m, ConvBNReLU):
                 nn.init.kaiming_normal_(m.conv.weight, mode="fan_out", nonlinearity="relu")
@@ -72,10 +73,11 @@ class SeMaskFPNHead(nn.Module):
     def loss(self, outputs, label, ignore_index=255, reduction="all", ohem=None):
         """loss_ce (OHEM when `ohem` = dict(thresh=None, min_kept=100000)) + 0.4 · loss_cate, both on logits
         upsampled to the label size."""
-        size = label.shape[-2:]
-        seg = F.interpolate(outputs["seg"].float(), size=size, mode="bilinear", align_corners=False)
-        cls = F.interpolate(outputs["cls"].float(), size=size, mode="bilinear", align_corners=False)
-        ce = (ohem_cross_entropy(seg, label, ignore_index=ignore_index, reduction=reduction, **ohem) if ohem
-              else cross_entropy(seg, label, ignore_index, reduction))
-        cate = self.cate_weight * cross_entropy(cls, label, ignore_index, reduction)
+        if ohem:
+            seg = F.interpolate(outputs["seg"].float(), size=label.shape[-2:], mode="bilinear", align_corners=False)
+            ce = ohem_cross_entropy(seg, label, ignore_index=ignore_index, reduction=reduction, **ohem)
+        else:
+            ce = upsampled_cross_entropy(outputs["seg"], label, ignore_index, reduction, blocked=self.fused)
+        cate = upsampled_cross_entropy(outputs["cls"], label, ignore_index, reduction, blocked=self.fused)
+        cate = self.cate_weight * cate
         return {"loss": ce + cate, "loss_ce": ce, "loss_cate": cate}
