@@ -12,6 +12,7 @@ allocates (transeg.bench.peak_tensor_memory: activations and outputs, not the we
 
     python benchmarks/segformer_hf.py                                   # B0, 512x512, batch 1 and 8
     python benchmarks/segformer_hf.py --models segformer-b0,segformer-b1,segformer-b2 --train
+    python benchmarks/segformer_hf.py --models segformer-b0 --batches '' --train      # training step only
     python benchmarks/segformer_hf.py --device cuda --batches 1,8,32
 """
 import argparse
@@ -78,7 +79,7 @@ def main():
     ap.add_argument("--models", default="segformer-b0", help="comma-separated SegFormer variants (b0..b5)")
     ap.add_argument("--size", default="512x512", help="input HxW")
     ap.add_argument("--num-classes", type=int, default=150)
-    ap.add_argument("--batches", default="1,8", help="inference batch sizes")
+    ap.add_argument("--batches", default="1,8", help="inference batch sizes ('' for none: training only)")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--train", action="store_true", help="also time a training step at --train-batch")
     ap.add_argument("--train-batch", type=int, default=8)
@@ -96,14 +97,17 @@ def main():
     env = environment(device)
     print(f"# transeg vs Hugging Face transformers {__import__('transformers').__version__} — {env['device']}, "
           f"{env['threads']} threads, torch {env['torch']}, input {args.size[0]}x{args.size[1]}, "
-          f"{args.num_classes} classes, median of {args.runs} interleaved runs after {args.warmup} warm-up\n")
+          f"{args.num_classes} classes" + (f", median of {args.runs} interleaved runs after {args.warmup} warm-up"
+                                             if args.batches else "") + "\n")
     for model in args.models.split(","):
         ours, hf = hf_segformer_peer(model, args.num_classes)
         ours, hf = ours.to(device), hf.to(device)
         print(f"## {model}\n")
-        print("| batch | contender | latency ms | images/s | speed-up vs HF fp32 | peak MiB | check |")
-        print("|---|---|---|---|---|---|---|")
-        for batch in (int(b) for b in args.batches.split(",")):
+        batches = [int(b) for b in args.batches.split(",") if b]
+        if batches:
+            print("| batch | contender | latency ms | images/s | speed-up vs HF fp32 | peak MiB | check |")
+            print("|---|---|---|---|---|---|---|")
+        for batch in batches:
             x = torch.randn(batch, 3, *args.size, device=device)
             fns = inference_fns(ours, hf, x, dtypes)
             with torch.inference_mode():
