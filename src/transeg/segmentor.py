@@ -42,7 +42,8 @@ class Segmentor(nn.Module):
         dtype (torch.bfloat16 / float16): weights cast to it, so the whole network runs natively in
         that precision, which on AMX CPUs and tensor-core GPUs beats autocast (no per-call weight
         casts, half the memory traffic in the element-wise ops). Inputs are cast on entry; scores
-        come back float32 from `logits`/`predict`.
+        come back float32 from `logits`/`predict`. (Mask2Former's deformable attention keeps its
+        sampling positions and bilinear sampling in fp32 either way.)
         compile: torch.compile the backbone and head with inductor's weight freezing (constant
         folding, prepacked weights, fused element-wise kernels). The first call at each input size
         compiles (tens of seconds on CPU); later calls are faster. Weights must not change after.
@@ -50,10 +51,6 @@ class Segmentor(nn.Module):
         fp32 needs no call to be fast: the decoders' algebraic fusion (layers/fusion.py) always runs,
         as it computes the same function from the weights as they are. Returns self."""
         self.eval()
-        if dtype is not None and dtype != torch.float32 and self.outputs_probabilities:
-            from .errors import TransegError
-            raise TransegError("native low-precision weights are not supported for the Mask2Former head yet "
-                               "(its deformable attention mixes fp32 positions in); use fp32 or bench --autocast")
         if dtype is not None:
             self.to(dtype)
         if compile:

@@ -103,7 +103,7 @@ class DeformableEncoder(nn.Module):
         shapes = [tuple(m.shape[-2:]) for m in maps]
         x = torch.cat([m.flatten(2).transpose(1, 2) for m in maps], 1)
         pos = torch.cat([sine_position_embedding(h, w, x.shape[-1] // 2, x.device).flatten(2).transpose(1, 2)
-                         + self.level_embed[i] for i, (h, w) in enumerate(shapes)], 1)
+                         + self.level_embed[i] for i, (h, w) in enumerate(shapes)], 1).to(x.dtype)
         ref = self.reference_points(shapes, x.device)
         for layer in self.encoder.layers:
             x = layer(x, pos, ref, shapes)
@@ -232,7 +232,7 @@ class MaskedAttentionDecoder(nn.Module):
         n = mask_features.shape[0]
         sizes = [tuple(m.shape[-2:]) for m in levels]
         memory = [m.flatten(2).transpose(1, 2) + self.level_embed.weight[i] for i, m in enumerate(levels)]
-        pos = [sine_position_embedding(h, w, m.shape[1] // 2, m.device).flatten(2).transpose(1, 2)
+        pos = [sine_position_embedding(h, w, m.shape[1] // 2, m.device).flatten(2).transpose(1, 2).to(m.dtype)
                for m, (h, w) in zip(levels, sizes)]
         query_pos = self.query_embed.weight[None].expand(n, -1, -1)
         x = self.query_feat.weight[None].expand(n, -1, -1)
@@ -252,7 +252,7 @@ class MaskedAttentionDecoder(nn.Module):
 
 def semantic_scores(pred_logits, pred_masks):
     """Σ_q softmax(class)[k] · sigmoid(mask_q): [N, Q, K+1], [N, Q, h, w] -> [N, K, h, w]."""
-    return torch.einsum("bqc,bqhw->bchw", pred_logits.softmax(-1)[..., :-1], pred_masks.sigmoid())
+    return torch.einsum("bqc,bqhw->bchw", pred_logits.float().softmax(-1)[..., :-1], pred_masks.float().sigmoid())
 
 
 class SeMaskMask2FormerHead(nn.Module):
@@ -301,7 +301,8 @@ class SeMaskMask2FormerHead(nn.Module):
         """Semantic scores at `size` (the padded input size): mask logits upsampled (bilinear,
         align_corners=False) before the sigmoid, as the authors' inference does."""
         out = self.decode(inputs[0])
-        masks = F.interpolate(out["pred_masks"], size=tuple(size), mode="bilinear", align_corners=False)
+        # fp32 from here on whatever the weights' dtype: these scores are sums over all queries
+        masks = F.interpolate(out["pred_masks"].float(), size=tuple(size), mode="bilinear", align_corners=False)
         return semantic_scores(out["pred_logits"], masks)
 
     def loss(self, outputs, label, ignore_index=255, reduction="valid", ohem=None):

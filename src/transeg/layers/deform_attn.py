@@ -71,6 +71,9 @@ class MSDeformAttn(nn.Module):
         offsets = self.sampling_offsets(query).view(n, q, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, q, self.n_heads, self.n_levels * self.n_points).softmax(-1)
         weights = weights.view(n, q, self.n_heads, self.n_levels, self.n_points)
-        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=query.dtype, device=query.device)
-        locations = reference_points[:, :, None, :, None, :] + offsets / normalizer[None, None, None, :, None, :]
-        return self.output_proj(deformable_sample(v, shapes, locations, weights))
+        # Positions and the bilinear sampling stay fp32 whatever the weights' dtype (no-ops in fp32):
+        # a bf16 position in [0, 1] is off by up to half a pixel on a 128-wide map.
+        normalizer = torch.tensor([[w, h] for h, w in shapes], dtype=torch.float32, device=query.device)
+        locations = reference_points.float()[:, :, None, :, None, :] + offsets.float() / normalizer[None, None, None, :, None, :]
+        out = deformable_sample(v.float(), shapes, locations, weights.float())
+        return self.output_proj(out.to(query.dtype))
