@@ -111,19 +111,18 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
             grad_x = torch.empty_like(x)
             for b in range(n):
                 t = _UpsampledCrossEntropy._widen(x[b:b + 1], padded[1], width)
-                gt = torch.zeros(h, padded[1], c, dtype=x.dtype, device=x.device)
-                g = gt[:, :width].view(h, -1) if width == padded[1] else None
-                g_crop = torch.zeros(h, width * c, dtype=x.dtype, device=x.device) if g is None else g
+                g = torch.zeros(h, width * c, dtype=x.dtype, device=x.device)  # d loss / d t
                 for r0, r1, lo, hi in blocks:
                     up = torch.mm(a[r0:r1, lo:hi], t[lo:hi]).view(r1 - r0, width, c)
                     p = torch.softmax(up, -1)
                     s = scale[b, r0:r1]
                     p.mul_(s).scatter_add_(-1, target[b, r0:r1], -s)
-                    g_crop[lo:hi].addmm_(a[r0:r1, lo:hi].T, p.view(r1 - r0, -1))
-                if g is None:
-                    gt[:, :width] = g_crop.view(h, width, c)
+                    g[lo:hi].addmm_(a[r0:r1, lo:hi].T, p.view(r1 - r0, -1))
+                g = g.view(h, width, c)
+                if width < padded[1]:  # the columns cropped away get no gradient
+                    g = F.pad(g, (0, 0, 0, padded[1] - width))
                 grad_x[b] = torch.ops.aten.upsample_bilinear2d_backward(
-                    gt.permute(2, 0, 1)[None], [h, padded[1]], [1, c, h, w], False)[0]
+                    g.permute(2, 0, 1)[None], [h, padded[1]], [1, c, h, w], False)[0]
         return grad_x.to(logits.dtype), None, None, None, None
 
 
