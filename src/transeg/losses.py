@@ -72,10 +72,17 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         return a, blocks
 
     @staticmethod
-    def _widen(x, padded_w, width):
-        """(1, C, h, w) -> (h, width·C): resampled along W to padded_w, cropped to width, channels last."""
-        t = F.interpolate(x, size=(x.shape[-2], padded_w), mode="bilinear", align_corners=False)
-        return t.permute(0, 2, 3, 1)[0, :, :width].reshape(x.shape[-2], -1)
+    def _widen(x, padded_w, width, out):
+        """(1, C, h, w) -> (h, width·C): resampled along W to padded_w into `out` (1, C, h, padded_w,
+        channels-last), cropped to width. One buffer for every image: a fresh 40 MB tensor per
+        image costs more in page faults (first touch of new memory) than the resampling itself."""
+        torch.ops.aten.upsample_bilinear2d.out(x, [x.shape[-2], padded_w], False, out=out)
+        return out.permute(0, 2, 3, 1)[0, :, :width].view(x.shape[-2], -1)  # rows strided by padded_w·C
+
+    @staticmethod
+    def _buffer(x, padded_w):
+        n, c, h, _ = x.shape
+        return torch.empty(1, c, h, padded_w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     @staticmethod
     def forward(ctx, logits, label, padded, ignore_index, reduction):
@@ -85,8 +92,9 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
             height, width = label.shape[-2:]
             a, blocks = _UpsampledCrossEntropy._plan(padded[0], h, height, width, c, x.device)
             total = x.new_zeros(())
+            buf = _UpsampledCrossEntropy._buffer(x, padded[1])
             for b in range(n):
-                t = _UpsampledCrossEntropy._widen(x[b:b + 1], padded[1], width)
+                t = _UpsampledCrossEntropy._widen(x[b:b + 1], padded[1], width, buf)
                 for r0, r1, lo, hi in blocks:
                     up = torch.mm(a[r0:r1, lo:hi], t[lo:hi]).view(-1, c)
                     total += F.cross_entropy(up, label[b, r0:r1].reshape(-1), ignore_index=ignore_index,
@@ -108,21 +116,22 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
             a, blocks = _UpsampledCrossEntropy._plan(padded[0], h, height, width, c, x.device)
             scale = (valid * (grad / denom)).unsqueeze(-1)  # d loss / d logit = scale · (softmax - onehot)
             target = label.masked_fill(~valid, 0).unsqueeze(-1)
-            grad_x = torch.empty_like(x)
+            grad_x = torch.empty_like(x, memory_format=torch.channels_last)
+            buf = _UpsampledCrossEntropy._buffer(x, padded[1])
+            grad_t = torch.zeros_like(buf)  # d loss / d t, (1, C, h, padded_w) channels-last
             for b in range(n):
-                t = _UpsampledCrossEntropy._widen(x[b:b + 1], padded[1], width)
-                g = torch.zeros(h, width * c, dtype=x.dtype, device=x.device)  # d loss / d t
+                t = _UpsampledCrossEntropy._widen(x[b:b + 1], padded[1], width, buf)
+                if b:
+                    grad_t.zero_()
+                g = grad_t.permute(0, 2, 3, 1)[0, :, :width].view(h, -1)  # rows strided by padded_w·C
                 for r0, r1, lo, hi in blocks:
                     up = torch.mm(a[r0:r1, lo:hi], t[lo:hi]).view(r1 - r0, width, c)
                     p = torch.softmax(up, -1)
                     s = scale[b, r0:r1]
                     p.mul_(s).scatter_add_(-1, target[b, r0:r1], -s)
                     g[lo:hi].addmm_(a[r0:r1, lo:hi].T, p.view(r1 - r0, -1))
-                g = g.view(h, width, c)
-                if width < padded[1]:  # the columns cropped away get no gradient
-                    g = F.pad(g, (0, 0, 0, padded[1] - width))
-                grad_x[b] = torch.ops.aten.upsample_bilinear2d_backward(
-                    g.permute(2, 0, 1)[None], [h, padded[1]], [1, c, h, w], False)[0]
+                torch.ops.aten.upsample_bilinear2d_backward.grad_input(
+                    grad_t, [h, padded[1]], [1, c, h, w], False, grad_input=grad_x[b:b + 1])
         return grad_x.to(logits.dtype), None, None, None, None
 
 
