@@ -625,6 +625,10 @@ def main(argv=None):
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
+    if args.verb in ("train", "eval", "predict", "bench"):
+        from .bench import keep_freed_memory
+
+        keep_freed_memory()  # large activations reuse memory instead of page-faulting fresh pages
     try:
         args.fn(args)
     except TransegError as e:
