@@ -28,8 +28,8 @@ def upsampled_cross_entropy(logits, label, ignore_index=255, reduction="all", pa
     Bilinear (align_corners=False) upsampling is separable, so each image is first resampled along W
     by PyTorch's kernel (at the head's height h), then a few output rows at a time along H by one
     small matrix product with the rows of the resampling matrix that block needs; each block's loss
-    (and in backward its softmax gradient, pushed back through the same matrix) is taken while it is
-    in cache. For SegFormer's training batch (8 × 150 classes × 512²) the published way writes and
+    is taken while it is in cache. Backward recomputes the blocks from the logits (nothing at full
+    size is saved) and pushes each block's softmax gradient back through the same matrices. For SegFormer's training batch (8 × 150 classes × 512²) the published way writes and
     re-reads a 1.26 GB tensor about ten times (upsample, log-softmax, NLL and their backward
     passes); this works in blocks of ~2 MB. Computed in fp32 whatever the logits' dtype, like
     `cross_entropy(logits.float(), ...)`. reduction as in `cross_entropy`; "valid" with no labelled
@@ -51,7 +51,7 @@ def upsampled_cross_entropy(logits, label, ignore_index=255, reduction="all", pa
 
 class _UpsampledCrossEntropy(torch.autograd.Function):
     """See `upsampled_cross_entropy`. Works on channels-last slices (H, W, C), so the softmax over
-    classes runs along contiguous memory and a block of rows is one contiguous (rows, W·C) matrix;
+    classes runs along contiguous memory and a block of rows is one (rows, W·C) matrix;
     the Python loop is over images and row blocks only (a few hundred iterations per batch)."""
 
     BLOCK_BYTES = 1 << 21  # about 2 MB of fp32 logits per block of rows: a core's L2
@@ -81,7 +81,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def _buffer(x, padded_w):
-        n, c, h, _ = x.shape
+        c, h = x.shape[1:3]
         return torch.empty(1, c, h, padded_w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     @staticmethod
