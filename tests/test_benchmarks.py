@@ -56,7 +56,7 @@ def make_cityscapes(root):
         for i in range(n):
             city = "aachen" if split == "train" else "frankfurt"
             _image(root / "leftImg8bit" / split / city / f"{city}_{i:06d}_000019_leftImg8bit.png", i)
-            # road, car, bicycle, unlabeled, ego vehicle, license-plate-free id 34? no: 0..33 only
+            # road, car, bicycle, unlabeled, ego vehicle (label ids run 0..33)
             _mask(root / "gtFine" / split / city / f"{city}_{i:06d}_000019_gtFine_labelIds.png", [7, 26, 33, 0, 1])
     return root
 

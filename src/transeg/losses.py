@@ -102,7 +102,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
             valid = label != ignore_index
             denom = valid.sum().clamp(min=1).float() if reduction == "valid" else x.new_tensor(float(valid.numel()))
         ctx.save_for_backward(logits, label, valid, denom)
-        ctx.padded = padded
+        ctx.padded, ctx.plan = padded, (a, blocks)
         return total / denom
 
     @staticmethod
@@ -112,8 +112,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
             x = logits.detach().float()
             n, c, h, w = x.shape
             height, width = label.shape[-2:]
-            padded = ctx.padded
-            a, blocks = _UpsampledCrossEntropy._plan(padded[0], h, height, width, c, x.device)
+            padded, (a, blocks) = ctx.padded, ctx.plan
             scale = (valid * (grad / denom)).unsqueeze(-1)  # d loss / d logit = scale · (softmax - onehot)
             target = label.masked_fill(~valid, 0).unsqueeze(-1)
             grad_x = torch.empty_like(x, memory_format=torch.channels_last)
