@@ -72,19 +72,34 @@ def _semask(name, tmp_path, **kw):
 M2F_TINY = dict(hidden_dim=64, enc_layers=1, enc_ffn_dim=64, dec_layers=3, dec_ffn_dim=64, num_queries=4)
 
 
-def test_semask_dynamic_export_is_refused_at_once_with_one_line(tmp_path, capsys):
-    """Swin-based models do not export with dynamic sizes yet: a one-line error pointing at --static,
-    exit status 2 and no file, instead of a trace that runs for minutes and then misplaces the padding."""
-    ckpt = _semask("semask-swin-l-mask2former", tmp_path, **M2F_TINY)
-    assert main(["export", str(ckpt), str(tmp_path / "m.onnx")]) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Swin-based models (SeMask) do not export to ONNX with dynamic sizes yet" in err[0]
-    assert "--static" in err[0] and not (tmp_path / "m.onnx").exists()
+@pytest.mark.parametrize("name,kw", [
+    ("semask-swin-t-fpn", dict(channels=32)),
+    pytest.param("semask-swin-l-mask2former", M2F_TINY, marks=pytest.mark.slow),  # 95 s of tracing
+], ids=["fpn", "mask2former"])
+def test_semask_exports_with_dynamic_sizes(tmp_path, capsys, name, kw):
+    """Swin's window padding, shifted-window masks and odd-side patch merging are all computed from the
+    symbolic sizes: traced at 200x296 (padding to the window in every stage), the graph equals PyTorch
+    (<= 1e-4) at batch 1 and 3, odd sizes, a size with no padding anywhere (224² = 7·32) and a small one
+    whose last three stages are one window (33x45: stages 9x12, 5x6, 3x3, 2x2), where slicing the shifted
+    regions would have fixed the sizes to the trace's."""
+    ckpt = _semask(name, tmp_path, **kw)
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(ckpt), str(out), "--size", "200x296"]) == 0
+    assert "onnxruntime vs PyTorch on two other input shapes: max |diff|" in capsys.readouterr().out
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    model = transeg.load(ckpt).eval()
+    for shape in [(1, 3, 224, 224), (3, 3, 97, 131), (1, 3, 33, 45)]:
+        x = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[2]))
+        with torch.no_grad():
+            expected = model(x).numpy()
+        got = session.run(None, {"image": x.numpy()})[0]
+        assert got.shape == expected.shape and got.shape[:2] == (shape[0], 3)
+        assert np.abs(got - expected).max() <= 1e-4, shape
 
 
 @pytest.mark.parametrize("name,kw,size", [
     ("semask-swin-t-fpn", dict(channels=32), "200x296"),  # 200x296: padding to the window in every stage
-    pytest.param("semask-swin-l-mask2former", M2F_TINY, "128x160", marks=pytest.mark.slow),
+    ("semask-swin-l-mask2former", M2F_TINY, "128x160"),
 ], ids=["fpn", "mask2former"])
 def test_semask_static_export_matches_pytorch(tmp_path, capsys, name, kw, size):
     """--static: a graph for one image of the traced size, equal to PyTorch under onnxruntime (1e-4)."""

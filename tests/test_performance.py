@@ -124,7 +124,6 @@ def test_gemm_upsample_sum_equals_interpolate():
     assert (got - expected).abs().max().item() <= 1e-5
 
 
-@pytest.mark.slow
 def test_compiled_inference_equals_eager():
     """optimize_for_inference(compile=True): inductor with weight freezing must compute the same logits
     (fusion reorders float sums only: 1e-5), and the compiled modules are what runs."""

@@ -424,6 +424,7 @@ def _print_bench_row(row, base, batch):
 def cmd_export(args):
     from . import load
     from .errors import TransegError
+    from .backbones.swin import SwinTransformer
     from .export import export_onnx
 
     if args.out.suffix != ".onnx":
@@ -431,6 +432,8 @@ def cmd_export(args):
     model = load(args.checkpoint)
     _apply_isr(args, model)
     shape = "one image of exactly that size" if args.static else "dynamic batch/height/width"
+    if not args.static and isinstance(model.backbone, SwinTransformer):  # every stage's window padding is symbolic
+        shape += " (a Swin trace takes a minute or two; --static takes seconds)"
     print(f"exporting {model.meta['variant']} ({args.checkpoint}) to {args.out}, traced at {args.size[0]}x{args.size[1]}, "
           f"{shape} ...", flush=True)
     r = export_onnx(model, args.out, sample_size=args.size, opset=args.opset, check=not args.no_check,
@@ -611,8 +614,8 @@ def build_parser():
     p.add_argument("--size", type=_size, default=(256, 256), help="input HxW to trace with (default 256x256)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    p.add_argument("--static", action="store_true", help="a graph for one image of exactly --size (Swin-based models "
-                   "such as SeMask export only this way today)")
+    p.add_argument("--static", action="store_true", help="a graph for one image of exactly --size: traces in "
+                   "seconds where a dynamic SeMask (Swin) trace takes minutes, and some runtimes want fixed shapes")
     _add_isr_args(p)
     return parser
 

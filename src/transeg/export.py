@@ -35,17 +35,10 @@ def _require(*modules):
 def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, atol=1e-4, static=False):
     """Export `model` (a Segmentor, in eval mode, with its current ISR) to `path`; with `check`, run
     onnxruntime and PyTorch on inputs of two other shapes and compare. Returns a report dict.
-    static=True fixes the graph to one image of `sample_size` (and checks it there): the only way for
-    Swin-based models (SeMask) today."""
+    static=True fixes the graph to one image of `sample_size` (and checks it there); it traces in
+    seconds where a dynamic Swin (SeMask) trace takes a minute or two of symbolic shape reasoning."""
     _require("onnx", "onnxscript")
     path = Path(path)
-    from .backbones.swin import SwinTransformer
-
-    if isinstance(model.backbone, SwinTransformer) and not static:
-        # a dynamic trace runs for minutes and then misplaces the window padding: say so at once
-        raise TransegError(f"{path}: Swin-based models (SeMask) do not export to ONNX with dynamic sizes yet "
-                           "(their window padding and shifted-window masks depend on the input size); "
-                           "--static exports a graph for the one --size")
     model = model.eval().float()
     stride = getattr(model.decode_head, "stride", None)
     meta = {"variant": model.meta.get("variant"), "num_classes": model.num_classes, "classes": model.classes,

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import inference, isr
+from .layers.shape import round_up
 from .losses import ohem_cross_entropy, upsampled_cross_entropy
 
 
@@ -61,7 +62,7 @@ class Segmentor(nn.Module):
     def padded_size(self, size):
         """`size` rounded up to the backbone's `pad_multiple` (the size it really runs at)."""
         m = getattr(self.backbone, "pad_multiple", 1)
-        return (-(-size[0] // m) * m, -(-size[1] // m) * m)
+        return (round_up(size[0], m), round_up(size[1], m))
 
     def upsample_logits(self, logits, size):
         """Head-stride logits -> `size` (bilinear, align_corners=False). A backbone that zero-pads its

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.init import init_linear_norm
+from ..layers.shape import round_up
 from .swin import SwinTransformer, window_partition, window_reverse
 
 
@@ -56,7 +57,7 @@ class SemanticLayer(nn.Module):
             return prior, x
         h, wd = hw
         w = self.window_size
-        hp, wp = -(-h // w) * w, -(-wd // w) * w
+        hp, wp = round_up(h, w), round_up(wd, w)
         windows = window_partition(F.pad(x.view(b, h, wd, c), (0, 0, 0, wp - wd, 0, hp - h)), w)
         for block in self.class_injection:
             prior, windows = block(windows)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..layers import DropPath, Mlp, drop_path_rates
 from ..layers.init import init_linear_norm
+from ..layers.shape import round_up
 
 
 def window_partition(x, w):
@@ -40,19 +41,22 @@ def relative_position_index(w):
     return rel[..., 0] * (2 * w - 1) + rel[..., 1]
 
 
+def _bands(n, w, s, device):
+    """Region of each of n padded rows (or columns) for the shifted windows: 0 up to n - w, 1 up to
+    n - s, 2 after (the authors' slices (0, -w), (-w, -s), (-s, None)), as arithmetic so that an
+    exported graph keeps n symbolic (slices of n - w rows would specialise on n == w)."""
+    i = torch.arange(n, device=device)
+    return (i >= n - w).long() + (i >= n - s).long()
+
+
 @functools.lru_cache(maxsize=64)
 def shift_mask(hp, wp, w, s, device):
     """The shifted-window attention mask [nW, w², w²]: 0 within a region, -100 across regions. Cached:
     it depends only on the padded size, the window and the device, and no step writes to it."""
-    img = torch.zeros(1, hp, wp, 1, device=device)
-    count = 0
-    for hs in (slice(0, -w), slice(-w, -s), slice(-s, None)):
-        for ws in (slice(0, -w), slice(-w, -s), slice(-s, None)):
-            img[:, hs, ws, :] = count
-            count += 1
-    regions = window_partition(img, w)[0, :, :, 0]  # [nW, w²]
+    img = (3 * _bands(hp, w, s, device)[:, None] + _bands(wp, w, s, device)[None, :]).float()
+    regions = window_partition(img[None, :, :, None], w)[0, :, :, 0]  # [nW, w²]
     diff = regions[:, None, :] - regions[:, :, None]
-    return torch.where(diff != 0, torch.tensor(-100.0, device=device), torch.tensor(0.0, device=device))
+    return torch.where(diff != 0, -100.0, 0.0)
 
 
 class WindowAttention(nn.Module):
@@ -74,12 +78,15 @@ class WindowAttention(nn.Module):
         q, k, v = self.qkv(x).reshape(b * nw, n, 3, h, c // h).permute(2, 0, 3, 1, 4)  # [B·nW, heads, N, d]
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(n, n, h).permute(2, 0, 1)
         if mask is not None:  # [nW, heads, N, N], the same for every image
-            bias = (bias + mask[:, None]).expand(b, -1, -1, -1, -1).reshape(b * nw, h, n, n)
+            bias = bias + mask[:, None]
         if torch.compiler.is_exporting():
-            # written out: the exporter's SDPA decomposition yields strides its own next view rejects
-            attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias.to(q.dtype)
-            out = attn.softmax(-1) @ v
+            # written out: the exporter's SDPA decomposition yields strides its own next view rejects;
+            # the mask broadcasts over the images (expanding it would specialise the graph on batch 1)
+            attn = ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).view(b, nw, h, n, n) + bias.to(q.dtype)
+            out = attn.view(b * nw, h, n, n).softmax(-1) @ v
         else:
+            if mask is not None:
+                bias = bias.expand(b, -1, -1, -1, -1).reshape(b * nw, h, n, n)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
         return self.proj(out.transpose(1, 2).reshape(b, nw, n, c))
 
@@ -99,7 +106,7 @@ class SwinBlock(nn.Module):
         b, _, c = x.shape
         w, s = self.window_size, self.shift
         y = self.norm1(x).view(b, h, wd, c)
-        hp, wp = -(-h // w) * w, -(-wd // w) * w
+        hp, wp = round_up(h, w), round_up(wd, w)
         y = F.pad(y, (0, 0, 0, wp - wd, 0, hp - h))
         if s:
             y = torch.roll(y, (-s, -s), dims=(1, 2))
@@ -122,10 +129,11 @@ class PatchMerging(nn.Module):
     def forward(self, x, hw):
         h, w = hw
         b, _, c = x.shape
-        x = F.pad(x.view(b, h, w, c), (0, 0, 0, w % 2, 0, h % 2))
+        # round_up, not `h % 2`: an exported graph's sizes stay (h + 1) // 2 instead of nested remainders
+        x = F.pad(x.view(b, h, w, c), (0, 0, 0, round_up(w, 2) - w, 0, round_up(h, 2) - h))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        hw = tuple(x.shape[1:3])
-        return self.reduction(self.norm(x.reshape(b, -1, 4 * c))), hw
+        hw = round_up(h, 2) // 2, round_up(w, 2) // 2
+        return self.reduction(self.norm(x.reshape(b, hw[0] * hw[1], 4 * c))), hw
 
 
 class SwinStage(nn.Module):
@@ -140,7 +148,7 @@ class SwinStage(nn.Module):
 
     def run_blocks(self, x, hw):
         w = self.window_size
-        hp, wp = -(-hw[0] // w) * w, -(-hw[1] // w) * w
+        hp, wp = round_up(hw[0], w), round_up(hw[1], w)
         # the cache keys on ints; an exported graph builds the mask from its symbolic sizes instead
         make = shift_mask.__wrapped__ if torch.compiler.is_exporting() else shift_mask
         mask = make(hp, wp, w, w // 2, x.device) if len(self.blocks) > 1 else None
@@ -158,7 +166,8 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x):
         p = self.patch_size
-        x = F.pad(x, (0, -x.shape[-1] % p, 0, -x.shape[-2] % p))
+        h, w = x.shape[-2:]
+        x = F.pad(x, (0, round_up(w, p) - w, 0, round_up(h, p) - h))
         x = self.proj(x)
         hw = tuple(x.shape[-2:])
         return self.norm(x.flatten(2).transpose(1, 2)), hw
@@ -194,7 +203,8 @@ class SwinTransformer(nn.Module):
         """The four normalised maps and what each stage returned beside its tokens."""
         m = self.pad_multiple
         if m > 1:
-            x = F.pad(x, (0, -x.shape[-1] % m, 0, -x.shape[-2] % m))
+            h, w = x.shape[-2:]
+            x = F.pad(x, (0, round_up(w, m) - w, 0, round_up(h, m) - h))
         x, hw = self.patch_embed(x)
         x = self.pos_drop(x)
         features, extras = [], []
