@@ -41,22 +41,19 @@ def relative_position_index(w):
     return rel[..., 0] * (2 * w - 1) + rel[..., 1]
 
 
-def _bands(n, w, s, device):
-    """Region of each of n padded rows (or columns) for the shifted windows: 0 up to n - w, 1 up to
-    n - s, 2 after (the authors' slices (0, -w), (-w, -s), (-s, None)), as arithmetic so that an
-    exported graph keeps n symbolic (slices of n - w rows would specialise on n == w)."""
-    i = torch.arange(n, device=device)
-    return (i >= n - w).long() + (i >= n - s).long()
-
-
 @functools.lru_cache(maxsize=64)
 def shift_mask(hp, wp, w, s, device):
     """The shifted-window attention mask [nW, w², w²]: 0 within a region, -100 across regions. Cached:
     it depends only on the padded size, the window and the device, and no step writes to it."""
-    img = (3 * _bands(hp, w, s, device)[:, None] + _bands(wp, w, s, device)[None, :]).float()
-    regions = window_partition(img[None, :, :, None], w)[0, :, :, 0]  # [nW, w²]
+    img = torch.zeros(1, hp, wp, 1, device=device)
+    count = 0
+    for hs in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+        for ws in (slice(0, -w), slice(-w, -s), slice(-s, None)):
+            img[:, hs, ws, :] = count
+            count += 1
+    regions = window_partition(img, w)[0, :, :, 0]  # [nW, w²]
     diff = regions[:, None, :] - regions[:, :, None]
-    return torch.where(diff != 0, -100.0, 0.0)
+    return torch.where(diff != 0, torch.tensor(-100.0, device=device), torch.tensor(0.0, device=device))
 
 
 class WindowAttention(nn.Module):
