@@ -1,7 +1,8 @@
-"""Holding up: distributed training equals one process, a killed run resumes to the same weights, and
-untrusted pickles are refused."""
+"""Holding up: distributed training equals one process, a killed run resumes to the same weights (by
+--resume, or by torchrun restarting its workers), and untrusted pickles are refused."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -260,3 +261,56 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
                                                    r"the previous version is intact"):
         atomic_write(target, fill_disk)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["train_state.pt"]
+
+
+def _children(pid):
+    """Process ids of `pid`'s children (Linux /proc)."""
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _rank_of(pid):
+    env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_never_killed(tmp_path):
+    """Elastic restart for real: torchrun --max-restarts 1 with 2 gloo workers and --auto-resume; one
+    worker is SIGKILLed after a varying iteration, torchrun stops the other and starts both again, they
+    pick up the last checkpoint, and the final weights equal those of an uninterrupted 2-worker run
+    exactly (deterministic CPU mode)."""
+    iters = 12
+    sets = dict(global_batch=4, eval_interval=iters, ckpt_interval=1)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, restarts):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "--max-restarts", str(restarts), "-m", "transeg.cli", *_train_args(out, iters, **sets), "--auto-resume"]
+
+    reference = subprocess.run(torchrun(tmp_path / "ref", 0), capture_output=True, text=True, env=env)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    agent = subprocess.Popen(torchrun(tmp_path / "run", 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env, start_new_session=True)
+    log, target = tmp_path / "run" / "log.jsonl", 2 + time.time_ns() % 6  # a different iteration each run
+    deadline = time.time() + 120
+    while time.time() < deadline and agent.poll() is None:
+        if log.exists() and sum(1 for line in log.read_text().splitlines() if '"loss"' in line) >= target:
+            break
+        time.sleep(0.01)
+    victim_rank = time.time_ns() % 2  # either worker: the one that writes checkpoints or the other
+    victim = next(pid for pid in _children(agent.pid) if _rank_of(pid) == victim_rank)
+    os.kill(victim, signal.SIGKILL)
+    killed_at = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)["iter"]
+    try:
+        out, err = agent.communicate(timeout=120)  # ~15 s; a restarted group that cannot connect hangs
+    except subprocess.TimeoutExpired:
+        os.killpg(agent.pid, signal.SIGKILL)
+        out, err = agent.communicate()
+        pytest.fail(f"the restarted workers hung (killed rank {victim_rank} after iteration {killed_at})")
+    assert agent.returncode == 0, (victim_rank, killed_at, err[-3000:])
+    resumed_at = re.search(rf"resuming {re.escape(str(tmp_path / 'run'))} at iteration (\d+)/{iters}", out)
+    # it really was interrupted, and the restarted group picked up the checkpoint instead of starting over
+    assert killed_at < iters and resumed_at and int(resumed_at[1]) >= killed_at >= 1, (killed_at, out[-2000:])
+    assert _max_diff(_weights(tmp_path / "ref"), _weights(tmp_path / "run")) == 0.0, (victim_rank, killed_at)

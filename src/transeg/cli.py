@@ -176,9 +176,19 @@ def cmd_train(args):
                                                 **{k: v for k, v in given.items() if v is not None}})
     if args.batch_size is not None and not any(s.startswith("global_batch=") for s in args.set):
         cfg.global_batch = None  # an explicit per-process batch wins over the recipe's total
-    result = train(cfg, resume="auto" if args.auto_resume else args.resume)
+    rank = 0
+    try:
+        result = train(cfg, resume="auto" if args.auto_resume else args.resume)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            # under torchrun: an orderly goodbye; a group torn down at interpreter exit sometimes aborts
+            # (SIGABRT, "terminate called without an active exception"), which fails a finished run
+            rank = dist.get_rank()
+            dist.destroy_process_group()
     out = Path(cfg.out)
-    if result is not None:
+    if result is not None and rank == 0:
         print(f"mIoU {100 * result['mIoU']:.2f} ({result['protocol']}); model: {out / 'model.safetensors'}, "
               f"best: {out / 'best.safetensors'}, curves: {out / 'curves.png'}")
 

@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -96,9 +97,26 @@ def _amp(cfg, device):
 
 def _distributed():
     """(rank, world) — initialises the process group when launched by torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    env = os.environ
+    world = int(env.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("GROUP_WORLD_SIZE") == "1":
+            # torchrun keeps one key-value store across --max-restarts, so a restarted group would read
+            # the dead group's addresses (gloo: connection refused or a hang; nccl: a stale unique id).
+            # One agent means one restart count for every worker: keys per attempt.
+            store, rank, world = next(dist.rendezvous("env://"))
+            attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"transeg/attempt_{attempt}", store),
+                                    rank=rank, world_size=world)
+        else:
+            dist.init_process_group(backend)
+            if (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+                    and dist.get_rank() == 0):
+                # several agents keep their own restart counts, so the fix above cannot apply
+                print("transeg: torchrun --max-restarts over several nodes reuses its store across restarts; "
+                      "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that a restarted group can connect",
+                      file=sys.stderr, flush=True)
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
