@@ -176,3 +176,25 @@ def test_tiny_semask_trains_with_its_two_losses(tmp_path):
     model = transeg.load(tmp_path / "model.safetensors")
     assert model.backbone.global_stage_ids == ()  # 16-wide: the authors' rule gives windows everywhere
     assert model.predict(torch.randn(1, 3, 37, 45)).shape == (1, 37, 45)
+
+
+@pytest.mark.parametrize("hp,wp,w", [(7, 7, 7), (14, 21, 7), (28, 14, 7), (24, 36, 12)])
+def test_shift_mask_follows_swin_regions(hp, wp, w):
+    """Swin's shifted-window mask, from its definition: after the cyclic shift by s = w // 2, padded rows
+    [0, hp - w), [hp - w, hp - s), [hp - s, hp) are regions 0, 1, 2 (columns likewise), and two tokens of
+    a window may attend (0) only when they share both regions, else -100. Only the last row and column
+    of windows hold more than one region; the bottom-right window holds four. Off-by-one band edges
+    (`i > n - w`) fail all four cases."""
+    from transeg.backbones.swin import shift_mask
+
+    s = w // 2
+    band = lambda i, n: 0 if i < n - w else 1 if i < n - s else 2  # noqa: E731
+    mask = shift_mask(hp, wp, w, s, torch.device("cpu"))
+    assert mask.shape == ((hp // w) * (wp // w), w * w, w * w)
+    for win in range(mask.shape[0]):
+        r0, c0 = (win // (wp // w)) * w, (win % (wp // w)) * w
+        region = [(band(r0 + t // w, hp), band(c0 + t % w, wp)) for t in range(w * w)]
+        expected = torch.tensor([[0.0 if a == b else -100.0 for b in region] for a in region])
+        assert torch.equal(mask[win], expected), win
+    last = mask[-1]
+    assert len({tuple(row.tolist()) for row in last}) == 4 and (mask[0] == 0).all() == (hp > w and wp > w)
