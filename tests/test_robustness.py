@@ -41,6 +41,15 @@ def _max_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def _wait_for_iterations(run, target, process, timeout=120):
+    """Until `run`'s log has `target` training iterations (or `process` ended, or `timeout` s passed)."""
+    log, deadline = run / "log.jsonl", time.time() + timeout
+    while time.time() < deadline and process.poll() is None:
+        if log.exists() and sum(1 for line in log.read_text().splitlines() if '"loss"' in line) >= target:
+            return
+        time.sleep(0.01)
+
+
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) and global_batch 4 (2 each) vs one process with 4 images:
     after 3 SGD steps the weights agree to float rounding (< 1e-5), while one process with a batch of
@@ -72,12 +81,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert reference.returncode == 0, reference.stderr[-2000:]
     victim = subprocess.Popen([sys.executable, "-m", "transeg.cli", *_train_args(tmp_path / "run", iters, **sets)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    log, target = tmp_path / "run" / "log.jsonl", 3 + time.time_ns() % 20  # a different iteration each run
-    deadline = time.time() + 120
-    while time.time() < deadline and victim.poll() is None:
-        if log.exists() and sum(1 for line in log.read_text().splitlines() if '"loss"' in line) >= target:
-            break
-        time.sleep(0.01)
+    _wait_for_iterations(tmp_path / "run", 3 + time.time_ns() % 20, victim)  # a different iteration each run
     time.sleep((time.time_ns() % 10) * 0.005)  # and a varying moment inside that iteration
     victim.send_signal(signal.SIGKILL)
     victim.wait()
@@ -293,12 +297,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_never_killed(t
     assert reference.returncode == 0, reference.stderr[-3000:]
     agent = subprocess.Popen(torchrun(tmp_path / "run", 1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True, env=env, start_new_session=True)
-    log, target = tmp_path / "run" / "log.jsonl", 2 + time.time_ns() % 6  # a different iteration each run
-    deadline = time.time() + 120
-    while time.time() < deadline and agent.poll() is None:
-        if log.exists() and sum(1 for line in log.read_text().splitlines() if '"loss"' in line) >= target:
-            break
-        time.sleep(0.01)
+    _wait_for_iterations(tmp_path / "run", 2 + time.time_ns() % 6, agent)  # a different iteration each run
     victim_rank = time.time_ns() % 2  # either worker: the one that writes checkpoints or the other
     victim = next(pid for pid in _children(agent.pid) if _rank_of(pid) == victim_rank)
     os.kill(victim, signal.SIGKILL)
