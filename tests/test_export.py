@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import transeg
-from conftest import TINY_EDAFORMER
+from conftest import TINY, TINY_EDAFORMER
 from transeg.cli import main
 
 ort = pytest.importorskip("onnxruntime")
@@ -46,6 +46,17 @@ def test_export_refuses_other_suffixes(tmp_path, capsys):
     assert main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "m.pt")]) == 2
     assert "m.pt: the output must be an .onnx file" in capsys.readouterr().err
     assert not (tmp_path / "m.pt").exists()
+
+
+def test_segformer_exports_with_dynamic_sizes(tmp_path):
+    """SegFormer (tiny MiT, sr ratios 8/4/2/1 as in B0-B5): overlapping patch embeddings and the
+    spatial-reduction convs take any size, so the graph traced at 128x128 runs at the two other shapes
+    export_onnx checks (odd ones included) within 1e-4 of PyTorch."""
+    from transeg.export import export_onnx
+
+    model = transeg.create_model("segformer-b0", num_classes=3, **TINY).eval()
+    report = export_onnx(model, tmp_path / "m.onnx", sample_size=(128, 128))
+    assert report["max_abs_diff"] <= 1e-4
 
 
 @pytest.mark.parametrize("name,kwargs", [
