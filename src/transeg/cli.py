@@ -1,5 +1,6 @@
 """`transeg <verb>`: thin argument parsing over the library. Run `transeg VERB --help` for each verb."""
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -176,19 +177,9 @@ def cmd_train(args):
                                                 **{k: v for k, v in given.items() if v is not None}})
     if args.batch_size is not None and not any(s.startswith("global_batch=") for s in args.set):
         cfg.global_batch = None  # an explicit per-process batch wins over the recipe's total
-    rank = 0
-    try:
-        result = train(cfg, resume="auto" if args.auto_resume else args.resume)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            # under torchrun: an orderly goodbye; a group torn down at interpreter exit sometimes aborts
-            # (SIGABRT, "terminate called without an active exception"), which fails a finished run
-            rank = dist.get_rank()
-            dist.destroy_process_group()
+    result = train(cfg, resume="auto" if args.auto_resume else args.resume)
     out = Path(cfg.out)
-    if result is not None and rank == 0:
+    if result is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
         print(f"mIoU {100 * result['mIoU']:.2f} ({result['protocol']}); model: {out / 'model.safetensors'}, "
               f"best: {out / 'best.safetensors'}, curves: {out / 'curves.png'}")
 
@@ -433,8 +424,8 @@ def _print_bench_row(row, base, batch):
 
 def cmd_export(args):
     from . import load
-    from .errors import TransegError
     from .backbones.swin import SwinTransformer
+    from .errors import TransegError
     from .export import export_onnx
 
     if args.out.suffix != ".onnx":

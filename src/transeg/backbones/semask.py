@@ -18,8 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.init import init_linear_norm
-from ..layers.shape import round_up
-from .swin import SwinTransformer, window_partition, window_reverse
+from .swin import SwinTransformer, pad_to_windows, window_partition, window_reverse
 
 
 class SemanticAttention(nn.Module):
@@ -57,8 +56,9 @@ class SemanticLayer(nn.Module):
             return prior, x
         h, wd = hw
         w = self.window_size
-        hp, wp = round_up(h, w), round_up(wd, w)
-        windows = window_partition(F.pad(x.view(b, h, wd, c), (0, 0, 0, wp - wd, 0, hp - h)), w)
+        padded = pad_to_windows(x.view(b, h, wd, c), w)
+        hp, wp = padded.shape[1:3]
+        windows = window_partition(padded, w)
         for block in self.class_injection:
             prior, windows = block(windows)
         x = window_reverse(windows, w, hp, wp)[:, :h, :wd].reshape(b, n, c)

@@ -34,6 +34,12 @@ def window_reverse(windows, w, h, wd):
     return windows.view(b, h // w, wd // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, wd, c)
 
 
+def pad_to_windows(x, w):
+    """[B, H, W, C] zero-padded at the bottom and right to multiples of the window w."""
+    h, wd = x.shape[1:3]
+    return F.pad(x, (0, 0, 0, round_up(wd, w) - wd, 0, round_up(h, w) - h))
+
+
 def relative_position_index(w):
     """(w², w²) indices into the ((2w-1)², heads) bias table: (dy + w - 1) * (2w - 1) + (dx + w - 1)."""
     coords = torch.stack(torch.meshgrid(torch.arange(w), torch.arange(w), indexing="ij")).flatten(1)
@@ -106,9 +112,8 @@ class SwinBlock(nn.Module):
         h, wd = hw
         b, _, c = x.shape
         w, s = self.window_size, self.shift
-        y = self.norm1(x).view(b, h, wd, c)
-        hp, wp = round_up(h, w), round_up(wd, w)
-        y = F.pad(y, (0, 0, 0, wp - wd, 0, hp - h))
+        y = pad_to_windows(self.norm1(x).view(b, h, wd, c), w)
+        hp, wp = y.shape[1:3]
         if s:
             y = torch.roll(y, (-s, -s), dims=(1, 2))
         y = window_reverse(self.attn(window_partition(y, w), mask if s else None), w, hp, wp)
@@ -131,10 +136,10 @@ class PatchMerging(nn.Module):
         h, w = hw
         b, _, c = x.shape
         # round_up, not `h % 2`: an exported graph's sizes stay (h + 1) // 2 instead of nested remainders
-        x = F.pad(x.view(b, h, w, c), (0, 0, 0, round_up(w, 2) - w, 0, round_up(h, 2) - h))
+        hp, wp = round_up(h, 2), round_up(w, 2)
+        x = F.pad(x.view(b, h, w, c), (0, 0, 0, wp - w, 0, hp - h))
         x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], dim=-1)
-        hw = round_up(h, 2) // 2, round_up(w, 2) // 2
-        return self.reduction(self.norm(x.reshape(b, hw[0] * hw[1], 4 * c))), hw
+        return self.reduction(self.norm(x.reshape(b, hp * wp // 4, 4 * c))), (hp // 2, wp // 2)
 
 
 class SwinStage(nn.Module):

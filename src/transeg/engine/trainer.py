@@ -95,29 +95,29 @@ def _amp(cfg, device):
     return torch.bfloat16 if amp == "bf16" else torch.float16
 
 
-def _distributed():
-    """(rank, world) — initialises the process group when launched by torchrun."""
+def _init_distributed():
+    """Initialise the process group when launched by torchrun and not done already; True if it did."""
     env = os.environ
-    world = int(env.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and env.get("GROUP_WORLD_SIZE") == "1":
-            # torchrun keeps one key-value store across --max-restarts, so a restarted group would read
-            # the dead group's addresses (gloo: connection refused or a hang; nccl: a stale unique id).
-            # One agent means one restart count for every worker: keys per attempt.
-            store, rank, world = next(dist.rendezvous("env://"))
-            attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
-            dist.init_process_group(backend, store=dist.PrefixStore(f"transeg/attempt_{attempt}", store),
-                                    rank=rank, world_size=world)
-        else:
-            dist.init_process_group(backend)
-            if (env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
-                    and dist.get_rank() == 0):
-                # several agents keep their own restart counts, so the fix above cannot apply
-                print("transeg: torchrun --max-restarts over several nodes reuses its store across restarts; "
-                      "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that a restarted group can connect",
-                      file=sys.stderr, flush=True)
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if int(env.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    agent_store = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    if agent_store and env.get("GROUP_WORLD_SIZE") == "1":
+        # torchrun keeps one key-value store across --max-restarts, so a restarted group would read
+        # the dead group's addresses (gloo: connection refused or a hang; nccl: a stale unique id).
+        # One agent means one restart count for every worker: keys per attempt.
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = env.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"transeg/attempt_{attempt}", store),
+                                rank=rank, world_size=world)
+        return True
+    dist.init_process_group(backend)
+    if agent_store and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) and dist.get_rank() == 0:
+        # several agents keep their own restart counts, so the fix above cannot apply
+        print("transeg: torchrun --max-restarts over several nodes reuses its store across restarts; "
+              "launch with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that a restarted group can connect",
+              file=sys.stderr, flush=True)
+    return True
 
 
 def per_process_batch(cfg, world):
@@ -153,11 +153,23 @@ def build_model(cfg, train_set):
 def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print):
     """Train per `cfg`; returns the last evaluation result. `stop_at`: stop (with a checkpoint) after
     that many iterations, as if interrupted — the run can then be resumed. resume="auto" continues
-    the run in cfg.out when there is one and starts it otherwise (for torchrun --max-restarts)."""
+    the run in cfg.out when there is one and starts it otherwise (for torchrun --max-restarts).
+    Under torchrun, a process group this call creates is also destroyed by it: left to interpreter
+    exit, its teardown sometimes aborts (SIGABRT, "terminate called without an active exception")
+    and fails a finished run."""
+    created = _init_distributed()
+    try:
+        return _train(cfg, resume, stop_at, progress, log)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def _train(cfg, resume, stop_at, progress, log):
     from ..data import TrainTransform, build_dataset
     from ..viz import curves_chart, iou_chart
 
-    rank, world = _distributed()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main = rank == 0
     out = Path(cfg.out)
     device = resolve_device(cfg.device)
