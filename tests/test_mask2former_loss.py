@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from transeg.losses import hungarian_match, linear_sum_assignment, mask2former_loss
+from transeg.heads.mask2former_loss import hungarian_match, linear_sum_assignment, mask2former_loss
 
 
 def test_linear_sum_assignment_is_optimal():

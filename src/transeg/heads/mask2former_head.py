@@ -32,7 +32,7 @@ from torch import nn
 from ..layers.deform_attn import MSDeformAttn
 from ..layers.mha import MultiheadAttention
 from ..layers.position import sine_position_embedding
-from ..losses import mask2former_loss, semantic_targets
+from .mask2former_loss import mask2former_loss, semantic_targets
 from .semask_fpn_head import semantic_decoder
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers.init import init_linear_norm
-from ..losses import atm_loss
+from .segvit_loss import atm_loss
 
 
 class ATMAttention(nn.Module):
