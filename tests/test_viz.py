@@ -6,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from transeg import viz
+from transeg import charts, viz
 from transeg.errors import TransegError
 
 PAL = [(10, 20, 30), (40, 50, 60), (70, 80, 90)]
@@ -53,12 +53,6 @@ def test_colorize_rejects_ids_without_colour():
         viz.colorize(np.array([[0, 3]]), PAL)
     with pytest.raises(TransegError, match="integer class ids"):
         viz.colorize(np.zeros((2, 2), dtype=np.float32), PAL)
-
-
-def test_default_palette_is_voc():
-    # VOC colour map: id 1 = (128, 0, 0), id 2 = (0, 128, 0), id 15 (person) = (192, 128, 128)
-    pal = viz.voc_palette()
-    assert tuple(pal[1]) == (128, 0, 0) and tuple(pal[2]) == (0, 128, 0) and tuple(pal[15]) == (192, 128, 128)
 
 
 # ------------------------------------------------------------------------------ overlay
@@ -122,7 +116,7 @@ def test_iou_chart_bars_proportional_to_iou():
     # 0.8 * W - 2 and of class 1 is 0.4 * W - 2 for the plot width W: run0 + 2 = 2 * (run1 + 2).
     # The nan class reads "n/a" (no bar), and IoU 0 draws no bar either.
     pal = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (200, 200, 30)]
-    img = viz.iou_chart(chart_result([0.8, 0.4, float("nan"), 0.0]), ["a", "b", "c", "d"], pal, title="demo")
+    img = charts.iou_chart(chart_result([0.8, 0.4, float("nan"), 0.0]), ["a", "b", "c", "d"], pal, title="demo")
     assert img.mode == "RGB" and 400 < img.width < 1200 and 150 < img.height < 600
     run0, run1 = longest_run(img, pal[0]), longest_run(img, pal[1])
     assert run1 > 100
@@ -133,17 +127,17 @@ def test_iou_chart_bars_proportional_to_iou():
 
 def test_iou_chart_grows_with_classes_and_checks_names():
     # Each class is one 24-px row: 8 classes are 4 * 24 = 96 px taller than 4.
-    r4 = viz.iou_chart(chart_result([0.5] * 4), list("abcd"), None)
-    r8 = viz.iou_chart(chart_result([0.5] * 8), list("abcdefgh"), None)
+    r4 = charts.iou_chart(chart_result([0.5] * 4), list("abcd"), None)
+    r8 = charts.iou_chart(chart_result([0.5] * 8), list("abcdefgh"), None)
     assert r8.height - r4.height == 96
     with pytest.raises(TransegError, match="3 class names for 4 classes"):
-        viz.iou_chart(chart_result([0.5] * 4), list("abc"), None)
+        charts.iou_chart(chart_result([0.5] * 4), list("abc"), None)
     with pytest.raises(TransegError, match="palette has 3 colours for 4 classes"):
-        viz.iou_chart(chart_result([0.5] * 4), list("abcd"), PAL)
+        charts.iou_chart(chart_result([0.5] * 4), list("abcd"), PAL)
 
 
 # ------------------------------------------------------------------------- curves_chart
-BLUE, RED = viz.LINE_COLORS[0], viz.LINE_COLORS[1]
+BLUE, RED = charts.LINE_COLORS[0], charts.LINE_COLORS[1]
 
 
 def test_curves_chart_one_panel_per_present_key():
@@ -154,24 +148,24 @@ def test_curves_chart_one_panel_per_present_key():
     records = [{"iter": i, "loss": 2.0 - i / 100} for i in range(0, 101, 10)]
     records += [{"iter": 50, "mIoU": 0.4, "mode": "val"}, {"iter": 100, "mIoU": 0.55, "mode": "val"}]
     records += [{"loss": 9.0}, {"iter": 60, "loss": float("nan")}]  # no iter / nan: skipped
-    two = viz.curves_chart(records, keys=("loss", "mIoU", "acc"), title="run")
-    one = viz.curves_chart(records, keys=("loss",), title="run")
+    two = charts.curves_chart(records, keys=("loss", "mIoU", "acc"), title="run")
+    one = charts.curves_chart(records, keys=("loss",), title="run")
     assert two.width == 760 and two.height - one.height == 250
     assert has_color(two, BLUE) and has_color(two, RED) and not has_color(one, RED)
 
 
 def test_curves_chart_single_record_and_no_data():
-    single = viz.curves_chart([{"iter": 0, "loss": 1.5}])
+    single = charts.curves_chart([{"iter": 0, "loss": 1.5}])
     assert single.size[0] == 760 and has_color(single, BLUE)
-    empty = viz.curves_chart([{"iter": 0, "lr": 0.1}], keys=("loss", "mIoU"))
+    empty = charts.curves_chart([{"iter": 0, "lr": 0.1}], keys=("loss", "mIoU"))
     assert empty.size[0] == 760 and empty.size[1] < 100  # a one-line "no data for loss, mIoU"
-    assert viz.curves_chart([], keys=()).size[0] == 760
+    assert charts.curves_chart([], keys=()).size[0] == 760
 
 
 def test_axis_ticks_and_labels():
     # 0..16000 with ~6 ticks: raw step 2667 -> next nice step 5000 -> 0, 5k, 10k, 15k.
-    lo, hi, ticks, step = viz._axis(0, 16000, 6)
+    lo, hi, ticks, step = charts._axis(0, 16000, 6)
     assert (lo, hi, step) == (0, 16000, 5000) and ticks == [0, 5000, 10000, 15000]
-    assert [viz._fmt_iter(t) for t in (0, 2500, 15000, 1_200_000)] == ["0", "2.5k", "15k", "1.2M"]
+    assert [charts._fmt_iter(t) for t in (0, 2500, 15000, 1_200_000)] == ["0", "2.5k", "15k", "1.2M"]
     # y tick labels take the step's decimals: step 0.25 -> 2 decimals; tiny lr steps -> 2e-5.
-    assert viz._fmt_tick(0.5, 0.25) == "0.50" and viz._fmt_tick(2e-5, 2e-5) == "2e-5"
+    assert charts._fmt_tick(0.5, 0.25) == "0.50" and charts._fmt_tick(2e-5, 2e-5) == "2e-5"

@@ -15,19 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def tokens_to_map(x, hw):
-    """(N, H*W, C) -> (N, C, H, W), as a channels-last view: no copy. Convolutions, pooling and
-    interpolation take channels-last input natively (and return it), so the token <-> map round
-    trips of the hierarchical encoders cost nothing instead of two transposing copies each."""
-    n, _, c = x.shape
-    return x.reshape(n, hw[0], hw[1], c).permute(0, 3, 1, 2)
-
-
-def map_to_tokens(x):
-    """(N, C, H, W) -> (N, H*W, C); free for a channels-last map, one copy otherwise."""
-    n, c = x.shape[:2]
-    return x.permute(0, 2, 3, 1).reshape(n, -1, c)
+from .shape import map_to_tokens, tokens_to_map
 
 
 class KeyValuePool(nn.Module):
@@ -74,8 +62,8 @@ class SpatialReductionAttention(nn.Module):
 
     Parameter names follow the authors' code (`q`, `kv`, `proj`, `sr`, `norm`) so their checkpoints
     load unchanged. `kv` is one Linear with 2C outputs: rows [0, C) are K and [C, 2C) are V, each
-    ordered head-major. ISR pools the tokens by `pool.isr` *before* the strided conv (EDAFormer
-    Table 7's way of adding ISR to SegFormer); the trained path never calls the pool.
+    ordered head-major. ISR pools the tokens by `pool.isr` *before* the strided conv, which is how
+    ISR is added to SegFormer; the trained path never calls the pool.
     """
 
     def __init__(self, dim, num_heads, sr_ratio=1, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, norm_eps=1e-5):
@@ -114,7 +102,7 @@ class SpatialReductionAttention(nn.Module):
 
 
 class EmbeddingFreeAttention(nn.Module):
-    """EDAFormer's embedding-free attention (Yu et al., ECCV 2024, Sec. 3.1).
+    """EDAFormer's embedding-free attention.
 
     Q = the input tokens split into heads; K = V = `sr`(pool(tokens)), a 1x1 conv of the pooled map
     (the decoder's version adds LayerNorm + GELU after it: `kv_norm=True`); output = `proj`(attn).

@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .attention import map_to_tokens, tokens_to_map
+from .shape import map_to_tokens, tokens_to_map
 
 
 @contextlib.contextmanager

@@ -1,7 +1,7 @@
 """Feed-forward blocks."""
 from torch import nn
 
-from .attention import map_to_tokens, tokens_to_map
+from .shape import map_to_tokens, tokens_to_map
 
 
 class DepthwiseConv(nn.Module):

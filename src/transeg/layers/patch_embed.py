@@ -1,7 +1,7 @@
 """Patch embeddings."""
 from torch import nn
 
-from .attention import map_to_tokens
+from .shape import map_to_tokens
 
 
 class OverlapPatchEmbed(nn.Module):
