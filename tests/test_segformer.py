@@ -13,7 +13,7 @@ from transeg.flops import count_gmacs, count_params, meta_model
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "segformer_official.json").read_text())
 
-# The authors' model with 150 classes, counted by running their code (digest §1): these include
+# The authors' model with 150 classes, counted by running their code: these include
 # their dead 128->K `conv_seg` (128*150 + 150 = 19,350 params), which transeg leaves out.
 OFFICIAL_PARAMS = {"b0": 3_772_044, "b1": 13_735_148, "b2": 27_481_324, "b3": 47_357_164, "b4": 64_127_724,
                    "b5": 84_728_044}
@@ -28,11 +28,11 @@ def test_params_equal_the_authors_model(b):
     assert n + CONV_SEG == OFFICIAL_PARAMS[b]
     # without conv_seg the count still rounds to the paper's figure (e.g. B0: 3,752,694 -> 3.8M)
     assert round(n / 1e6, 1) == PAPER_PARAMS_M[b]
-    assert transeg.get_variant(f"segformer-{b}").paper["official_params"] == OFFICIAL_PARAMS[b]
+    assert transeg.get_variant(f"segformer-{b}").paper.official_params == OFFICIAL_PARAMS[b]
 
 
 # GFLOPs as the paper prints them (Table 1, ADE20K 512x512; B5 at 640x640), and the authors'
-# get_flops.py counts to two decimals (digest §6, measured by running their code).
+# get_flops.py counts to two decimals (measured by running their code).
 @pytest.mark.parametrize("b,size,paper,official", [
     ("b0", (512, 512), 8.4, 8.40), ("b1", (512, 512), 15.9, 15.90), ("b2", (512, 512), 62.4, 62.39),
     ("b3", (512, 512), 79.0, 79.03), ("b4", (512, 512), 95.7, 95.65), ("b5", (640, 640), 183.3, 183.30),
@@ -141,7 +141,7 @@ def test_hugging_face_conversion(tmp_path, config, size):
     """HF SegformerForSemanticSegmentation -> save_pretrained -> transeg convert: equal logits.
 
     HF builds its block and stage LayerNorms with eps 1e-5; the authors (and transeg) use 1e-6
-    (digest §8). As-is the logits differ by ~1e-5 (bound 1e-4); with HF's eps set to the authors'
+    (the authors' MiT). As-is the logits differ by ~1e-5 (bound 1e-4); with HF's eps set to the authors'
     value the only difference left is kernel rounding (bound 1e-5)."""
     hf = _random_hf(150, **config)
     hf.save_pretrained(tmp_path / "hf")
@@ -179,6 +179,6 @@ def test_odd_input_sizes_use_ceil_grids():
     model = transeg.create_model("segformer-b0", num_classes=4, embed_dims=(8, 16, 24, 32), num_heads=(1, 1, 1, 1),
                                  depths=(1, 1, 1, 1), decoder_dim=16).eval()
     feats = model.backbone(torch.randn(1, 3, 67, 93))
-    # ceil(67/4)=17, ceil(17/2)=9, 5, 3 and ceil(93/4)=24, 12, 6, 3 (digest §2)
+    # ceil(67/4)=17, ceil(17/2)=9, 5, 3 and ceil(93/4)=24, 12, 6, 3 (the overlapping patch embeddings' output sizes)
     assert [tuple(f.shape[-2:]) for f in feats] == [(17, 24), (9, 12), (5, 6), (3, 3)]
     assert model.predict(torch.randn(1, 3, 67, 93)).shape == (1, 67, 93)

@@ -111,3 +111,29 @@ def meta_model(name, num_classes=150, **overrides):
 
     with torch.device("meta"):
         return create_model(name, num_classes=num_classes, **overrides)
+
+
+def variant_table(family=None, count_flops=True, progress=False):
+    """`transeg models`: one row per registered variant (of `family`), the paper's numbers beside
+    the measured ones: name, params (M, 150 classes), the paper's params, the input size and class
+    count GFLOPs are counted at, measured and reported GFLOPs (each paper's convention), the paper's
+    single-scale mIoU per dataset. Counted on the meta device: no weights are allocated."""
+    from tqdm import tqdm
+
+    from .registry import VARIANTS
+
+    names = [n for n, v in VARIANTS.items() if family in (None, v.family)]
+    rows = []
+    for name in tqdm(names, desc="measuring on the meta device", leave=False, disable=not progress):
+        v = VARIANTS[name]
+        model = meta_model(name, 150)
+        size_key, paper_gflops = next(iter((v.paper.gflops or {"512x512@150": None}).items()))
+        measured = None
+        if count_flops:
+            hw, k = size_key.split("@")
+            size = tuple(int(s) for s in hw.split("x"))
+            counted = model if int(k) == 150 else meta_model(name, int(k))
+            measured = count_gmacs(counted, size, convention=v.paper.gflops_convention)["total"]
+        rows.append(dict(model=name, params_m=count_params(model) / 1e6, paper_params_m=v.paper.params_m,
+                         gflops_at=size_key, gflops=measured, paper_gflops=paper_gflops, miou=v.paper.miou))
+    return rows

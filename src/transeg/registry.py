@@ -1,7 +1,9 @@
-"""The one variant table: name -> builder + constructor arguments + what the paper reports.
+"""The one variant table: name -> builder + constructor arguments + what the paper reports (`Paper`).
 
 `create_model("segformer-b0", num_classes=19)` builds a ready Segmentor. Paper facts sit beside each
-variant so tests and `transeg models` can show them next to measured numbers.
+variant so tests and `transeg models` can show them next to measured numbers. Each family's rows are
+written with keywords through a small helper (`_segformer("b0", embed_dims=..., params_m=...)`); the
+set of families is what is registered here (`families()`).
 """
 import difflib
 import inspect
@@ -18,6 +20,20 @@ from .segmentor import Segmentor
 
 
 @dataclass(frozen=True)
+class Paper:
+    """What the authors report for a variant, and what running their code counted."""
+    params_m: float | None = None                # the paper's / README's params, in millions
+    official_params: int | None = None           # the authors' model's exact count (150 classes unless official_classes)
+    official_params_by_classes: dict[int, int] = field(default_factory=dict)  # {class count: exact count}
+    official_classes: int | None = None          # the class count official_params was counted with, when not 150
+    gflops: dict[str, float | None] = field(default_factory=dict)  # {"HxW@K": GFLOPs}: input size, class count
+    gflops_convention: str = "mmcv"              # the counter the paper used (flops.count_gmacs: mmcv | fvcore)
+    miou: dict[str, float] = field(default_factory=dict)     # {dataset: single-scale mIoU}
+    miou_ms: dict[str, float] = field(default_factory=dict)  # {dataset: multi-scale + flip mIoU}
+    reference: str = ""
+
+
+@dataclass(frozen=True)
 class Variant:
     name: str
     family: str
@@ -25,10 +41,13 @@ class Variant:
     kwargs: dict
     mean: tuple = IMAGENET_MEAN
     std: tuple = IMAGENET_STD
-    # What the paper reports: params in millions ("params_m"), GFLOPs per input size and class count
-    # ("gflops": {"512x512@150": 8.4}), mIoU per dataset ("miou": {"ade20k": 37.4}); plus
-    # "official_params": the authors' model's exact count (150 classes) where the code was run.
-    paper: dict = field(default_factory=dict)
+    paper: Paper = field(default_factory=Paper)
+
+    def arguments(self) -> dict:
+        """The constructor arguments this variant builds with: its builder's defaults, then `kwargs`."""
+        defaults = {k: p.default for k, p in inspect.signature(self.build).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return {**defaults, **self.kwargs}
 
 
 VARIANTS: dict[str, Variant] = {}
@@ -43,6 +62,11 @@ def register(variant: Variant):
 
 def list_models(family=None):
     return [n for n, v in VARIANTS.items() if family is None or v.family == family]
+
+
+def families():
+    """The registered model families, in registration order."""
+    return list(dict.fromkeys(v.family for v in VARIANTS.values()))
 
 
 def get_variant(name) -> Variant:
@@ -80,32 +104,39 @@ def build_segformer(num_classes, embed_dims, depths, decoder_dim, num_heads=(1, 
     return Segmentor(backbone, head, num_classes)
 
 
-_MIT_WIDE = (64, 128, 320, 512)
-# Paper: SegFormer Table 1/2 (params, GFLOPs at ADE 512x512 except B5 at 640x640, mIoU single-scale).
-# official_params: the authors' model with 150 classes including its unused 128->K conv_seg (digest §1).
-# GFLOPs keys: "HxW@K" (input size and class count they were counted with; the paper's Cityscapes
-# column used a 150-class head, digest §6).
-_SEGFORMER = {
-    "b0": dict(dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), dec=256, params_m=3.8, official_params=3_772_044,
-               gflops={"512x512@150": 8.4, "1024x2048@150": 125.5}, miou={"ade20k": 37.4, "cityscapes": 76.2}),
-    "b1": dict(dims=_MIT_WIDE, depths=(2, 2, 2, 2), dec=256, params_m=13.7, official_params=13_735_148,
-               gflops={"512x512@150": 15.9, "1024x2048@150": 243.7}, miou={"ade20k": 42.2, "cityscapes": 78.5}),
-    "b2": dict(dims=_MIT_WIDE, depths=(3, 4, 6, 3), dec=768, params_m=27.5, official_params=27_481_324,
-               gflops={"512x512@150": 62.4, "1024x2048@150": 717.1}, miou={"ade20k": 46.5, "cityscapes": 81.0}),
-    "b3": dict(dims=_MIT_WIDE, depths=(3, 4, 18, 3), dec=768, params_m=47.3, official_params=47_357_164,
-               gflops={"512x512@150": 79.0, "1024x2048@150": 962.9}, miou={"ade20k": 49.4, "cityscapes": 81.7}),
-    "b4": dict(dims=_MIT_WIDE, depths=(3, 8, 27, 3), dec=768, params_m=64.1, official_params=64_127_724,
-               gflops={"512x512@150": 95.7, "1024x2048@150": 1240.6}, miou={"ade20k": 50.3, "cityscapes": 82.3}),
-    "b5": dict(dims=_MIT_WIDE, depths=(3, 6, 40, 3), dec=768, params_m=84.7, official_params=84_728_044,
-               gflops={"640x640@150": 183.3, "1024x2048@150": 1460.4}, miou={"ade20k": 51.0, "cityscapes": 82.4}),
-}
-for _b, _f in _SEGFORMER.items():
+def _segformer(size, *, embed_dims, depths, decoder_dim, **paper):
+    """One SegFormer row: the MiT-`size` constructor arguments, then the paper's facts (`Paper` fields)."""
     register(Variant(
-        name=f"segformer-{_b}", family="segformer", build=build_segformer,
-        kwargs=dict(embed_dims=_f["dims"], depths=_f["depths"], decoder_dim=_f["dec"], drop_path_rate=0.1),
-        paper=dict(params_m=_f["params_m"], official_params=_f["official_params"], gflops=_f["gflops"], miou=_f["miou"],
-                   reference="Xie et al., SegFormer, NeurIPS 2021, Tables 1-2"),
+        name=f"segformer-{size}", family="segformer", build=build_segformer,
+        kwargs=dict(embed_dims=embed_dims, depths=depths, decoder_dim=decoder_dim, drop_path_rate=0.1),
+        paper=Paper(**paper, reference="Xie et al., SegFormer, NeurIPS 2021, Tables 1-2"),
     ))
+
+
+# params_m, GFLOPs (ADE20K 512x512, B5 640x640) and single-scale mIoU: the paper's Tables 1-2.
+# official_params: the authors' model with 150 classes including its unused 128->K conv_seg, counted by
+# running their code (NVlabs/SegFormer). GFLOPs keys are "HxW@K", the input size and class count they were
+# counted with: the paper's Cityscapes column is what the authors' tools/get_flops.py gives with a
+# 150-class head (B0 at 1024x2048: 125.48 with 150 classes, 121.07 with Cityscapes' 19).
+_MIT_WIDE = (64, 128, 320, 512)
+_segformer("b0", embed_dims=(32, 64, 160, 256), depths=(2, 2, 2, 2), decoder_dim=256,
+           params_m=3.8, official_params=3_772_044, gflops={"512x512@150": 8.4, "1024x2048@150": 125.5},
+           miou={"ade20k": 37.4, "cityscapes": 76.2})
+_segformer("b1", embed_dims=_MIT_WIDE, depths=(2, 2, 2, 2), decoder_dim=256,
+           params_m=13.7, official_params=13_735_148, gflops={"512x512@150": 15.9, "1024x2048@150": 243.7},
+           miou={"ade20k": 42.2, "cityscapes": 78.5})
+_segformer("b2", embed_dims=_MIT_WIDE, depths=(3, 4, 6, 3), decoder_dim=768,
+           params_m=27.5, official_params=27_481_324, gflops={"512x512@150": 62.4, "1024x2048@150": 717.1},
+           miou={"ade20k": 46.5, "cityscapes": 81.0})
+_segformer("b3", embed_dims=_MIT_WIDE, depths=(3, 4, 18, 3), decoder_dim=768,
+           params_m=47.3, official_params=47_357_164, gflops={"512x512@150": 79.0, "1024x2048@150": 962.9},
+           miou={"ade20k": 49.4, "cityscapes": 81.7})
+_segformer("b4", embed_dims=_MIT_WIDE, depths=(3, 8, 27, 3), decoder_dim=768,
+           params_m=64.1, official_params=64_127_724, gflops={"512x512@150": 95.7, "1024x2048@150": 1240.6},
+           miou={"ade20k": 50.3, "cityscapes": 82.3})
+_segformer("b5", embed_dims=_MIT_WIDE, depths=(3, 6, 40, 3), decoder_dim=768,
+           params_m=84.7, official_params=84_728_044, gflops={"640x640@150": 183.3, "1024x2048@150": 1460.4},
+           miou={"ade20k": 51.0, "cityscapes": 82.4})
 
 
 # --------------------------------------------------------------------------------------------- EDAFormer
@@ -118,30 +149,30 @@ def build_edaformer(num_classes, embed_dims, depths, mlp_ratio, decoder_dim, dec
     return Segmentor(backbone, head, num_classes)
 
 
-# Paper: Yu et al., EDAFormer, ECCV 2024 (params 4.9M / 29.4M). official_params: the authors' model
-# with 150 classes including its unused 128->K conv_seg, counted by running their code (digest §1).
-# GFLOPs: the authors' tools/get_flops.py run on their model (digest §5-6; 1024x2048 with the
-# Cityscapes config's 19 classes). The paper's per-dataset mIoU table was not available to verify,
-# so no mIoU is listed.
-_EDAFORMER = {
-    "t": dict(dims=(32, 64, 128, 256), depths=(2, 2, 10, 2), mlp=3.8, dec=128, dec_mlp=2, params_m=4.9,
-              official_params=4_949_264, gflops={"512x512@150": 5.62, "1024x2048@19": 151.54}),
-    "b": dict(dims=(64, 128, 256, 512), depths=(3, 3, 22, 3), mlp=4, dec=768, dec_mlp=1, params_m=29.4,
-              official_params=29_457_516, gflops={"512x512@150": 31.93, "1024x2048@19": 605.39}),
-}
-for _b, _f in _EDAFORMER.items():
+def _edaformer(size, *, embed_dims, depths, mlp_ratio, decoder_dim, decoder_mlp_ratio, **paper):
+    """One EDAFormer row: the EFT-`size` encoder and decoder arguments, then the paper's facts."""
     register(Variant(
-        name=f"edaformer-{_b}", family="edaformer", build=build_edaformer,
-        kwargs=dict(embed_dims=_f["dims"], depths=_f["depths"], mlp_ratio=_f["mlp"], decoder_dim=_f["dec"],
-                    decoder_mlp_ratio=_f["dec_mlp"]),
-        paper=dict(params_m=_f["params_m"], official_params=_f["official_params"], gflops=_f["gflops"], miou={},
-                   reference="Yu et al., EDAFormer, ECCV 2024"),
+        name=f"edaformer-{size}", family="edaformer", build=build_edaformer,
+        kwargs=dict(embed_dims=embed_dims, depths=depths, mlp_ratio=mlp_ratio, decoder_dim=decoder_dim,
+                    decoder_mlp_ratio=decoder_mlp_ratio),
+        paper=Paper(**paper, reference="Yu et al., EDAFormer, ECCV 2024"),
     ))
 
 
+# params_m: the paper (4.9M / 29.4M). official_params: the authors' model with 150 classes including its
+# unused 128->K conv_seg, counted by running their code (hyunwoo137/EDAFormer). GFLOPs: the authors'
+# tools/get_flops.py run on their model (1024x2048 with the Cityscapes config's 19 classes). The paper's
+# per-dataset mIoU table was not available to verify, so no mIoU is listed.
+_edaformer("t", embed_dims=(32, 64, 128, 256), depths=(2, 2, 10, 2), mlp_ratio=3.8, decoder_dim=128, decoder_mlp_ratio=2,
+           params_m=4.9, official_params=4_949_264, gflops={"512x512@150": 5.62, "1024x2048@19": 151.54})
+_edaformer("b", embed_dims=(64, 128, 256, 512), depths=(3, 3, 22, 3), mlp_ratio=4, decoder_dim=768, decoder_mlp_ratio=1,
+           params_m=29.4, official_params=29_457_516, gflops={"512x512@150": 31.93, "1024x2048@19": 605.39})
+
+
 # --------------------------------------------------------------------------------------------- Segmenter
-# Normalisation (digest §5): ViT weights were trained on [-1, 1] inputs (mean = std = 127.5); DeiT uses
-# the ImageNet statistics as the authors' mmseg pipeline rounds them (2 decimals in 0-255 units).
+# Normalisation, from the authors' segm/data/utils.py (STATS) as their mmseg pipeline applies it: ViT weights
+# were trained on [-1, 1] inputs (mean = std = 127.5); DeiT uses the ImageNet statistics, which that pipeline
+# scales to 0-255 and rounds to 2 decimals.
 VIT_MEAN, VIT_STD = (127.5, 127.5, 127.5), (127.5, 127.5, 127.5)
 DEIT_MEAN, DEIT_STD = (123.68, 116.28, 103.53), (58.4, 57.12, 57.38)
 
@@ -161,40 +192,56 @@ def build_segmenter(num_classes, patch_size, embed_dim, depth, num_heads, decode
     return Segmentor(backbone, head, num_classes)
 
 
-_VIT = {"t": (192, 12, 3), "s": (384, 12, 6), "b": (768, 12, 12), "l": (1024, 24, 16)}
-# name -> (backbone, patch, decoder, crop, the authors' model's params with 150 classes incl. the ImageNet
-# head(s) = the README convention (digest §9, counted by running their code), README params (M), ADE20K
-# single-scale mIoU (README / paper)).
-_SEGMENTER = {
-    "vit-t16-mask": ("t", 16, "mask", 512, 6_906_388, 7, 38.1),
-    "vit-t16-linear": ("t", 16, "linear", 512, 5_905_342, None, None),
-    "vit-s16-mask": ("s", 16, "mask", 512, 26_418_964, 27, 45.3),
-    "vit-s16-linear": ("s", 16, "linear", 512, 22_426_366, None, 45.37),
-    "vit-s32-linear": ("s", 32, "linear", 512, 23_016_190, None, None),
-    "vit-b16-mask": ("b", 16, "mask", 512, 103_266_580, 106, 48.5),
-    "vit-b16-linear": ("b", 16, "linear", 512, 87_318_910, None, 48.06),
-    "vit-b32-linear": ("b", 32, "linear", 512, 88_498_558, None, 43.07),
-    "vit-b8-linear": ("b", 8, "linear", 512, 89_235_838, 89, 49.5),
-    "vit-l16-linear": ("l", 16, "linear", 512, 305_328_254, None, 50.71),
-    "vit-l16-mask": ("l", 16, "mask", 640, 334_259_476, 334, 51.8),
-    "deit-t16-linear": ("t", 16, "linear", 512, 6_098_726, None, None),
-    "deit-t16-mask": ("t", 16, "mask", 512, 7_099_772, None, None),
-    "deit-s16-linear": ("s", 16, "linear", 512, 22_812_134, None, None),
-    "deit-b16-linear": ("b", 16, "linear", 512, 88_089_446, 87, 47.1),
-    "deit-b16-mask": ("b", 16, "mask", 512, 104_037_116, 106, 48.7),
-}
-for _n, (_b, _p, _dec, _crop, _official, _readme, _miou) in _SEGMENTER.items():
-    _d, _depth, _heads = _VIT[_b]
-    _deit = _n.startswith("deit")
+_VIT = {"t": dict(embed_dim=192, depth=12, num_heads=3), "s": dict(embed_dim=384, depth=12, num_heads=6),
+        "b": dict(embed_dim=768, depth=12, num_heads=12), "l": dict(embed_dim=1024, depth=24, num_heads=16)}
+
+
+def _segmenter(name, *, size, patch_size, decoder, crop=512, **paper):
+    """One Segmenter row: `name` starts with the backbone (vit: ViT on [-1, 1] inputs; deit: distilled DeiT on
+    ImageNet statistics), then its `size` and patch, the decoder and the training crop; then the paper's facts.
+    Neither the paper nor the README reports GFLOPs: `transeg models` counts them at the crop."""
+    deit = name.startswith("deit")
     register(Variant(
-        name=f"segmenter-{_n}", family="segmenter", build=build_segmenter,
-        kwargs=dict(patch_size=_p, embed_dim=_d, depth=_depth, num_heads=_heads, decoder=_dec, crop=_crop,
-                    distilled=_deit),
-        mean=DEIT_MEAN if _deit else VIT_MEAN, std=DEIT_STD if _deit else VIT_STD,
-        paper=dict(params_m=_readme, official_params=_official, gflops={f"{_crop}x{_crop}@150": None},
-                   miou={"ade20k": _miou} if _miou else {},
-                   reference="Strudel et al., Segmenter, ICCV 2021 (README of rstrudel/segmenter)"),
+        name=f"segmenter-{name}", family="segmenter", build=build_segmenter,
+        kwargs=dict(patch_size=patch_size, **_VIT[size], decoder=decoder, crop=crop, distilled=deit),
+        mean=DEIT_MEAN if deit else VIT_MEAN, std=DEIT_STD if deit else VIT_STD,
+        paper=Paper(**paper, gflops={f"{crop}x{crop}@150": None},
+                    reference="Strudel et al., Segmenter, ICCV 2021 (README of rstrudel/segmenter)"),
     ))
+
+
+# official_params: the authors' model with 150 classes, counted by running their code (rstrudel/segmenter):
+# all parameters including the unused ImageNet head(s), as their segm.model.utils.num_params counts them for
+# the README. params_m: the README's (its 106M for B-Mask and DeiT-B-Mask is not what the released code
+# builds). miou: ADE20K single-scale, the README's; the linear decoders' two-decimal figures are the
+# paper's size / patch ablation.
+_segmenter("vit-t16-mask", size="t", patch_size=16, decoder="mask",
+           official_params=6_906_388, params_m=7, miou={"ade20k": 38.1})
+_segmenter("vit-t16-linear", size="t", patch_size=16, decoder="linear", official_params=5_905_342)
+_segmenter("vit-s16-mask", size="s", patch_size=16, decoder="mask",
+           official_params=26_418_964, params_m=27, miou={"ade20k": 45.3})
+_segmenter("vit-s16-linear", size="s", patch_size=16, decoder="linear",
+           official_params=22_426_366, miou={"ade20k": 45.37})
+_segmenter("vit-s32-linear", size="s", patch_size=32, decoder="linear", official_params=23_016_190)
+_segmenter("vit-b16-mask", size="b", patch_size=16, decoder="mask",
+           official_params=103_266_580, params_m=106, miou={"ade20k": 48.5})
+_segmenter("vit-b16-linear", size="b", patch_size=16, decoder="linear",
+           official_params=87_318_910, miou={"ade20k": 48.06})
+_segmenter("vit-b32-linear", size="b", patch_size=32, decoder="linear",
+           official_params=88_498_558, miou={"ade20k": 43.07})
+_segmenter("vit-b8-linear", size="b", patch_size=8, decoder="linear",
+           official_params=89_235_838, params_m=89, miou={"ade20k": 49.5})
+_segmenter("vit-l16-linear", size="l", patch_size=16, decoder="linear",
+           official_params=305_328_254, miou={"ade20k": 50.71})
+_segmenter("vit-l16-mask", size="l", patch_size=16, decoder="mask", crop=640,
+           official_params=334_259_476, params_m=334, miou={"ade20k": 51.8})
+_segmenter("deit-t16-linear", size="t", patch_size=16, decoder="linear", official_params=6_098_726)
+_segmenter("deit-t16-mask", size="t", patch_size=16, decoder="mask", official_params=7_099_772)
+_segmenter("deit-s16-linear", size="s", patch_size=16, decoder="linear", official_params=22_812_134)
+_segmenter("deit-b16-linear", size="b", patch_size=16, decoder="linear",
+           official_params=88_089_446, params_m=87, miou={"ade20k": 47.1})
+_segmenter("deit-b16-mask", size="b", patch_size=16, decoder="mask",
+           official_params=104_037_116, params_m=106, miou={"ade20k": 48.7})
 
 
 # --------------------------------------------------------------------------------------------- SegViT
@@ -220,27 +267,38 @@ _SEGVIT_B = dict(embed_dim=768, depth=12, num_heads=12, out_indices=(5, 7, 11), 
                  drop_path_rate=0.1)
 _SEGVIT_L = dict(embed_dim=1024, depth=24, num_heads=16, out_indices=(7, 15, 23), head_dim=512, head_heads=16,
                  drop_path_rate=0.3)
-# name -> (kwargs, classes of the dataset, the authors' modules' params (digest §1, verified by running
-# their code), README GFLOPs (fvcore MACs at the crop), README single-scale mIoU, dataset)
-_SEGVIT = {
-    "vit-b16": (dict(_SEGVIT_B, crop=512), 150, 108_736_279, 120.9, 51.3, "ade20k"),
-    "vit-l16": (dict(_SEGVIT_L, crop=640), 150, 344_305_303, 637.9, 54.6, "ade20k"),
-    "vit-l16-coco10k": (dict(_SEGVIT_L, crop=512), 171, 343_737_004, 383.9, 49.9, "cocostuff10k"),
-    "vit-l16-pc": (dict(_SEGVIT_L, crop=480), 60, 343_496_253, 321.6, 64.1, "pascal_context"),
-    "vit-l16-shrunk": (dict(_SEGVIT_L, crop=640, out_indices=(7, 23), shrunk=True), 150, 344_598_679, 373.5, 53.9,
-                       "ade20k"),
-    "vit-l16-shrunk-coco10k": (dict(_SEGVIT_L, crop=512, out_indices=(7, 23), shrunk=True), 171, 343_735_468, 224.8,
-                               49.1, "cocostuff10k"),
-    "vit-l16-shrunk-pc": (dict(_SEGVIT_L, crop=480, out_indices=(7, 23), shrunk=True), 60, 343_431_229, 186.9, 62.3,
-                          "pascal_context"),
-}
-for _n, (_kw, _k, _official, _gflops, _miou, _data) in _SEGVIT.items():
+
+
+def _segvit(name, *, kwargs, official_classes, official_params, gflops_at_crop, miou):
+    """One SegViT row: constructor arguments, the class count of the dataset the authors released it for, the
+    params of their modules at that count, the README's GFLOPs at the training crop, and its mIoU."""
+    crop = kwargs["crop"]
     register(Variant(
-        name=f"segvit-{_n}", family="segvit", build=build_segvit, kwargs=_kw, mean=VIT_MEAN, std=VIT_STD,
-        paper=dict(official_params=_official, official_classes=_k, gflops={f"{_kw['crop']}x{_kw['crop']}@{_k}": _gflops},
-                   gflops_convention="fvcore", miou={_data: _miou},
-                   reference="Zhang et al., SegViT, NeurIPS 2022 (README of zbwxp/SegVit)"),
+        name=f"segvit-{name}", family="segvit", build=build_segvit, kwargs=kwargs, mean=VIT_MEAN, std=VIT_STD,
+        paper=Paper(official_params=official_params, official_classes=official_classes,
+                    gflops={f"{crop}x{crop}@{official_classes}": gflops_at_crop}, gflops_convention="fvcore",
+                    miou=miou, reference="Zhang et al., SegViT, NeurIPS 2022 (README of zbwxp/SegVit)"),
     ))
+
+
+# official_params: the authors' modules, counted by running their code (zbwxp/SegVit; buffers excluded);
+# neither the paper nor the README reports params. gflops_at_crop: the README's, fvcore MACs of mmseg's
+# forward_dummy at each dataset's crop (running the authors' code reproduces every one to 0.1).
+# miou: the README's single-scale mIoU.
+_segvit("vit-b16", kwargs=dict(_SEGVIT_B, crop=512),
+        official_classes=150, official_params=108_736_279, gflops_at_crop=120.9, miou={"ade20k": 51.3})
+_segvit("vit-l16", kwargs=dict(_SEGVIT_L, crop=640),
+        official_classes=150, official_params=344_305_303, gflops_at_crop=637.9, miou={"ade20k": 54.6})
+_segvit("vit-l16-coco10k", kwargs=dict(_SEGVIT_L, crop=512),
+        official_classes=171, official_params=343_737_004, gflops_at_crop=383.9, miou={"cocostuff10k": 49.9})
+_segvit("vit-l16-pc", kwargs=dict(_SEGVIT_L, crop=480),
+        official_classes=60, official_params=343_496_253, gflops_at_crop=321.6, miou={"pascal_context": 64.1})
+_segvit("vit-l16-shrunk", kwargs=dict(_SEGVIT_L, crop=640, out_indices=(7, 23), shrunk=True),
+        official_classes=150, official_params=344_598_679, gflops_at_crop=373.5, miou={"ade20k": 53.9})
+_segvit("vit-l16-shrunk-coco10k", kwargs=dict(_SEGVIT_L, crop=512, out_indices=(7, 23), shrunk=True),
+        official_classes=171, official_params=343_735_468, gflops_at_crop=224.8, miou={"cocostuff10k": 49.1})
+_segvit("vit-l16-shrunk-pc", kwargs=dict(_SEGVIT_L, crop=480, out_indices=(7, 23), shrunk=True),
+        official_classes=60, official_params=343_431_229, gflops_at_crop=186.9, miou={"pascal_context": 62.3})
 
 
 # --------------------------------------------------------------------------------------------- SeMask
@@ -253,23 +311,33 @@ def build_semask_fpn(num_classes, embed_dim, depths, num_heads, window_size, dro
     return Segmentor(backbone, SeMaskFPNHead(backbone.out_channels, num_classes, channels, dropout), num_classes)
 
 
-# name -> (embed, depths, heads, window, the authors' model's params for 150 / 19 / 171 classes (digest §8,
-# counted by running their code), README params (M), ADE20K / Cityscapes / COCO-Stuff-10k single-scale mIoU)
-_SEMASK = {
-    "t": (96, (2, 2, 6, 2), (3, 6, 12, 24), 7, (34_655_748, 34_243_753, 34_721_793), 35, (42.06, 74.92, 37.53)),
-    "s": (96, (2, 2, 18, 2), (3, 6, 12, 24), 7, (55_973_652, 55_561_657, 56_039_697), 56, (45.92, 77.13, 40.72)),
-    "b": (128, (2, 2, 18, 2), (4, 8, 16, 32), 12, (96_485_826, 95_948_071, 96_572_031), 96, (49.35, 77.70, 44.63)),
-    "l": (192, (2, 2, 18, 2), (6, 12, 24, 48), 12, (210_791_934, 210_002_659, 210_918_459), 211, (51.89, 78.53, 47.47)),
-}
-for _n, (_c, _d, _h, _w, _official, _readme, _miou) in _SEMASK.items():
+def _semask_fpn(size, *, embed_dim, depths, num_heads, window_size, crop=512, official_params_by_classes, **paper):
+    """One SeMask-FPN row: the Swin-`size` arguments and the training crop (where GFLOPs are counted), the
+    authors' model's params per class count, then the paper's facts."""
     register(Variant(
-        name=f"semask-swin-{_n}-fpn", family="semask", build=build_semask_fpn,
-        kwargs=dict(embed_dim=_c, depths=_d, num_heads=_h, window_size=_w),
-        paper=dict(params_m=_readme, official_params=_official[0], official_params_by_classes=dict(zip((150, 19, 171), _official)),
-                   gflops={f"{640 if _n == 'l' else 512}x{640 if _n == 'l' else 512}@150": None},
-                   miou=dict(zip(("ade20k", "cityscapes", "cocostuff10k"), _miou)),
-                   reference="Jain et al., SeMask (README of Picsart-AI-Research/SeMask-Segmentation)"),
+        name=f"semask-swin-{size}-fpn", family="semask", build=build_semask_fpn,
+        kwargs=dict(embed_dim=embed_dim, depths=depths, num_heads=num_heads, window_size=window_size),
+        paper=Paper(**paper, official_params=official_params_by_classes[150],
+                    official_params_by_classes=official_params_by_classes, gflops={f"{crop}x{crop}@150": None},
+                    reference="Jain et al., SeMask (README of Picsart-AI-Research/SeMask-Segmentation)"),
     ))
+
+
+# official_params_by_classes: the authors' model for ADE20K (150), Cityscapes (19) and COCO-Stuff-10k (171)
+# classes, counted by running their code (Picsart-AI-Research/SeMask-Segmentation). params_m and the
+# single-scale mIoU: the README's. The README reports no GFLOPs.
+_semask_fpn("t", embed_dim=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24), window_size=7,
+            official_params_by_classes={150: 34_655_748, 19: 34_243_753, 171: 34_721_793}, params_m=35,
+            miou={"ade20k": 42.06, "cityscapes": 74.92, "cocostuff10k": 37.53})
+_semask_fpn("s", embed_dim=96, depths=(2, 2, 18, 2), num_heads=(3, 6, 12, 24), window_size=7,
+            official_params_by_classes={150: 55_973_652, 19: 55_561_657, 171: 56_039_697}, params_m=56,
+            miou={"ade20k": 45.92, "cityscapes": 77.13, "cocostuff10k": 40.72})
+_semask_fpn("b", embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32), window_size=12,
+            official_params_by_classes={150: 96_485_826, 19: 95_948_071, 171: 96_572_031}, params_m=96,
+            miou={"ade20k": 49.35, "cityscapes": 77.70, "cocostuff10k": 44.63})
+_semask_fpn("l", embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12, crop=640,
+            official_params_by_classes={150: 210_791_934, 19: 210_002_659, 171: 210_918_459}, params_m=211,
+            miou={"ade20k": 51.89, "cityscapes": 78.53, "cocostuff10k": 47.47})
 
 
 def build_semask_mask2former(num_classes, embed_dim, depths, num_heads, window_size, drop_path_rate=0.3,
@@ -296,7 +364,7 @@ def build_semask_mask2former(num_classes, embed_dim, depths, num_heads, window_s
 register(Variant(
     name="semask-swin-l-mask2former", family="semask", build=build_semask_mask2former,
     kwargs=dict(embed_dim=192, depths=(2, 2, 18, 2), num_heads=(6, 12, 24, 48), window_size=12),
-    paper=dict(params_m=222, gflops={"640x640@150": None}, miou=dict(ade20k=56.41, cityscapes=83.97),
-               miou_ms=dict(ade20k=57.52, cityscapes=84.98),
-               reference="Jain et al., SeMask (README of Picsart-AI-Research/SeMask-Segmentation, SeMask-Mask2Former)"),
+    paper=Paper(params_m=222, gflops={"640x640@150": None}, miou={"ade20k": 56.41, "cityscapes": 83.97},
+                miou_ms={"ade20k": 57.52, "cityscapes": 84.98},
+                reference="Jain et al., SeMask (README of Picsart-AI-Research/SeMask-Segmentation, SeMask-Mask2Former)"),
 ))

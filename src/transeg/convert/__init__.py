@@ -2,25 +2,38 @@
 
     model = transeg.convert.convert("segformer.b0.512x512.ade.160k.pth", "segformer")
     transeg.save(model, "segformer-b0-ade.safetensors")
+
+A format is a row of `_FORMATS`: its converter module, which carries a one-line `DESCRIPTION` and
+`convert(obj, source, model)`, and how the source path becomes `obj` (a torch file read safely, or
+the path itself for formats that read a directory).
 """
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Callable
 
 from ..checkpoint import load_foreign, load_state_dict_checked
 from ..data.classes import by_count
 from ..errors import TransegError
 from . import edaformer, segformer, segformer_hf, segmenter, semask, segvit
 
-FORMATS = {
-    "edaformer": "the authors' hyunwoo137/EDAFormer .pth (mmcv layout: {'state_dict', 'meta'})",
-    "segformer": "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})",
-    "segformer-hf": "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)",
-    "semask": "the authors' SeMask-FPN .pth (mmcv layout: {'meta', 'state_dict'}) or SeMask-Mask2Former .pth "
-              "(detectron2 layout: {'model', ...})",
-    "segvit": "the authors' zbwxp/SegVit .pth (mmcv layout: {'meta', 'state_dict', 'optimizer'}; optimizer ignored)",
-    "segmenter": "the authors' rstrudel/segmenter checkpoint.pth ({'model', 'n_cls', 'epoch'}; a variant.yml beside it "
-                 "names the dataset of its test protocol)",
+
+@dataclass(frozen=True)
+class _Format:
+    converter: ModuleType
+    read: Callable = load_foreign  # source path -> what `converter.convert` takes
+
+
+_FORMATS = {
+    "edaformer": _Format(edaformer),
+    "segformer": _Format(segformer),
+    "segformer-hf": _Format(segformer_hf, read=Path),  # a save_pretrained directory: the converter reads it
+    "semask": _Format(semask),
+    "segvit": _Format(segvit),
+    "segmenter": _Format(segmenter),
 }
+FORMATS = {name: f.converter.DESCRIPTION for name, f in _FORMATS.items()}  # name -> description (CLI help)
 
 
 def convert(src, fmt, model=None, num_classes=None):
@@ -28,15 +41,11 @@ def convert(src, fmt, model=None, num_classes=None):
     from ..registry import create_model
 
     src = Path(src)
-    if fmt not in FORMATS:
+    if fmt not in _FORMATS:
         raise TransegError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if not src.exists():
         raise TransegError(f"{src}: no such file or directory")
-    readers = {"segformer": segformer, "edaformer": edaformer, "segmenter": segmenter, "segvit": segvit, "semask": semask}
-    if fmt in readers:
-        found = readers[fmt].convert(load_foreign(src), src, model)
-    else:
-        found = segformer_hf.convert(src, src, model)
+    found = _FORMATS[fmt].converter.convert(_FORMATS[fmt].read(src), src, model)
     if num_classes is not None and num_classes != found["num_classes"]:
         raise TransegError(f"{src}: holds a {found['num_classes']}-class head, not {num_classes}")
     classes, palette = found["classes"], found["palette"]
@@ -48,7 +57,7 @@ def convert(src, fmt, model=None, num_classes=None):
     load_state_dict_checked(net, found["state"], source=src)
     net.meta["converted_from"] = f"{fmt}:{src.name}"
     if found.get("test"):
-        net.meta["test"] = found["test"]
+        net.protocol = found["test"]
     return net.eval()
 
 

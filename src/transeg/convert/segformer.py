@@ -4,42 +4,9 @@ transeg keeps the authors' module names, so the mapping is the identity except t
 `decode_head.conv_seg` is dropped. The variant is recognised from the tensor shapes (embed dims,
 depths, decoder width) unless `--model` names it.
 """
-import re
+from .mmseg import class_info, head_shape, match_variant, read_mmseg_state, stage_shapes, test_protocol
 
-from ..errors import TransegError
-from ..registry import VARIANTS
-
-
-def stage_shapes(state, source, family):
-    """(embed dims, depths) of a four-stage encoder in the MiT/EFT layout (`backbone.patch_embed{s}`, `backbone.block{s}.{j}`)."""
-    try:
-        dims = tuple(state[f"backbone.patch_embed{s}.proj.weight"].shape[0] for s in range(1, 5))
-    except KeyError as e:
-        raise TransegError(f"{source}: not a {family} segmentation checkpoint (no {e.args[0]})") from None
-    depths = tuple(1 + max((int(m.group(1)) for k in state if (m := re.match(rf"backbone\.block{s}\.(\d+)\.", k))),
-                           default=-1) for s in range(1, 5))
-    return dims, depths
-
-
-def head_shape(state, source, family):
-    """(decoder width, num_classes) from `decode_head.linear_pred`."""
-    try:
-        w = state["decode_head.linear_pred.weight"]
-    except KeyError:
-        raise TransegError(f"{source}: not a {family} segmentation checkpoint (no decode_head.linear_pred.weight)") from None
-    return w.shape[1], w.shape[0]
-
-
-def match_variant(family, source, **wanted):
-    """The registered `family` variant whose kwargs equal `wanted` (tuples compared as tuples)."""
-    def same(have, want):
-        return tuple(have) == want if isinstance(want, tuple) else have == want
-
-    for name, v in VARIANTS.items():
-        if v.family == family and all(same(v.kwargs[k], w) for k, w in wanted.items()):
-            return name
-    found = ", ".join(f"{k} {w}" for k, w in wanted.items())
-    raise TransegError(f"{source}: {family} with {found} matches no registered variant; pass --model")
+DESCRIPTION = "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})"
 
 
 def infer_segformer_variant(state, source):
@@ -47,40 +14,6 @@ def infer_segformer_variant(state, source):
     dims, depths = stage_shapes(state, source, "SegFormer")
     decoder_dim, num_classes = head_shape(state, source, "SegFormer")
     return match_variant("segformer", source, embed_dims=dims, depths=depths, decoder_dim=decoder_dim), num_classes
-
-
-def read_mmseg_state(obj, source, what):
-    """The state dict of an mmcv-era checkpoint ({'state_dict', 'meta'} or a bare dict), without DDP's
-    `module.` prefix and mmseg's unused `decode_head.conv_seg`, and its class names / palette."""
-    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
-    if not isinstance(state, dict):
-        raise TransegError(f"{source}: expected a dict with 'state_dict', got {type(obj).__name__}")
-    state = {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("decode_head.conv_seg.")}
-    if not any(k.startswith("decode_head.") for k in state):
-        raise TransegError(f"{source}: holds no decode head (an ImageNet {what} backbone?); "
-                           "use it as `backbone_weights` for training instead of converting it")
-    meta = obj.get("meta") or {} if isinstance(obj, dict) else {}
-    return state, meta.get("CLASSES"), meta.get("PALETTE")
-
-
-def class_info(classes, palette, num_classes):
-    """Class names and palette from checkpoint meta, when they fit the head."""
-    return dict(classes=[str(c) for c in classes] if classes is not None and len(classes) == num_classes else None,
-                palette=[[int(x) for x in c] for c in palette]
-                if palette is not None and len(palette) == num_classes else None)
-
-
-def test_protocol(num_classes, short_side=512, size_divisor=32):
-    """The released mmseg configs' test, chosen by the head's class count (SegFormer / EDAFormer digest §5):
-    Cityscapes (19) 1024x1024 windows with stride 768 on the 2048x1024 image, multi-scale 0.5..2.0;
-    otherwise the whole image resized to short side `short_side` (long <= 2048) and aligned to 32,
-    multi-scale 0.75..1.25 for ADE20K and 0.5..1.75 for the others."""
-    if num_classes == 19:
-        return dict(mode="slide", crop=[1024, 1024], stride=[768, 768], scale=[2048, 1024], size_divisor=None,
-                    scales=[1.0], flip=False, ms=dict(scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0], flip=True))
-    ms = [0.75, 0.875, 1.0, 1.125, 1.25] if num_classes == 150 else [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-    return dict(mode="whole", crop=None, stride=None, scale=[2048, short_side], size_divisor=size_divisor,
-                scales=[1.0], flip=False, ms=dict(scales=ms, flip=True))
 
 
 def convert(obj, source, model=None):

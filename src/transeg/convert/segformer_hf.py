@@ -1,8 +1,9 @@
 """Hugging Face SegFormer (`save_pretrained` directory or a single weights file) -> transeg.
 
-HF renames every module (digest §8); both the Hub names (what `save_pretrained` writes) and the
-transformers>=5 in-memory names are mapped back to the authors' names, and HF's separate key/value
-projections are fused into the authors' single `kv` Linear (rows [0,C) = K, [C,2C) = V).
+HF renames every module (transformers' `modeling_segformer.py`); both the Hub names (what
+`save_pretrained` writes) and the transformers>=5 in-memory names are mapped back to the authors'
+names, and HF's separate key/value projections are fused into the authors' single `kv` Linear
+(rows [0,C) = K, [C,2C) = V).
 Note: HF builds its block LayerNorms with eps 1e-5 where the authors used 1e-6; transeg keeps the
 authors' value, so converted HF models differ from HF by ~1e-5 in the logits.
 """
@@ -14,6 +15,8 @@ import torch
 
 from ..errors import TransegError
 from .segformer import infer_segformer_variant
+
+DESCRIPTION = "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)"
 
 _BLOCK = r"segformer\.encoder\.block\.(\d+)\.(\d+)\."
 # transformers>=5 in-memory names -> the Hub names, so one set of rules below serves both
@@ -107,6 +110,7 @@ def read_hf(path):
 
 
 def convert(path, source, model=None):
+    """path: the save_pretrained directory or weights file (read here, not by `torch.load`)."""
     hf_state, config = read_hf(path)
     state = hf_to_official(hf_state, source)
     variant, num_classes = infer_segformer_variant(state, source)

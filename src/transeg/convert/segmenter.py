@@ -16,9 +16,15 @@ from pathlib import Path
 import yaml
 
 from ..errors import TransegError
+from ..protocol import Protocol
 from ..registry import VARIANTS
+from .mmseg import match_variant
 
-# dataset -> (short side of the test resize, long-side cap ratio), digest §6-7
+DESCRIPTION = ("the authors' rstrudel/segmenter checkpoint.pth ({'model', 'n_cls', 'epoch'}; a variant.yml beside it "
+               "names the dataset of its test protocol)")
+
+# dataset -> (short side of the test resize, long-side cap ratio): `im_size` and `max_ratio` of the
+# authors' segm/config.yml, which their evaluation (segm/eval/miou.py) resizes to
 _TEST_RESIZE = {"ade20k": (512, 4), "pascal_context": (520, 8), "cityscapes": (1024, 2)}
 
 
@@ -60,17 +66,14 @@ def convert(obj, source, model=None):
         raise TransegError(f"{source}: position embeddings for {tokens} patches are not a square grid")
     crop = grid * patch
     found = dict(patch_size=patch, embed_dim=dim, depth=depth, decoder="mask" if mask else "linear", distilled=distilled)
-    name = model or next((n for n, v in VARIANTS.items() if v.family == "segmenter"
-                          and all(v.kwargs.get(k) == w for k, w in found.items())), None)
-    if name is None:
-        raise TransegError(f"{source}: Segmenter with {found} matches no registered variant; pass --model "
-                           "(the nearest variant; differing sizes are taken from the weights)")
+    name = model or match_variant("segmenter", source, what=f"Segmenter with {found}",
+                                  hint=" (the nearest variant; differing sizes are taken from the weights)", **found)
     # what the weights say beyond the variant's defaults (training crop, Cityscapes' 1-layer decoder,
     # or a custom size under --model) becomes constructor arguments stored with the model
     found.update(num_heads=max(1, dim // 64), crop=crop)
     if mask:
         found["decoder_depth"] = _count(state, "decode_head.blocks.")
-    defaults = {"decoder_depth": 2, **VARIANTS[name].kwargs}
+    defaults = VARIANTS[name].arguments()
     overrides = {k: v for k, v in found.items() if defaults.get(k) != v}
     out = dict(variant=name, num_classes=num_classes, state=state, overrides=overrides, classes=None, palette=None)
     variant_yml = Path(source).with_name("variant.yml")
@@ -90,5 +93,5 @@ def _protocol(variant, crop, distilled, path):
         raise TransegError(f"{path}: says crop_size {data['crop_size']}, the position embeddings are for {crop}")
     # without a variant.yml: ADE20K's rule around the crop (short side = crop, long side <= 4x)
     short, ratio = _TEST_RESIZE.get(data.get("dataset"), (data.get("image_size") or crop, 4))
-    return dict(mode="slide", crop=[crop, crop], stride=[crop - 32, crop - 32], scale=[ratio * short, short],
-                size_divisor=None, scales=[1.0], flip=False, min_short_side=crop, dataset=data.get("dataset"))
+    return Protocol(mode="slide", crop=(crop, crop), stride=(crop - 32, crop - 32), scale=(ratio * short, short),
+                    size_divisor=None, min_short_side=crop)

@@ -11,8 +11,11 @@ import math
 import re
 
 from ..errors import TransegError
+from ..protocol import Protocol
 from ..registry import VARIANTS
-from .segformer import class_info
+from .mmseg import class_info, match_variant
+
+DESCRIPTION = "the authors' zbwxp/SegVit .pth (mmcv layout: {'meta', 'state_dict', 'optimizer'}; optimizer ignored)"
 
 _BACKBONE = [(r"^patch_embed\.projection\.", "patch_embed.proj."), (r"^layers\.(\d+)\.", r"blocks.\1."),
              (r"\.ln1\.", ".norm1."), (r"\.ln2\.", ".norm2."), (r"\.attn\.attn\.in_proj_weight$", ".attn.qkv.weight"),
@@ -41,31 +44,28 @@ def convert(obj, source, model=None):
     crop = grid * out["backbone.patch_embed.proj.weight"].shape[-1]
     shrunk = "decode_head.atm.q.weight" in out
     num_classes = out["decode_head.atm.q.weight" if shrunk else "decode_head.q.weight"].shape[0]
-    name = model or next((n for n, v in VARIANTS.items() if v.family == "segvit" and v.kwargs["embed_dim"] == dim
-                          and v.kwargs.get("shrunk", False) == shrunk and v.kwargs["crop"] == crop), None)
-    if name is None:
-        raise TransegError(f"{source}: SegViT with width {dim}, crop {crop}{', Shrunk' if shrunk else ''} matches no "
-                           "registered variant; pass --model")
+    found = f"SegViT with width {dim}, crop {crop}{', Shrunk' if shrunk else ''}"
+    name = model or match_variant("segvit", source, what=found, embed_dim=dim, shrunk=shrunk, crop=crop)
     overrides = {"crop": crop} if VARIANTS[name].kwargs["crop"] != crop else {}
     meta = obj.get("meta") or {} if isinstance(obj, dict) else {}
     return dict(variant=name, num_classes=num_classes, state=out, overrides=overrides, test=test_protocol(crop, num_classes),
                 **class_info(meta.get("CLASSES"), meta.get("PALETTE"), num_classes))
 
 
-# No cap on the long side: mmseg's `min_size` makes the SHORT side the target (digest §8).
+# No cap on the long side: with keep_ratio, mmseg 0.24's Resize `min_size` (set by the released COCO-Stuff
+# and Pascal Context configs) makes the SHORT side the target.
 _UNCAPPED = 100_000
 
 
 def test_protocol(crop, num_classes):
-    """The released configs' sliding-window test (digest §8), chosen by the head's class count:
-    ADE20K (150) short side = crop (long <= 2048), windows of the crop, stride crop - 32 (ViT-B 512:
-    stride 341); COCO-Stuff-10K (171) short side 512 uncapped, stride 341; Pascal Context (60) short
-    side 520 uncapped, stride 320."""
+    """The sliding-window test of the authors' released configs (configs/segvit/ of zbwxp/SegVit),
+    chosen by the head's class count: ADE20K (150) short side = crop (long <= 2048), windows of the
+    crop, stride crop - 32 (ViT-B 512: stride 341); COCO-Stuff-10K (171) short side 512 uncapped,
+    stride 341; Pascal Context (60) short side 520 uncapped, stride 320."""
     if num_classes == 171:
         scale, stride = [_UNCAPPED, 512], 341
     elif num_classes in (59, 60):
         scale, stride = [_UNCAPPED, 520], 320
     else:
         scale, stride = [2048, crop], (341 if crop == 512 else crop - 32)
-    return dict(mode="slide", crop=[crop, crop], stride=[stride, stride], scale=scale, size_divisor=None,
-                scales=[1.0], flip=False)
+    return Protocol(mode="slide", crop=(crop, crop), stride=(stride, stride), scale=scale, size_divisor=None)

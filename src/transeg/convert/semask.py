@@ -19,9 +19,12 @@ import re
 import torch
 
 from ..errors import TransegError
+from ..protocol import Protocol
 from ..backbones.swin import relative_position_index
-from ..registry import VARIANTS
-from .segformer import class_info
+from .mmseg import class_info, match_variant
+
+DESCRIPTION = ("the authors' SeMask-FPN .pth (mmcv layout: {'meta', 'state_dict'}) or SeMask-Mask2Former .pth "
+               "(detectron2 layout: {'model', ...})")
 
 
 def swin_shapes(state, prefix, source):
@@ -57,22 +60,19 @@ def convert(obj, source, model=None):
 
 
 def test_protocol_fpn(name, num_classes):
-    """SeMask-FPN's released test (digest §7): the whole image, no alignment, resized into (2048, 1024)
-    for Cityscapes, (2048, 512) otherwise ((2560, 640) for L); multi-scale 0.5..1.75 + flip."""
+    """SeMask-FPN's released test (the authors' configs/semask_swin/ configs): the whole image, no
+    alignment, resized into (2048, 1024) for Cityscapes, (2048, 512) otherwise ((2560, 640) for L);
+    multi-scale 0.5..1.75 + flip."""
     scale = [2048, 1024] if num_classes == 19 else ([2560, 640] if name == "semask-swin-l-fpn" else [2048, 512])
-    return dict(mode="whole", scale=scale, size_divisor=None, crop=None, stride=None, scales=[1.0], flip=False,
-                ms=dict(scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], flip=True))
+    return Protocol(mode="whole", scale=scale, size_divisor=None, ms_scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75))
 
 
 def _match(state, source, model, suffix):
     """(variant name, state with the computed relative_position_index buffers)."""
     dim, depths, window = swin_shapes(state, "backbone.", source)
-    name = model or next((n for n, v in VARIANTS.items() if v.family == "semask" and n.endswith(suffix)
-                          and v.kwargs["embed_dim"] == dim and tuple(v.kwargs["depths"]) == depths
-                          and v.kwargs["window_size"] == window), None)
-    if name is None:
-        raise TransegError(f"{source}: SeMask{suffix.replace('-', ' ').upper()} with width {dim}, depths {depths}, "
-                           f"window {window} matches no registered variant; pass --model")
+    found = f"SeMask{suffix.replace('-', ' ').upper()} with width {dim}, depths {depths}, window {window}"
+    name = model or match_variant("semask", source, what=found, suffix=suffix, embed_dim=dim, depths=depths,
+                                  window_size=window)
     # a function of the window size, not a weight: always the computed one (whatever the file holds)
     index = relative_position_index(window)
     return name, {k: (index.clone() if k.endswith("relative_position_index") else v) for k, v in state.items()}
@@ -95,4 +95,4 @@ def test_protocol_mask2former(num_classes):
     """The released configs' test: whole image resized to short side 640 (long <= 2560) for ADE20K,
     1024 (<= 2048) for Cityscapes; the model pads to 32 itself."""
     scale = [2048, 1024] if num_classes == 19 else [2560, 640]
-    return dict(mode="whole", scale=scale, size_divisor=None, crop=None, stride=None, scales=[1.0], flip=False)
+    return Protocol(mode="whole", scale=scale, size_divisor=None)
