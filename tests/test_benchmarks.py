@@ -233,12 +233,10 @@ def test_converted_checkpoint_without_names_gets_the_benchmark_classes(tmp_path)
     converted = convert(tmp_path / "b0.pth", "segformer")
     assert converted.classes[:3] == ["road", "sidewalk", "building"] and converted.classes[-1] == "bicycle"
     assert converted.meta["palette"][0] == [128, 64, 128]
-    # and the released Cityscapes test: 1024 windows with stride 768 on the 2048x1024 image (SegFormer digest §5)
-    from transeg.engine.evaluate import default_protocol, describe
-
-    assert describe(default_protocol(converted)) == \
+    # and the released Cityscapes test: 1024 windows with stride 768 on the 2048x1024 image (the authors' released Cityscapes config)
+    assert converted.protocol.describe() == \
         "slide (1024, 1024) stride (768, 768), resize keep-ratio to (2048, 1024), scales [1.0]"
-    assert default_protocol(converted)["ms"]["scales"] == [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+    assert converted.protocol.ms_scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0)
 
 
 def test_raw_id_outside_the_dataset_names_the_file(tmp_path):

@@ -11,13 +11,13 @@ from transeg.convert import convert
 from transeg.flops import count_gmacs, count_params, meta_model
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "edaformer_official.json").read_text())
-CONV_SEG = 128 * 150 + 150  # the authors' unused 128->K conv_seg at 150 classes (digest §4)
+CONV_SEG = 128 * 150 + 150  # the authors' unused 128->K conv_seg at 150 classes (in the authors' released checkpoints)
 ISR = dict(encoder=(2, 2, 1, 1), decoder=(2, 2, 2))  # the paper's optimal setting (README example)
 
 
 @pytest.mark.parametrize("b,official,paper_m", [("t", 4_949_264, 4.9), ("b", 29_457_516, 29.4)])
 def test_params_equal_the_authors_model(b, official, paper_m):
-    """Issue/digest: T 4,949,264 and B 29,457,516 with 150 classes including conv_seg; paper 4.9M / 29.4M."""
+    """Counted by running the authors' code: T 4,949,264 and B 29,457,516 with 150 classes including conv_seg; paper 4.9M / 29.4M."""
     n = count_params(meta_model(f"edaformer-{b}", 150))
     assert n + CONV_SEG == official
     assert n == {"t": 4_929_914, "b": 29_438_166}[b]
@@ -32,7 +32,7 @@ def test_state_dict_matches_the_authors_keys_and_shapes():
         assert ours == theirs
 
 
-# The authors' tools/get_flops.py, run on their model (digest §5 table): encoder x decoder ISR
+# The authors' tools/get_flops.py, run on their model: encoder x decoder ISR
 # multipliers -> GFLOPs at ADE 512x512 (150 classes) and Cityscapes 1024x2048 (19 classes).
 GFLOPS = [
     ("t", (512, 512), 150, (1, 1, 1, 1), (1, 1, 1), 5.62), ("t", (512, 512), 150, (2, 2, 1, 1), (2, 2, 2), 4.70),
@@ -225,7 +225,7 @@ def test_cli_isr_sweep_prints_plots_and_scores(tiny_run, capsys, tmp_path):
     assert main(["bench", str(tiny_run / "model.safetensors"), "--size", "64x64", "--runs", "1", "--warmup", "0",
                  "--isr-sweep", "--data", "synthetic:size=32,n=16", "--limit", "4", "--plot", str(plot)]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "GFLOPs" in line]
-    assert len(lines) == 10  # the ten encoder/decoder settings of the digest's ISR table
+    assert len(lines) == 10  # the ten encoder/decoder settings of isr.SWEEP
     assert lines[0].startswith("no ISR") and "( +0.0%)" in lines[0] and "mIoU" in lines[0]
     assert lines[4].startswith("ISR encoder 2,2,1,1 / decoder 2,2,2")
     assert plot.is_file()

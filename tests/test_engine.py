@@ -16,7 +16,7 @@ SEGFORMER_KEYS = {"head": {"lr_mult": 10.0}, "norm": {"decay_mult": 0.0}, "pos_b
 
 
 def test_param_groups_follow_mmcv_custom_keys():
-    """SegFormer recipe (digest §4): decode head lr x10 WITH decay (BN included), backbone norms no decay."""
+    """SegFormer recipe (the authors' released mmseg configs): decode head lr x10 WITH decay (BN included), backbone norms no decay."""
     model = transeg.create_model("segformer-b0", num_classes=6, **TINY)
     groups = {(round(g["lr"], 12), g["weight_decay"]): set(g["names"])
               for g in param_groups(model, 6e-5, 0.01, SEGFORMER_KEYS)}
@@ -102,7 +102,7 @@ def test_unknown_config_key_suggests_the_nearest(tmp_path):
 
 # ----------------------------------------------------------------------------------------- inference
 def test_slide_windows_match_mmseg_grid():
-    # Cityscapes 1024x2048, crop 1024, stride 768: one row, x in {0, 768, 1024} (digest §5)
+    # Cityscapes 1024x2048, crop 1024, stride 768: one row, x in {0, 768, 1024} (mmseg's sliding-window grid)
     boxes = inference.slide_windows(1024, 2048, (1024, 1024), (768, 768))
     assert [(b[0], b[2]) for b in boxes] == [(0, 0), (0, 768), (0, 1024)]
     assert inference.slide_windows(300, 200, (512, 512), (341, 341)) == [(0, 300, 0, 200)]
@@ -164,7 +164,8 @@ def test_checkpoint_round_trip_and_mismatch(tmp_path):
 
 
 def test_amp_auto_resolves_to_bf16_or_nothing():
-    from transeg.engine.trainer import _amp, native_bf16
+    from transeg.device import native_bf16
+    from transeg.engine.trainer import _amp
 
     cpu = torch.device("cpu")
     # auto never picks fp16 (emulated on CPUs, ~100x slower there): bf16 where native, else fp32

@@ -165,7 +165,7 @@ def test_upsampled_cross_entropy_equals_upsample_then_ce(monkeypatch, logit_size
     row blocks can cut the resampling bands."""
     import torch.nn.functional as F
 
-    from transeg.losses import _UpsampledCrossEntropy, cross_entropy, upsampled_cross_entropy
+    from transeg.losses.ce import _UpsampledCrossEntropy, cross_entropy, upsampled_cross_entropy
 
     monkeypatch.setattr(_UpsampledCrossEntropy, "BLOCK_BYTES", block_bytes)
     g = torch.Generator().manual_seed(10)
@@ -219,7 +219,7 @@ def test_keep_freed_memory_stops_page_faults_on_reused_large_tensors():
     if not sys.platform.startswith("linux"):
         pytest.skip("glibc's mallopt: Linux only")
     code = ("import resource, sys, torch\n"
-            "from transeg.bench import keep_freed_memory\n"
+            "from transeg.device import keep_freed_memory\n"
             "applied = keep_freed_memory()\n"
             "for _ in range(10):\n"  # the heap settles in the first rounds (up to ~8 fault here)
             "    torch.empty(16 << 20).fill_(1)\n"

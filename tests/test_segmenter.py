@@ -13,7 +13,7 @@ from transeg.flops import count_gmacs, count_params, meta_model
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "segmenter_official.json").read_text())
 
-# The authors' model built by their code (digest §9): all parameters including the unused ImageNet
+# The authors' model built by their code: all parameters including the unused ImageNet
 # head(s), the convention of the Segmenter README's params column.
 OFFICIAL = [
     ("vit-t16-mask", 150, {}, 6_906_388), ("vit-t16-linear", 150, {}, 5_905_342),
@@ -37,8 +37,8 @@ def test_params_equal_the_authors_model(name, k, kw, official):
 def test_readme_params_rows():
     """README params column (M): T-Mask 7, B/8 89, ADE L-Mask@640 334 and Cityscapes L-Mask 322 reproduce when
     rounded; Pascal Context L-Mask gives 333.45M against the README's 334M (rounded up there). The README's 27M
-    (S-Mask) and 106M (B-Mask, B†-Mask) do not: the released code gives 26.4M, 103.3M and 104.0M (digest §9
-    finds nothing in the code that adds the difference)."""
+    (S-Mask) and 106M (B-Mask, B†-Mask) do not: the released code gives 26.4M, 103.3M and 104.0M (counting the model it
+    builds finds nothing in the code that adds the difference)."""
     def millions(name, k=150, **kw):
         return round(count_params(meta_model(f"segmenter-{name}", k, **kw)) / 1e6)
 
@@ -56,8 +56,8 @@ def test_readme_params_rows():
     ("vit-l16-mask", 768, 19, dict(crop=768, decoder_depth=1), 1004.2),
     ("deit-b16-linear", 512, 150, {}, 107.3), ("deit-b16-mask", 512, 150, {}, 129.4),
 ])
-def test_gmacs_equal_the_digest_count(name, size, k, kw, gmacs):
-    """Multiply-adds of conv + matmuls (the digest's torch FlopCounter count of the authors' model;
+def test_gmacs_equal_the_authors_model_count(name, size, k, kw, gmacs):
+    """Multiply-adds of conv + matmuls (torch's FlopCounter run on the authors' model;
     the paper reports no FLOPs)."""
     assert round(count_gmacs(meta_model(f"segmenter-{name}", k, **kw), (size, size))["matmul"], 1) == gmacs
 

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 
 import transeg
 from transeg.flops import count_gmacs, count_params, meta_model
-from transeg.losses import atm_loss
+from transeg.heads.segvit_loss import atm_loss
 
 FIXTURE_PATH = Path(__file__).parent / "fixtures" / "segvit_official.json"
 
-# The authors' modules counted by running their code (digest §1; buffers excluded).
+# The authors' modules counted by running their code (buffers excluded).
 OFFICIAL = [("vit-b16", 150, 108_736_279), ("vit-l16", 150, 344_305_303), ("vit-l16-coco10k", 171, 343_737_004),
             ("vit-l16-pc", 60, 343_496_253), ("vit-l16-shrunk", 150, 344_598_679),
             ("vit-l16-shrunk-coco10k", 171, 343_735_468), ("vit-l16-shrunk-pc", 60, 343_431_229)]
@@ -24,7 +24,7 @@ def test_params_equal_the_authors_modules(name, k, official):
     assert count_params(meta_model(f"segvit-{name}", k)) == official
 
 
-# README GFLOPs: fvcore MACs of mmseg's forward_dummy at each dataset's crop (digest §9).
+# README GFLOPs: fvcore MACs of mmseg's forward_dummy at each dataset's crop (the authors' README).
 README_GFLOPS = [("vit-b16", 512, 150, 120.9), ("vit-l16", 640, 150, 637.9), ("vit-l16-coco10k", 512, 171, 383.9),
                  ("vit-l16-pc", 480, 60, 321.6), ("vit-l16-shrunk", 640, 150, 373.5),
                  ("vit-l16-shrunk-coco10k", 512, 171, 224.8), ("vit-l16-shrunk-pc", 480, 60, 186.9)]
@@ -32,8 +32,8 @@ README_GFLOPS = [("vit-b16", 512, 150, 120.9), ("vit-l16", 640, 150, 637.9), ("v
 
 @pytest.mark.parametrize("name,size,k,readme", README_GFLOPS, ids=[g[0] for g in README_GFLOPS])
 def test_gflops_in_the_readme_convention(name, size, k, readme):
-    """Within 0.1 of the README (PC: 321.67 with the config's 60 classes; the README's 321.6 matches 59,
-    digest §11)."""
+    """Within 0.1 of the README (PC: 321.67 with the config's 60 classes; the README's 321.6 matches 59
+    classes, 321.59 when the authors' code is counted with 59)."""
     got = count_gmacs(meta_model(f"segvit-{name}", k), (size, size), convention="fvcore")["total"]
     assert abs(got - readme) <= 0.1
 
@@ -46,7 +46,7 @@ def test_shrunk_saves_about_41_percent():
 
 
 def _naive_atm_loss(outputs, label, num_classes, ignore_index=255):
-    """The digest's §6 formulas written out with loops: fixed query c <-> class c, CE with no-object weight
+    """The authors' ATM loss written out with loops: fixed query c <-> class c, CE with no-object weight
     0.1, focal (alpha .25, gamma 2, mean over pixels) x20 and dice (+1 smoothing) x1 per present class,
     both divided by the number of masks in the batch, summed over the final and auxiliary outputs."""
     total = 0.0
@@ -107,7 +107,7 @@ def test_tiny_segvit_and_shrunk_train(tmp_path):
 
 
 FIXTURE = json.loads(FIXTURE_PATH.read_text())
-# The fixture's two small models (digest-faithful argument sets, sizes shrunk) and the real ones.
+# The fixture's two small models (the authors' argument sets, sizes shrunk) and the real ones.
 _TINY = dict(embed_dim=128, depth=6, num_heads=4, head_dim=64, head_heads=4, crop=128)
 BUILD = {"tiny-atm": ("segvit-vit-b16", dict(_TINY, out_indices=[1, 3, 5])),
          "tiny-shrunk": ("segvit-vit-l16-shrunk", dict(_TINY, out_indices=[1, 5], shrink_index=3)),
@@ -210,10 +210,10 @@ def test_converted_checkpoint_carries_the_released_test_protocol():
 
     # ADE20K ViT-L: short side 640 (long <= 2048), 640 windows, stride 608; Pascal Context: short side 520
     # whatever the long side (mmseg's min_size semantics), 480 windows, stride 320
-    assert test_protocol(640, 150)["scale"] == [2048, 640] and test_protocol(640, 150)["stride"] == [608, 608]
+    assert test_protocol(640, 150).scale == (2048, 640) and test_protocol(640, 150).stride == (608, 608)
     pc = test_protocol(480, 60)
-    assert pc["scale"][1] == 520 and pc["scale"][0] >= 10_000 and pc["stride"] == [320, 320]
-    assert test_protocol(512, 150)["stride"] == [341, 341]  # the ViT-B base config
+    assert pc.scale[1] == 520 and pc.scale[0] >= 10_000 and pc.stride == (320, 320)
+    assert test_protocol(512, 150).stride == (341, 341)  # the ViT-B base config
 
 
 def test_backbone_weights_read_mmseg_vit_files(tmp_path):

@@ -14,7 +14,7 @@ from transeg.heads.semask_fpn_head import semantic_decoder
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "semask_official.json").read_text())
 NAMES = {"T": "semask-swin-t-fpn", "S": "semask-swin-s-fpn", "B": "semask-swin-b-fpn", "L": "semask-swin-l-fpn"}
 
-# The authors' model counted by running their code (digest §8), for 150 / 19 / 171 classes.
+# The authors' model counted by running their code, for 150 / 19 / 171 classes.
 OFFICIAL = [(v, k, n) for v, by_k in {"T": (34_655_748, 34_243_753, 34_721_793), "S": (55_973_652, 55_561_657, 56_039_697),
                                       "B": (96_485_826, 95_948_071, 96_572_031),
                                       "L": (210_791_934, 210_002_659, 210_918_459)}.items()
@@ -31,7 +31,7 @@ def test_params_equal_the_authors_model(variant, k, official):
 
 
 def test_global_semantic_stages_follow_the_authors_rule():
-    """Invisible in the weights (digest §1): T/S/L above 19 classes attend globally in stages 3-4."""
+    """Invisible in the weights (the authors' backbone code decides): T/S/L above 19 classes attend globally in stages 3-4."""
     expected = {("T", 150): (2, 3), ("T", 19): (), ("B", 150): (), ("L", 171): (2, 3), ("S", 19): ()}
     for (v, k), stages in expected.items():
         model = meta_model(NAMES[v], k)
@@ -43,8 +43,8 @@ def test_global_semantic_stages_follow_the_authors_rule():
                 for i in range(4)] == case["semantic_layer_types"]
 
 
-def test_gmacs_equal_the_digest_count():
-    """conv + matmul + attention MACs of the authors' model at 512² (digest §8): T 41.5, S 65.3, B 114.3."""
+def test_gmacs_equal_the_authors_model_count():
+    """conv + matmul + attention MACs of the authors' model at 512², counted by running their code: T 41.5, S 65.3, B 114.3."""
     for v, g in (("T", 41.5), ("S", 65.3), ("B", 114.3)):
         assert round(count_gmacs(meta_model(NAMES[v], 150), (512, 512))["matmul"], 1) == g
 

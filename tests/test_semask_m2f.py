@@ -10,7 +10,7 @@ from seeded import seeded_input, seeded_state_dict
 from transeg.backbones.semask import global_stages_mask2former
 from transeg.convert.semask import convert_mask2former
 from transeg.flops import count_params, meta_model
-from transeg.losses import point_sample, uncertain_points
+from transeg.heads.mask2former_loss import point_sample, uncertain_points
 from transeg.registry import create_model
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "semask_m2f_official.json").read_text())
@@ -145,8 +145,8 @@ def test_conversion_carries_the_released_test_protocols(tmp_path):
     state = {k: torch.empty(s, device="meta") for k, s in FIXTURE["keys"]["L-150"]}
     from transeg.convert import semask
     found = semask.convert({"model": state, "iteration": 159999}, "m2f.pth")
-    assert found["variant"] == NAME and found["test"]["mode"] == "whole" and found["test"]["scale"] == [2560, 640]
-    assert semask.test_protocol_mask2former(19)["scale"] == [2048, 1024]
+    assert found["variant"] == NAME and found["test"].mode == "whole" and found["test"].scale == (2560, 640)
+    assert semask.test_protocol_mask2former(19).scale == (2048, 1024)
 
 
 def test_counts_on_the_meta_device_and_runs_in_native_bf16():

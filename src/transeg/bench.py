@@ -109,32 +109,6 @@ def environment(device="cpu"):
     return {"device": f"{device.type} ({name})", "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
-def keep_freed_memory():
-    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
-
-    By default glibc serves every allocation above 32 MB (and smaller ones once its heap has been
-    trimmed) with fresh pages from the kernel, and each fresh 4 kB page faults on first touch. Large
-    activations are allocated and freed on every forward/backward, so they pay this every time: on
-    the 2-core CI machine writing a fresh 40 MB tensor costs 12–19 ms against 1–3 ms for reused
-    memory (384,000 page faults for 40 such tensors, against none). PyTorch's CPU tuning guide
-    answers this by preloading jemalloc or tcmalloc; this gets the same effect from the allocator
-    already loaded (no mmap for large blocks, no trimming below 2 GB free). The process then keeps
-    its peak memory until it exits. The CLI calls this for train/eval/predict/bench; set
-    TRANSEG_MALLOC=system to keep glibc's defaults. Returns True when applied (Linux, glibc)."""
-    import ctypes
-    import os
-    import sys
-
-    if os.environ.get("TRANSEG_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc (musl, ...)
-        return False
-    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h; mallopt returns 1 on success
-    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
-
-
 def summarize(times):
     return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "runs": len(times)}
 
@@ -170,3 +144,63 @@ def hf_segformer_peer(name="segformer-b0", num_classes=150, seed=0):
             reduction = any(k in key for k in ("patch_embeddings", "sequence_reduction", ".self.layer_norm"))
             module.eps = 1e-5 if reduction else 1e-6
     return ours.eval(), hf.eval()
+
+
+def compare_hf(name, num_classes=150, size=(512, 512), batch=1, device="cpu", dtype=torch.float32, autocast=False,
+               compile=False, warmup=3, runs=10):
+    """`transeg bench --compare hf`: transeg and HF SegFormer on the same random weights, timed in turn
+    within each round after checking their fp32 logits agree. dtype bf16/fp16: HF runs under autocast
+    (its only low-precision mode) and transeg with native weights, or under autocast too with `autocast`.
+    Returns {"max_abs_diff": float, "ms": {label: median ms}}; the labels include "HF fp32"."""
+    device = torch.device(device)
+    ours, hf = hf_segformer_peer(name, num_classes)
+    ours, hf = ours.to(device), hf.to(device)
+    x = torch.randn(batch, 3, *size, device=device)
+    with torch.inference_mode():
+        diff = (ours(x) - hf(pixel_values=x).logits).abs().max().item()
+    ours.optimize_for_inference(None if autocast else dtype, compile=compile)
+    ours_autocast = dtype if autocast else torch.float32
+    label = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+    def run(model, autocast_to, hf_call=False):
+        def call():
+            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_to, enabled=autocast_to != torch.float32):
+                return model(pixel_values=x) if hf_call else model(x)
+        return call
+
+    fns = {"HF fp32": run(hf, torch.float32, True)}
+    if dtype != torch.float32:
+        fns[f"HF {label} (autocast)"] = run(hf, dtype, True)
+    fns[f"transeg {label}"] = run(ours, ours_autocast)
+    times = time_interleaved(fns, device, warmup, runs)
+    return {"max_abs_diff": diff, "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}}
+
+
+def measure(model, settings=(None,), size=(512, 512), batch=1, device="cpu", autocast_dtype=torch.float32, warmup=3,
+            runs=10, flops_convention=None, dataset=None, max_samples=None):
+    """One row per ISR setting (None: the model as it is): the setting, its effective K/V pooling,
+    GFLOPs (counted on a meta-device twin, in the paper's convention unless `flops_convention`), median
+    and min latency over `runs` after `warmup`, and with `dataset` the mIoU (%) under the model's
+    protocol. The model is left at its last setting. `transeg bench` and its --isr-sweep print these."""
+    from . import isr
+    from .flops import count_gmacs, meta_model
+    from .registry import get_variant
+
+    name = model.meta["variant"]
+    twin = meta_model(name, **model.meta["model_args"])
+    convention = flops_convention or get_variant(name).paper.gflops_convention
+    rows = []
+    for setting in settings:
+        if setting:
+            model.set_isr(**setting)
+            twin.set_isr(**setting)
+        t = summarize(time_forward(model, size, batch, device, autocast_dtype, warmup, runs))
+        row = {"setting": isr.describe(model.isr), "pooling": isr.effective_pooling(model),
+               "label": " / ".join(",".join(map(str, r)) for r in model.isr.values() if r),
+               "GFLOPs": count_gmacs(twin, size, convention=convention)["total"], "convention": convention,
+               "latency ms": t["median_ms"], "min ms": t["min_ms"]}
+        if dataset is not None:
+            from .engine import evaluate
+            row["mIoU"] = 100 * evaluate(model, dataset, progress=False, max_samples=max_samples)["mIoU"]
+        rows.append(row)
+    return rows

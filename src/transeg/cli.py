@@ -52,13 +52,6 @@ def _add_protocol_args(p):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
 
 
-def _torch_dtype(name):
-    """--dtype's value as a torch dtype (torch imported here, not at CLI start-up: fast --help)."""
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
-
-
 def _add_speed_args(p, default_dtype="fp32"):
     g = p.add_argument_group("speed")
     g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=default_dtype,
@@ -67,16 +60,6 @@ def _add_speed_args(p, default_dtype="fp32"):
     g.add_argument("--compile", action="store_true",
                    help="torch.compile with weight freezing: the first image of each size compiles (~30 s on CPU), "
                         "later ones run faster; worth it for many images of one size")
-
-
-def _optimize(args, model):
-    """Apply --dtype / --compile (Segmentor.optimize_for_inference)."""
-    import torch
-
-    dtype = _torch_dtype(args.dtype)
-    if dtype == torch.float32 or getattr(args, "autocast", False):
-        dtype = None  # fp32, or bench --autocast: fp32 weights, low precision by autocast
-    return model.optimize_for_inference(dtype, compile=args.compile)
 
 
 def _add_isr_args(p):
@@ -91,69 +74,41 @@ def _add_isr_args(p):
                    "(the authors' --decoder_reduction_ratios 222)")
 
 
-def _apply_isr(args, *models):
-    """Set the ISR given on the command line on `models`; returns the setting (None when not given)."""
-    from .isr import parse_ratios
+def _load(args, device="auto"):
+    """The checkpoint, with the command line's ISR set and --device / --dtype / --compile applied."""
+    from . import load
+    from .isr import parse_setting
 
-    if args.isr_encoder is None and args.isr_decoder is None:
-        return None
-    setting = {"encoder": parse_ratios(args.isr_encoder, "--isr-encoder") if args.isr_encoder else None,
-               "decoder": parse_ratios(args.isr_decoder, "--isr-decoder") if args.isr_decoder else None}
-    for model in models:
+    model = load(args.checkpoint)
+    setting = parse_setting(args.isr_encoder, args.isr_decoder)
+    if setting:
         model.set_isr(**setting)
-    return setting
-
-
-def _pooling_text(pooling):
-    """{"encoder": (16, 8, 2, 1), "decoder": (8, 4, 2)} -> "encoder 16,8,2,1; decoder 8,4,2"."""
-    return "; ".join(f"{part} {','.join(map(str, r))}" for part, r in pooling.items() if r)
+    speed = dict(dtype=args.dtype, compile=args.compile) if hasattr(args, "dtype") else {}
+    return model.optimize_for_inference(device=getattr(args, "device", device), **speed)
 
 
 def _protocol(args, model):
-    from .engine.evaluate import default_protocol
-
-    protocol = default_protocol(model)
-    if getattr(args, "ms", False):
-        ms = protocol.get("ms") or dict(scales=[0.5, 0.75, 1.0, 1.25, 1.5, 1.75], flip=True)
-        protocol.update(scales=list(ms["scales"]), flip=ms["flip"])
-    for key in ("mode", "crop", "stride", "scales"):
-        if getattr(args, key) is not None:
-            protocol[key] = list(getattr(args, key)) if key != "mode" else args.mode
-    if args.scale is not None:
-        protocol["scale"] = list(args.scale)
-    if args.flip:
-        protocol["flip"] = True
-    if protocol["mode"] == "slide" and not (protocol.get("crop") and protocol.get("stride")):
-        raise SystemExit("transeg: error: --mode slide needs --crop and --stride")
-    return protocol
+    """The checkpoint's test protocol with the command line's changes (--ms first, then each flag)."""
+    protocol = model.protocol.multi_scale() if args.ms else model.protocol
+    return protocol.replace(mode=args.mode, crop=args.crop, stride=args.stride, scale=args.scale, scales=args.scales,
+                            flip=args.flip or None)
 
 
-def _device(name):
-    from .engine.trainer import resolve_device
+def _isr_line(model):
+    from .isr import describe, effective_pooling, is_default, pooling_text
 
-    return resolve_device(name)
+    return None if is_default(model.isr) else f"{describe(model.isr)} (K/V pooling {pooling_text(effective_pooling(model))})"
 
 
 # ----------------------------------------------------------------------------------------------- verbs
 def cmd_models(args):
-    from tqdm import tqdm
+    from .flops import variant_table
 
-    from .flops import count_gmacs, count_params, meta_model
-    from .registry import VARIANTS
-
-    names = [n for n, v in VARIANTS.items() if args.family in (None, v.family)]
-    rows = []
-    for name in tqdm(names, desc="measuring on the meta device", leave=False, disable=not sys.stderr.isatty()):
-        v = VARIANTS[name]
-        model = meta_model(name, 150)
-        size_key, paper_gflops = next(iter((v.paper.get("gflops") or {"512x512@150": None}).items()))
-        measured = "-"
-        if not args.no_flops:
-            hw, k = size_key.split("@")
-            measured = f"{count_gmacs(meta_model(name, int(k)) if int(k) != 150 else model, _size(hw), convention=v.paper.get('gflops_convention', 'mmcv'))['total']:.1f}"
-        miou = v.paper.get("miou", {})
-        rows.append([name, f"{count_params(model) / 1e6:.1f}", f"{v.paper.get('params_m') or '-'}", size_key, measured,
-                     f"{paper_gflops if paper_gflops is not None else '-'}", " ".join(f"{d} {m}" for d, m in miou.items())])
+    rows = [[r["model"], f"{r['params_m']:.1f}", f"{r['paper_params_m'] or '-'}", r["gflops_at"],
+             "-" if r["gflops"] is None else f"{r['gflops']:.1f}",
+             f"{r['paper_gflops'] if r['paper_gflops'] is not None else '-'}",
+             " ".join(f"{d} {m}" for d, m in r["miou"].items())]
+            for r in variant_table(args.family, count_flops=not args.no_flops, progress=sys.stderr.isatty())]
     header = ["model", "params M", "paper", "GFLOPs at", "GFLOPs", "reported", "paper mIoU (single-scale)"]
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
@@ -167,12 +122,11 @@ def cmd_models(args):
 
 def cmd_train(args):
     from .engine import load_config, train
+    from .engine.config import QUICKSTART
 
     given = dict(model=args.model, data=args.data, out=args.out, iters=args.iters, batch_size=args.batch_size,
                  amp=args.amp, device=args.device, workers=args.workers)
     quick = args.config is None and args.data is None and not any(s.startswith("data=") for s in args.set)
-    # The quick start: settings that train the synthetic set well in minutes on a laptop CPU
-    # (from scratch, so a higher lr and a short warm-up instead of the paper's ImageNet fine-tuning).
     cfg = load_config(args.config, args.set, **{**(QUICKSTART if quick else {}),
                                                 **{k: v for k, v in given.items() if v is not None}})
     if args.batch_size is not None and not any(s.startswith("global_batch=") for s in args.set):
@@ -185,25 +139,17 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from . import load
-    from .data import build_dataset
+    from .charts import iou_chart
     from .engine import evaluate
+    from .engine.evaluate import evaluation_dataset
     from .engine.metrics import format_table
-    from .viz import iou_chart
 
-    model = load(args.checkpoint)
-    _apply_isr(args, model)
-    device = _device(args.device)
-    _optimize(args, model.to(device))
+    model = _load(args)
+    dataset = evaluation_dataset(model, args.data, args.split, source=args.checkpoint)
+    result = evaluate(model, dataset, _protocol(args, model), max_samples=args.limit)
     spec = args.data if args.data is not None else model.meta.get("dataset")
-    dataset = build_dataset(spec, args.split)
-    if len(dataset.classes) != model.num_classes:
-        from .errors import TransegError
-        raise TransegError(f"{args.checkpoint}: a {model.num_classes}-class model cannot be evaluated on "
-                           f"{spec} with {len(dataset.classes)} classes")
-    protocol = _protocol(args, model)
-    result = evaluate(model, dataset, protocol, device, max_samples=args.limit)
-    print(f"{args.checkpoint} on {spec or 'synthetic'} ({args.split}, {len(dataset) if args.limit is None else min(args.limit, len(dataset))} images)")
+    count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+    print(f"{args.checkpoint} on {spec or 'synthetic'} ({args.split}, {count} images)")
     print(f"protocol: {result['protocol']}")
     print(format_table(result, list(dataset.classes)))
     if args.out:
@@ -214,78 +160,41 @@ def cmd_eval(args):
         print(f"per-class chart: {out / 'iou.png'}")
 
 
-def _inputs(paths):
-    from .data.folder import IMAGE_EXTENSIONS
-    from .errors import TransegError
-
-    files = []
-    for p in map(Path, paths):
-        if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise TransegError(f"{p}: no such file or directory")
-    if not files:
-        raise TransegError(f"no images found in {', '.join(paths)}")
-    return files
-
-
 def cmd_predict(args):
-    import numpy as np
-    import torch
-    from PIL import Image
     from tqdm import tqdm
 
-    from . import load
-    from .data.folder import conversion_note, load_image
-    from .engine.evaluate import protocol_scores, test_transform
-    from .data.palettes import default_palette
-    from .isr import describe, effective_pooling
-    from .viz import overlay
+    from .data.folder import image_files
+    from .inference import segment
 
-    model = load(args.checkpoint)
-    if _apply_isr(args, model):
-        print(f"{describe(model.isr)} (K/V pooling {_pooling_text(effective_pooling(model))})")
-    device = _device(args.device)
-    _optimize(args, model.to(device))
-    protocol = _protocol(args, model)
-    transform = test_transform(model, protocol)
-    palette = [tuple(c) for c in (model.meta.get("palette") or default_palette(model.num_classes))]
+    model = _load(args)
+    isr = _isr_line(model)
+    if isr:
+        print(isr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    files = _inputs(args.inputs)
+    files = image_files(args.inputs)
     used = set()
-    for path in tqdm(files, desc="predict", disable=len(files) < 2):
-        rgb = load_image(path)  # HxWx3 uint8, EXIF orientation applied
-        image = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1)))
-        x = transform(image).unsqueeze(0).to(device)
-        with torch.no_grad():
-            scores = protocol_scores(model, x, image.shape[-2:], protocol)
-        label = scores.argmax(1)[0].to(torch.uint8).cpu().numpy()
-        stem = path.stem  # outputs are named from the stem only, so they always land inside --out
+    for seg in tqdm(segment(model, files, _protocol(args, model)), total=len(files), desc="predict",
+                    disable=len(files) < 2):
+        stem = Path(seg.source).stem  # outputs are named from the stem only, so they always land inside --out
         while stem in used:
             stem += "_"
         used.add(stem)
-        mask = Image.fromarray(label, mode="P")
-        mask.putpalette([v for c in palette for v in c] + [0] * (768 - 3 * len(palette)))
-        mask.save(out / f"{stem}_mask.png")
-        overlay(rgb, label, palette, alpha=args.alpha).save(out / f"{stem}_overlay.jpg", quality=92)
-        counts = np.bincount(label.ravel(), minlength=model.num_classes)
-        top = ", ".join(f"{model.classes[c]} {100 * counts[c] / label.size:.0f}%" for c in counts.argsort()[::-1][:3] if counts[c])
-        note = conversion_note(path)
-        tqdm.write(f"{path.name}{f' ({note})' if note else ''}: {top} -> {out / (stem + '_mask.png')}, "
-                   f"{out / (stem + '_overlay.jpg')}")
+        mask, overlay = out / f"{stem}_mask.png", out / f"{stem}_overlay.jpg"
+        seg.mask().save(mask)
+        seg.overlay(alpha=args.alpha).save(overlay, quality=92)
+        top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in list(seg.shares().items())[:3])
+        tqdm.write(f"{Path(seg.source).name}{f' ({seg.note})' if seg.note else ''}: {top} -> {mask}, {overlay}")
 
 
 def cmd_convert(args):
     from . import save
     from .convert import convert
+    from .errors import TransegError
     from .flops import count_params
 
     model = convert(args.src, args.from_format, model=args.model, num_classes=args.num_classes)
     if args.dst.suffix != ".safetensors":
-        from .errors import TransegError
         raise TransegError(f"{args.dst}: the output must be a .safetensors file")
     save(model, args.dst)
     print(f"{args.src} -> {args.dst}: {model.meta['variant']}, {model.num_classes} classes, "
@@ -295,35 +204,28 @@ def cmd_convert(args):
 def cmd_bench(args):
     import torch
 
-    from . import load
-    from .bench import environment, summarize, time_forward
+    from . import bench, load
+    from .device import parse_dtype, resolve_device
+    from .engine.evaluate import evaluation_dataset
     from .errors import TransegError
-    from .flops import count_gmacs, count_params, meta_model
-    from .isr import describe, effective_pooling, sweep_settings
-    from .registry import create_model, get_variant
+    from .flops import count_params
+    from .isr import parse_setting, pooling_text, sweep_settings
+    from .registry import create_model
 
-    dtype = _torch_dtype(args.dtype)
-    autocast_dtype = dtype if args.autocast else torch.float32
     if args.compare and args.isr_sweep:
         raise TransegError("--compare and --isr-sweep are separate measurements; run them one at a time")
     is_checkpoint = Path(args.model).suffix == ".safetensors"
-    if is_checkpoint:
-        model = load(args.model)
-        name = model.meta["variant"]
-        shape_model = meta_model(name, **model.meta["model_args"])
-    else:
-        name = args.model
-        model = create_model(name, num_classes=args.num_classes)
-        shape_model = meta_model(name, args.num_classes)
+    model = load(args.model) if is_checkpoint else create_model(args.model, num_classes=args.num_classes)
+    name = model.meta["variant"]
     if args.data is not None and not (args.isr_sweep and is_checkpoint):
         raise TransegError("--data (accuracy per setting) needs --isr-sweep and a trained .safetensors checkpoint")
-    if args.isr_sweep and (args.isr_encoder or args.isr_decoder):
+    setting = parse_setting(args.isr_encoder, args.isr_decoder)
+    if args.isr_sweep and setting:
         raise TransegError("--isr-sweep measures its own list of settings; leave out --isr-encoder/--isr-decoder")
-    settings = sweep_settings(model) if args.isr_sweep else [_apply_isr(args, model) and model.isr]
-    dataset = _sweep_dataset(args, model) if args.data is not None else None
-    flops_convention = args.flops or get_variant(name).paper.get("gflops_convention", "mmcv")
-    device = _device(args.device)
-    env = environment(device)
+    settings = sweep_settings(model) if args.isr_sweep else [setting]
+    dataset = evaluation_dataset(model, args.data, args.split, source=args.model) if args.data is not None else None
+    device, dtype = resolve_device(args.device), parse_dtype(args.dtype)
+    env = bench.environment(device)
     h, w = args.size
     precision = args.dtype + ("" if args.dtype == "fp32" else " (autocast)" if args.autocast else " (native weights)")
     precision += ", compiled" if args.compile else ""
@@ -331,31 +233,25 @@ def cmd_bench(args):
     print(f"device {env['device']}, {env['threads']} threads, torch {env['torch']}, {precision}, "
           f"{args.warmup} warm-up + {args.runs} timed runs (median)")
     if args.compare:
-        return _compare_hf(args, name, model.num_classes, device, autocast_dtype)
-    _optimize(args, model.to(device))
-    rows = []
-    for setting in settings:
-        if setting:
-            model.set_isr(**setting)
-            shape_model.set_isr(**setting)
-        row = {"setting": describe(model.isr), "pooling": effective_pooling(model),
-               "label": " / ".join(",".join(map(str, r)) for r in model.isr.values() if r),
-               "GFLOPs": count_gmacs(shape_model, args.size, convention=flops_convention)["total"]}
-        t = summarize(time_forward(model, args.size, args.batch, device, autocast_dtype, args.warmup, args.runs))
-        row["latency ms"] = t["median_ms"]
-        if dataset is not None:
-            from .engine import evaluate
-            row["mIoU"] = 100 * evaluate(model, dataset, device=device, progress=False, max_samples=args.limit)["mIoU"]
-        rows.append(row)
+        r = bench.compare_hf(name, model.num_classes, args.size, args.batch, device, dtype, args.autocast, args.compile,
+                             args.warmup, args.runs)
+        print(f"fp32 logits: max |transeg - HF| = {r['max_abs_diff']:.1e} (same weights)")
+        for k, ms in r["ms"].items():
+            print(f"{k:24s} {ms:8.1f} ms  {1000 * args.batch / ms:6.1f} images/s  {r['ms']['HF fp32'] / ms:5.2f}x HF fp32")
+        return
+    model.optimize_for_inference(None if args.autocast else dtype, compile=args.compile, device=device)
+    rows = bench.measure(model, settings, args.size, args.batch, device, dtype if args.autocast else torch.float32,
+                         args.warmup, args.runs, args.flops, dataset, args.limit)
+    for row in rows:
         if args.isr_sweep:
-            _print_bench_row(row, rows[0], args.batch)
-        else:
-            isr = "" if row["setting"] == "no ISR" else f", {row['setting']} (K/V pooling {_pooling_text(row['pooling'])})"
-            print(f"{row['GFLOPs']:.2f} GFLOPs (multiply-adds, {flops_convention} convention){isr}")
-            print(f"latency median {t['median_ms']:.1f} ms (min {t['min_ms']:.1f}), "
-                  f"throughput {1000 * args.batch / t['median_ms']:.1f} images/s")
+            _print_sweep_row(row, rows[0], args.batch)
+            continue
+        isr = "" if row["setting"] == "no ISR" else f", {row['setting']} (K/V pooling {pooling_text(row['pooling'])})"
+        print(f"{row['GFLOPs']:.2f} GFLOPs (multiply-adds, {row['convention']} convention){isr}")
+        print(f"latency median {row['latency ms']:.1f} ms (min {row['min ms']:.1f}), "
+              f"throughput {1000 * args.batch / row['latency ms']:.1f} images/s")
     if args.isr_sweep:
-        from .viz import tradeoff_chart
+        from .charts import tradeoff_chart
 
         plot = Path(args.plot)
         plot.parent.mkdir(parents=True, exist_ok=True)
@@ -364,56 +260,14 @@ def cmd_bench(args):
         print(f"trade-off chart: {plot}")
 
 
-def _compare_hf(args, name, num_classes, device, autocast_dtype):
-    """`bench --compare hf`: transeg and HF SegFormer on the same random weights, timed in turn within
-    each round; logits checked equal first."""
-    import statistics
-
-    import torch
-
-    from .bench import hf_segformer_peer, time_interleaved
-
-    ours, hf = hf_segformer_peer(name, num_classes)
-    ours, hf = ours.to(device), hf.to(device)
-    x = torch.randn(args.batch, 3, *args.size, device=device)
-    with torch.inference_mode():
-        diff = (ours(x) - hf(pixel_values=x).logits).abs().max().item()
-    _optimize(args, ours)
-    low = _torch_dtype(args.dtype)
-
-    def run(model, autocast_to, hf_call=False):
-        def call():
-            with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_to, enabled=autocast_to != torch.float32):
-                return model(pixel_values=x) if hf_call else model(x)
-        return call
-
-    fns = {"HF fp32": run(hf, torch.float32, True)}
-    if args.dtype != "fp32":
-        fns[f"HF {args.dtype} (autocast)"] = run(hf, low, True)
-    fns[f"transeg {args.dtype}"] = run(ours, autocast_dtype)
-    times = {k: statistics.median(v) * 1e3 for k, v in time_interleaved(fns, device, args.warmup, args.runs).items()}
-    print(f"fp32 logits: max |transeg - HF| = {diff:.1e} (same weights)")
-    for k, ms in times.items():
-        print(f"{k:24s} {ms:8.1f} ms  {1000 * args.batch / ms:6.1f} images/s  {times['HF fp32'] / ms:5.2f}x HF fp32")
-
-
-def _sweep_dataset(args, model):
-    from .data import build_dataset
-    from .errors import TransegError
-
-    dataset = build_dataset(args.data, args.split)
-    if len(dataset.classes) != model.num_classes:
-        raise TransegError(f"{args.model}: a {model.num_classes}-class model cannot be evaluated on {args.data} "
-                           f"with {len(dataset.classes)} classes")
-    return dataset
-
-
-def _print_bench_row(row, base, batch):
+def _print_sweep_row(row, base, batch):
     """One sweep line: the setting, its K/V reductions, cost and speed relative to the trained setting."""
+    from .isr import pooling_text
+
     def rel(key):
         return f" ({100 * (row[key] / base[key] - 1):+5.1f}%)"
 
-    pooling = _pooling_text(row["pooling"])
+    pooling = pooling_text(row["pooling"])
     line = f"{row['setting']:<35}" + (f" pooling {pooling:<34}" if pooling else "")
     line += f" {row['GFLOPs']:8.2f} GFLOPs{rel('GFLOPs')}  {row['latency ms']:8.1f} ms{rel('latency ms')}"
     line += f"  {1000 * batch / row['latency ms']:7.1f} img/s"
@@ -423,17 +277,14 @@ def _print_bench_row(row, base, batch):
 
 
 def cmd_export(args):
-    from . import load
-    from .backbones.swin import SwinTransformer
     from .errors import TransegError
-    from .export import export_onnx
+    from .export import export_onnx, slow_to_trace
 
     if args.out.suffix != ".onnx":
         raise TransegError(f"{args.out}: the output must be an .onnx file")
-    model = load(args.checkpoint)
-    _apply_isr(args, model)
+    model = _load(args, device="cpu")
     shape = "one image of exactly that size" if args.static else "dynamic batch/height/width"
-    if not args.static and isinstance(model.backbone, SwinTransformer):  # every stage's window padding is symbolic
+    if not args.static and slow_to_trace(model):
         shape += " (a Swin trace takes a minute or two; --static takes seconds)"
     print(f"exporting {model.meta['variant']} ({args.checkpoint}) to {args.out}, traced at {args.size[0]}x{args.size[1]}, "
           f"{shape} ...", flush=True)
@@ -487,10 +338,6 @@ def _ranges(values):
 
 
 # ----------------------------------------------------------------------------------------------- parser
-QUICKSTART = dict(model="segformer-b0", iters=2500, batch_size=8, lr=1e-3, warmup_iters=100, ratio_range=[0.75, 1.5],
-                  amp="auto", workers=0, eval_interval=500, ckpt_interval=500, log_interval=25, out="runs/train")
-
-
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="transeg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
@@ -630,7 +477,7 @@ def main(argv=None):
         parser.print_help()
         return 0
     if args.verb in ("train", "eval", "predict", "bench"):
-        from .bench import keep_freed_memory
+        from .device import keep_freed_memory
 
         keep_freed_memory()  # large activations reuse memory instead of page-faulting fresh pages
     try:

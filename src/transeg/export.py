@@ -32,6 +32,14 @@ def _require(*modules):
             raise TransegError(f"ONNX export needs {name}: pip install 'transeg[onnx]'") from None
 
 
+def slow_to_trace(model):
+    """True when a dynamic-size trace takes minutes rather than seconds: Swin backbones, whose every
+    stage pads to whole windows from the symbolic sizes."""
+    from .backbones.swin import SwinTransformer
+
+    return isinstance(model.backbone, SwinTransformer)
+
+
 def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, atol=1e-4, static=False):
     """Export `model` (a Segmentor, in eval mode, with its current ISR) to `path`; with `check`, run
     onnxruntime and PyTorch on inputs of two other shapes and compare. Returns a report dict.

@@ -1,14 +1,26 @@
-"""Whole-image, sliding-window and multi-scale + flip prediction (mmseg's test modes).
+"""Inference: images in, label maps out, under a model's test protocol.
 
-All functions take an already normalised image batch [N,3,H,W] and return per-class scores at
-`out_size` (default: the input size): logits for a single forward pass, the mean of softmax
-probabilities when several scales/flips are combined (as mmseg's aug_test does). argmax of either is
-the prediction.
+Two levels, shared by `Segmentor.predict`, the evaluation loop, the CLI and the service:
+
+- `segment(model, inputs)`: image files, PIL images or HxWx3 uint8 arrays -> one `Segmentation` each
+  (label map at the image's own size, optionally the class probabilities), and `scores(model, images)`
+  for uint8 tensors [N,3,H,W]: the protocol's resize, the model's normalisation, then
+- `predict(model, x)`: a normalised batch [N,3,H,W] -> per-class scores at `out_size` with mmseg's
+  test modes (whole image or sliding windows; multi-scale + flip). Scores are logits for a single
+  pass and the mean of softmax probabilities when several scales/flips are combined (mmseg's
+  aug_test); argmax of either is the prediction.
 """
 import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .errors import TransegError
+from .protocol import Protocol
 
 
 def _resize(x, size):
@@ -70,46 +82,162 @@ def logits_slide(model, x, crop, stride, batch_size=8, canvas_device="auto", num
     return canvas / count
 
 
-def predict(model, x, out_size=None, mode="whole", crop=None, stride=None, scales=(1.0,), flip=False,
-            size_divisor=None, batch_size=8, canvas_device="auto", min_short_side=None):
-    """Scores [N, K, *out_size].
+def predict(model, x, protocol=None, out_size=None, batch_size=8, canvas_device="auto", probabilities=False,
+            **fields):
+    """Scores [N, K, *out_size] (default: the input size) of a normalised batch `x` [N,3,H,W].
 
-    mode: "whole" or "slide" (needs `crop` and `stride`, (h, w) tuples).
-    scales: ratios applied to the input; with `size_divisor`, each scaled size is rounded up to a
+    protocol: a `Protocol` (default: whole image, no alignment); `fields` (mode, crop, stride, scales,
+    flip, size_divisor, min_short_side) change it for this call. Its `scale` is not applied here: `x`
+    is already resized (see `scores`). With `size_divisor`, each scaled size is rounded up to a
     multiple of it (SegFormer's AlignedResize). Several scales or flip -> mean of softmax
     probabilities, each resized to `out_size` first (flipped predictions are flipped back).
-    min_short_side: a scaled image whose short side is below it is first enlarged (keep ratio, long
-    side truncated) so that it is not (Segmenter's rule: windows are never larger than the image).
+    probabilities: return probabilities even for a single pass (softmax of the logits).
     """
-    if mode not in ("whole", "slide"):
-        raise ValueError(f"inference mode must be 'whole' or 'slide', got {mode!r}")
-    if mode == "slide" and (crop is None or stride is None):
-        raise ValueError("slide inference needs crop=(h, w) and stride=(h, w)")
+    protocol = (protocol or Protocol(size_divisor=None)).replace(**fields)
     out_size = tuple(out_size or x.shape[-2:])
-    scales = list(scales) or [1.0]
-    single = len(scales) == 1 and scales[0] == 1.0 and not flip
+    as_probabilities = probabilities or not protocol.single
     total = None
-    for scale in scales:
+    for scale in protocol.scales:
         h, w = x.shape[-2:]
         size = (int(h * scale + 0.5), int(w * scale + 0.5))
-        if size_divisor:
-            size = tuple(math.ceil(s / size_divisor) * size_divisor for s in size)
-        if min_short_side and min(size) < min_short_side:
+        if protocol.size_divisor:
+            size = tuple(math.ceil(s / protocol.size_divisor) * protocol.size_divisor for s in size)
+        short = protocol.min_short_side
+        if short and min(size) < short:
             ratio = max(size) / min(size)
-            size = (min_short_side, int(ratio * min_short_side)) if size[0] <= size[1] else \
-                (int(ratio * min_short_side), min_short_side)
+            size = (short, int(ratio * short)) if size[0] <= size[1] else (int(ratio * short), short)
         xs = _resize(x, size)
-        for flipped in ([False, True] if flip else [False]):
+        for flipped in ([False, True] if protocol.flip else [False]):
             xi = xs.flip(-1) if flipped else xs
-            if mode == "whole":
+            if protocol.mode == "whole":
                 logits = logits_whole(model, xi)
             else:
-                logits = logits_slide(model, xi, crop, stride, batch_size, canvas_device)
+                logits = logits_slide(model, xi, protocol.crop, protocol.stride, batch_size, canvas_device)
             if flipped:
                 logits = logits.flip(-1)
             logits = _resize(logits, out_size)
-            if single:
+            if not as_probabilities:
                 return logits
             probs = logits.float() if getattr(model, "outputs_probabilities", False) else logits.float().softmax(1)
             total = probs if total is None else total.add_(probs)
-    return total / (len(scales) * (2 if flip else 1))
+    return total / (len(protocol.scales) * (2 if protocol.flip else 1))
+
+
+def model_device(model):
+    return next(model.parameters()).device
+
+
+def scores(model, images, protocol=None, out_size=None, probabilities=False):
+    """Scores [N, K, *out_size] (default: the images' size) of uint8 RGB images [N,3,H,W] (or one
+    [3,H,W]) under `protocol` (default: the model's own): the protocol's keep-ratio resize and
+    alignment and the model's normalisation, then `predict` on the model's device."""
+    from .data.transforms import TestTransform
+
+    protocol = protocol or model.protocol
+    images = images[None] if images.dim() == 3 else images
+    transform = TestTransform(scale=protocol.scale, size_divisor=protocol.size_divisor,
+                              mean=model.meta["mean"], std=model.meta["std"])
+    x = torch.stack([transform(image) for image in images.cpu()]).to(model_device(model), non_blocking=True)
+    return predict(model, x, protocol, out_size=out_size or images.shape[-2:], probabilities=probabilities)
+
+
+@dataclass
+class Segmentation:
+    """One image's prediction. `labels`: class indices [H,W] at the image's own size (uint8 up to
+    256 classes); `image`: the RGB pixels [H,W,3] uint8 the model saw, before resizing;
+    `probabilities`: [K,H,W] float32 when asked for; `source`: the file it came from;
+    `note`: what reading it did beyond decoding ("greyscale converted to RGB", ...)."""
+
+    labels: np.ndarray
+    image: np.ndarray
+    classes: list
+    palette: list
+    probabilities: Optional[np.ndarray] = None
+    source: Optional[str] = None
+    note: str = ""
+
+    def __array__(self, dtype=None, copy=None):
+        return self.labels if dtype is None else self.labels.astype(dtype)
+
+    @property
+    def confidence(self):
+        """[H,W]: the probability of the predicted class (needs probabilities=True)."""
+        if self.probabilities is None:
+            raise TransegError("confidence needs the probabilities: predict(..., probabilities=True)")
+        return self.probabilities.max(0)
+
+    def pixel_counts(self):
+        return np.bincount(self.labels.ravel(), minlength=len(self.classes))
+
+    def shares(self):
+        """{class name: share of the image's pixels} for the classes present, largest first."""
+        counts = self.pixel_counts()
+        return {self.classes[c]: float(counts[c] / self.labels.size) for c in counts.argsort()[::-1] if counts[c]}
+
+    def mask(self):
+        """The label map as an index PNG image (mode "P", the class colours as its palette; values
+        are class indices, so the file is both the data and a picture)."""
+        from PIL import Image
+
+        if len(self.classes) > 256:
+            return Image.fromarray(self.labels.astype(np.uint16))
+        mask = Image.fromarray(self.labels.astype(np.uint8), mode="P")
+        mask.putpalette([v for c in self.palette for v in c] + [0] * (768 - 3 * len(self.palette)))
+        return mask
+
+    def overlay(self, alpha=0.5):
+        """The image with the class colours blended over it."""
+        from .viz import overlay
+
+        return overlay(self.image, self.labels, self.palette, alpha=alpha)
+
+
+def read_input(item):
+    """(RGB uint8 [H,W,3], source name or None, note) from a path, a PIL image or an HxWx3 uint8 array."""
+    from PIL import Image
+
+    from .data.folder import image_to_rgb, read_image
+
+    if isinstance(item, (str, Path)):
+        rgb, note = read_image(item)
+        return rgb, str(item), note
+    if isinstance(item, Image.Image):
+        rgb, note = image_to_rgb(item)
+        return rgb, None, note
+    if isinstance(item, np.ndarray):
+        if item.dtype != np.uint8 or item.ndim != 3 or item.shape[2] != 3:
+            raise TransegError(f"an image array must be HxWx3 uint8 RGB, got {item.dtype} {tuple(item.shape)}")
+        return np.ascontiguousarray(item), None, ""
+    raise TransegError(f"cannot segment a {type(item).__name__}: give an image path, a PIL image or an HxWx3 "
+                       "uint8 array (normalised tensors go to Segmentor.predict / inference.predict)")
+
+
+def segment(model, inputs, protocol=None, probabilities=False, batch_size=1):
+    """Yield one `Segmentation` per input (paths, PIL images or HxWx3 uint8 arrays), in order, under
+    `protocol` (default: the model's own). Consecutive images of the same size run `batch_size` at
+    a time on the model's device; inputs are read as they are needed."""
+    protocol = protocol or model.protocol
+    classes, palette = list(model.classes), list(model.palette)
+    labels_dtype = np.uint8 if model.num_classes <= 256 else np.int32
+    pending = []
+
+    def flush():
+        batch = torch.from_numpy(np.stack([rgb.transpose(2, 0, 1) for rgb, _, _ in pending]))
+        with torch.no_grad():
+            s = scores(model, batch, protocol, probabilities=probabilities)
+        labels = s.argmax(1).cpu().numpy().astype(labels_dtype)
+        probs = s.float().cpu().numpy() if probabilities else [None] * len(pending)
+        out = [Segmentation(labels[i], rgb, classes, palette, probs[i], source, note)
+               for i, (rgb, source, note) in enumerate(pending)]
+        pending.clear()
+        return out
+
+    for item in inputs:
+        rgb, source, note = read_input(item)
+        if pending and pending[0][0].shape != rgb.shape:
+            yield from flush()
+        pending.append((rgb, source, note))
+        if len(pending) >= batch_size:
+            yield from flush()
+    if pending:
+        yield from flush()

@@ -16,6 +16,7 @@ meaning is the authors' `--backbone_reduction_ratios 2211 --decoder_reduction_ra
 positive integer rather than one digit per stage. SegFormer's strided-conv reduction gets ISR as an
 average pooling before the conv (the paper's Table 7); its head has no attention, so no decoder ratios.
 """
+import contextlib
 import numbers
 
 from .errors import TransegError
@@ -23,7 +24,8 @@ from .errors import TransegError
 PARTS = ("encoder", "decoder")
 
 # The settings `transeg bench --isr-sweep` measures: the trained one, the paper's optimum
-# (2,2,1,1)/(2,2,2), and the digest's table around it (encoder × decoder multipliers).
+# (2,2,1,1)/(2,2,2) of the authors' README, and settings around it, up to the coarsest the authors'
+# configs allow (encoder × decoder multipliers).
 SWEEP = [
     ((1, 1, 1, 1), (1, 1, 1)), ((2, 1, 1, 1), (1, 1, 1)), ((2, 2, 1, 1), (1, 1, 1)), ((1, 1, 1, 1), (2, 2, 2)),
     ((2, 2, 1, 1), (2, 2, 2)), ((4, 2, 1, 1), (2, 2, 2)), ((2, 2, 2, 1), (2, 2, 2)), ((4, 4, 2, 1), (2, 2, 2)),
@@ -76,6 +78,21 @@ def set_isr(model, encoder=None, decoder=None):
     return model
 
 
+@contextlib.contextmanager
+def isr_setting(model, setting=None):
+    """`with isr_setting(model, {"encoder": (2, 2, 1, 1)}):` ISR for the block, the previous setting
+    after it; None changes nothing."""
+    if not setting:
+        yield model
+        return
+    previous = get_isr(model)
+    set_isr(model, **setting)
+    try:
+        yield model
+    finally:
+        set_isr(model, **{part: r or None for part, r in previous.items()})
+
+
 def get_isr(model):
     """The current multipliers: {"encoder": (..), "decoder": (..)}; () for a part without pooling."""
     return {part: tuple(pools[0].isr for pools in groups) for part, groups in pool_groups(model).items()}
@@ -112,6 +129,20 @@ def parse_ratios(text, what="--isr-encoder"):
     if any(r < 1 for r in ratios):
         raise TransegError(f"{what} {text!r}: ratios must be positive integers")
     return ratios
+
+
+def parse_setting(encoder=None, decoder=None):
+    """The command line's `--isr-encoder 2,2,1,1 --isr-decoder 2,2,2` as a setting for `set_isr`
+    ({"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}), or None when neither is given."""
+    if encoder is None and decoder is None:
+        return None
+    return {"encoder": parse_ratios(encoder, "--isr-encoder") if encoder else None,
+            "decoder": parse_ratios(decoder, "--isr-decoder") if decoder else None}
+
+
+def pooling_text(pooling):
+    """{"encoder": (16, 8, 2, 1), "decoder": (8, 4, 2)} -> "encoder 16,8,2,1; decoder 8,4,2"."""
+    return "; ".join(f"{part} {','.join(map(str, r))}" for part, r in pooling.items() if r)
 
 
 def sweep_settings(model):

@@ -3,7 +3,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import inference, isr
+from . import inference
+from . import isr as isr_module
+from .data.palettes import default_palette
+from .device import parse_dtype, resolve_device
+from .protocol import Protocol
 from .layers.shape import round_up
 from .losses import ohem_cross_entropy, upsampled_cross_entropy
 
@@ -37,14 +41,16 @@ class Segmentor(nn.Module):
         """The weights' floating dtype (float32 unless cast for inference)."""
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
-    def optimize_for_inference(self, dtype=None, compile=False):
+    def optimize_for_inference(self, dtype=None, compile=False, device=None):
         """eval(), then optionally:
 
-        dtype (torch.bfloat16 / float16): weights cast to it, so the whole network runs natively in
-        that precision, which on AMX CPUs and tensor-core GPUs beats autocast (no per-call weight
-        casts, half the memory traffic in the element-wise ops). Inputs are cast on entry; scores
-        come back float32 from `logits`/`predict`. (Mask2Former's deformable attention keeps its
-        sampling positions and bilinear sampling in fp32 either way.)
+        device: move the model there ("cuda", "cpu", "auto" = cuda when available).
+        dtype (torch.bfloat16 / float16, or "bf16" / "fp16"; None or "fp32" keep fp32): weights cast to
+        it, so the whole network runs natively in that precision, which on AMX CPUs and tensor-core
+        GPUs beats autocast (no per-call weight casts, half the memory traffic in the element-wise
+        ops). Inputs are cast on entry; scores come back float32 from `logits`/`predict`.
+        (Mask2Former's deformable attention keeps its sampling positions and bilinear sampling in
+        fp32 either way.)
         compile: torch.compile the backbone and head with inductor's weight freezing (constant
         folding, prepacked weights, fused element-wise kernels). The first call at each input size
         compiles (tens of seconds on CPU); later calls are faster. Weights must not change after.
@@ -52,7 +58,10 @@ class Segmentor(nn.Module):
         fp32 needs no call to be fast: the decoders' algebraic fusion (layers/fusion.py) always runs,
         as it computes the same function from the weights as they are. Returns self."""
         self.eval()
-        if dtype is not None:
+        if device is not None:
+            self.to(resolve_device(device))
+        dtype = parse_dtype(dtype)
+        if dtype is not None and dtype != torch.float32:
             self.to(dtype)
         if compile:
             for part in (self.backbone, self.decode_head):
@@ -103,20 +112,50 @@ class Segmentor(nn.Module):
         return {"loss": ce, "loss_ce": ce}
 
     @torch.no_grad()
-    def predict(self, x, out_size=None, **kwargs):
-        """Label map [N, H, W] at `out_size` (default: the input size). See `inference.predict`."""
-        return inference.predict(self, x, out_size=out_size, **kwargs).argmax(1)
+    def predict(self, inputs, protocol=None, probabilities=False, isr=None, batch_size=1, out_size=None, **fields):
+        """Segment images, under the checkpoint's test protocol unless `protocol` is given.
+
+        inputs: an image path, a PIL image or an HxWx3 uint8 RGB array -> a `Segmentation` (label map
+        at the image's own size, `.overlay()`, `.mask()`, `.shares()`); a list of them -> a list.
+        probabilities: also return the class probabilities [K,H,W]. isr: an ISR setting for this call
+        only, e.g. {"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}. batch_size: images of one size run
+        together. Runs on the model's device and precision (`optimize_for_inference`).
+
+        A normalised tensor batch [N,3,H,W] -> the label map tensor [N,H,W] at `out_size` (default: its
+        size); `fields` (mode, crop, stride, scales, flip, ...) change the protocol, see `inference.predict`.
+        """
+        with isr_module.isr_setting(self, isr):
+            if isinstance(inputs, torch.Tensor):
+                return inference.predict(self, inputs, protocol, out_size=out_size, **fields).argmax(1)
+            one = not isinstance(inputs, (list, tuple))
+            found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities, batch_size))
+            return found[0] if one else found
 
     def set_isr(self, encoder=None, decoder=None):
         """Inference spatial reduction: pool keys/values `encoder[i]` / `decoder[j]` times harder than
         trained, without touching weights; `set_isr()` resets. See `transeg.isr`."""
-        return isr.set_isr(self, encoder, decoder)
+        return isr_module.set_isr(self, encoder, decoder)
 
     @property
     def isr(self):
         """The current ISR multipliers, {"encoder": (...), "decoder": (...)}."""
-        return isr.get_isr(self)
+        return isr_module.get_isr(self)
 
     @property
     def classes(self):
         return self.meta.get("classes") or [str(i) for i in range(self.num_classes)]
+
+    @property
+    def palette(self):
+        """One RGB colour per class: the checkpoint's, else the VOC scheme."""
+        return [tuple(c) for c in (self.meta.get("palette") or default_palette(self.num_classes))]
+
+    @property
+    def protocol(self):
+        """The test protocol the checkpoint stores (how its numbers were measured), else whole-image
+        at the input size aligned to 32. See `transeg.protocol.Protocol`."""
+        return Protocol.from_meta(self.meta.get("test"))
+
+    @protocol.setter
+    def protocol(self, protocol):
+        self.meta["test"] = protocol.to_meta()

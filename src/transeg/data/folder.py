@@ -79,18 +79,39 @@ def read_classes(path):
     return names, palette
 
 
-def load_image(path):
-    """Read an image file as uint8 RGB `[H,W,3]` numpy: EXIF orientation applied, grey / alpha /
-    palette / 16-bit images converted to 8-bit RGB. Raises TransegError naming the file."""
+def image_files(paths):
+    """The image files among `paths` (files, or folders whose images are taken in name order; other
+    files in a folder are skipped). Raises TransegError for a missing path or when none is found."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise TransegError(f"{p}: no such file or directory")
+    if not files:
+        raise TransegError(f"no images found in {', '.join(map(str, paths))}")
+    return files
+
+
+def read_image(path):
+    """(uint8 RGB `[H,W,3]` numpy, note) from an image file: EXIF orientation applied, grey / alpha /
+    palette / 16-bit images converted to 8-bit RGB, and the note says which ("alpha channel dropped",
+    "EXIF orientation applied"; "" for a plain RGB image). Raises TransegError naming the file."""
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            return _to_rgb(img)
+            return image_to_rgb(img)
     except TransegError:
         raise
     except _READ_ERRORS as e:
         raise TransegError(f"{path}: cannot read the image ({_reason(e)})") from None
+
+
+def load_image(path):
+    """`read_image` without the note."""
+    return read_image(path)[0]
 
 
 _MODE_NOTES = {"L": "greyscale converted to RGB", "LA": "greyscale + alpha converted to RGB (alpha dropped)",
@@ -100,21 +121,16 @@ _MODE_NOTES = {"L": "greyscale converted to RGB", "LA": "greyscale + alpha conve
                "F": "floating-point image converted to 8-bit RGB"}
 
 
-def conversion_note(path):
-    """What `load_image` does to this file beyond reading it, for the user to see ("alpha channel
-    dropped", "16-bit scaled to 8 bits", "EXIF orientation applied"), or "" for a plain RGB image."""
+def image_to_rgb(img):
+    """(uint8 RGB `[H,W,3]`, note) from a decoded PIL image, as `read_image` does for files."""
+    mode = img.mode
+    notes = ["16-bit greyscale scaled to 8-bit RGB" if mode.startswith("I;16") else _MODE_NOTES.get(mode, "")]
     try:
-        with Image.open(path) as img:
-            mode = img.mode
-            notes = [("16-bit greyscale scaled to 8-bit RGB" if mode.startswith("I;16") else _MODE_NOTES.get(mode, ""))]
-            try:
-                if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
-                    notes.append("EXIF orientation applied")
-            except Exception:
-                pass
-    except _READ_ERRORS:
-        return ""
-    return ", ".join(n for n in notes if n)
+        if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+            notes.append("EXIF orientation applied")
+    except Exception:  # a broken EXIF block only loses the orientation, as in exif_transpose
+        pass
+    return _to_rgb(ImageOps.exif_transpose(img)), ", ".join(n for n in notes if n)
 
 
 def _reason(e):

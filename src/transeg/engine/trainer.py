@@ -22,11 +22,13 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
 from ..checkpoint import atomic_write, load, save
+from ..device import native_bf16, resolve_device
 from ..errors import TransegError
+from ..protocol import Protocol
 from ..flops import count_params
 from ..registry import create_model
 from .config import TrainConfig, resolve
-from .evaluate import default_protocol, describe, evaluate
+from .evaluate import evaluate
 from .optim import build_optimizer, build_scheduler
 
 STATE_FILE = "train_state.pt"
@@ -61,25 +63,6 @@ def _sample_ids(start_micro, end_micro, batch, rank, world):
     for j in range(start_micro, end_micro):
         base = (j * world + rank) * batch
         yield from range(base, base + batch)
-
-
-def resolve_device(name):
-    """"auto" -> cuda when available, else cpu; anything else as torch.device."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def native_bf16(device):
-    """Whether `device` computes bf16 natively (so autocast speeds things up rather than emulating):
-    CUDA with bf16 support, or an x86 CPU with AMX or AVX512-BF16 (read from /proc/cpuinfo)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def _amp(cfg, device):
@@ -143,10 +126,9 @@ def build_model(cfg, train_set):
         from ..convert import load_backbone_weights
         load_backbone_weights(model, cfg.backbone_weights)
     model.meta["dataset"] = cfg.data or "synthetic"
-    model.meta["test"] = dict(mode=cfg.test_mode, scale=cfg.test_scale, size_divisor=cfg.size_divisor,
-                              crop=cfg.test_crop, stride=cfg.test_stride, scales=[1.0], flip=False,
-                              min_short_side=cfg.min_short_side,
-                              ms=dict(scales=list(cfg.ms_scales), flip=cfg.ms_flip))
+    model.protocol = Protocol(mode=cfg.test_mode, scale=cfg.test_scale, size_divisor=cfg.size_divisor,
+                              crop=cfg.test_crop, stride=cfg.test_stride, min_short_side=cfg.min_short_side,
+                              ms_scales=cfg.ms_scales, ms_flip=cfg.ms_flip)
     return model
 
 
@@ -167,7 +149,7 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
 
 def _train(cfg, resume, stop_at, progress, log):
     from ..data import TrainTransform, build_dataset
-    from ..viz import curves_chart, iou_chart
+    from ..charts import curves_chart, iou_chart
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main = rank == 0
@@ -239,12 +221,12 @@ def _train(cfg, resume, stop_at, progress, log):
                         generator=torch.Generator())  # keeps the DataLoader off the global RNG (exact resume)
     val_part = Subset(val_set, range(rank, len(val_set), world)) if world > 1 else val_set
 
-    protocol = default_protocol(model)
+    protocol = model.protocol
     if main:
         log(f"training {cfg.model} ({count_params(model) / 1e6:.2f}M params) on "
             f"{model.meta['dataset']} ({len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes), "
             f"{cfg.iters} iterations x {cfg.batch_size * cfg.accum_steps * world} images, device {device}"
-            + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "") + f"; eval: {describe(protocol)}")
+            + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "") + f"; eval: {protocol.describe()}")
     log_file = (out / "log.jsonl").open("a") if main else None
     writer = _tensorboard(out) if main and cfg.tensorboard else None
     bar = tqdm(total=end, initial=start, desc="train", disable=not (progress and main), dynamic_ncols=True)

@@ -1,0 +1,65 @@
+"""Which device runs the work, what it computes natively, and how the host process allocates."""
+from pathlib import Path
+
+import torch
+
+from .errors import TransegError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name):
+    """"auto" -> cuda when available, else cpu; anything else as torch.device (a bad name: one line)."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except (RuntimeError, TypeError):
+        raise TransegError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+
+
+def parse_dtype(dtype):
+    """"fp32" / "bf16" / "fp16" or a torch dtype -> the torch dtype (None stays None)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise TransegError(f"unknown precision {dtype!r}; use {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def native_bf16(device):
+    """Whether `device` computes bf16 natively (so autocast speeds things up rather than emulating):
+    CUDA with bf16 support, or an x86 CPU with AMX or AVX512-BF16 (read from /proc/cpuinfo)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def keep_freed_memory():
+    """Have glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default glibc serves every allocation above 32 MB (and smaller ones once its heap has been
+    trimmed) with fresh pages from the kernel, and each fresh 4 kB page faults on first touch. Large
+    activations are allocated and freed on every forward/backward, so on the CPU they pay this every
+    time (BENCHMARKS.md has the measured cost). PyTorch's CPU tuning guide answers this by preloading
+    jemalloc or tcmalloc; this gets the same effect from the allocator already loaded (no mmap for
+    large blocks, no trimming below 2 GB free). The process then keeps its peak memory until it exits,
+    which is why it is a program's choice (the CLI makes it for the verbs that compute), not a
+    library side effect. Set TRANSEG_MALLOC=system to keep glibc's defaults. Returns True when
+    applied (Linux, glibc)."""
+    import ctypes
+    import os
+    import sys
+
+    if os.environ.get("TRANSEG_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc (musl, ...)
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h; mallopt returns 1 on success
+    return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1

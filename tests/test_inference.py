@@ -1,0 +1,200 @@
+"""The library-level inference API: images in (paths, PIL images, uint8 arrays, lists), label maps at
+the image's own size out, under the checkpoint's test protocol; the protocol as a typed value; and the
+layering the CLI and the service rely on."""
+import ast
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import transeg
+from conftest import TINY
+from transeg.inference import Segmentation, segment
+from transeg.protocol import Protocol
+
+SRC = Path(__file__).parent.parent / "src" / "transeg"
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = transeg.create_model("segformer-b0", num_classes=6, classes=list("abcdef"), **TINY).eval()
+    m.protocol = Protocol(size_divisor=None)  # whole image at its own size: the reference below is plain
+    return m
+
+
+def _image(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def _reference_labels(model, rgb):
+    """Normalise by hand, one forward pass, bilinear upsampling to the image, argmax: the whole-image
+    protocol written out without the inference module."""
+    mean, std = torch.tensor(model.meta["mean"]).view(3, 1, 1), torch.tensor(model.meta["std"]).view(3, 1, 1)
+    x = ((torch.from_numpy(rgb).permute(2, 0, 1).float() - mean) / std)[None]
+    with torch.no_grad():
+        logits = F.interpolate(model(x), size=rgb.shape[:2], mode="bilinear", align_corners=False)
+    return logits.argmax(1)[0].numpy(), logits.softmax(1)[0].numpy()
+
+
+def test_predict_takes_paths_pil_images_and_arrays_and_equals_the_written_out_protocol(model, tmp_path):
+    rgb = _image(45, 61, 0)  # odd sizes: the label map must come back at exactly 45x61
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    expected, probs = _reference_labels(model, rgb)
+    for given in (tmp_path / "photo.png", str(tmp_path / "photo.png"), Image.fromarray(rgb), rgb):
+        seg = model.predict(given)
+        assert isinstance(seg, Segmentation) and seg.labels.shape == (45, 61) and seg.labels.dtype == np.uint8
+        assert (seg.labels == expected).all()
+        assert (np.asarray(seg) == expected).all()
+    seg = model.predict(rgb, probabilities=True)
+    assert seg.probabilities.shape == (6, 45, 61)
+    np.testing.assert_allclose(seg.probabilities, probs, atol=1e-5)  # the softmax of the same logits
+    np.testing.assert_allclose(seg.confidence, probs.max(0), atol=1e-5)
+    assert seg.source is None and model.predict(tmp_path / "photo.png").source == str(tmp_path / "photo.png")
+
+
+def test_a_list_in_batches_equals_one_at_a_time(model):
+    """Images of one size run together (batch_size); a different size starts a new batch; order is kept."""
+    images = [_image(32, 40, 1), _image(32, 40, 2), _image(32, 40, 3), _image(48, 56, 4), _image(32, 40, 5)]
+    one = [model.predict(im).labels for im in images]
+    batched = model.predict(images, batch_size=2)
+    assert [s.labels.shape for s in batched] == [(32, 40)] * 3 + [(48, 56), (32, 40)]
+    for a, b in zip(one, batched):
+        assert (a == b).all()
+    assert [s.image is im for s, im in zip(batched, images)] == [True] * 5  # the pixels the model saw, not copies
+
+
+def test_shares_mask_and_overlay(model):
+    seg = Segmentation(labels=np.array([[0, 0, 2], [2, 2, 2]], np.uint8), image=np.zeros((2, 3, 3), np.uint8),
+                       classes=list("abc"), palette=[(0, 0, 0), (1, 1, 1), (200, 10, 10)])
+    assert seg.shares() == {"c": 4 / 6, "a": 2 / 6}  # present classes only, largest first
+    mask = seg.mask()
+    assert mask.mode == "P" and np.asarray(mask).tolist() == [[0, 0, 2], [2, 2, 2]]
+    assert mask.getpalette()[6:9] == [200, 10, 10]  # class 2's colour travels in the PNG
+    assert np.asarray(seg.overlay(alpha=1.0))[1, 0].tolist() == [200, 10, 10]
+    with pytest.raises(transeg.TransegError, match="probabilities=True"):
+        seg.confidence
+
+
+def test_isr_for_one_call_leaves_the_model_as_it_was():
+    torch.manual_seed(1)
+    model = transeg.create_model("edaformer-t", num_classes=4, embed_dims=(8, 16, 24, 32), depths=(1, 1, 1, 1),
+                                 decoder_dim=16).eval()
+    rgb = _image(64, 64, 6)
+    setting = {"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}
+    with_isr = model.predict(rgb, isr=setting, probabilities=True).probabilities
+    assert model.isr == {"encoder": (1, 1, 1, 1), "decoder": (1, 1, 1)}
+    model.set_isr(**setting)
+    np.testing.assert_array_equal(with_isr, model.predict(rgb, probabilities=True).probabilities)
+    model.set_isr()
+    # ISR pools keys/values harder: the scores change (so the setting was in effect during the call)
+    assert np.abs(with_isr - model.predict(rgb, probabilities=True).probabilities).max() > 1e-4
+
+
+@pytest.mark.parametrize("bad,message", [
+    (np.zeros((8, 8, 3), np.float32), "HxWx3 uint8"),
+    (np.zeros((8, 8), np.uint8), "HxWx3 uint8"),
+    ({"image": 1}, "cannot segment a dict"),
+    ("/nonexistent/photo.jpg", "/nonexistent/photo.jpg: cannot read the image"),
+])
+def test_bad_inputs_get_one_line(model, bad, message):
+    with pytest.raises(transeg.TransegError, match=message):
+        model.predict(bad)
+
+
+def test_segment_is_lazy(model):
+    """`segment` reads an input only when its result is asked for (a folder of thousands of images is
+    never held in memory at once): the second, unreadable input fails only at the second result."""
+    results = segment(model, [_image(32, 32, 7), "/nonexistent.png"])
+    assert next(results).labels.shape == (32, 32)
+    with pytest.raises(transeg.TransegError, match="nonexistent.png"):
+        next(results)
+
+
+def test_tensor_batches_keep_their_meaning(model):
+    """A normalised tensor batch still gives the label-map tensor [N,H,W] (the pre-image API)."""
+    x = torch.randn(2, 3, 33, 47)
+    labels = model.predict(x)
+    assert labels.shape == (2, 33, 47)
+    with torch.no_grad():
+        assert torch.equal(labels, F.interpolate(model(x), size=(33, 47), mode="bilinear").argmax(1))
+
+
+# --------------------------------------------------------------------------------------------- protocol
+def test_protocol_round_trips_through_a_checkpoint(model, tmp_path):
+    p = Protocol(mode="slide", crop=(64, 64), stride=(48, 48), scale=(2048, 512), size_divisor=None,
+                 min_short_side=64, ms_scales=(0.75, 1.0, 1.25))
+    model.protocol = p
+    transeg.save(model, tmp_path / "m.safetensors")
+    assert transeg.load(tmp_path / "m.safetensors").protocol == p
+    model.protocol = Protocol(size_divisor=None)
+
+
+def test_old_checkpoints_protocol_still_loads(model, tmp_path):
+    """Files written before the protocol was typed hold a dict with lists, an `ms` entry, and (Segmenter
+    conversions) a `dataset` note; they read as the same protocol."""
+    transeg.save(model, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as f:
+        meta = json.loads(f.metadata()["transeg"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    meta["test"] = dict(mode="slide", scale=[2048, 512], size_divisor=None, crop=[512, 512], stride=[480, 480],
+                        scales=[1.0], flip=False, min_short_side=512, dataset="ade20k",
+                        ms=dict(scales=[0.5, 1.0], flip=False))
+    save_file(state, tmp_path / "old.safetensors", metadata={"format": "transeg", "transeg": json.dumps(meta)})
+    p = transeg.load(tmp_path / "old.safetensors").protocol
+    assert p == Protocol(mode="slide", crop=(512, 512), stride=(480, 480), scale=(2048, 512), size_divisor=None,
+                         min_short_side=512, ms_scales=(0.5, 1.0), ms_flip=False)
+    assert p.multi_scale().scales == (0.5, 1.0) and p.multi_scale().flip is False
+    # no stored protocol (the earliest files): whole image, aligned to 32, mmseg's ratios for --ms
+    assert Protocol.from_meta(None) == Protocol() and Protocol().multi_scale().scales == (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+
+
+@pytest.mark.parametrize("fields,message", [
+    (dict(mode="slide"), "needs a crop and a stride"),
+    (dict(mode="tiles"), "mode must be 'whole' or 'slide'"),
+    (dict(crop=(0, 32)), "two positive sizes"),
+    (dict(scales=()), "positive ratios"),
+])
+def test_protocol_refuses_what_cannot_run(fields, message):
+    with pytest.raises(transeg.TransegError, match=message):
+        Protocol(**fields)
+
+
+# --------------------------------------------------------------------------------------------- layering
+def _imports(path):
+    """Module names imported by a file, relative ones resolved against the transeg package."""
+    tree = ast.parse(path.read_text())
+    package = ".".join(("transeg",) + path.relative_to(SRC).parent.parts)
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module) if p)
+            names |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return names
+
+
+def test_the_cli_holds_no_model_code():
+    """cli.py parses, calls the library and prints: it imports no model class (backbones, heads, layers,
+    Segmentor) and no inference internals, only library entry points."""
+    banned = ("transeg.backbones", "transeg.heads", "transeg.layers", "transeg.segmentor", "transeg.losses",
+              "transeg.inference.predict", "transeg.inference.scores", "transeg.data.transforms")
+    found = sorted(n for n in _imports(SRC / "cli.py") if n.startswith(banned))
+    assert found == []
+
+
+def test_data_flows_one_way():
+    """Nothing in layers, backbones or heads imports from engine, data, inference or cli (DESIGN.md)."""
+    low = [p for d in ("layers", "backbones", "heads") for p in sorted((SRC / d).glob("*.py"))]
+    assert len(low) > 20  # the check below ran over the model code
+    upward = ("transeg.engine", "transeg.data", "transeg.cli", "transeg.inference", "transeg.serve")
+    found = {str(p.relative_to(SRC)): sorted(n for n in _imports(p) if n.startswith(upward)) for p in low}
+    assert {k: v for k, v in found.items() if v} == {}
