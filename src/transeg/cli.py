@@ -16,6 +16,7 @@ examples:
   transeg eval ckpt.safetensors --isr-encoder 2,2,1,1 --isr-decoder 2,2,2   # EDAFormer's inference spatial reduction
   transeg bench edaformer-t --size 1024x2048 --isr-sweep --runs 3           # GFLOPs / latency per ISR setting
   transeg export ckpt.safetensors model.onnx --isr-encoder 2,2,1,1 --isr-decoder 2,2,2
+  transeg serve runs/train/model.safetensors              # HTTP API + a page at http://127.0.0.1:8000/
 """
 
 
@@ -295,6 +296,14 @@ def cmd_export(args):
     print(f"{r['path']}: opset {r['opset']}, {r['bytes'] / 1e6:.1f} MB, {r['isr']}{check}")
 
 
+def cmd_serve(args):
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, compile=args.compile,
+          max_batch=args.max_batch, window_ms=args.window_ms, max_pending=args.max_pending,
+          max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6))
+
+
 def cmd_data_prepare(args):
     from .data.prepare import prepare
 
@@ -434,6 +443,30 @@ def build_parser():
     g.add_argument("--limit", type=int, help="only the first N images of --data")
     g.add_argument("--plot", default="isr_sweep.png", help="where the sweep's chart goes (default ./isr_sweep.png)")
 
+    p = verb("serve", cmd_serve, "serve a model over HTTP, with a page to look through (pip install 'transeg[serve]')",
+             "Serve a model over HTTP: POST /v1/segment (an image in, an index PNG or JSON out), GET /v1/model,\n"
+             "GET /healthz, API docs at /docs, and a page at / to drop an image on, see the overlay and try ISR.\n"
+             "Concurrent requests are batched on the device; overload is answered 503 with Retry-After.\n\n"
+             "examples:\n"
+             "  transeg serve runs/train/model.safetensors                 # then open http://127.0.0.1:8000/\n"
+             "  curl -F image=@photo.jpg 'http://127.0.0.1:8000/v1/segment?format=json'\n"
+             "  curl --data-binary @photo.jpg http://127.0.0.1:8000/v1/segment -o mask.png")
+    p.add_argument("model", help="a transeg .safetensors")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_speed_args(p)
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch", type=int, help="images of one size run together, at most this many (default: 8 "
+                   "on a GPU, 1 on a CPU, where batching gains nothing; see BENCHMARKS.md)")
+    g.add_argument("--window-ms", type=float, default=5.0, help="how long the first request of a batch waits for "
+                   "others (5 ms)")
+    g.add_argument("--max-pending", type=int, default=64, help="requests admitted at once; more get 503 (64)")
+    g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB; larger get 413 (20)")
+    g.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels; larger get 413 "
+                   "(40)")
+
     from .data import prepare as prepare_module
     p = verb("data", None, "prepare a benchmark dataset, or check a dataset folder",
              "Datasets: ADE20K, Cityscapes, COCO-Stuff 164k / 10k and Pascal Context are read in their official\n"
@@ -476,7 +509,7 @@ def main(argv=None):
     if not getattr(args, "fn", None):
         parser.print_help()
         return 0
-    if args.verb in ("train", "eval", "predict", "bench"):
+    if args.verb in ("train", "eval", "predict", "bench", "serve"):
         from .device import keep_freed_memory
 
         keep_freed_memory()  # large activations reuse memory instead of page-faulting fresh pages

@@ -137,3 +137,20 @@ def variant_table(family=None, count_flops=True, progress=False):
         rows.append(dict(model=name, params_m=count_params(model) / 1e6, paper_params_m=v.paper.params_m,
                          gflops_at=size_key, gflops=measured, paper_gflops=paper_gflops, miou=v.paper.miou))
     return rows
+
+
+def image_gmacs(model, image_size, protocol, convention="mmcv", cache=None):
+    """Multiply-adds (G) to segment one image of `image_size` (h, w) under `protocol`: every forward
+    pass its resize, windows, scales and flips make, counted on `model` (a meta-device twin, see
+    `meta_model`, with the ISR setting of interest). `cache`: a dict reused across calls (keyed by
+    the ISR setting and input size)."""
+    from .inference import forward_sizes
+
+    cache = {} if cache is None else cache
+    total = 0.0
+    for size in forward_sizes(image_size, protocol):
+        key = (tuple(model.isr.items()), size, convention)
+        if key not in cache:
+            cache[key] = count_gmacs(model, size, convention=convention)["total"]
+        total += cache[key]
+    return total

@@ -82,6 +82,34 @@ def logits_slide(model, x, crop, stride, batch_size=8, canvas_device="auto", num
     return canvas / count
 
 
+def scaled_size(size, scale, protocol):
+    """The size (h, w) an input of `size` runs at for one of the protocol's scales: `scale` times it,
+    rounded up to `size_divisor`, enlarged (keep ratio, long side truncated) to `min_short_side`."""
+    h, w = size
+    size = (int(h * scale + 0.5), int(w * scale + 0.5))
+    if protocol.size_divisor:
+        size = tuple(math.ceil(s / protocol.size_divisor) * protocol.size_divisor for s in size)
+    short = protocol.min_short_side
+    if short and min(size) < short:
+        ratio = max(size) / min(size)
+        size = (short, int(ratio * short)) if size[0] <= size[1] else (int(ratio * short), short)
+    return size
+
+
+def forward_sizes(image_size, protocol):
+    """The input sizes of the forward passes `scores` makes for one image of `image_size` (h, w):
+    per scale (and flip), the whole image or each sliding window. For counting their cost."""
+    from .data.transforms import TestTransform
+
+    size = TestTransform(scale=protocol.scale, size_divisor=protocol.size_divisor).output_size(image_size)
+    sizes = []
+    for scale in protocol.scales:
+        h, w = scaled_size(size, scale, protocol)
+        boxes = [(0, h, 0, w)] if protocol.mode == "whole" else slide_windows(h, w, protocol.crop, protocol.stride)
+        sizes += [(y2 - y1, x2 - x1) for y1, y2, x1, x2 in boxes] * (2 if protocol.flip else 1)
+    return sizes
+
+
 def predict(model, x, protocol=None, out_size=None, batch_size=8, canvas_device="auto", probabilities=False,
             **fields):
     """Scores [N, K, *out_size] (default: the input size) of a normalised batch `x` [N,3,H,W].
@@ -98,15 +126,7 @@ def predict(model, x, protocol=None, out_size=None, batch_size=8, canvas_device=
     as_probabilities = probabilities or not protocol.single
     total = None
     for scale in protocol.scales:
-        h, w = x.shape[-2:]
-        size = (int(h * scale + 0.5), int(w * scale + 0.5))
-        if protocol.size_divisor:
-            size = tuple(math.ceil(s / protocol.size_divisor) * protocol.size_divisor for s in size)
-        short = protocol.min_short_side
-        if short and min(size) < short:
-            ratio = max(size) / min(size)
-            size = (short, int(ratio * short)) if size[0] <= size[1] else (int(ratio * short), short)
-        xs = _resize(x, size)
+        xs = _resize(x, scaled_size(x.shape[-2:], scale, protocol))
         for flipped in ([False, True] if protocol.flip else [False]):
             xi = xs.flip(-1) if flipped else xs
             if protocol.mode == "whole":

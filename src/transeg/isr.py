@@ -66,11 +66,18 @@ def _check(model, part, ratios, groups):
     return tuple(int(r) for r in ratios)
 
 
+def check_setting(model, encoder=None, decoder=None):
+    """The setting as `set_isr` would apply it ({"encoder": (..), "decoder": (..)}, 1 where not given),
+    or a TransegError saying why it does not fit `model`; the model is not changed."""
+    groups = pool_groups(model)
+    return {part: _check(model, part, r, groups[part]) for part, r in zip(PARTS, (encoder, decoder))}
+
+
 def set_isr(model, encoder=None, decoder=None):
     """Pool keys/values `encoder[i]` (`decoder[j]`) times harder than trained; None means 1 everywhere.
     Validated before anything changes, so a bad setting leaves the model as it was."""
     groups = pool_groups(model)
-    checked = {part: _check(model, part, r, groups[part]) for part, r in zip(PARTS, (encoder, decoder))}
+    checked = check_setting(model, encoder, decoder)
     for part in PARTS:
         for pools, r in zip(groups[part], checked[part]):
             for pool in pools:

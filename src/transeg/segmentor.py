@@ -7,9 +7,9 @@ from . import inference
 from . import isr as isr_module
 from .data.palettes import default_palette
 from .device import parse_dtype, resolve_device
-from .protocol import Protocol
 from .layers.shape import round_up
 from .losses import ohem_cross_entropy, upsampled_cross_entropy
+from .protocol import Protocol
 
 
 class Segmentor(nn.Module):

@@ -95,18 +95,24 @@ def image_files(paths):
     return files
 
 
-def read_image(path):
-    """(uint8 RGB `[H,W,3]` numpy, note) from an image file: EXIF orientation applied, grey / alpha /
-    palette / 16-bit images converted to 8-bit RGB, and the note says which ("alpha channel dropped",
-    "EXIF orientation applied"; "" for a plain RGB image). Raises TransegError naming the file."""
+def read_image(path, name=None, max_pixels=None):
+    """(uint8 RGB `[H,W,3]` numpy, note) from an image file (a path or a binary file object): EXIF
+    orientation applied, grey / alpha / palette / 16-bit images converted to 8-bit RGB, and the note
+    says which ("alpha channel dropped", "EXIF orientation applied"; "" for a plain RGB image).
+    max_pixels: refuse larger images from their header, before decoding. Raises TransegError naming
+    the file (`name`, default: the path)."""
+    name = name or path
     try:
         with Image.open(path) as img:
+            if max_pixels and img.size[0] * img.size[1] > max_pixels:
+                raise TransegError(f"{name}: {img.size[0]}x{img.size[1]} pixels is more than the "
+                                   f"{max_pixels:,} allowed")
             img.load()
             return image_to_rgb(img)
     except TransegError:
         raise
     except _READ_ERRORS as e:
-        raise TransegError(f"{path}: cannot read the image ({_reason(e)})") from None
+        raise TransegError(f"{name}: cannot read the image ({_reason(e)})") from None
 
 
 def load_image(path):

@@ -24,8 +24,8 @@ from tqdm import tqdm
 from ..checkpoint import atomic_write, load, save
 from ..device import native_bf16, resolve_device
 from ..errors import TransegError
-from ..protocol import Protocol
 from ..flops import count_params
+from ..protocol import Protocol
 from ..registry import create_model
 from .config import TrainConfig, resolve
 from .evaluate import evaluate

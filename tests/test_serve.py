@@ -1,0 +1,241 @@
+"""`transeg serve` as a real process on loopback: the API, its refusals, batching under load, overload."""
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+import transeg  # noqa: E402
+from transeg.serve.loadtest import Upload, post, run_load, summary  # noqa: E402
+
+CLASSES = ["sky", "ground", "disc", "box", "triangle", "ring"]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rss_mb(pid):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+class Server:
+    def __init__(self, ckpt, *args):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "transeg.cli", "serve", str(ckpt), "--port", str(self.port),
+                                      "--device", "cpu", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read().decode()
+            try:
+                with urllib.request.urlopen(f"{self.url}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.3)
+        raise AssertionError("the service did not start in 90 s")
+
+    def get(self, path):
+        with urllib.request.urlopen(f"{self.url}{path}", timeout=30) as r:
+            return json.loads(r.read())
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    torch.manual_seed(0)
+    model = transeg.create_model("edaformer-t", num_classes=6, classes=CLASSES, embed_dims=(8, 16, 24, 32),
+                                 depths=(1, 1, 1, 1), decoder_dim=16)
+    model.protocol = transeg.Protocol(size_divisor=None)
+    path = tmp_path_factory.mktemp("serve") / "m.safetensors"
+    transeg.save(model, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(model_file):
+    s = Server(model_file, "--max-upload-mb", "1", "--max-megapixels", "0.5", "--max-batch", "8")
+    yield s
+    s.stop()
+
+
+def _png(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _image(h, w, seed):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_model_metadata_and_openapi(server):
+    info = server.get("/v1/model")
+    assert info["variant"] == "edaformer-t" and info["classes"] == CLASSES and len(info["palette"]) == 6
+    assert info["isr"]["supported"] and (info["isr"]["encoder_stages"], info["isr"]["decoder_branches"]) == (4, 3)
+    assert info["isr"]["paper"] == {"encoder": [2, 2, 1, 1], "decoder": [2, 2, 2]}
+    assert info["isr"]["settings"][0]["label"] == "no ISR" and len(info["isr"]["settings"]) == 10  # isr.SWEEP
+    assert info["limits"] == {"max_upload_bytes": 1_000_000, "max_pixels": 500_000}
+    schema = server.get("/openapi.json")
+    assert {"/healthz", "/v1/model", "/v1/segment"} <= set(schema["paths"])
+    segment = schema["paths"]["/v1/segment"]["post"]
+    assert {"multipart/form-data", "image/*"} <= set(segment["requestBody"]["content"])
+    assert {"413", "415", "422", "503"} <= set(segment["responses"])
+
+
+def test_png_and_json_answers_equal_the_library(server, model_file):
+    """The service gives what `model.predict` gives in this process: the same label map (as an index PNG
+    with the class colours, or base64 in JSON), the same shares, the argmax probability as confidence."""
+    model = transeg.load(model_file)
+    rgb = _image(70, 90, 1)
+    expected = model.predict(rgb, probabilities=True)
+    status, body = post(server.url, Upload(_png(rgb)))
+    assert status == 200
+    mask = Image.open(io.BytesIO(body))
+    assert mask.mode == "P" and (np.asarray(mask) == expected.labels).all()
+    assert mask.getpalette()[:18] == [v for c in model.palette for v in c]
+    status, body = post(server.url, Upload(_png(rgb), "format=json&labels=true&confidence=true"))
+    got = json.loads(body)
+    labels = np.frombuffer(base64.b64decode(got["labels"]), np.uint8).reshape(got["height"], got["width"])
+    assert (labels == expected.labels).all()
+    assert [(s["name"], s["share"]) for s in got["shares"]] == list(expected.shares().items())
+    assert [s["index"] for s in got["shares"]] == [CLASSES.index(s["name"]) for s in got["shares"]]
+    assert abs(got["confidence"]["mean"] - expected.confidence.mean()) < 1e-6
+    conf = np.frombuffer(base64.b64decode(got["confidence"]["map"]), np.uint8).reshape(70, 90)
+    assert np.abs(conf.astype(float) - 255 * expected.confidence).max() <= 0.5 + 1e-4  # rounded to 8 bits
+    assert got["latency_ms"] > 0 and got["batch"] == 1 and got["isr"] == "no ISR"
+
+
+def test_isr_per_request_changes_cost_not_the_model(server):
+    rgb = _png(_image(64, 64, 2))
+    plain = json.loads(post(server.url, Upload(rgb, "format=json"))[1])
+    reduced = json.loads(post(server.url, Upload(rgb, "format=json&isr_encoder=2,2,1,1&isr_decoder=2,2,2"))[1])
+    assert reduced["isr"] == "ISR encoder 2,2,1,1 / decoder 2,2,2"
+    assert reduced["gflops"] < plain["gflops"]  # K/V pooled harder: fewer multiply-adds in attention
+    again = json.loads(post(server.url, Upload(rgb, "format=json"))[1])
+    assert again["gflops"] == plain["gflops"] and again["isr"] == "no ISR"  # the next request runs as trained
+
+
+@pytest.mark.parametrize("upload,status,message", [
+    (Upload(b"GIF? no: plain text"), 415, "upload: not an image transeg can read"),
+    (Upload(_png(_image(64, 64, 3))[:300]), 422, "upload: cannot read the image"),
+    (Upload(b"\0" * 1_200_000), 413, "upload of 1,200,000 bytes is more than the 1,000,000 bytes"),
+    (Upload(_png(np.zeros((800, 800, 3), np.uint8))), 413, "800x800 pixels is more than the 500,000"),
+    (Upload(_png(_image(32, 32, 4)), "isr_encoder=2,2"), 422, "ISR encoder needs 4 ratios"),
+    (Upload(_png(_image(32, 32, 4)), "format=xml"), 422, "format: String should match pattern"),
+    (Upload(b""), 422, "upload: empty upload"),
+])
+def test_bad_requests_get_one_line(server, upload, status, message):
+    got_status, body = post(server.url, upload)
+    assert got_status == status
+    error = json.loads(body)["error"]
+    assert message in error and "\n" not in error
+
+
+def test_pixel_bombs_are_refused_from_the_header(server):
+    """A 24 kB PNG that decodes to 14000x14000 pixels (196 M; Pillow refuses above 179 M) and one that
+    decodes to 16 M (over this service's 0.5 M): both refused before any pixel is decoded."""
+    for side, status, message in ((14000, 422, "upload: cannot read the image (Image size (196000000 pixels)"),
+                                  (4000, 413, "upload: 4000x4000 pixels is more than the 500,000")):
+        buffer = io.BytesIO()
+        Image.new("1", (side, side)).save(buffer, format="PNG")
+        got, body = post(server.url, Upload(buffer.getvalue()))
+        assert (got, json.loads(body)["error"][:len(message)]) == (status, message)
+    assert server.get("/healthz")["status"] == "ok"
+
+
+def test_multipart_upload(server):
+    rgb = _png(_image(40, 40, 5))
+    boundary = "transegboundary"
+    body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"photo.png\"\r\n"
+            f"Content-Type: image/png\r\n\r\n").encode() + rgb + f"\r\n--{boundary}--\r\n".encode()
+    status, answer = post(server.url, Upload(body, "format=json", f"multipart/form-data; boundary={boundary}"))
+    assert status == 200 and json.loads(answer)["width"] == 40
+    junk = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"notes.txt\"\r\n\r\n"
+            f"hello\r\n--{boundary}--\r\n").encode()
+    status, answer = post(server.url, Upload(junk, "format=json", f"multipart/form-data; boundary={boundary}"))
+    assert status == 415 and json.loads(answer)["error"].startswith("notes.txt: not an image")
+
+
+def test_load_with_bad_uploads_mixed_in(server, model_file):
+    """200 requests from 16 concurrent clients, one in four a bad upload: every good one is answered with
+    the library's label map (batched by the service: `batch` > 1 shows it happened), every bad one
+    refused, the process alive, and its memory flat (a leak of one 256x256 request's arrays and
+    probabilities, ~2 MB, over 200 requests would add ~400 MB; 100 MB allows allocator noise)."""
+    model = transeg.load(model_file)
+    images = [_image(256, 256, 10 + i) for i in range(3)]
+    expected = [model.predict(im).labels for im in images]
+    uploads = [Upload(_png(images[0])), Upload(b"not an image", ok=False),
+               Upload(_png(images[1]), "format=json&labels=true&confidence=true"), Upload(_png(images[2]))]
+    image_of = [0, None, 1, 2]
+    run_load(server.url, uploads, clients=16, total=40)  # warm-up: the allocator reaches its working size
+    before = _rss_mb(server.proc.pid)
+    results = run_load(server.url, uploads, clients=16, total=200)
+    after = _rss_mb(server.proc.pid)
+    s = summary(results)
+    assert (s["good"], s["answered"], s["rejected"]) == (150, 150, 50)
+    batches = []
+    for r in results:
+        if not r.upload.ok:
+            assert r.status == 415
+            continue
+        k = image_of[r.index % len(uploads)]
+        if "json" in r.upload.query:
+            got = json.loads(r.body)
+            labels = np.frombuffer(base64.b64decode(got["labels"]), np.uint8).reshape(256, 256)
+            batches.append(got["batch"])
+        else:
+            labels = np.asarray(Image.open(io.BytesIO(r.body)))
+        # batching runs the same convolutions on a stacked batch: allow a near-tie to flip (random weights)
+        assert (labels == expected[k]).mean() >= 0.999
+    assert server.proc.poll() is None
+    assert max(batches) > 1
+    assert after - before < 100, (before, after)
+
+
+def test_overload_answers_503_with_retry_after(model_file):
+    """One request admitted at a time and a 1 s collection window: while the first waits in its window,
+    a second is refused at once with 503 and Retry-After instead of queueing."""
+    s = Server(model_file, "--max-pending", "1", "--window-ms", "1000", "--max-batch", "2")
+    try:
+        from concurrent.futures import ThreadPoolExecutor
+
+        rgb = _png(_image(32, 32, 6))
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, s.url, Upload(rgb))
+            time.sleep(0.3)
+            request = urllib.request.Request(f"{s.url}/v1/segment", data=rgb, method="POST")
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=10)
+            assert first.result()[0] == 200
+        assert refused.value.code == 503 and refused.value.headers["Retry-After"] == "1"
+        assert "overloaded" in json.loads(refused.value.read())["error"]
+    finally:
+        s.stop()
