@@ -36,10 +36,32 @@ def _lut(mapping, default=255):
     return lut
 
 
+# Temporaries of the atomic writes: `.NAME.XXXXXXXX.tmp`, hidden and not *.png, so that no reader takes
+# one a killed run left behind for a label map; the next run removes them from every folder it writes
+# to. Earlier versions named them `tmpXXXXXXXX.png` (tempfile's default): removed the same way.
+_TEMPORARY = re.compile(r"^(\..+\.[a-z0-9_]{8}\.tmp|tmp[a-z0-9_]{8}\.png)$")
+_swept = set()  # folders whose stale temporaries this process has removed
+
+
+def _sweep(folder):
+    """Remove the temporaries a killed run left in `folder` (once per folder and process)."""
+    if folder in _swept:
+        return
+    _swept.add(folder)
+    with os.scandir(folder) as entries:
+        stale = [e.path for e in entries if _TEMPORARY.match(e.name) and e.is_file(follow_symlinks=False)]
+    for tmp in stale:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+
+
 def _save_png(array, path):
     """Write an index PNG atomically (temp file + rename)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    _sweep(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="L").save(tmp, format="PNG")
@@ -213,4 +235,5 @@ def prepare(name, raw, out, progress=True):
     if not raw.is_dir():
         raise TransegError(f"{raw}: no such folder")
     out.mkdir(parents=True, exist_ok=True)
+    _swept.clear()
     return PREPARE[name](raw, out, progress)

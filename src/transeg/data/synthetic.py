@@ -97,6 +97,13 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return (f"SyntheticDataset(split={self.split!r}, num_samples={self.num_samples}, "
                 f"size={self.size}, seed={self.seed})")
 
+    def check(self, progress=True, decode_images=True):
+        """Summary of the generated split (sizes, label values, class balance), as FolderDataset.check
+        gives for files; `decode_images` is accepted for the same call and has nothing to skip here."""
+        from . import summarize
+
+        return summarize(self, progress)
+
     def __getitem__(self, index):
         if index < 0:
             index += self.num_samples

@@ -1,6 +1,33 @@
 """Optimizer parameter groups and the learning-rate schedule of the papers' toolbox (mmcv 1.x)."""
+import math
+import numbers
 
 import torch
+
+from ..errors import TransegError
+
+CUSTOM_KEY_OPTIONS = ("lr_mult", "decay_mult")
+
+
+def custom_keys_problem(custom_keys):
+    """None when `custom_keys` has mmcv's shape {part of a parameter name: {lr_mult: x, decay_mult: y}}
+    with finite multipliers >= 0; otherwise what is wrong with it, in one sentence."""
+    shape = "{part of a parameter name: {lr_mult: N, decay_mult: N}}"
+    if not isinstance(custom_keys, dict):
+        return f"must be a mapping {shape}"
+    for key, opts in custom_keys.items():
+        if not isinstance(key, str) or not key:
+            return f"key {key!r} must be a non-empty part of a parameter name, in {shape}"
+        if not isinstance(opts, dict):
+            shown = "null" if opts is None else repr(opts)
+            return f"{key!r} maps to {shown}; it must map to {{lr_mult: N, decay_mult: N}}"
+        unknown = sorted(str(o) for o in opts if o not in CUSTOM_KEY_OPTIONS)
+        if unknown:
+            return f"{key!r} has unknown option(s) {unknown}; known: {', '.join(CUSTOM_KEY_OPTIONS)}"
+        for name, value in opts.items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+                return f"{key}.{name} must be a number >= 0, got {value!r}"
+    return None
 
 
 def param_groups(model, lr, weight_decay, custom_keys=None):
@@ -12,6 +39,9 @@ def param_groups(model, lr, weight_decay, custom_keys=None):
     (BN included) lr x10 with weight decay, backbone norms no decay, everything else the defaults.
     """
     custom_keys = custom_keys or {}
+    problem = custom_keys_problem(custom_keys)
+    if problem:
+        raise TransegError(f"custom_keys: {problem}")
     order = sorted(sorted(custom_keys), key=len, reverse=True)
     groups = {}
     for name, p in model.named_parameters():
@@ -38,7 +68,7 @@ def build_optimizer(model, name="adamw", lr=6e-5, weight_decay=0.01, betas=(0.9,
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), weight_decay=weight_decay, **fused)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, **fused)
-    raise ValueError(f"unknown optimizer {name!r} (adamw, sgd)")
+    raise TransegError(f"optimizer={name}: must be one of adamw, sgd")
 
 
 def poly_warmup_factor(it, max_iters, power=1.0, min_lr_ratio=0.0, warmup_iters=0, warmup_ratio=1e-6):
