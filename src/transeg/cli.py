@@ -40,6 +40,30 @@ def _floats(text):
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers like 0.75,1,1.25, got {text!r}") from None
 
 
+def _positive(text):
+    """A finite number > 0 (nan and inf are refused: `nan <= 0` is False)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _fraction(text):
+    """A number in [0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 1:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
 def _add_protocol_args(p):
     g = p.add_argument_group("test protocol (default: the one stored in the checkpoint)")
     g.add_argument("--mode", choices=["whole", "slide"], help="whole image, or sliding windows (needs --crop/--stride)")
@@ -145,6 +169,10 @@ def cmd_eval(args):
     from .engine.evaluate import evaluation_dataset
     from .engine.metrics import format_table
 
+    from .data.folder import output_folder
+    from .viz import save_image
+
+    out = output_folder(args.out) if args.out else None  # before the evaluation, not after it
     model = _load(args)
     dataset = evaluation_dataset(model, args.data, args.split, source=args.checkpoint)
     result = evaluate(model, dataset, _protocol(args, model), max_samples=args.limit)
@@ -153,37 +181,41 @@ def cmd_eval(args):
     print(f"{args.checkpoint} on {spec or 'synthetic'} ({args.split}, {count} images)")
     print(f"protocol: {result['protocol']}")
     print(format_table(result, list(dataset.classes)))
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        iou_chart(result, list(dataset.classes), model.meta.get("palette") or dataset.palette,
-                  title=f"{model.meta['variant']} — {result['protocol']}").save(out / "iou.png")
+    if out:
+        save_image(iou_chart(result, list(dataset.classes), model.meta.get("palette") or dataset.palette,
+                             title=f"{model.meta['variant']} — {result['protocol']}"), out / "iou.png")
         print(f"per-class chart: {out / 'iou.png'}")
 
 
 def cmd_predict(args):
     from tqdm import tqdm
 
-    from .data.folder import image_files
+    from .data.folder import image_files, output_folder
     from .inference import segment
+    from .viz import save_image
 
+    skipped = []
+    files = image_files(args.inputs, skipped)  # listed once, before anything is written
+    for path, what in skipped:
+        print(f"transeg: skipped {path}: {what}, not an image file", file=sys.stderr)
+    # refused when it holds an input (nothing of the user's is replaced); checked before the model loads,
+    # created after it did, so a bad checkpoint leaves no empty folder behind
+    output_folder(args.out, inputs=files, create=False)
     model = _load(args)
+    out = output_folder(args.out, inputs=files)
     isr = _isr_line(model)
     if isr:
         print(isr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    files = image_files(args.inputs)
     used = set()
-    for seg in tqdm(segment(model, files, _protocol(args, model)), total=len(files), desc="predict",
-                    disable=len(files) < 2):
+    for seg in tqdm(segment(model, files, _protocol(args, model), max_pixels=int(args.max_megapixels * 1e6)),
+                    total=len(files), desc="predict", disable=len(files) < 2):
         stem = Path(seg.source).stem  # outputs are named from the stem only, so they always land inside --out
         while stem in used:
             stem += "_"
         used.add(stem)
         mask, overlay = out / f"{stem}_mask.png", out / f"{stem}_overlay.jpg"
-        seg.mask().save(mask)
-        seg.overlay(alpha=args.alpha).save(overlay, quality=92)
+        save_image(seg.mask(), mask)  # atomic: a full disk leaves no half-written file
+        save_image(seg.overlay(alpha=args.alpha), overlay, quality=92)
         top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in list(seg.shares().items())[:3])
         tqdm.write(f"{Path(seg.source).name}{f' ({seg.note})' if seg.note else ''}: {top} -> {mask}, {overlay}")
 
@@ -191,12 +223,14 @@ def cmd_predict(args):
 def cmd_convert(args):
     from . import save
     from .convert import convert
+    from .data.folder import output_file
     from .errors import TransegError
     from .flops import count_params
 
-    model = convert(args.src, args.from_format, model=args.model, num_classes=args.num_classes)
+    output_file(args.dst, example="model.safetensors")  # before converting
     if args.dst.suffix != ".safetensors":
         raise TransegError(f"{args.dst}: the output must be a .safetensors file")
+    model = convert(args.src, args.from_format, model=args.model, num_classes=args.num_classes)
     save(model, args.dst)
     print(f"{args.src} -> {args.dst}: {model.meta['variant']}, {model.num_classes} classes, "
           f"{count_params(model):,} params" + (", class names from the source" if model.meta.get("classes") else ""))
@@ -215,6 +249,11 @@ def cmd_bench(args):
 
     if args.compare and args.isr_sweep:
         raise TransegError("--compare and --isr-sweep are separate measurements; run them one at a time")
+    if args.isr_sweep:  # the chart's place is checked before the sweep, not after it
+        from .data.folder import output_file
+        from .viz import image_format
+
+        image_format(output_file(args.plot, example="isr_sweep.png"))
     is_checkpoint = Path(args.model).suffix == ".safetensors"
     model = load(args.model) if is_checkpoint else create_model(args.model, num_classes=args.num_classes)
     name = model.meta["variant"]
@@ -254,10 +293,11 @@ def cmd_bench(args):
     if args.isr_sweep:
         from .charts import tradeoff_chart
 
+        from .viz import save_image
+
         plot = Path(args.plot)
-        plot.parent.mkdir(parents=True, exist_ok=True)
         title = f"{name}: ISR encoder / decoder ratios, {h}x{w} {args.dtype}" + (f", mIoU on {args.data}" if dataset else "")
-        tradeoff_chart(rows, title=title).save(plot)
+        save_image(tradeoff_chart(rows, title=title), plot)
         print(f"trade-off chart: {plot}")
 
 
@@ -278,9 +318,11 @@ def _print_sweep_row(row, base, batch):
 
 
 def cmd_export(args):
+    from .data.folder import output_file
     from .errors import TransegError
     from .export import export_onnx, slow_to_trace
 
+    output_file(args.out, example="model.onnx")  # said before the trace (export_onnx checks it too)
     if args.out.suffix != ".onnx":
         raise TransegError(f"{args.out}: the output must be an .onnx file")
     model = _load(args, device="cpu")
@@ -305,8 +347,10 @@ def cmd_serve(args):
 
 
 def cmd_data_prepare(args):
+    from .data.folder import output_folder
     from .data.prepare import prepare
 
+    output_folder(args.out, create=False)  # a read-only or unwritable place: one line before any work
     report = prepare(args.name, args.raw, args.out, progress=True)
     print(f"{args.name}: {report['masks']} label maps written under {args.out}; "
           f"train with --data {args.out} (the layout is recognised)")
@@ -384,8 +428,9 @@ def build_parser():
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
     p.add_argument("--auto-resume", action="store_true",
                    help="continue the run in --out if there is one, else start it (for torchrun --max-restarts)")
-    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set lr=1e-4 crop_size=[256,256] warmup_iters=0")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set lr=1e-4 crop_size=[256,256] warmup_iters=0 (may be "
+                        "repeated: all apply; a key given twice takes the last value, with a note)")
 
     p = verb("eval", cmd_eval, "measure mIoU / mAcc / aAcc of a checkpoint on a dataset")
     p.add_argument("checkpoint", type=Path, help="a transeg .safetensors")
@@ -400,8 +445,11 @@ def build_parser():
     p = verb("predict", cmd_predict, "segment images: writes index-PNG masks and colour overlays")
     p.add_argument("checkpoint", type=Path, help="a transeg .safetensors")
     p.add_argument("inputs", nargs="+", help="image files or folders of images")
-    p.add_argument("--out", required=True, help="output folder (nothing is written outside it)")
-    p.add_argument("--alpha", type=float, default=0.5, help="overlay opacity (default 0.5)")
+    p.add_argument("--out", required=True, help="output folder (nothing is written outside it; a folder holding "
+                   "one of the inputs is refused, so that no file of yours is replaced)")
+    p.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity, 0..1 (default 0.5)")
+    p.add_argument("--max-megapixels", type=_positive, default=100.0,
+                   help="larger images are refused from their header, before decoding (default 100)")
     _add_protocol_args(p)
     _add_speed_args(p)
     _add_isr_args(p)

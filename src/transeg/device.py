@@ -9,13 +9,22 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name):
-    """"auto" -> cuda when available, else cpu; anything else as torch.device (a bad name: one line)."""
+    """"auto" -> cuda when available, else cpu; anything else as torch.device. A bad name, or a CUDA
+    device this machine does not have, is one line (not torch's assertion from deep inside .to())."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except (RuntimeError, TypeError):
         raise TransegError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this PyTorch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise TransegError(f"device {name!r}: CUDA is not available on this machine ({why}); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise TransegError(f"device {name!r}: this machine has {count} CUDA device(s), cuda:0 .. cuda:{count - 1}")
+    return device
 
 
 def parse_dtype(dtype):

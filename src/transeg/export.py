@@ -12,12 +12,11 @@ import io
 import json
 import logging
 import os
-import tempfile
 import warnings
-from pathlib import Path
 
 import torch
 
+from .checkpoint import atomic_write
 from .errors import TransegError
 from .isr import describe
 
@@ -45,8 +44,10 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
     onnxruntime and PyTorch on inputs of two other shapes and compare. Returns a report dict.
     static=True fixes the graph to one image of `sample_size` (and checks it there); it traces in
     seconds where a dynamic Swin (SeMask) trace takes a minute or two of symbolic shape reasoning."""
+    from .data.folder import output_file, plain_permissions
+
     _require("onnx", "onnxscript")
-    path = Path(path)
+    path = output_file(path, example="model.onnx")  # a folder, or a folder that cannot be written: said now
     model = model.eval().float()
     stride = getattr(model.decode_head, "stride", None)
     meta = {"variant": model.meta.get("variant"), "num_classes": model.num_classes, "classes": model.classes,
@@ -60,9 +61,6 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
     quiet = logging.getLogger("torch.onnx")
     level = quiet.level
     quiet.setLevel(logging.ERROR)  # the exporter warns about torchvision ops it cannot register
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
     try:
         # the exporter prints its progress and deprecation notices; the report says what matters
         with torch.no_grad(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
@@ -71,27 +69,33 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
                                         input_names=["image"], output_names=["logits"], opset_version=opset,
                                         dynamo=True, verbose=False, optimize=True)
         proto = program.model_proto
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = "transeg", json.dumps(meta)
-        import onnx
-
-        onnx.save(proto, tmp)
-        report = {"path": str(path), "opset": proto.opset_import[0].version, "isr": describe(model.isr),
-                  "bytes": os.path.getsize(tmp)}
-        if check:
-            report["max_abs_diff"] = _check(model, tmp, sample_size, atol, path, static)
-        os.replace(tmp, path)  # only a checked file replaces the destination
     except TransegError:
         raise
     except Exception as e:  # the exporter's errors are pages long; keep the first line and say what usually helps
         first = str(e).strip().splitlines()[0].replace("\x1b[96m", "").replace("\x1b[0m", "")[:200]
         hint = ("; a larger --size often helps (feature or key/value maps of size 1 cannot stay dynamic)"
-                if "step 1/3" in first else "; this model does not export to ONNX with dynamic sizes yet")
+                if "step 1/3" in first else
+                "; this model does not export to ONNX yet" if static else
+                "; this model does not export to ONNX with dynamic sizes yet (--static may)")
         raise TransegError(f"{path}: ONNX export failed at trace size {sample_size[0]}x{sample_size[1]} ({first}){hint}") from None
     finally:
         quiet.setLevel(level)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "transeg", json.dumps(meta)
+    report = {"path": str(path), "opset": proto.opset_import[0].version, "isr": describe(model.isr)}
+
+    def write_and_check(tmp):
+        import onnx
+
+        onnx.save(proto, tmp)
+        plain_permissions(tmp)
+        report["bytes"] = os.path.getsize(tmp)
+        if check:
+            report["max_abs_diff"] = _check(model, tmp, sample_size, atol, path, static)
+
+    # tracing succeeded: what fails from here is the disk (one line naming the file, nothing left behind)
+    # or the check; only a complete, checked file replaces the destination
+    atomic_write(path, write_and_check)
     return report
 
 

@@ -22,6 +22,11 @@ import torch.nn.functional as F
 from .errors import TransegError
 from .protocol import Protocol
 
+# The largest image `segment` decodes from a file unless told otherwise (max_pixels): 100 megapixels,
+# 0.3 GB as RGB and about 1.2 GB per float copy of it in the model; larger files are refused from
+# their header (a 20 kB PNG can declare 13000x13000, which made predict peak at 18.7 GB).
+MAX_PIXELS = 100_000_000
+
 
 def _resize(x, size):
     if tuple(x.shape[-2:]) == tuple(size):
@@ -143,6 +148,13 @@ def predict(model, x, protocol=None, out_size=None, batch_size=8, canvas_device=
     return total / (len(protocol.scales) * (2 if protocol.flip else 1))
 
 
+def is_default_isr(model):
+    """True unless an ISR setting is applied (models without pooled attention: always True)."""
+    from .isr import is_default
+
+    return is_default(getattr(model, "isr", None) or {})
+
+
 def model_device(model):
     return next(model.parameters()).device
 
@@ -212,14 +224,15 @@ class Segmentation:
         return overlay(self.image, self.labels, self.palette, alpha=alpha)
 
 
-def read_input(item):
-    """(RGB uint8 [H,W,3], source name or None, note) from a path, a PIL image or an HxWx3 uint8 array."""
+def read_input(item, max_pixels=MAX_PIXELS):
+    """(RGB uint8 [H,W,3], source name or None, note) from a path, a PIL image or an HxWx3 uint8 array.
+    A file larger than `max_pixels` (None: no bound) is refused from its header, before decoding."""
     from PIL import Image
 
     from .data.folder import image_to_rgb, read_image
 
     if isinstance(item, (str, Path)):
-        rgb, note = read_image(item)
+        rgb, note = read_image(item, max_pixels=max_pixels)
         return rgb, str(item), note
     if isinstance(item, Image.Image):
         rgb, note = image_to_rgb(item)
@@ -232,10 +245,34 @@ def read_input(item):
                        "uint8 array (normalised tensors go to Segmentor.predict / inference.predict)")
 
 
-def segment(model, inputs, protocol=None, probabilities=False, batch_size=1):
+def check_size(size, protocol, name="image"):
+    """Refuse an image of `size` (h, w) that the protocol's resize would shrink to nothing: a keep-ratio
+    resize to (2048, 512) leaves a 10x10000 image 0 pixels high, and so does a scale of 0.01. One line
+    naming the image (`name`), its size and what the protocol makes of it."""
+    from .data.transforms import TestTransform
+
+    h, w = size
+    resized = TestTransform(scale=protocol.scale, size_divisor=None).output_size(size)
+    steps = [(resized, f"its test protocol ({protocol.describe()})", "crop or pad it to a less elongated shape")]
+    steps += [((int(resized[0] * s + 0.5), int(resized[1] * s + 0.5)), f"scale {s:g} of its test protocol",
+               "use larger scales") for s in protocol.scales]
+    for (rh, rw), what, fix in steps:
+        if min(rh, rw) < 1:
+            shape = "too small" if min(h, w) * 4 > max(h, w) else "too thin"
+            raise TransegError(f"{name}: {w}x{h} (WxH) is {shape} for this model: {what} makes it {rw}x{rh}; {fix}")
+
+
+# what torch says when an input is smaller than a layer's window (a key/value reduction conv, a pool)
+_TOO_SMALL = ("Kernel size can't be greater than actual input size", "Output size is too small",
+              "Input and output sizes should be greater than 0", "Expected more than 1 value per channel")
+
+
+def segment(model, inputs, protocol=None, probabilities=False, batch_size=1, max_pixels=MAX_PIXELS):
     """Yield one `Segmentation` per input (paths, PIL images or HxWx3 uint8 arrays), in order, under
     `protocol` (default: the model's own). Consecutive images of the same size run `batch_size` at
-    a time on the model's device; inputs are read as they are needed."""
+    a time on the model's device; inputs are read as they are needed. Files larger than `max_pixels`
+    (None: no bound) are refused before decoding; an image too small or thin for the model after the
+    protocol's resize is refused with its size."""
     protocol = protocol or model.protocol
     classes, palette = list(model.classes), list(model.palette)
     labels_dtype = np.uint8 if model.num_classes <= 256 else np.int32
@@ -243,8 +280,19 @@ def segment(model, inputs, protocol=None, probabilities=False, batch_size=1):
 
     def flush():
         batch = torch.from_numpy(np.stack([rgb.transpose(2, 0, 1) for rgb, _, _ in pending]))
-        with torch.no_grad():
-            s = scores(model, batch, protocol, probabilities=probabilities)
+        try:
+            with torch.no_grad():
+                s = scores(model, batch, protocol, probabilities=probabilities)
+        except (RuntimeError, ValueError) as e:
+            if not any(text in str(e) for text in _TOO_SMALL):
+                raise
+            h, w = batch.shape[-2:]
+            runs = " and ".join(sorted({f"{sw}x{sh}" for sh, sw in forward_sizes((h, w), protocol)}))
+            isr = not is_default_isr(model)
+            raise TransegError(f"{pending[0][1] or 'image'}: {w}x{h} (WxH) is too small for this model"
+                               f"{' with its ISR setting' if isr else ''}: it runs at {runs} under its test protocol "
+                               f"({protocol.describe()}), smaller than a layer's window; use a larger image or scale"
+                               f"{', or less ISR' if isr else ''}") from None
         labels = s.argmax(1).cpu().numpy().astype(labels_dtype)
         probs = s.float().cpu().numpy() if probabilities else [None] * len(pending)
         out = [Segmentation(labels[i], rgb, classes, palette, probs[i], source, note)
@@ -253,7 +301,8 @@ def segment(model, inputs, protocol=None, probabilities=False, batch_size=1):
         return out
 
     for item in inputs:
-        rgb, source, note = read_input(item)
+        rgb, source, note = read_input(item, max_pixels)
+        check_size(rgb.shape[:2], protocol, source or "image")
         if pending and pending[0][0].shape != rgb.shape:
             yield from flush()
         pending.append((rgb, source, note))

@@ -8,6 +8,7 @@ form (a dict of JSON values, as checkpoints have always held it). Converters bui
 protocol, training builds the recipe's, and evaluation, prediction and the service run it.
 """
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -59,8 +60,9 @@ class Protocol:
             value = getattr(self, key)
             if value is not None:
                 value = tuple(float(s) for s in value)
-                if not value or min(value) <= 0:
-                    raise TransegError(f"test protocol: {key} must be positive ratios, got {list(value)}")
+                if not value or not all(math.isfinite(s) and s > 0 for s in value):  # nan > 0 is False too
+                    raise TransegError(f"test protocol: {key} must be positive ratios (finite, > 0), e.g. 0.75,1,1.25; "
+                                       f"got {','.join(f'{s:g}' for s in value)}")
                 set_(key, value)
         for key in ("size_divisor", "min_short_side"):
             value = getattr(self, key)

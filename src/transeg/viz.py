@@ -1,7 +1,7 @@
 """Label maps drawn as pictures: class colours, overlays, titled panels and legends.
 
 Pillow only (no matplotlib). Every function returns an RGB ``PIL.Image``; save it with
-``img.save("x.png")``.
+``img.save("x.png")``, or with :func:`save_image`, which writes atomically (what the CLI does).
 
 * :func:`colorize` / :func:`overlay` — a label map in class colours, alone or blended over the image.
 * :func:`side_by_side` — titled panels on white, e.g. image | prediction | ground truth.
@@ -26,11 +26,41 @@ from PIL import Image, ImageDraw, ImageFont
 from transeg.data.palettes import default_palette
 from transeg.errors import TransegError
 
-__all__ = ["colorize", "overlay", "side_by_side", "legend"]
+__all__ = ["colorize", "overlay", "side_by_side", "legend", "save_image"]
 
 WHITE = (255, 255, 255)
 TEXT = (34, 34, 34)
 MUTED = (120, 120, 120)
+
+
+# ------------------------------------------------------------------------------------ saving
+def image_format(path) -> str:
+    """Pillow's format name for ``path``'s extension ("PNG" for x.png), or one line saying which to use."""
+    from pathlib import Path
+
+    suffix = Path(path).suffix.lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise TransegError(f"{path}: cannot write images of type {suffix or '(no extension)'!r}; use .png or .jpg")
+    return fmt
+
+
+def save_image(image: Image.Image, path, **params):
+    """Write ``image`` to ``path`` atomically (a temporary in the same folder, then a rename, with
+    :func:`transeg.checkpoint.atomic_write`): a full disk or a read-only folder is one TransegError line
+    naming the file, and neither a half-written image nor a temporary is left; an existing file is
+    replaced only by a complete one. ``params`` go to ``Image.save`` (e.g. quality=92). Returns the path."""
+    from transeg.checkpoint import atomic_write
+    from transeg.data.folder import plain_permissions
+
+    fmt = image_format(path)
+
+    def write(tmp):
+        image.save(tmp, format=fmt, **params)
+        plain_permissions(tmp)
+
+    atomic_write(path, write)
+    return path
 
 
 # ------------------------------------------------------------------------------------ helpers

@@ -19,7 +19,11 @@ becomes v - 1, so the masks hold 0 = unlabelled and 1..K for the K classes liste
 
 Anything wrong with the files raises `TransegError` with one line naming the file.
 """
+import os
 import re
+import stat
+import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -56,13 +60,19 @@ def read_classes(path):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        m = re.fullmatch(r"(.*?)[\s,]+(-?\d+)[\s,]+(-?\d+)[\s,]+(-?\d+)", line)
-        if m and m.group(1).strip():
+        # the numbers after the name: three are its colour, one belongs to the name ("lane 2"); two or
+        # four and more are a colour written wrongly, which would otherwise become part of the name
+        m = re.fullmatch(r"(.*?)((?:[\s,]+-?\d+)+)", line)
+        numbers = re.findall(r"-?\d+", m.group(2)) if m and m.group(1).strip() else []
+        if len(numbers) == 3:
             name = m.group(1).strip()
-            rgb = tuple(int(v) for v in m.groups()[1:])
+            rgb = tuple(int(v) for v in numbers)
             if not all(0 <= v <= 255 for v in rgb):
                 raise TransegError(f"{path}:{lineno}: colour {' '.join(map(str, rgb))} of {name!r} "
                                    f"is not an RGB triple in 0..255")
+        elif len(numbers) > 1:
+            raise TransegError(f"{path}:{lineno}: {line!r} has {len(numbers)} numbers after the name; expected "
+                               f"`name` or `name R G B` (a colour is three numbers 0..255)")
         else:
             name, rgb = line, None
         if name in names:
@@ -79,17 +89,57 @@ def read_classes(path):
     return names, palette
 
 
-def image_files(paths):
-    """The image files among `paths` (files, or folders whose images are taken in name order; other
-    files in a folder are skipped). Raises TransegError for a missing path or when none is found."""
+def _kind(mode):
+    """What a non-regular file is, for messages: "a FIFO (named pipe)", "a character device", ..."""
+    for test, what in ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return what
+    return "not a regular file"
+
+
+def regular_file(path, name=None):
+    """`path` if it is a regular file (or a link to one); else TransegError naming it (`name`) and what
+    it is. Reading a FIFO would wait for a writer forever and a device never ends, so only regular
+    files are read as inputs."""
+    name = name or path
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        what = "a link to a missing file" if os.path.islink(path) else "no such file"
+        raise TransegError(f"{name}: cannot read the image ({what})") from None
+    except OSError as e:
+        raise TransegError(f"{name}: cannot read the image ({_strerror(e)})") from None
+    if not stat.S_ISREG(mode):
+        raise TransegError(f"{name}: is {_kind(mode)}, not an image file")
+    return path
+
+
+def image_files(paths, skipped=None):
+    """The image files among `paths`: files, or folders whose images are taken in name order (other
+    files in a folder are left out, and so are entries with an image's name that are not regular files,
+    e.g. a FIFO `b.png`: each of those is appended to `skipped`, a list, as (path, what it is)).
+    Raises TransegError for a missing path, a named path that is not a regular file or folder, and when
+    no image is found."""
     files = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTENSIONS)
-        elif p.is_file():
-            files.append(p)
-        else:
+            for f in sorted(p.iterdir()):
+                if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                    continue
+                try:
+                    mode = f.stat().st_mode
+                except OSError:
+                    mode = None
+                if mode is not None and stat.S_ISREG(mode):
+                    files.append(f)
+                elif skipped is not None and (mode is None or not stat.S_ISDIR(mode)):
+                    skipped.append((f, "a broken link" if mode is None else _kind(mode)))
+        elif not p.exists() and not p.is_symlink():
             raise TransegError(f"{p}: no such file or directory")
+        else:
+            files.append(regular_file(p))
     if not files:
         raise TransegError(f"no images found in {', '.join(map(str, paths))}")
     return files
@@ -99,20 +149,104 @@ def read_image(path, name=None, max_pixels=None):
     """(uint8 RGB `[H,W,3]` numpy, note) from an image file (a path or a binary file object): EXIF
     orientation applied, grey / alpha / palette / 16-bit images converted to 8-bit RGB, and the note
     says which ("alpha channel dropped", "EXIF orientation applied"; "" for a plain RGB image).
-    max_pixels: refuse larger images from their header, before decoding. Raises TransegError naming
-    the file (`name`, default: the path)."""
+    Only a regular file is read from a path (see `regular_file`).
+
+    max_pixels: refuse larger images from their header, before decoding (a 20 kB 1-bit PNG can hold
+    13000x13000 pixels, 0.5 GB as RGB and many GB in a model). With it, this bound replaces Pillow's
+    own decompression-bomb warning, and Pillow's refusal (above 2 x Image.MAX_IMAGE_PIXELS) is raised
+    to it when it is larger (process-wide, never lowered). Raises TransegError naming the file (`name`,
+    default: the path)."""
     name = name or path
+    if isinstance(path, (str, os.PathLike)):
+        regular_file(path, name)
+    if max_pixels and Image.MAX_IMAGE_PIXELS and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = int(max_pixels)
     try:
-        with Image.open(path) as img:
-            if max_pixels and img.size[0] * img.size[1] > max_pixels:
-                raise TransegError(f"{name}: {img.size[0]}x{img.size[1]} pixels is more than the "
-                                   f"{max_pixels:,} allowed")
+        with warnings.catch_warnings():
+            if max_pixels:  # the bound below is checked instead
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            w, h = img.size
+            if max_pixels and w * h > max_pixels:
+                raise TransegError(f"{name}: {w}x{h} pixels ({w * h / 1e6:.3g} megapixels) is more than the "
+                                   f"{max_pixels / 1e6:.3g} megapixels allowed, refused before decoding; raise the "
+                                   f"limit (--max-megapixels, max_pixels=) if you mean it")
             img.load()
             return image_to_rgb(img)
     except TransegError:
         raise
     except _READ_ERRORS as e:
         raise TransegError(f"{name}: cannot read the image ({_reason(e)})") from None
+
+
+# -- where outputs go ------------------------------------------------------------------------------
+
+def _strerror(e):
+    """"read-only file system" from an OSError (its strerror, first letter lower case)."""
+    text = e.strerror or str(e) or type(e).__name__
+    return text[:1].lower() + text[1:]
+
+
+def _probe(folder):
+    """Create and remove a hidden file in `folder`: the one test of writability that also holds for
+    root (who passes every permission check) and for read-only mounts."""
+    fd, tmp = tempfile.mkstemp(prefix=".transeg-write-test-", dir=folder)
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def output_folder(path, inputs=(), create=True):
+    """The folder `path` where outputs will be written, checked before any work is done: not a file,
+    creatable and writable (create=False: checked on the nearest existing folder above it, nothing
+    created), and holding none of `inputs`: outputs written beside the inputs could replace the user's
+    own files of the same names (a_mask.png) and would be read back as inputs by the next run, so such
+    a folder is refused rather than written into. Returns it as a Path; raises TransegError (one line)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise TransegError(f"{path}: is a file, not a folder; outputs go to a folder (created if missing)")
+    where = path.resolve()
+    for f in inputs:
+        if Path(f).parent.resolve() == where:
+            raise TransegError(f"{path}: holds the input {Path(f).name}; outputs written there could replace "
+                               f"your own files and be read back as inputs: write them to a folder of their own, "
+                               f"e.g. {path / 'predictions'}")
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+            _probe(path)
+        else:
+            _probe(next(p for p in (path, *path.parents) if p.exists()))
+    except OSError as e:
+        raise TransegError(f"{path}: cannot write here ({_strerror(e)})") from None
+    return path
+
+
+def _umask():
+    """The process's umask, read without changing it (os.umask sets it while reading it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def plain_permissions(path):
+    """Give a file made by tempfile.mkstemp (mode 0600) the permissions a plain open() would have given
+    it (0666 less the umask), so that an output written atomically is not private by accident."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def output_file(path, example=None):
+    """`path` checked as a file to write before any work is done: not a folder, its folder writable
+    (created if missing). `example` names a file for the message when `path` is a folder. Returns a Path."""
+    path = Path(path)
+    if path.is_dir():
+        raise TransegError(f"{path}: is a folder; give the file to write, e.g. {path / (example or 'output')}")
+    output_folder(path.parent)
+    return path
 
 
 def load_image(path):

@@ -16,7 +16,7 @@ def evaluation_dataset(model, spec, split="val", source=None):
     dataset = build_dataset(spec, split)
     if len(dataset.classes) != model.num_classes:
         raise TransegError(f"{source or model.meta.get('variant', 'the model')}: a {model.num_classes}-class model "
-                           f"cannot be evaluated on {spec} with {len(dataset.classes)} classes")
+                           f"cannot be evaluated on {spec or 'synthetic'} with {len(dataset.classes)} classes")
     return dataset
 
 

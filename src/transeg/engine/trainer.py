@@ -7,10 +7,16 @@ randomness (dropout, drop path) comes from torch's global generator, saved with 
 """
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import math
 import os
+import shlex
+import signal
+import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +27,7 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write, load, save
+from ..checkpoint import atomic_write, first_nonfinite, load, save
 from ..device import native_bf16, resolve_device
 from ..errors import TransegError
 from ..flops import count_params
@@ -136,15 +142,202 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
     """Train per `cfg`; returns the last evaluation result. `stop_at`: stop (with a checkpoint) after
     that many iterations, as if interrupted — the run can then be resumed. resume="auto" continues
     the run in cfg.out when there is one and starts it otherwise (for torchrun --max-restarts).
+    The run folder is locked while this runs (`RunLock`): a second run into it is refused.
+    Ctrl-C saves a checkpoint where the run is and logs the command that continues it.
     Under torchrun, a process group this call creates is also destroyed by it: left to interpreter
     exit, its teardown sometimes aborts (SIGABRT, "terminate called without an active exception")
     and fails a finished run."""
     created = _init_distributed()
     try:
-        return _train(cfg, resume, stop_at, progress, log)
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        # rank 0 writes the run folder, so rank 0 locks it: on one node or several (a folder on a shared
+        # filesystem, or rank 0's own), and a torchrun restart takes it again once the killed group is gone
+        with RunLock(cfg.out) if rank == 0 else contextlib.nullcontext():
+            return _train(cfg, resume, stop_at, progress, log)
     finally:
         if created:
             dist.destroy_process_group()
+
+
+LOCK_FILE = ".lock"
+
+
+def _reason(e):
+    """"read-only file system": an OSError's strerror, lower case first, as the other verbs say it."""
+    text = e.strerror or str(e) or type(e).__name__
+    return text[:1].lower() + text[1:]
+_LOCKED_HERE = set()  # run folders this process trains in (POSIX locks never conflict within one process)
+
+
+class RunLock:
+    """Holds an exclusive lock on DIR/.lock while a run trains in DIR; a second process is refused
+    with one line naming the folder and the process that holds it.
+
+    A POSIX record lock (fcntl.lockf), not flock: the kernel drops it when the process dies (SIGKILL
+    included), so nothing is ever left stuck, and unlike flock it is not inherited by fork(): the
+    DataLoader's worker processes, which outlive a killed trainer by up to 5 s, do not hold it, so a
+    torchrun restart can take it at once. (A POSIX lock is released when the process closes any
+    descriptor of the file, so the file is opened once and never read by the holder.) The file
+    stays (removing a lock file races with a process about to lock it), except in a folder the run
+    created and left empty, which goes too."""
+
+    def __init__(self, out):
+        self.out = Path(out)
+        self.fd = None
+
+    def __enter__(self):
+        out = self.out
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise TransegError(f"{out}: is a file, not a folder; choose another --out") from None
+        except OSError as e:
+            raise TransegError(f"{out}: cannot write here ({_reason(e)}); choose another --out") from None
+        self.key = os.path.realpath(out)
+        if self.key in _LOCKED_HERE:
+            raise TransegError(f"{out}: a training run is already using this folder (this process, pid {os.getpid()}); "
+                               f"wait for it to end or choose another --out")
+        try:
+            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise TransegError(f"{out}: cannot write here ({_reason(e)}); choose another --out") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise TransegError(f"{out}: a training run is already using this folder ({holder}); wait for it to "
+                                   f"end or stop it, or choose another --out") from None
+            # a filesystem without locks (ENOLCK, EOPNOTSUPP): train unlocked rather than not at all
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        except OSError:
+            pass  # a full disk: the lock holds all the same, the message names no pid
+        self.fd, self.created = fd, created
+        _LOCKED_HERE.add(self.key)
+        return self
+
+    def __exit__(self, *exc):
+        _LOCKED_HERE.discard(self.key)
+        with contextlib.suppress(OSError):
+            if self.created and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+                # a run that stopped before writing anything leaves no folder behind (unlinked while locked)
+                (self.out / LOCK_FILE).unlink()
+                self.out.rmdir()
+        os.close(self.fd)  # releases the lock
+        return False
+
+
+class _Interrupts:
+    """Ctrl-C (SIGINT) during training. Inside an optimizer step (forward, backward, update and its log
+    record) it is deferred to the step's end, so a checkpoint never holds a half-updated model, half
+    updated BatchNorm statistics or a random state from the middle of an iteration; anywhere else (data
+    loading, evaluation, checkpointing) it stops at once, the state being that of the last finished
+    step. A second Ctrl-C, a second or more after the first, stops at once even inside a step. Only
+    installed in the main thread of a single process: under torchrun the ranks receive the signal at
+    different points of an iteration and could only stop consistently by agreeing over a collective
+    each iteration; there Ctrl-C stops at once and the last periodic checkpoint is what --resume uses."""
+
+    def __init__(self, enabled):
+        self.enabled = enabled
+        self.in_step, self.pending, self.previous = False, None, None
+
+    def __enter__(self):
+        if (self.enabled and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+        return False
+
+    def _handle(self, signum, frame):
+        now = time.monotonic()
+        if self.in_step and (self.pending is None or now - self.pending < 1.0):
+            if self.pending is None:
+                self.pending = now
+                print("\ntranseg: stopping after this iteration, then saving (Ctrl-C again to stop at once)",
+                      file=sys.stderr, flush=True)
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def step(self):
+        self.in_step = True
+        yield
+        self.in_step = False
+        if self.pending is not None:
+            raise KeyboardInterrupt
+
+
+def _ignore_sigint(worker_id):
+    """DataLoader workers leave Ctrl-C to the trainer: by default a worker exits on it, and the step the
+    trainer is finishing before it saves would then fail for want of its next batch."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _resume_command(out):
+    return f"transeg train {shlex.quote(str(out / 'config.yaml'))} --resume"
+
+
+def _read_state(state_path, device):
+    """The training state in `state_path`, or one line saying it is damaged and what to do instead."""
+    out = state_path.parent
+    try:
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a training state")
+        missing = [k for k in ("iter", "best_miou", "config", "model", "optimizer", "scheduler", "scaler", "rng")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        if not isinstance(state["iter"], int) or not isinstance(state["config"], dict):
+            raise ValueError("bad iteration or config entry")
+    except Exception as e:  # torch.load says a damaged zip, a truncated pickle ... in several exception types
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise TransegError(_damaged_state(state_path, out, reason)) from None
+    return state
+
+
+def _damaged_state(state_path, out, reason):
+    weights = out / "model.safetensors"
+    restart = (f"restart from its last weights with --set pretrained={weights} and another --out (optimizer and "
+               f"schedule start over), or " if weights.is_file() else "")
+    return (f"{state_path}: damaged training state ({reason}); --resume cannot continue it: {restart}start afresh "
+            f"with another --out")
+
+
+def _nothing_labelled(dataset):
+    """True when no item of `dataset` has a labelled pixel. Stops at the first labelled one, so a
+    normal dataset costs one mask read; only a dataset that is all ignore is read through. Folder
+    datasets are scanned by their masks alone (no image decoding)."""
+    ignore = getattr(dataset, "ignore_index", 255)
+    samples, lut = getattr(dataset, "samples", None), getattr(dataset, "lut", None)
+    if hasattr(dataset, "read_mask") and samples is not None and lut is not None:
+        for i, (_, mask_path) in enumerate(samples):
+            raw = dataset.read_mask(mask_path)
+            if (lut[raw] != ignore).any():
+                return False
+            if hasattr(dataset, "valid") and not dataset.valid[raw].all():
+                dataset[i]  # values outside the classes: the dataset's own error names the file and the value
+        return True
+    return all(not (dataset[i]["label"] != ignore).any() for i in range(len(dataset)))
+
+
+def _check_labelled(dataset, split, spec):
+    if _nothing_labelled(dataset):
+        where = getattr(dataset, "mask_dir", None) or f"--data {spec or 'synthetic'}"
+        ignore = getattr(dataset, "ignore_index", 255)
+        how = (f"every mask value is 0 or {ignore}, both ignored under reduce_zero_label"
+               if getattr(dataset, "reduce_zero_label", False) else f"every mask is {ignore} (ignore)")
+        raise TransegError(f"{where}: no labelled pixel in the {split} set: {how}; training would learn nothing and "
+                           f"evaluation measure nothing. Mask values are class indices 0..K-1 in the order of the "
+                           f"class list (`transeg data check` shows what the masks hold)")
 
 
 def _train(cfg, resume, stop_at, progress, log):
@@ -154,6 +347,14 @@ def _train(cfg, resume, stop_at, progress, log):
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main = rank == 0
     out = Path(cfg.out)
+    state_path = out / STATE_FILE
+    # the cheap refusals first, before any data or model is built
+    if not resume and state_path.exists():
+        raise TransegError(f"{out}: already holds a training run; continue it with --resume or choose another --out")
+    if resume == "auto":
+        resume = state_path.is_file()
+    if resume and not state_path.is_file():
+        raise TransegError(f"{state_path}: nothing to resume (no training state in {out})")
     device = resolve_device(cfg.device)
     amp_dtype = _amp(cfg, device)
     torch.manual_seed(cfg.seed)
@@ -162,6 +363,8 @@ def _train(cfg, resume, stop_at, progress, log):
         cfg = per_process_batch(cfg, world)
     train_set = build_dataset(cfg.data, "train")
     val_set = build_dataset(cfg.data, "val")
+    _check_labelled(train_set, "training", cfg.data)
+    _check_labelled(val_set, "validation", cfg.data)
     cfg = resolve(cfg, train_set)
     model = build_model(cfg, train_set).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, custom_keys=cfg.custom_keys,
@@ -169,35 +372,37 @@ def _train(cfg, resume, stop_at, progress, log):
     scheduler = build_scheduler(optimizer, cfg.iters, cfg.power, cfg.min_lr_ratio, cfg.warmup_iters, cfg.warmup_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start, best = 0, -1.0
-    state_path = out / STATE_FILE
-    if not resume and state_path.exists():
-        raise TransegError(f"{out}: already holds a training run; continue it with --resume or choose another --out")
-    if resume == "auto":
-        resume = state_path.is_file()
+    start, best, eval_pending = 0, -1.0, False
     if resume:
-        if not state_path.is_file():
-            raise TransegError(f"{state_path}: nothing to resume (no training state in {out})")
-        state = torch.load(state_path, map_location=device, weights_only=True)
+        state = _read_state(state_path, device)
         changed = [k for k in RESUME_KEYS if state["config"].get(k) != cfg.to_dict().get(k)]
         if changed:
             raise TransegError(f"{state_path}: cannot resume with changed settings {changed}; "
                                f"the run used " + ", ".join(f"{k}={state['config'].get(k)!r}" for k in changed))
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        torch.set_rng_state(state["rng"]["torch"].cpu())
-        if device.type == "cuda" and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
-        start, best = state["iter"], state["best_miou"]
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            torch.set_rng_state(state["rng"]["torch"].cpu())
+            if device.type == "cuda" and "cuda" in state["rng"]:
+                torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+        except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise TransegError(_damaged_state(state_path, out, str(e).splitlines()[0][:160])) from None
+        start, best, eval_pending = state["iter"], state["best_miou"], bool(state.get("eval_pending"))
         if main:
             log(f"resuming {out} at iteration {start}/{cfg.iters}")
-            _truncate_log(out / "log.jsonl", start)
+            _truncate_log(out / "log.jsonl", start, redo_eval=eval_pending)
             _remove_stale_temporaries(out)
+    elif main and (out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size:
+        # a run killed before its first checkpoint: nothing to continue, so this run starts over, with a log
+        # of its own (appending would give each iteration twice); the old one is kept aside
+        with _writing(out / "log.previous.jsonl"):
+            os.replace(out / "log.jsonl", out / "log.previous.jsonl")
+        log(f"{out} held a run stopped before its first checkpoint: starting afresh (its log is now log.previous.jsonl)")
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
 
     net = model
     if world > 1:
@@ -218,6 +423,7 @@ def _train(cfg, resume, stop_at, progress, log):
                         sampler=list(_sample_ids(start * cfg.accum_steps, end * cfg.accum_steps, cfg.batch_size, rank, world)),
                         num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
                         prefetch_factor=4 if cfg.workers > 0 else None,
+                        worker_init_fn=_ignore_sigint if cfg.workers > 0 else None,
                         generator=torch.Generator())  # keeps the DataLoader off the global RNG (exact resume)
     val_part = Subset(val_set, range(rank, len(val_set), world)) if world > 1 else val_set
 
@@ -227,83 +433,157 @@ def _train(cfg, resume, stop_at, progress, log):
             f"{model.meta['dataset']} ({len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes), "
             f"{cfg.iters} iterations x {cfg.batch_size * cfg.accum_steps * world} images, device {device}"
             + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "") + f"; eval: {protocol.describe()}")
-    log_file = (out / "log.jsonl").open("a") if main else None
+    with _writing(out / "log.jsonl"):
+        log_file = (out / "log.jsonl").open("a") if main else None
     writer = _tensorboard(out) if main and cfg.tensorboard else None
     bar = tqdm(total=end, initial=start, desc="train", disable=not (progress and main), dynamic_ncols=True)
     running = torch.zeros((), device=device)
     running_n, t0, result = 0, time.perf_counter(), None
-    batches = iter(loader)
-    net.train()
     saved_at = start if resume else None
+    completed = start  # optimizer steps finished: what the model, optimizer, scheduler and RNG now hold
+    evaluated = None if eval_pending else start  # the last iteration whose evaluation finished
+
+    def where():
+        return (f"the last checkpoint, iteration {saved_at}, is {state_path}" if saved_at is not None
+                else "no checkpoint was written yet")
+
+    def again():
+        return "--resume" if saved_at is not None else "start again"
+
+    def check_weights(done):
+        bad = first_nonfinite(model.state_dict())
+        if bad:
+            raise TransegError(f"weights became NaN/inf by iteration {done} ({bad[0]}); {where()}; lower lr or use "
+                               f"amp=no, then {again()}")
+
+    def evaluate_at(done):
+        nonlocal result, best, evaluated
+        check_weights(done)  # a broken model must not become best.safetensors
+        result = evaluate(model, val_part, protocol, device, amp_dtype, progress=False)
+        net.train()
+        if main:
+            with _writing(out / "log.jsonl"):
+                _write(log_file, writer, {"iter": done, **{k: round(result[k], 5) for k in ("mIoU", "mAcc", "aAcc")}})
+            bar.write(f"iter {done}: mIoU {100 * result['mIoU']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
+                      f"aAcc {100 * result['aAcc']:.2f}")
+            chart = iou_chart(result, model.classes, model.meta["palette"], title=f"{cfg.model} iter {done}")
+            atomic_write(out / "val_iou.png", lambda tmp: chart.save(tmp, format="PNG"))
+            if result["mIoU"] > best:
+                save(model, out / "best.safetensors")
+                best = result["mIoU"]
+        evaluated = done
+
+    def checkpoint(done):
+        nonlocal saved_at
+        check_weights(done)
+        save(model, out / "model.safetensors")
+        state = {"iter": done, "best_miou": best, "config": cfg.to_dict(), "model": model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                 # an evaluation due at `done` that an interruption cut short: --resume runs it first
+                 "eval_pending": evaluated != done and (done % cfg.eval_interval == 0 or done == cfg.iters)}
+        if device.type == "cuda":
+            state["rng"]["cuda"] = torch.cuda.get_rng_state(device)
+        atomic_write(state_path, lambda tmp: torch.save(state, tmp))
+        saved_at = done
+
+    interrupts = _Interrupts(enabled=world == 1)
     try:
-        for it in range(start, end):
-            for micro in range(cfg.accum_steps):
+        with interrupts:
+            if eval_pending:
+                evaluate_at(start)
+                t0 = time.perf_counter()
+            batches = iter(loader)
+            net.train()
+            for it in range(start, end):
                 image, label = next(batches)
-                image = image.to(device, non_blocking=True)
-                label = label.to(device, non_blocking=True)
-                sync = micro == cfg.accum_steps - 1 or world == 1
-                with (net.no_sync() if not sync else contextlib.nullcontext()), \
-                        torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = model.loss(net(image), label, ignore_index=getattr(train_set, "ignore_index", 255),
-                                      reduction=cfg.loss_reduction, ohem=cfg.ohem)["loss"]
-                    scaler.scale(loss / cfg.accum_steps).backward()
-                running += loss.detach()
-                running_n += 1
-            if cfg.clip_grad_norm:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            done = it + 1
-            bar.update(1)
-            if done % cfg.log_interval == 0 or done == end:
-                mean_loss = (running / running_n).item()  # the one host sync per log interval
-                if not math.isfinite(mean_loss):
-                    where = (f"the last checkpoint, iteration {saved_at}, is {state_path}" if saved_at is not None
-                             else "no checkpoint was written yet")
-                    raise TransegError(f"loss became {mean_loss} by iteration {done}; {where}; lower lr or use "
-                                       f"amp=no, then --resume")
-                record = {"iter": done, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"],
-                          "sec_per_iter": round((time.perf_counter() - t0) / running_n * cfg.accum_steps, 4)}
-                running.zero_()
-                running_n, t0 = 0, time.perf_counter()
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
-                if main:
-                    _write(log_file, writer, record)
-            if done % cfg.eval_interval == 0 or done == cfg.iters:
-                result = evaluate(model, val_part, protocol, device, amp_dtype, progress=False)
-                net.train()
-                if main:
-                    _write(log_file, writer, {"iter": done, **{k: round(result[k], 5) for k in ("mIoU", "mAcc", "aAcc")}})
-                    bar.write(f"iter {done}: mIoU {100 * result['mIoU']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
-                              f"aAcc {100 * result['aAcc']:.2f}")
-                    iou_chart(result, model.classes, model.meta["palette"], title=f"{cfg.model} iter {done}").save(out / "val_iou.png")
-                    if result["mIoU"] > best:
-                        best = result["mIoU"]
-                        save(model, out / "best.safetensors")
-            if main and (done % cfg.ckpt_interval == 0 or done == end):
-                save(model, out / "model.safetensors")
-                state = {"iter": done, "best_miou": best, "config": cfg.to_dict(), "model": model.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()}}
-                if device.type == "cuda":
-                    state["rng"]["cuda"] = torch.cuda.get_rng_state(device)
-                atomic_write(state_path, lambda tmp: torch.save(state, tmp))
-                saved_at = done
+                with interrupts.step():
+                    for micro in range(cfg.accum_steps):
+                        if micro:
+                            image, label = next(batches)
+                        image = image.to(device, non_blocking=True)
+                        label = label.to(device, non_blocking=True)
+                        sync = micro == cfg.accum_steps - 1 or world == 1
+                        with (net.no_sync() if not sync else contextlib.nullcontext()), \
+                                torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                            loss = model.loss(net(image), label, ignore_index=getattr(train_set, "ignore_index", 255),
+                                              reduction=cfg.loss_reduction, ohem=cfg.ohem)["loss"]
+                            scaler.scale(loss / cfg.accum_steps).backward()
+                        running += loss.detach()
+                        running_n += 1
+                    if cfg.clip_grad_norm:
+                        scaler.unscale_(optimizer)
+                        torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
+                    scaler.step(optimizer)
+                    scaler.update()
+                    optimizer.zero_grad(set_to_none=True)
+                    scheduler.step()
+                    done = completed = it + 1
+                    bar.update(1)
+                    if done % cfg.log_interval == 0 or done == end:
+                        mean_loss = (running / running_n).item()  # the one host sync per log interval
+                        if not math.isfinite(mean_loss):
+                            raise TransegError(f"loss became {mean_loss} by iteration {done}; {where()}; lower lr or "
+                                               f"use amp=no, then {again()}")
+                        record = {"iter": done, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"],
+                                  "sec_per_iter": round((time.perf_counter() - t0) / running_n * cfg.accum_steps, 4)}
+                        running.zero_()
+                        running_n, t0 = 0, time.perf_counter()
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
+                        if main:
+                            with _writing(out / "log.jsonl"):
+                                _write(log_file, writer, record)
+                if done % cfg.eval_interval == 0 or done == cfg.iters:
+                    evaluate_at(done)
+                if main and (done % cfg.ckpt_interval == 0 or done == end):
+                    checkpoint(done)
+    except KeyboardInterrupt:
+        bar.close()
+        if main:
+            _close(log_file, writer)
+            if interrupts.in_step:  # stopped at once inside a step: the model is between two iterations' states
+                log(f"interrupted in iteration {completed + 1}, which is lost; {where()}"
+                    + (f"; continue with: {_resume_command(out)}" if saved_at is not None else ""))
+            elif completed == saved_at or (completed == 0 and saved_at is None):
+                log(f"interrupted; {where()}" + (f"; continue with: {_resume_command(out)}" if saved_at is not None
+                                                 else " (no iteration had finished)"))
+            else:
+                checkpoint(completed)  # where the run is, as the periodic checkpoint would have saved it
+                log(f"interrupted at iteration {completed}/{cfg.iters}: saved {state_path}; continue with: "
+                    f"{_resume_command(out)}")
+        raise
     except BaseException:
         bar.close()  # so the error prints on its own line, not after the progress bar
+        if main:
+            _close(log_file, writer)
         raise
     bar.close()
     if main:
-        log_file.close()
-        if writer is not None:
-            writer.close()
+        _close(log_file, writer)
         records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
-        curves_chart(records, keys=("loss", "mIoU"), title=f"{cfg.model} on {model.meta['dataset']}").save(out / "curves.png")
+        chart = curves_chart(records, keys=("loss", "mIoU"), title=f"{cfg.model} on {model.meta['dataset']}")
+        atomic_write(out / "curves.png", lambda tmp: chart.save(tmp, format="PNG"))
     return result
 
+
+@contextlib.contextmanager
+def _writing(path):
+    """A full disk or a read-only folder while writing `path` (appended to, so not written atomically):
+    one line naming it, not a traceback."""
+    try:
+        yield
+    except OSError as e:
+        then = ", then continue with --resume" if (path.parent / STATE_FILE).is_file() else ""
+        raise TransegError(f"{path}: could not be written ({e.strerror or e}); free some space or choose another "
+                           f"--out{then}") from None
+
+
+def _close(log_file, writer):
+    with contextlib.suppress(OSError):
+        if log_file is not None:
+            log_file.close()
+        if writer is not None:
+            writer.close()
 
 
 def _write(log_file, writer, record):
@@ -331,12 +611,14 @@ def _record_iter(line):
         return None
 
 
-def _truncate_log(path, last_iter):
+def _truncate_log(path, last_iter, redo_eval=False):
     """Drop records an interrupted run wrote after its last checkpoint (they are about to be redone),
-    and any line it was killed in the middle of writing."""
+    and any line it was killed in the middle of writing; `redo_eval`: also the evaluation record of
+    `last_iter` (its evaluation was cut short and is about to be redone)."""
     if path.is_file():
         keep = [line for line in path.read_text().splitlines()
-                if (it := _record_iter(line)) is not None and it <= last_iter]
+                if (it := _record_iter(line)) is not None
+                and (it < last_iter or it == last_iter and not (redo_eval and '"mIoU"' in line))]
         atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in keep)))
 
 
