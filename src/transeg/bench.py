@@ -1,4 +1,4 @@
-"""Latency and throughput of a model: median of repeated timed runs after warm-up."""
+"""Latency and throughput of a model: median and spread of repeated timed runs after warm-up."""
 import platform
 import statistics
 import time
@@ -109,8 +109,44 @@ def environment(device="cpu"):
     return {"device": f"{device.type} ({name})", "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
+# Spread (interquartile range / median) above which `transeg bench` warns that its latencies are noise.
+# 10 %: the gains bench is used to show are of that order (ISR: 1.05-1.3x at 512², BENCHMARKS.md), so
+# once the middle half of the runs spans 10 % of the median such a difference cannot be told from noise.
+# The IQR, not max - min, because one descheduled run should not raise the alarm. Measured on the 2-core
+# CI machine while another test run shared it: 10-125 % (SegFormer-B0 / EDAFormer-T, 256², 10 runs).
+NOISY_SPREAD = 0.10
+
+
 def summarize(times):
-    return {"median_ms": statistics.median(times) * 1e3, "min_ms": min(times) * 1e3, "runs": len(times)}
+    """Median, quartiles, min and max (ms) of a list of timings in seconds, and `spread`: the
+    interquartile range relative to the median (0.05 = the middle half of the runs within 5 %)."""
+    ms = sorted(t * 1e3 for t in times)
+    median = statistics.median(ms)
+    p25, _, p75 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+    return {"median_ms": median, "min_ms": ms[0], "max_ms": ms[-1], "p25_ms": p25, "p75_ms": p75, "runs": len(ms),
+            "spread": (p75 - p25) / median if median > 0 else 0.0}
+
+
+def spread_text(row):
+    """"IQR 30.1-31.4 ms, min 29.8, max 35.0" for a row of `measure` (or a `summarize` dict)."""
+    get = (lambda k: row[f"{k} ms"]) if "p25 ms" in row else (lambda k: row[f"{k}_ms"])
+    return f"IQR {get('p25'):.1f}-{get('p75'):.1f} ms, min {get('min'):.1f}, max {get('max'):.1f}"
+
+
+def noise_warning(rows, threshold=NOISY_SPREAD):
+    """One line saying the latencies are noisy, or None: when the spread (IQR / median) of any row of
+    `measure` exceeds `threshold`, or a row has fewer than 3 timed runs (no spread to judge by)."""
+    few = min(r.get("runs", 0) for r in rows)
+    worst = max(rows, key=lambda r: r["spread"])
+    if few < 3:
+        return (f"{few} timed run(s): no spread to judge the latencies by; use --runs 10 or more before "
+                "comparing settings")
+    if worst["spread"] <= threshold:
+        return None
+    which = f" ({worst['setting']})" if len(rows) > 1 else ""
+    return (f"latencies are noisy: the middle half of the runs spans {100 * worst['spread']:.0f}% of the median"
+            f"{which}, above {100 * threshold:.0f}%, so differences of that size are noise. Another process may be "
+            "using the cores: try a quiet machine, --threads N (fewer than the cores in use), or more --runs")
 
 
 def hf_segformer_peer(name="segformer-b0", num_classes=150, seed=0):
@@ -176,12 +212,25 @@ def compare_hf(name, num_classes=150, size=(512, 512), batch=1, device="cpu", dt
     return {"max_abs_diff": diff, "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}}
 
 
+# The ISR setting the EDAFormer paper recommends (the authors' README and isr.SWEEP): encoder 2,2,1,1,
+# decoder 2,2,2; the sweep's chart marks it.
+PAPER_ISR = {"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}
+
+
+def is_paper_setting(setting):
+    """True for the paper's ISR setting, cut to the parts a model has (SegFormer: encoder 2,2,1,1)."""
+    return all(tuple(setting.get(part, ())) == PAPER_ISR[part][:len(setting.get(part, ()))] for part in PAPER_ISR) \
+        and any(setting.get(part) for part in PAPER_ISR)
+
+
 def measure(model, settings=(None,), size=(512, 512), batch=1, device="cpu", autocast_dtype=torch.float32, warmup=3,
             runs=10, flops_convention=None, dataset=None, max_samples=None):
     """One row per ISR setting (None: the model as it is): the setting, its effective K/V pooling,
-    GFLOPs (counted on a meta-device twin, in the paper's convention unless `flops_convention`), median
-    and min latency over `runs` after `warmup`, and with `dataset` the mIoU (%) under the model's
-    protocol. The model is left at its last setting. `transeg bench` and its --isr-sweep print these."""
+    GFLOPs (counted on a meta-device twin, in the paper's convention unless `flops_convention`), the
+    latency over `runs` after `warmup` (median, quartiles, min, max in ms; `spread` = IQR / median),
+    whether it is the EDAFormer paper's setting (`paper`), and with `dataset` the mIoU (%) under the
+    model's protocol. The model is left at its last setting. `transeg bench` and its --isr-sweep print
+    these."""
     from . import isr
     from .flops import count_gmacs, meta_model
     from .registry import get_variant
@@ -198,7 +247,8 @@ def measure(model, settings=(None,), size=(512, 512), batch=1, device="cpu", aut
         row = {"setting": isr.describe(model.isr), "pooling": isr.effective_pooling(model),
                "label": " / ".join(",".join(map(str, r)) for r in model.isr.values() if r),
                "GFLOPs": count_gmacs(twin, size, convention=convention)["total"], "convention": convention,
-               "latency ms": t["median_ms"], "min ms": t["min_ms"]}
+               "latency ms": t["median_ms"], "min ms": t["min_ms"], "max ms": t["max_ms"], "p25 ms": t["p25_ms"],
+               "p75 ms": t["p75_ms"], "spread": t["spread"], "runs": t["runs"], "paper": is_paper_setting(model.isr)}
         if dataset is not None:
             from .engine import evaluate
             row["mIoU"] = 100 * evaluate(model, dataset, progress=False, max_samples=max_samples)["mIoU"]

@@ -7,7 +7,11 @@ save it with ``img.save("x.png")``.
   :meth:`transeg.engine.metrics.ConfusionMatrix.compute`.
 * :func:`curves_chart` — training curves (loss, mIoU, ...) vs. iteration from JSONL log records.
 * :func:`tradeoff_chart` — labelled points of a cost (GFLOPs) against latency / accuracy, e.g. an
-  ISR sweep.
+  ISR sweep: reference and marked points (the paper's setting) in their own colours with a legend,
+  optional quartile bars, labels that never overlap (:func:`place_labels`).
+
+Text goes through :func:`transeg.viz.drawable`, so a character the font lacks (the bundled font has
+no em dash) is drawn as a look-alike, never as a missing-glyph box; titles wrap instead of being cut.
 
 Palettes are read as in :mod:`transeg.viz` (``None`` is the PASCAL VOC colour map), and the
 font and text helpers come from there too.
@@ -20,9 +24,9 @@ from numbers import Real
 from PIL import Image, ImageDraw
 
 from transeg.errors import TransegError
-from transeg.viz import MUTED, TEXT, WHITE, _darker, _fit, _font, _line_h, _palette, _text_w
+from transeg.viz import MUTED, TEXT, WHITE, _darker, _draw_text, _fit, _font, _line_h, _palette, _text_w, _wrap
 
-__all__ = ["iou_chart", "curves_chart", "tradeoff_chart"]
+__all__ = ["iou_chart", "curves_chart", "tradeoff_chart", "place_labels"]
 
 GRID = (228, 228, 228)
 AXIS = (150, 150, 150)
@@ -119,8 +123,8 @@ def iou_chart(result: dict, class_names, palette=None, title: str = "") -> Image
 
     y = margin
     header = []
-    if title:
-        header.append((title, f_title, TEXT))
+    if title:  # wrapped, not cut: a title holds the test protocol, which is long
+        header += [(line, f_title, TEXT) for line in _wrap(f_title, title, width - 2 * margin)]
     header.append((f"mIoU {pct('mIoU')}    mAcc {pct('mAcc')}    aAcc {pct('aAcc')}", f_sum, TEXT))
     header_h = sum(_line_h(f) + 8 for _, f, _ in header)
     top = y + header_h + 6  # first row
@@ -131,7 +135,7 @@ def iou_chart(result: dict, class_names, palette=None, title: str = "") -> Image
     img = Image.new("RGB", (width, height), WHITE)
     draw = ImageDraw.Draw(img)
     for text, f, col in header:
-        draw.text((margin, y), _fit(f, text, width - 2 * margin), fill=col, font=f)
+        _draw_text(draw, (margin, y), _fit(f, text, width - 2 * margin), fill=col, font=f)
         y += _line_h(f) + 8
 
     # Background: row stripes, vertical gridlines, the mIoU marker (all behind the bars).
@@ -147,23 +151,23 @@ def iou_chart(result: dict, class_names, palette=None, title: str = "") -> Image
         for yy in range(top, axis_y, 8):
             draw.line([(mx, yy), (mx, min(yy + 4, axis_y))], fill=(90, 90, 90), width=1)
         lbl = "mIoU"
-        draw.text((mx - _text_w(f_tick, lbl) // 2, top - _line_h(f_tick) - 2), lbl, fill=MUTED, font=f_tick)
+        _draw_text(draw, (mx - _text_w(f_tick, lbl) // 2, top - _line_h(f_tick) - 2), lbl, fill=MUTED, font=f_tick)
 
     name_dy = (row_h - _line_h(f_name)) // 2
     val_dy = (row_h - _line_h(f_val)) // 2
     for i, (name, v) in enumerate(zip(names, iou)):
         ry = top + i * row_h
-        draw.text((x0 - 10 - _text_w(f_name, _fit(f_name, name, name_w)), ry + name_dy),
+        _draw_text(draw, (x0 - 10 - _text_w(f_name, _fit(f_name, name, name_w)), ry + name_dy),
                   _fit(f_name, name, name_w), fill=TEXT, font=f_name)
         if math.isnan(v):
-            draw.text((x0 + 6, ry + val_dy), "n/a", fill=MUTED, font=f_val)
+            _draw_text(draw, (x0 + 6, ry + val_dy), "n/a", fill=MUTED, font=f_val)
             continue
         color = tuple(int(c) for c in pal[i])
         bw = round(plot_w * min(max(v, 0.0), 1.0))
         by = ry + (row_h - bar_h) // 2
         if bw > 0:
             draw.rectangle([x0, by, x0 + bw - 1, by + bar_h - 1], fill=color, outline=_darker(color))
-        draw.text((x0 + bw + 5, ry + val_dy), f"{100 * v:.2f}", fill=TEXT, font=f_val)
+        _draw_text(draw, (x0 + bw + 5, ry + val_dy), f"{100 * v:.2f}", fill=TEXT, font=f_val)
 
     # x axis with ticks every 20 %.
     draw.line([(x0, axis_y), (x0 + plot_w, axis_y)], fill=AXIS, width=1)
@@ -172,9 +176,9 @@ def iou_chart(result: dict, class_names, palette=None, title: str = "") -> Image
         x = x0 + round(plot_w * t / 100)
         draw.line([(x, axis_y), (x, axis_y + 4)], fill=AXIS, width=1)
         s = str(t)
-        draw.text((x - _text_w(f_tick, s) // 2, axis_y + 7), s, fill=TEXT, font=f_tick)
+        _draw_text(draw, (x - _text_w(f_tick, s) // 2, axis_y + 7), s, fill=TEXT, font=f_tick)
     lbl = "IoU (%)"
-    draw.text((x0 + (plot_w - _text_w(f_tick, lbl)) // 2, axis_y + 10 + _line_h(f_tick)), lbl, fill=MUTED, font=f_tick)
+    _draw_text(draw, (x0 + (plot_w - _text_w(f_tick, lbl)) // 2, axis_y + 10 + _line_h(f_tick)), lbl, fill=MUTED, font=f_tick)
     return img
 
 
@@ -235,9 +239,9 @@ def curves_chart(records, keys=("loss", "mIoU"), title: str = "", width: int = 7
         d = ImageDraw.Draw(img)
         y = margin
         if title:
-            d.text((margin, y), title, fill=TEXT, font=f_title)
+            _draw_text(d, (margin, y), title, fill=TEXT, font=f_title)
             y += _line_h(f_title) + 10 * s
-        d.text((margin, y), msg, fill=MUTED, font=f_cap)
+        _draw_text(d, (margin, y), msg, fill=MUTED, font=f_cap)
         return img.reduce(s)
 
     panel_h = 250 * s
@@ -246,7 +250,7 @@ def curves_chart(records, keys=("loss", "mIoU"), title: str = "", width: int = 7
     img = Image.new("RGB", (W, H), WHITE)
     draw = ImageDraw.Draw(img)
     if title:
-        draw.text((margin, margin), _fit(f_title, title, W - 2 * margin), fill=TEXT, font=f_title)
+        _draw_text(draw, (margin, margin), _fit(f_title, title, W - 2 * margin), fill=TEXT, font=f_title)
 
     # Axes first, so every panel shares one plot width (left edges line up).
     # x: 0 (or the first iter if negative) to the last iter; y: data range padded 6 %, not below 0
@@ -284,24 +288,24 @@ def curves_chart(records, keys=("loss", "mIoU"), title: str = "", width: int = 7
         lower_better = "loss" in key.lower()
         best_i = min(range(len(ys)), key=lambda i: (ys[i], xs[i])) if lower_better else \
             max(range(len(ys)), key=lambda i: (ys[i], -xs[i]))
-        draw.text((left, py), key, fill=color, font=f_cap)
+        _draw_text(draw, (left, py), key, fill=color, font=f_cap)
         info = f"last {_fmt_val(ys[-1])} @ {_fmt_iter(xs[-1])}    " \
                f"{'min' if lower_better else 'max'} {_fmt_val(ys[best_i])} @ {_fmt_iter(xs[best_i])}"
-        draw.text((right - _text_w(f_cap, info), py), info, fill=MUTED, font=f_cap)
+        _draw_text(draw, (right - _text_w(f_cap, info), py), info, fill=MUTED, font=f_cap)
 
         # Grid, frame, ticks and tick labels.
         for t, lbl in zip(y_ticks, y_labels):
             yy = round(Y(t))
             draw.line([(left, yy), (right, yy)], fill=GRID, width=s)
             draw.line([(left - 4 * s, yy), (left, yy)], fill=AXIS, width=s)
-            draw.text((left - 7 * s - _text_w(f_tick, lbl), yy - tick_h // 2 - s), lbl, fill=TEXT, font=f_tick)
+            _draw_text(draw, (left - 7 * s - _text_w(f_tick, lbl), yy - tick_h // 2 - s), lbl, fill=TEXT, font=f_tick)
         for t, lbl in zip(x_ticks, x_labels):
             xx = round(X(t))
             draw.line([(xx, top), (xx, bottom)], fill=GRID, width=s)
             draw.line([(xx, bottom), (xx, bottom + 4 * s)], fill=AXIS, width=s)
-            draw.text((xx - _text_w(f_tick, lbl) // 2, bottom + 7 * s), lbl, fill=TEXT, font=f_tick)
+            _draw_text(draw, (xx - _text_w(f_tick, lbl) // 2, bottom + 7 * s), lbl, fill=TEXT, font=f_tick)
         draw.rectangle([left, top, right, bottom], outline=AXIS, width=s)
-        draw.text(((left + right - _text_w(f_tick, "iter")) // 2, bottom + tick_h + 14 * s), "iter",
+        _draw_text(draw, ((left + right - _text_w(f_tick, "iter")) // 2, bottom + tick_h + 14 * s), "iter",
                   fill=MUTED, font=f_tick)
 
         # The data: raw (faint when smoothed), smoothed, markers for short series.
@@ -320,40 +324,139 @@ def curves_chart(records, keys=("loss", "mIoU"), title: str = "", width: int = 7
     return img.reduce(s)
 
 
-def tradeoff_chart(points, x_key="GFLOPs", y_keys=("latency ms", "mIoU"), title: str = "", width: int = 760) -> Image.Image:
+def _overlaps(a, b) -> bool:
+    """Boxes (x0, y0, x1, y1) share area."""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def _area(a, b) -> float:
+    return max(0, min(a[2], b[2]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def place_labels(anchors, sizes, bounds, obstacles=(), gap=2.0):
+    """Boxes for point labels that overlap neither each other nor ``obstacles``, inside ``bounds``.
+
+    ``anchors``: (x, y, r) per point (a marker of radius r); ``sizes``: (w, h) of each label. Labels
+    are placed in order (put the ones that matter first), each at the nearest free candidate: right,
+    left, above, below, the diagonals, then further away above / below / sideways (the caller draws a
+    leader line for those). Where nothing is free the least-overlapping candidate is taken.
+    Returns [(x0, y0, x1, y1)], one per anchor."""
+    bx0, by0, bx1, by1 = bounds
+    taken = [tuple(o) for o in obstacles]
+    placed = []
+    for (cx, cy, r), (w, h) in zip(anchors, sizes):
+        d = r + gap
+        cands = [(cx + d, cy - h / 2), (cx - d - w, cy - h / 2), (cx - w / 2, cy - d - h), (cx - w / 2, cy + d),
+                 (cx + d * 0.7, cy - d * 0.7 - h), (cx - d * 0.7 - w, cy - d * 0.7 - h), (cx + d * 0.7, cy + d * 0.7),
+                 (cx - d * 0.7 - w, cy + d * 0.7)]
+        far = []
+        for k in range(1, 9):
+            for dx in (-w / 2, 0.0, -w, d, -w - d):
+                far += [(cx + dx, cy - d - h - k * (h + gap)), (cx + dx, cy + d + k * (h + gap))]
+            far += [(cx + d + k * (w / 2 + gap), cy - h / 2), (cx - d - w - k * (w / 2 + gap), cy - h / 2)]
+        far.sort(key=lambda c: math.hypot(c[0] + w / 2 - cx, c[1] + h / 2 - cy))
+        best, best_cost = None, None
+        for x, y in cands + far:
+            x = min(max(x, bx0), bx1 - w)  # slid inside the frame
+            y = min(max(y, by0), by1 - h)
+            box = (x, y, x + w, y + h)
+            cost = sum(_area(box, t) for t in taken)
+            if cost == 0:
+                best = box
+                break
+            if best_cost is None or cost < best_cost:
+                best, best_cost = box, cost
+        placed.append(best)
+        taken.append(best)
+    return placed
+
+
+def _marker(draw, shape, cx, cy, r, color, s):
+    if shape == "diamond":
+        q = r * 1.35
+        draw.polygon([(cx, cy - q), (cx + q, cy), (cx, cy + q), (cx - q, cy)], fill=color, outline=WHITE)
+    else:
+        draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color, outline=WHITE)
+
+
+def tradeoff_chart(points, x_key="GFLOPs", y_keys=("latency ms", "mIoU"), title: str = "", width: int = 760,
+                   names=("reference", "other settings"), marked=(), marked_name="marked", whiskers=None) -> Image.Image:
     """One scatter panel per y key against ``x_key``, every point labelled with its ``"label"``.
 
     ``points`` are dicts (``{"label": "2,2,1,1 / 2,2,2", "GFLOPs": 4.7, "latency ms": 31.0}``); a panel
-    is drawn only for keys some point has. The first point (the reference setting) is drawn in a
-    second colour so the trade-off reads as "from here to there".
+    is drawn only for keys some point has. The first point (the reference setting) is drawn in red,
+    the points whose indices are in ``marked`` (e.g. the paper's setting) as green diamonds, the rest in
+    blue; a legend above each panel names them (``names`` = reference, rest; ``marked_name``).
+    ``whiskers`` ({y key: (low key, high key)}, e.g. the latency's quartiles over the timed runs) draws
+    a vertical bar from low to high through each point that has both. Labels are placed so that none
+    overlaps another label, a marker or the legend (:func:`place_labels`); a label that cannot sit
+    beside its point gets a thin leader line to it.
     """
+    whiskers = whiskers or {}
+    marked = {int(i) for i in marked}
     panels = [k for k in y_keys if any(isinstance(p.get(k), Real) for p in points)]
     s = 2 if _scalable_font() else 1
     f_title, f_cap, f_tick = _font(20 * s), _font(14 * s), _font(11 * s)
-    margin, panel_h = 18 * s, 300 * s
+    margin, panel_h = 18 * s, 320 * s
     W = width * s
-    title_h = _line_h(f_title) + 12 * s if title else 0
+    title_lines = _wrap(f_title, title, W - 2 * margin) if title else []
+    title_h = len(title_lines) * (_line_h(f_title) + 6 * s) + 6 * s if title else 0
     img = Image.new("RGB", (W, margin + title_h + max(len(panels), 1) * panel_h + margin), WHITE)
     draw = ImageDraw.Draw(img)
-    if title:
-        draw.text((margin, margin), _fit(f_title, title, W - 2 * margin), fill=TEXT, font=f_title)
+    for k, line in enumerate(title_lines):
+        _draw_text(draw, (margin, margin + k * (_line_h(f_title) + 6 * s)), line, fill=TEXT, font=f_title)
     if not panels:
-        draw.text((margin, margin + title_h), "no data", fill=MUTED, font=f_cap)
+        _draw_text(draw, (margin, margin + title_h), "no data", fill=MUTED, font=f_cap)
         return img.reduce(s)
+    ref_col, rest_col, mark_col = LINE_COLORS[1], LINE_COLORS[0], LINE_COLORS[2]
     xs_all = [p[x_key] for p in points]
-    x_pad = (max(xs_all) - min(xs_all)) * 0.08
+    x_pad = (max(xs_all) - min(xs_all)) * 0.1
     x_lo, x_hi, x_ticks, x_step = _axis(min(xs_all) - x_pad, max(xs_all) + x_pad, 6)
     tick_h = _line_h(f_tick)
+    r = 4 * s
     for n, key in enumerate(panels):
-        pts = [(p[x_key], p[key], str(p.get("label", ""))) for p in points if isinstance(p.get(key), Real)]
-        ys = [q[1] for q in pts]
-        y_pad = (max(ys) - min(ys)) * 0.12
+        idx = [i for i, p in enumerate(points) if isinstance(p.get(key), Real)]
+        pts = [(points[i][x_key], points[i][key], str(points[i].get("label", ""))) for i in idx]
+        bars = {}
+        lo_key, hi_key = whiskers.get(key, (None, None))
+        for i in idx:
+            lo, hi = points[i].get(lo_key), points[i].get(hi_key)
+            if isinstance(lo, Real) and isinstance(hi, Real):
+                bars[i] = (float(lo), float(hi))
+        ys = [q[1] for q in pts] + [v for b in bars.values() for v in b]
+        y_pad = (max(ys) - min(ys)) * 0.18
         y_lo, y_hi, y_ticks, y_step = _axis(min(ys) - y_pad, max(ys) + y_pad, 5)
         y_labels = [_fmt_tick(t, y_step) for t in y_ticks]
         left = margin + max(_text_w(f_tick, t) for t in y_labels) + 10 * s
         right = W - margin
         py = margin + title_h + n * panel_h
-        top, bottom = py + _line_h(f_cap) + 10 * s, py + panel_h - 2 * tick_h - 24 * s
+
+        # caption, then the legend: on the caption's line when there is room, else on a line of its own
+        caption = f"{key} vs {x_key}"
+        entries = [("circle", ref_col, names[0])]
+        if marked & set(idx):
+            entries.append(("diamond", mark_col, marked_name))
+        if len(set(idx) - marked - {0}):
+            entries.append(("circle", rest_col, names[1]))
+        if bars:
+            entries.append(("bar", MUTED, "bars: quartiles of the runs"))
+        sw = 10 * s
+        widths = [sw + 5 * s + _text_w(f_tick, t) for _, _, t in entries]
+        legend_w = sum(widths) + 14 * s * (len(entries) - 1)
+        cap_h = _line_h(f_cap) + 10 * s
+        on_caption = _text_w(f_cap, caption) + 24 * s + legend_w <= right - left
+        lx, ly = (right - legend_w, py + (_line_h(f_cap) - tick_h) // 2) if on_caption else (left, py + cap_h)
+        top = py + cap_h + (0 if on_caption else tick_h + 8 * s)
+        bottom = py + panel_h - 2 * tick_h - 24 * s
+        _draw_text(draw, (left, py), caption, fill=TEXT, font=f_cap)
+        for (shape, color, text), w in zip(entries, widths):
+            cy = ly + tick_h / 2 + s
+            if shape == "bar":
+                draw.line([(lx + sw / 2, cy - sw * 0.6), (lx + sw / 2, cy + sw * 0.6)], fill=color, width=s)
+            else:
+                _marker(draw, shape, lx + sw / 2, cy, r, color, s)
+            _draw_text(draw, (lx + sw + 5 * s, ly), text, fill=TEXT, font=f_tick)
+            lx += w + 14 * s
 
         def X(v):
             return left + (v - x_lo) / (x_hi - x_lo) * (right - left)
@@ -361,25 +464,48 @@ def tradeoff_chart(points, x_key="GFLOPs", y_keys=("latency ms", "mIoU"), title:
         def Y(v):
             return bottom - (v - y_lo) / (y_hi - y_lo) * (bottom - top)
 
-        draw.text((left, py), f"{key} vs {x_key}", fill=TEXT, font=f_cap)
         for t, lbl in zip(y_ticks, y_labels):
             yy = round(Y(t))
             draw.line([(left, yy), (right, yy)], fill=GRID, width=s)
-            draw.text((left - 7 * s - _text_w(f_tick, lbl), yy - tick_h // 2 - s), lbl, fill=TEXT, font=f_tick)
+            _draw_text(draw, (left - 7 * s - _text_w(f_tick, lbl), yy - tick_h // 2 - s), lbl, fill=TEXT, font=f_tick)
         for t in x_ticks:
             xx, lbl = round(X(t)), _fmt_tick(t, x_step)
             draw.line([(xx, top), (xx, bottom)], fill=GRID, width=s)
-            draw.text((xx - _text_w(f_tick, lbl) // 2, bottom + 6 * s), lbl, fill=TEXT, font=f_tick)
+            _draw_text(draw, (xx - _text_w(f_tick, lbl) // 2, bottom + 6 * s), lbl, fill=TEXT, font=f_tick)
         draw.rectangle([left, top, right, bottom], outline=AXIS, width=s)
-        draw.text(((left + right - _text_w(f_tick, x_key)) // 2, bottom + tick_h + 12 * s), x_key, fill=MUTED, font=f_tick)
-        r = 4 * s
-        order = {i: rank for rank, i in enumerate(sorted(range(len(pts)), key=lambda i: pts[i][0]))}
-        for i, (a, b, lbl) in enumerate(pts):
-            color = LINE_COLORS[1] if i == 0 else LINE_COLORS[0]
-            cx, cy = X(a), Y(b)
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color, outline=WHITE)
-            # labels alternate above/below along x so neighbours with close costs stay readable
-            ty = cy - r - tick_h - 2 * s if order[i] % 2 == 0 else cy + r + 2 * s
-            tx = min(max(cx - _text_w(f_tick, lbl) / 2, left + 2 * s), right - _text_w(f_tick, lbl) - 2 * s)
-            draw.text((tx, ty), lbl, fill=_darker(color), font=f_tick)
+        _draw_text(draw, ((left + right - _text_w(f_tick, x_key)) // 2, bottom + tick_h + 12 * s), x_key, fill=MUTED,
+                   font=f_tick)
+
+        def color_of(i):
+            return mark_col if i in marked else ref_col if i == 0 else rest_col
+
+        centres = [(X(a), Y(b)) for a, b, _ in pts]
+        for i, (cx, cy) in zip(idx, centres):
+            if i in bars:
+                y0, y1 = Y(bars[i][0]), Y(bars[i][1])
+                draw.line([(cx, y0), (cx, y1)], fill=_darker(color_of(i), 0.9), width=s)
+                for yy in (y0, y1):
+                    draw.line([(cx - 2 * s, yy), (cx + 2 * s, yy)], fill=_darker(color_of(i), 0.9), width=s)
+        # labels: the marked and the reference point first, so they get the places nearest to them
+        order = sorted(range(len(pts)), key=lambda k: (idx[k] not in marked, idx[k] != 0, pts[k][0]))
+        boxes = [(cx - r - s, cy - r - s, cx + r + s, cy + r + s) for cx, cy in centres]
+        boxes += [(X(pts[k][0]) - s, Y(bars[i][1]), X(pts[k][0]) + s, Y(bars[i][0]))
+                  for k, i in enumerate(idx) if i in bars]
+        sizes = []
+        for k in order:
+            text = _fit(f_tick, pts[k][2], right - left)
+            bl, bt, br, bb = f_tick.getbbox(text)
+            sizes.append((br - bl, bb - bt, bl, bt, text))
+        placed = place_labels([(centres[k][0], centres[k][1], r) for k in order], [z[:2] for z in sizes],
+                              (left + 2 * s, top + 2 * s, right - 2 * s, bottom - 2 * s), boxes, gap=2 * s)
+        for k, box, (w, h, bl, bt, text) in zip(order, placed, sizes):
+            cx, cy = centres[k]
+            color = _darker(color_of(idx[k]))
+            nx, ny = min(max(cx, box[0]), box[2]), min(max(cy, box[1]), box[3])  # nearest point of the box
+            if math.hypot(nx - cx, ny - cy) > r + 6 * s:  # not beside its point: a leader line
+                draw.line([(cx, cy), (nx, ny)], fill=tuple(int(c + (255 - c) * 0.5) for c in color), width=s)
+            _draw_text(draw, (box[0] - bl, box[1] - bt), text, fill=color, font=f_tick)
+        for k in sorted(range(len(pts)), key=lambda k: idx[k] in marked):  # marked on top
+            i = idx[k]
+            _marker(draw, "diamond" if i in marked else "circle", *centres[k], r, color_of(i), s)
     return img.reduce(s)

@@ -4,8 +4,10 @@
 
 The graph maps a normalised image batch `image` [N, 3, H, W] (any N, H, W) to `logits`
 [N, K, H/s, W/s] at the head's stride s, like `model(x)`. What a runtime needs around it —
-class names, palette, mean/std (0-255 units), stride and the ISR setting the graph was traced
-with — is stored in the file's metadata_props under "transeg" (JSON).
+class names, palette, mean/std (0-255 units), stride, the ISR setting the graph was traced with
+and the test protocol (the input-size rule: keep-ratio resize, size divisor, whole / sliding
+window; `protocol`, `Protocol.to_meta`'s form, and `protocol_text`) — is stored in the file's
+metadata_props under "transeg" (JSON); "test_protocol" holds the protocol as one readable line.
 """
 import contextlib
 import io
@@ -50,10 +52,16 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
     path = output_file(path, example="model.onnx")  # a folder, or a folder that cannot be written: said now
     model = model.eval().float()
     stride = getattr(model.decode_head, "stride", None)
+    protocol = model.protocol
     meta = {"variant": model.meta.get("variant"), "num_classes": model.num_classes, "classes": model.classes,
             "palette": model.meta.get("palette"), "mean": model.meta.get("mean"), "std": model.meta.get("std"),
             "stride": stride, "isr": {k: list(v) for k, v in model.isr.items()}, "input": "image [N,3,H,W] normalised",
-            "output": "logits [N,K,H/stride,W/stride]", "static_size": list(sample_size) if static else None}
+            "output": "logits [N,K,H/stride,W/stride]", "static_size": list(sample_size) if static else None,
+            # how the model's reported numbers were measured, i.e. what to do to an image before the graph:
+            # keep-ratio resize into `scale`, sizes rounded up to `size_divisor`, whole image or windows
+            "protocol": protocol.to_meta(), "protocol_text": protocol.describe(),
+            "preprocess": "RGB, resized as `protocol` says, (pixel - mean) / std with mean/std in 0-255 units, "
+                          "NCHW float32; argmax over K of the logits upsampled (bilinear) to the image's size"}
     # batch 2 in the example so that torch.export keeps the batch dimension symbolic (1 would specialise it)
     x = torch.randn(1 if static else 2, 3, *sample_size)
     auto = torch.export.Dim.AUTO
@@ -80,8 +88,9 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
         raise TransegError(f"{path}: ONNX export failed at trace size {sample_size[0]}x{sample_size[1]} ({first}){hint}") from None
     finally:
         quiet.setLevel(level)
-    entry = proto.metadata_props.add()
-    entry.key, entry.value = "transeg", json.dumps(meta)
+    for key, value in (("transeg", json.dumps(meta)), ("test_protocol", protocol.describe())):
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
     report = {"path": str(path), "opset": proto.opset_import[0].version, "isr": describe(model.isr)}
 
     def write_and_check(tmp):

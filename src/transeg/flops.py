@@ -120,8 +120,16 @@ def variant_table(family=None, count_flops=True, progress=False):
     single-scale mIoU per dataset. Counted on the meta device: no weights are allocated."""
     from tqdm import tqdm
 
-    from .registry import VARIANTS
+    from .registry import VARIANTS, families
 
+    if family is not None and family not in families():
+        import difflib
+
+        from .errors import TransegError
+
+        near = difflib.get_close_matches(family, families(), n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise TransegError(f"unknown family {family!r}; {hint}families: {', '.join(families())}")
     names = [n for n, v in VARIANTS.items() if family in (None, v.family)]
     rows = []
     for name in tqdm(names, desc="measuring on the meta device", leave=False, disable=not progress):

@@ -217,11 +217,13 @@ class Segmentation:
         mask.putpalette([v for c in self.palette for v in c] + [0] * (768 - 3 * len(self.palette)))
         return mask
 
-    def overlay(self, alpha=0.5):
-        """The image with the class colours blended over it."""
-        from .viz import overlay
+    def overlay(self, alpha=0.5, legend=False):
+        """The image with the class colours blended over it; with `legend`, the classes present, their
+        colours and shares drawn in a corner (`viz.add_legend`: the size stays the image's)."""
+        from .viz import add_legend, overlay
 
-        return overlay(self.image, self.labels, self.palette, alpha=alpha)
+        picture = overlay(self.image, self.labels, self.palette, alpha=alpha)
+        return add_legend(picture, self.labels, self.classes, self.palette) if legend else picture
 
 
 def read_input(item, max_pixels=MAX_PIXELS):
@@ -310,3 +312,39 @@ def segment(model, inputs, protocol=None, probabilities=False, batch_size=1, max
             yield from flush()
     if pending:
         yield from flush()
+
+
+def read_truth(path, num_classes, ignore_index=255):
+    """A ground-truth mask for `transeg predict --truth`: a single-channel index PNG (mode L, P or
+    16-bit) whose values are class ids or `ignore_index`, as int64 [H,W]. Anything else is one line
+    naming the file."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as m:
+            m.load()
+            mode, raw = m.mode, np.asarray(m)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise TransegError(f"{path}: cannot read the mask ({str(e).splitlines()[0][:120]})") from None
+    if raw.ndim != 2:
+        raise TransegError(f"{path}: is a {mode} colour image; a truth mask is a single-channel index PNG whose "
+                           "values are class ids (as the masks/ of a dataset folder)")
+    label = raw.astype(np.int64)
+    bad = np.unique(label[(label != ignore_index) & ((label < 0) | (label >= num_classes))])
+    if bad.size:
+        raise TransegError(f"{path}: label value {int(bad[0])} is outside the model's {num_classes} classes "
+                           f"(allowed 0..{num_classes - 1} and {ignore_index}=ignore)")
+    return label
+
+
+def dataset_samples(model, dataset, protocol=None, count=4):
+    """The first `count` items of an evaluation dataset (items: uint8 image [3,H,W], label [H,W]) with the
+    model's prediction under `protocol`, as `viz.prediction_grid` samples ("val 0", "val 1", ...)."""
+    samples = []
+    for i in range(min(count, len(dataset))):
+        item = dataset[i]
+        image = np.ascontiguousarray(item["image"].permute(1, 2, 0).numpy())
+        seg = next(segment(model, [image], protocol))
+        samples.append({"image": image, "prediction": seg.labels, "truth": item["label"].numpy(),
+                        "title": f"{getattr(dataset, 'split', None) or 'sample'} {i}"})
+    return samples

@@ -84,3 +84,15 @@ def poly_warmup_factor(it, max_iters, power=1.0, min_lr_ratio=0.0, warmup_iters=
 def build_scheduler(optimizer, max_iters, power=1.0, min_lr_ratio=0.0, warmup_iters=0, warmup_ratio=1e-6):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_warmup_factor(
         min(it, max_iters), max_iters, power, min_lr_ratio, warmup_iters, warmup_ratio))
+
+
+def sync_lr(optimizer, scheduler):
+    """Set every group's lr to what `scheduler` gives at the iteration it is at. After a training state
+    saved under another schedule length (`--resume` with new `iters`) is loaded, the groups still hold
+    the old schedule's lr for that iteration; this lays the new schedule over it from there on, so that
+    the very next step already uses the new length. Returns the lr of the first group."""
+    lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = list(lrs)  # what get_last_lr() reports (no public setter)
+    return lrs[0]

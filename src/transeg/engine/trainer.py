@@ -33,14 +33,20 @@ from ..errors import TransegError
 from ..flops import count_params
 from ..protocol import Protocol
 from ..registry import create_model
-from .config import TrainConfig, resolve
+from .config import FIELDS, TrainConfig, resolve, show
 from .evaluate import evaluate
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, sync_lr
 
 STATE_FILE = "train_state.pt"
-# Settings a resumed run must share with the run it continues (others, e.g. eval_interval, may change).
-RESUME_KEYS = ("model", "model_args", "data", "iters", "batch_size", "accum_steps", "lr", "seed", "crop_size",
-               "scale", "optimizer", "weight_decay", "warmup_iters", "power")
+# Settings --resume may change: they do not change what the run computed so far, only how long it goes on
+# (iters: longer, or shorter down to where it is; the poly schedule then runs over the new length from the
+# current iteration on, see `_resume_schedule`), how often it evaluates, saves and logs, where and how fast it
+# computes, and how it tests. global_batch may be restated: the batch_size it gives is compared. Every other
+# key (model, data, augmentation, optimizer, schedule shape, loss, seed, ...) must be the run's own.
+RESUME_FREE = ("iters", "eval_interval", "ckpt_interval", "log_interval", "workers", "device", "amp", "compile",
+               "tensorboard", "out", "global_batch", "test_mode", "test_scale", "test_crop", "test_stride",
+               "size_divisor", "min_short_side", "ms_scales", "ms_flip")
+RESUME_KEYS = tuple(k for k in FIELDS if k not in RESUME_FREE)  # settings a resumed run must share with its run
 
 
 class TrainSamples(Dataset):
@@ -119,22 +125,44 @@ def per_process_batch(cfg, world):
     return dataclasses.replace(cfg, batch_size=share)
 
 
-def build_model(cfg, train_set):
+def build_model(cfg, train_set, log=None):
+    """The model a run starts from: `cfg.pretrained`'s (fine-tuning: every weight from that checkpoint; a
+    new classifier where the data has another number of classes, said in one line through `log`) or a
+    fresh `cfg.model`."""
     classes, palette = list(train_set.classes), list(train_set.palette)
     if cfg.pretrained:
         model = load(cfg.pretrained)
         if model.num_classes != len(classes):
-            raise TransegError(f"{cfg.pretrained}: has {model.num_classes} classes, the data has {len(classes)}")
+            model = _new_classifier(model, cfg.pretrained, len(classes), log)
         model.meta.update(classes=classes, palette=[list(c) for c in palette])
     else:
         model = create_model(cfg.model, num_classes=len(classes), classes=classes, palette=palette, **cfg.model_args)
     if cfg.backbone_weights:
         from ..convert import load_backbone_weights
-        load_backbone_weights(model, cfg.backbone_weights)
+        from ..zoo import backbone_weights
+        load_backbone_weights(model, backbone_weights(cfg.backbone_weights))
     model.meta["dataset"] = cfg.data or "synthetic"
     model.protocol = Protocol(mode=cfg.test_mode, scale=cfg.test_scale, size_divisor=cfg.size_divisor,
                               crop=cfg.test_crop, stride=cfg.test_stride, min_short_side=cfg.min_short_side,
                               ms_scales=cfg.ms_scales, ms_flip=cfg.ms_flip)
+    return model
+
+
+def _new_classifier(source, path, num_classes, log=None):
+    """`source` (a loaded checkpoint) rebuilt for `num_classes` classes: every tensor whose shape does not
+    depend on the class count is copied, the others (the classifier) start from their fresh initialisation."""
+    meta = source.meta
+    args = {k: v for k, v in meta.get("model_args", {}).items() if k != "num_classes"}
+    model = create_model(meta["variant"], num_classes=num_classes, **args)
+    fresh, weights = model.state_dict(), source.state_dict()
+    kept = {k: v for k, v in weights.items() if k in fresh and fresh[k].shape == v.shape}
+    new = [k for k in fresh if k not in kept]
+    model.load_state_dict({**fresh, **kept})
+    model.meta.update({k: v for k, v in meta.items() if k not in ("model_args", "classes", "palette")})
+    if log is not None:
+        more = f" (+{len(new) - 4} more)" if len(new) > 4 else ""
+        log(f"{path}: {source.num_classes} classes, the data has {num_classes}: a new classifier for the "
+            f"{num_classes} classes starts afresh ({', '.join(new[:4])}{more}); every other weight comes from {path}")
     return model
 
 
@@ -312,6 +340,56 @@ def _damaged_state(state_path, out, reason):
             f"with another --out")
 
 
+def _check_resume_settings(state_path, before, cfg, at):
+    """Refuse, in one line, a --resume whose settings change what the run computed so far (RESUME_KEYS),
+    or whose `iters` ends it before the iteration it is at. Keys the saved config lacks (added to transeg
+    after the run was saved) are not compared."""
+    now = cfg.to_dict()
+    changed = [k for k in RESUME_KEYS if k in before and before[k] != now.get(k)]
+    fine_tune = f"--pretrained {state_path.parent / 'model.safetensors'} and another --out"
+    if changed:
+        raise TransegError(
+            f"{state_path}: cannot resume with changed settings {changed}: "
+            + ", ".join(f"{k}={show(now.get(k))} (the run used {show(before[k])})" for k in changed)
+            + f"; --resume may change only {', '.join(RESUME_FREE[:7])} and the test settings; to train on with "
+              f"other settings, start a new run from its weights with {fine_tune}")
+    if cfg.iters < at:
+        raise TransegError(f"{state_path}: iters={cfg.iters}: the run is at iteration {at} already; --resume with "
+                           f"--iters {at} or more (or start a new run from its weights with {fine_tune})")
+
+
+class _Batches:
+    """next() over a DataLoader, with a dataset's own one-line error kept as it is. An exception in a
+    worker process comes back re-raised as its type with torch's text around it ("Caught TransegError in
+    DataLoader worker process 0." and the worker's traceback); the message the dataset wrote is the
+    traceback's last entry, so that is what the error says, as `transeg data check` and `eval` do."""
+
+    PREFIX = f"{TransegError.__module__}.{TransegError.__qualname__}: "
+
+    def __init__(self, loader):
+        self.it = iter(loader)
+
+    def __iter__(self):
+        return self
+
+    def close(self):
+        """Stop the worker processes now. Left to the garbage collector (the loader is in the reference
+        cycle of the error being raised), the queues are finalised first and the workers never hear
+        the stop: each is waited for 5 s and then terminated."""
+        shutdown = getattr(self.it, "_shutdown_workers", None)  # the multi-process iterator's own clean-up
+        if shutdown is not None:
+            shutdown()
+
+    def __next__(self):
+        try:
+            return next(self.it)
+        except TransegError as e:
+            text = str(e)
+            if "DataLoader worker process" not in text or f"\n{self.PREFIX}" not in text:
+                raise
+            raise TransegError(text.rsplit(f"\n{self.PREFIX}", 1)[1].strip()) from None
+
+
 def _nothing_labelled(dataset):
     """True when no item of `dataset` has a labelled pixel. Stops at the first labelled one, so a
     normal dataset costs one mask read; only a dataset that is all ignore is read through. Folder
@@ -350,13 +428,17 @@ def _train(cfg, resume, stop_at, progress, log):
     state_path = out / STATE_FILE
     # the cheap refusals first, before any data or model is built
     if not resume and state_path.exists():
-        raise TransegError(f"{out}: already holds a training run; continue it with --resume or choose another --out")
+        raise TransegError(f"{out}: already holds a training run; continue it with --resume (with a larger --iters to "
+                           f"train it longer) or choose another --out (--pretrained {out / 'model.safetensors'} "
+                           f"fine-tunes from its weights)")
     if resume == "auto":
         resume = state_path.is_file()
     if resume and not state_path.is_file():
         raise TransegError(f"{state_path}: nothing to resume (no training state in {out})")
     device = resolve_device(cfg.device)
     amp_dtype = _amp(cfg, device)
+    if main and cfg.tensorboard:
+        _tensorboard_class()  # a missing extra is refused before any work
     torch.manual_seed(cfg.seed)
 
     if cfg.global_batch:
@@ -366,43 +448,51 @@ def _train(cfg, resume, stop_at, progress, log):
     _check_labelled(train_set, "training", cfg.data)
     _check_labelled(val_set, "validation", cfg.data)
     cfg = resolve(cfg, train_set)
-    model = build_model(cfg, train_set).to(device)
+    model = build_model(cfg, train_set, log=log if main else None).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, custom_keys=cfg.custom_keys,
                                 nesterov=cfg.nesterov)
     scheduler = build_scheduler(optimizer, cfg.iters, cfg.power, cfg.min_lr_ratio, cfg.warmup_iters, cfg.warmup_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start, best, eval_pending = 0, -1.0, False
+    start, best, eval_pending, final_eval = 0, -1.0, False, False
+    # the running loss of the log window the run is in (sum over micro-batches, their count): a resumed run
+    # logs the same window means as an uninterrupted one
+    running = torch.zeros((), device=device)
+    running_n = 0
     if resume:
         state = _read_state(state_path, device)
-        changed = [k for k in RESUME_KEYS if state["config"].get(k) != cfg.to_dict().get(k)]
-        if changed:
-            raise TransegError(f"{state_path}: cannot resume with changed settings {changed}; "
-                               f"the run used " + ", ".join(f"{k}={state['config'].get(k)!r}" for k in changed))
+        before = state["config"]
+        _check_resume_settings(state_path, before, cfg, state["iter"])
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            scaler.load_state_dict(state["scaler"])
+            if scaler.is_enabled() and state["scaler"]:  # empty: saved without fp16 (amp may change on resume)
+                scaler.load_state_dict(state["scaler"])
             torch.set_rng_state(state["rng"]["torch"].cpu())
             if device.type == "cuda" and "cuda" in state["rng"]:
                 torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+            if "loss_sum" in state:  # states saved before it was kept start the window afresh
+                running = state["loss_sum"].to(device=device, dtype=running.dtype).reshape(())
+                running_n = int(state["loss_count"])
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise TransegError(_damaged_state(state_path, out, str(e).splitlines()[0][:160])) from None
         start, best, eval_pending = state["iter"], state["best_miou"], bool(state.get("eval_pending"))
         if main:
             log(f"resuming {out} at iteration {start}/{cfg.iters}")
-            _truncate_log(out / "log.jsonl", start, redo_eval=eval_pending)
-            _remove_stale_temporaries(out)
+        if before.get("iters", cfg.iters) != cfg.iters:
+            old_lr = optimizer.param_groups[0]["lr"]
+            new_lr = sync_lr(optimizer, scheduler)
+            if main:
+                log(f"iters {before['iters']} -> {cfg.iters}: from iteration {start} on, the learning rate follows the "
+                    f"poly schedule over {cfg.iters} iterations (lr {old_lr:.3g} -> {new_lr:.3g} here); the first "
+                    f"{start} iterations keep the {before['iters']}-iteration schedule they were trained with")
+            # a run cut to where it is: no step is left, but the evaluation due at its (new) end is
+            due_before = start % before.get("eval_interval", cfg.eval_interval) == 0 or start == before["iters"]
+            final_eval = start == cfg.iters and not due_before and not eval_pending
     elif main and (out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size:
-        # a run killed before its first checkpoint: nothing to continue, so this run starts over, with a log
-        # of its own (appending would give each iteration twice); the old one is kept aside
-        with _writing(out / "log.previous.jsonl"):
-            os.replace(out / "log.jsonl", out / "log.previous.jsonl")
-        log(f"{out} held a run stopped before its first checkpoint: starting afresh (its log is now log.previous.jsonl)")
-    if main:
-        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        log(f"{out} held a run stopped before its first checkpoint: starting afresh (its log is kept as "
+            f"log.previous.jsonl)")
 
     net = model
     if world > 1:
@@ -429,16 +519,38 @@ def _train(cfg, resume, stop_at, progress, log):
 
     protocol = model.protocol
     if main:
-        log(f"training {cfg.model} ({count_params(model) / 1e6:.2f}M params) on "
+        log(f"training {model.meta.get('variant', cfg.model)} ({count_params(model) / 1e6:.2f}M params) on "
             f"{model.meta['dataset']} ({len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes), "
             f"{cfg.iters} iterations x {cfg.batch_size * cfg.accum_steps * world} images, device {device}"
             + (f", amp {str(amp_dtype).removeprefix('torch.')}" if amp_dtype else "") + f"; eval: {protocol.describe()}")
-    with _writing(out / "log.jsonl"):
-        log_file = (out / "log.jsonl").open("a") if main else None
-    writer = _tensorboard(out) if main and cfg.tensorboard else None
     bar = tqdm(total=end, initial=start, desc="train", disable=not (progress and main), dynamic_ncols=True)
-    running = torch.zeros((), device=device)
-    running_n, t0, result = 0, time.perf_counter(), None
+    log_file = writer = None
+    timed_n, t0, result = 0, time.perf_counter(), None
+    started = False
+
+    def begin():
+        """The run folder's files are written once the run really starts (its first finished step, or the
+        evaluation a resumed run owes): a start that fails (bad data, a model that does not fit the
+        device, ...) leaves config.yaml, log.jsonl and an earlier run's log as they were."""
+        nonlocal started, log_file, writer
+        if started or not main:
+            return
+        started = True
+        log_path = out / "log.jsonl"
+        if resume:
+            _truncate_log(log_path, start, redo_eval=eval_pending)
+            _remove_stale_temporaries(out)
+        elif log_path.is_file() and log_path.stat().st_size:
+            # a run killed before its first checkpoint: nothing to continue, so this run starts over, with a log
+            # of its own (appending would give each iteration twice); the old one is kept aside
+            with _writing(out / "log.previous.jsonl"):
+                os.replace(log_path, out / "log.previous.jsonl")
+        text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+        atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
+        with _writing(log_path):
+            log_file = log_path.open("a")
+        writer = _tensorboard(out) if cfg.tensorboard else None
+
     saved_at = start if resume else None
     completed = start  # optimizer steps finished: what the model, optimizer, scheduler and RNG now hold
     evaluated = None if eval_pending else start  # the last iteration whose evaluation finished
@@ -458,6 +570,7 @@ def _train(cfg, resume, stop_at, progress, log):
 
     def evaluate_at(done):
         nonlocal result, best, evaluated
+        begin()
         check_weights(done)  # a broken model must not become best.safetensors
         result = evaluate(model, val_part, protocol, device, amp_dtype, progress=False)
         net.train()
@@ -475,11 +588,14 @@ def _train(cfg, resume, stop_at, progress, log):
 
     def checkpoint(done):
         nonlocal saved_at
+        begin()
         check_weights(done)
         save(model, out / "model.safetensors")
         state = {"iter": done, "best_miou": best, "config": cfg.to_dict(), "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                 # the log window in progress, so that a resumed run logs the means an uninterrupted one does
+                 "loss_sum": running.detach().cpu().clone(), "loss_count": running_n,
                  # an evaluation due at `done` that an interruption cut short: --resume runs it first
                  "eval_pending": evaluated != done and (done % cfg.eval_interval == 0 or done == cfg.iters)}
         if device.type == "cuda":
@@ -487,13 +603,36 @@ def _train(cfg, resume, stop_at, progress, log):
         atomic_write(state_path, lambda tmp: torch.save(state, tmp))
         saved_at = done
 
+    def log_window(done):
+        """The log record of the window ending at `done`: mean loss over its micro-batches, lr, speed."""
+        nonlocal running_n, timed_n, t0
+        mean_loss = (running / running_n).item()  # the one host sync per log interval
+        if not math.isfinite(mean_loss):
+            raise TransegError(f"loss became {mean_loss} by iteration {done}; {where()}; lower lr or "
+                               f"use amp=no, then {again()}")
+        record = {"iter": done, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"]}
+        if timed_n:  # none for the window a run cut short by --resume --iters ends with
+            record["sec_per_iter"] = round((time.perf_counter() - t0) / timed_n * cfg.accum_steps, 4)
+        running.zero_()
+        running_n, timed_n, t0 = 0, 0, time.perf_counter()
+        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
+        if main:
+            with _writing(out / "log.jsonl"):
+                _write(log_file, writer, record)
+
     interrupts = _Interrupts(enabled=world == 1)
+    batches = None
     try:
         with interrupts:
-            if eval_pending:
+            if final_eval and running_n:
+                begin()
+                log_window(start)  # the window the new end closes, as a run of this length logs it
+            if eval_pending or final_eval:
                 evaluate_at(start)
                 t0 = time.perf_counter()
-            batches = iter(loader)
+            if final_eval and main:
+                checkpoint(start)  # the state now records the run's new end
+            batches = _Batches(loader)
             net.train()
             for it in range(start, end):
                 image, label = next(batches)
@@ -511,6 +650,7 @@ def _train(cfg, resume, stop_at, progress, log):
                             scaler.scale(loss / cfg.accum_steps).backward()
                         running += loss.detach()
                         running_n += 1
+                        timed_n += 1
                     if cfg.clip_grad_norm:
                         scaler.unscale_(optimizer)
                         torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.clip_grad_norm)
@@ -519,20 +659,11 @@ def _train(cfg, resume, stop_at, progress, log):
                     optimizer.zero_grad(set_to_none=True)
                     scheduler.step()
                     done = completed = it + 1
+                    begin()
                     bar.update(1)
-                    if done % cfg.log_interval == 0 or done == end:
-                        mean_loss = (running / running_n).item()  # the one host sync per log interval
-                        if not math.isfinite(mean_loss):
-                            raise TransegError(f"loss became {mean_loss} by iteration {done}; {where()}; lower lr or "
-                                               f"use amp=no, then {again()}")
-                        record = {"iter": done, "loss": round(mean_loss, 5), "lr": optimizer.param_groups[0]["lr"],
-                                  "sec_per_iter": round((time.perf_counter() - t0) / running_n * cfg.accum_steps, 4)}
-                        running.zero_()
-                        running_n, t0 = 0, time.perf_counter()
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
-                        if main:
-                            with _writing(out / "log.jsonl"):
-                                _write(log_file, writer, record)
+                    # at the run's end, not where stop_at or Ctrl-C cut it: the window goes on after --resume
+                    if done % cfg.log_interval == 0 or done == cfg.iters:
+                        log_window(done)
                 if done % cfg.eval_interval == 0 or done == cfg.iters:
                     evaluate_at(done)
                 if main and (done % cfg.ckpt_interval == 0 or done == end):
@@ -557,9 +688,16 @@ def _train(cfg, resume, stop_at, progress, log):
         if main:
             _close(log_file, writer)
         raise
+    finally:
+        if batches is not None:
+            batches.close()
     bar.close()
     if main:
         _close(log_file, writer)
+        if resume and start >= end and not (eval_pending or final_eval):
+            log(f"{out}: the run is at iteration {start}/{cfg.iters}: nothing left to train"
+                + (f"; to train it longer, --resume with --iters above {start}" if start == cfg.iters else ""))
+            return result
         records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines() if line.strip()]
         chart = curves_chart(records, keys=("loss", "mIoU"), title=f"{cfg.model} on {model.meta['dataset']}")
         atomic_write(out / "curves.png", lambda tmp: chart.save(tmp, format="PNG"))
@@ -595,12 +733,16 @@ def _write(log_file, writer, record):
                 writer.add_scalar(key, value, record["iter"])
 
 
-def _tensorboard(out):
+def _tensorboard_class():
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise TransegError("tensorboard=true needs the tensorboard extra: pip install 'transeg[tensorboard]'") from None
-    return SummaryWriter(str(out / "tb"))
+    return SummaryWriter
+
+
+def _tensorboard(out):
+    return _tensorboard_class()(str(out / "tb"))
 
 
 def _record_iter(line):
