@@ -14,7 +14,7 @@ from .backbones import EmbeddingFreeTransformer, MixVisionTransformer, SeMaskSwi
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from .errors import TransegError
 from .backbones.semask import global_stages_mask2former
-from .heads import (ATMHead, EDAFormerHead, LinearDecoder, MaskTransformer, SegFormerHead, SeMaskFPNHead,
+from .heads import (ATMHead, EDAFormerHead, EoMTHead, LinearDecoder, MaskTransformer, SegFormerHead, SeMaskFPNHead,
                     SeMaskMask2FormerHead, TPNATMHead)
 from .segmentor import Segmentor
 
@@ -368,3 +368,49 @@ register(Variant(
                 miou_ms={"ade20k": 57.52, "cityscapes": 84.98},
                 reference="Jain et al., SeMask (README of Picsart-AI-Research/SeMask-Segmentation, SeMask-Mask2Former)"),
 ))
+
+
+# --------------------------------------------------------------------------------------------- EoMT
+def build_eomt(num_classes, embed_dim, depth, num_heads, patch_size=16, crop=512, num_queries=100, query_blocks=4,
+               num_register_tokens=4, layer_scale_init=1e-5, norm_eps=1e-6, drop_path_rate=0.0, mask_annealing=None,
+               num_points=12544):
+    """EoMT: DINOv2's ViT (register tokens, LayerScale, position embeddings for the patches only, LN eps 1e-6)
+    whose last `query_blocks` blocks also carry `num_queries` learned queries, and the mask module on them.
+    crop: the training crop (the position-embedding grid; the authors' model runs at exactly this size and
+    their semantic test windows it). mask_annealing: ((start per block), (end per block)[, power]) in
+    training iterations, the authors' schedule; None keeps `attn_mask_probs` as they are."""
+    backbone = VisionTransformer(img_size=(crop, crop), patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                                 num_heads=num_heads, drop_path_rate=drop_path_rate, norm_eps=norm_eps, num_classes=0,
+                                 pos_interp="bicubic", num_register_tokens=num_register_tokens, class_pos_embed=False,
+                                 layer_scale_init=layer_scale_init, num_queries=num_queries, query_blocks=query_blocks,
+                                 mask_annealing=mask_annealing)
+    head = EoMTHead(embed_dim, num_classes, patch_size, num_points=num_points)
+    backbone.mask_predictor = head.predict  # the masked attention asks the head for masks (a reference, not a submodule)
+    return Segmentor(backbone, head, num_classes)
+
+
+def _eomt(name, *, crop, official_classes, official_params, mask_annealing, miou, **paper):
+    """One EoMT row: the training crop (position-embedding grid), the class count of the dataset the authors
+    released it for, their model's params at that count, the per-block annealing schedule of their config
+    ((starts), (ends) in iterations), and the paper's facts."""
+    register(Variant(
+        name=f"eomt-{name}", family="eomt", build=build_eomt,
+        kwargs=dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, crop=crop, mask_annealing=mask_annealing),
+        paper=Paper(official_params=official_params, official_classes=official_classes,
+                    gflops={f"{crop}x{crop}@{official_classes}": None}, gflops_convention="fvcore", miou=miou,
+                    reference="Kerssies et al., EoMT, CVPR 2025 (tue-mps/eomt model_zoo/dinov2.md)", **paper),
+    ))
+
+
+# DINOv2 ViT-L/16 with 4 registers (timm's vit_large_patch14_reg4_dinov2 re-patched to 16), 100 queries in the last
+# 4 blocks: the authors' semantic configs (configs/dinov2/{ade20k,cityscapes}/semantic). official_params: Hugging
+# Face's EomtForUniversalSegmentation at the same config (the authors' timm model has the same parameters), counted
+# on the meta device; params_m: the paper's 316M for EoMT-L. mIoU: the model zoo's (single-scale, windowed test).
+# GFLOPs: counted per crop-sized forward (fvcore convention: 394.8 at 512x512). The paper's ADE20K table gives 721 per
+# image, which is its windowed test over the validation images (about 1.8 windows of 394.8 each), not one forward,
+# so it is not listed here. Annealing: per block, iterations from the config (ADE20K 31 epochs x 1263 iterations,
+# Cityscapes 107 x 185).
+_eomt("dinov2-l16", crop=512, official_classes=150, official_params=316_020_887, params_m=316,
+      mask_annealing=((6520, 13040, 19560, 26080), (13040, 19560, 26080, 32600)), miou={"ade20k": 58.4})
+_eomt("dinov2-l16-cityscapes", crop=1024, official_classes=19, official_params=319_032_340,
+      mask_annealing=((3317, 6634, 9951, 13268), (6634, 9951, 13268, 16585)), miou={"cityscapes": 84.2})

@@ -16,7 +16,7 @@ from typing import Callable
 from ..checkpoint import load_foreign, load_state_dict_checked
 from ..data.classes import by_count
 from ..errors import TransegError
-from . import edaformer, segformer, segformer_hf, segmenter, semask, segvit
+from . import edaformer, eomt, segformer, segformer_hf, segmenter, semask, segvit
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,7 @@ class _Format:
 
 _FORMATS = {
     "edaformer": _Format(edaformer),
+    "eomt": _Format(eomt, read=Path),  # the authors' file, or Hugging Face's directory / file: the converter reads it
     "segformer": _Format(segformer),
     "segformer-hf": _Format(segformer_hf, read=Path),  # a save_pretrained directory: the converter reads it
     "semask": _Format(semask),

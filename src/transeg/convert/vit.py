@@ -79,18 +79,41 @@ def from_augreg(npz):
     return {k: v.float().contiguous() for k, v in out.items()}
 
 
+def resample_patch_embed(weight, size):
+    """Patch-embedding kernels [D, C, p, p] -> [D, C, size, size] by FlexiViT's PI-resize (Beyer et al. 2023),
+    as timm does when a checkpoint meets another patch size (DINOv2's 14 -> EoMT's 16): the kernel w' for
+    which <resize(x), w'> = <x, w> for every patch x, i.e. w' = pinv(R^T) w with R the resize of each pixel
+    basis vector (bicubic, antialiased, as timm's default)."""
+    old = weight.shape[-1]
+    basis = torch.eye(old * old, dtype=torch.float64).reshape(-1, 1, old, old)
+    resize = torch.nn.functional.interpolate(basis, size=(size, size), mode="bicubic", antialias=True,
+                                             align_corners=False).reshape(old * old, size * size)  # rows: R^T
+    pinv = torch.linalg.pinv(resize)  # [size², old²]
+    flat = weight.double().reshape(-1, old * old)
+    return (flat @ pinv.T).reshape(*weight.shape[:2], size, size).to(weight.dtype)
+
+
 def fit_to(backbone, state, source):
-    """Resize `pos_embed` to the backbone's grid (square source grid) and keep/drop the ImageNet heads
-    as the backbone has them."""
+    """Resize `pos_embed` to the backbone's grid (square source grid), resample the patch embedding to
+    the backbone's patch size, and keep/drop the ImageNet heads as the backbone has them."""
     from ..backbones.vit import resize_pos_embed
+
+    kernel = state.get("patch_embed.proj.weight")
+    if kernel is not None and kernel.shape[-1] != backbone.patch_size and kernel.shape[-1] == kernel.shape[-2]:
+        state["patch_embed.proj.weight"] = resample_patch_embed(kernel, backbone.patch_size)
 
     pe = state.get("pos_embed")
     if pe is not None and pe.shape != backbone.pos_embed.shape:
-        tokens = pe.shape[1] - backbone.num_extra
+        extra = backbone.num_extra if getattr(backbone, "class_pos_embed", True) else 0  # DINOv2: patches only
+        tokens = pe.shape[1] - extra
         side = math.isqrt(tokens)
         if side * side != tokens:
             raise TransegError(f"{source}: position embeddings for {tokens} patches are not a square grid")
-        state["pos_embed"] = resize_pos_embed(pe, (side, side), backbone.grid, backbone.num_extra, backbone.pos_interp)
+        state["pos_embed"] = resize_pos_embed(pe, (side, side), backbone.grid, extra, backbone.pos_interp)
+    if getattr(backbone, "num_queries", 0):  # EoMT: queries and masked-attention state are not in encoder weights
+        own = backbone.state_dict()
+        for key in ("queries.weight", "attn_mask_probs", "mask_annealing_iter"):
+            state.setdefault(key, own[key].detach().clone())
     for head in ("head", "head_dist"):
         mine, theirs = getattr(backbone, head), state.get(f"{head}.weight")
         if mine is None or theirs is None or theirs.shape != mine.weight.shape:

@@ -154,9 +154,10 @@ class MultiHeadSelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, context=None):
+    def forward(self, x, context=None, attn_mask=None):
         """Self-attention; with `context`, the queries come from `x` and keys/values from `context`
-        through the same fused weights (SegViT's query-based down-sampling)."""
+        through the same fused weights (SegViT's query-based down-sampling). `attn_mask`: a boolean
+        mask broadcastable to [N, heads, L, S], True where a query may attend (EoMT's masked attention)."""
         n, length, c = x.shape
         heads = self.num_heads
         if context is None:
@@ -166,5 +167,5 @@ class MultiHeadSelfAttention(nn.Module):
             q = F.linear(x, w[:c], None if b is None else b[:c]).reshape(n, length, heads, c // heads).transpose(1, 2)
             k, v = F.linear(context, w[c:], None if b is None else b[c:]).reshape(
                 n, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.attn_drop if self.training else 0.0)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p=self.attn_drop if self.training else 0.0)
         return self.proj_drop(self.proj(out.transpose(1, 2).reshape(n, length, c)))

@@ -1,0 +1,177 @@
+"""EoMT checkpoints -> transeg: the authors' files (tue-mps/eomt, Lightning state dicts whose keys start
+with `network.`: timm's ViT under `network.encoder.backbone`, `network.q`, `network.class_head`,
+`network.mask_head.{0,2,4}`, `network.upscale.i`, `network.attn_mask_probs`) and Hugging Face's
+`EomtForUniversalSegmentation` (a save_pretrained directory or its weights file: `embeddings.*`,
+`layers.i.attention.{q,k,v,out}_proj`, `layers.i.layer_scale{1,2}.lambda1`, `query`, `upscale_block.block.i`,
+`mask_head.fc{1,2,3}`, `class_predictor`).
+
+Hugging Face's names are first mapped to the authors' (q/k/v fused into timm's `qkv`, rows q | k | v),
+then the authors' to transeg's: the encoder is transeg's `VisionTransformer` with timm's names, so the
+ViT keys only lose their prefix; the queries and the masked-attention probabilities are the backbone's
+(`backbone.queries`, `backbone.attn_mask_probs`), the mask module the head's.
+
+The variant is found from shapes: width, depth, patch size, and the training crop (the position
+embeddings' grid times the patch). DINOv3 checkpoints (RoPE, no position embeddings) are not read yet.
+"""
+import json
+import math
+import re
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_foreign
+from ..errors import TransegError
+from ..protocol import Protocol
+from .mmseg import match_variant
+
+DESCRIPTION = ("EoMT: the authors' checkpoint (tue-mps/eomt, DINOv2) or a Hugging Face EomtForUniversalSegmentation "
+               "save_pretrained directory / weights file")
+
+_HF_RULES = [  # (HF key pattern, the authors' key), applied in order; \1 etc. from the pattern
+    (r"embeddings\.cls_token$", "network.encoder.backbone.cls_token"),
+    (r"embeddings\.register_tokens$", "network.encoder.backbone.reg_token"),
+    (r"embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"network.encoder.backbone.patch_embed.proj.\1"),
+    (r"layers\.(\d+)\.(norm1|norm2)\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.\2.\3"),
+    (r"layers\.(\d+)\.attention\.out_proj\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.attn.proj.\2"),
+    (r"layers\.(\d+)\.layer_scale([12])\.lambda1$", r"network.encoder.backbone.blocks.\1.ls\2.gamma"),
+    (r"layers\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.mlp.\2.\3"),
+    (r"layernorm\.(weight|bias)$", r"network.encoder.backbone.norm.\1"),
+    (r"query\.weight$", "network.q.weight"),
+    (r"upscale_block\.block\.(\d+)\.(conv1|conv2)\.(weight|bias)$", r"network.upscale.\1.\2.\3"),
+    (r"upscale_block\.block\.(\d+)\.layernorm2d\.(weight|bias)$", r"network.upscale.\1.norm.\2"),
+    (r"mask_head\.fc([123])\.(weight|bias)$", None),  # fc1/2/3 -> Sequential indices 0/2/4, below
+    (r"class_predictor\.(weight|bias)$", r"network.class_head.\1"),
+    (r"attn_mask_probs$", "network.attn_mask_probs"),
+]
+_HF_QKV = re.compile(r"layers\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
+_DROPPED = re.compile(r"(criterion\.empty_weight|embeddings\.position_ids|network\.encoder\.pixel_(mean|std))$")
+
+
+def hf_to_authors(state, source):
+    """Hugging Face EomtForUniversalSegmentation names -> the authors' (`network.` prefix)."""
+    out, qkv, unmapped = {}, {}, []
+    for key, value in state.items():
+        key = key.removeprefix("eomt.")
+        if _DROPPED.search(key):
+            continue
+        if m := _HF_QKV.match(key):
+            i, part, leaf = m.groups()
+            qkv.setdefault(f"network.encoder.backbone.blocks.{i}.attn.qkv.{leaf}", {})[part] = value
+            continue
+        if key == "embeddings.position_embeddings.weight":
+            out["network.encoder.backbone.pos_embed"] = value[None]
+            continue
+        if m := re.match(r"mask_head\.fc([123])\.(weight|bias)$", key):
+            out[f"network.mask_head.{2 * (int(m.group(1)) - 1)}.{m.group(2)}"] = value
+            continue
+        for pattern, target in _HF_RULES:
+            if target is not None and re.match(pattern, key):
+                out[re.sub(pattern, target, key)] = value
+                break
+        else:
+            unmapped.append(key)
+    if unmapped:
+        gated = [k for k in unmapped if re.search(r"mlp\.(weights_in|weights_out|gate_proj|up_proj|down_proj)", k)]
+        what = "a SwiGLU feed-forward (ViT-g), which transeg's EoMT does not build" if gated else "unexpected keys"
+        raise TransegError(f"{source}: {what}: {', '.join(sorted(unmapped)[:6])}" + (" ..." if len(unmapped) > 6 else ""))
+    for key, parts in qkv.items():
+        if set(parts) != {"q", "k", "v"}:
+            raise TransegError(f"{source}: {key.rsplit('.', 2)[0]} lacks {sorted({'q', 'k', 'v'} - set(parts))} projections")
+        out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+def authors_to_transeg(state, source):
+    """The authors' names -> transeg's Segmentor names (the ViT keys keep timm's names)."""
+    out, unmapped = {}, []
+    for key, value in state.items():
+        if _DROPPED.search(key):
+            continue
+        if key.startswith("network.encoder.backbone."):
+            out["backbone." + key.removeprefix("network.encoder.backbone.")] = value
+        elif key == "network.q.weight":
+            out["backbone.queries.weight"] = value
+        elif key == "network.attn_mask_probs":
+            out["backbone.attn_mask_probs"] = value
+        elif key.startswith(("network.class_head.", "network.mask_head.", "network.upscale.")):
+            out["decode_head." + key.removeprefix("network.")] = value
+        else:
+            unmapped.append(key)
+    if unmapped:
+        raise TransegError(f"{source}: unexpected keys for EoMT: {', '.join(sorted(unmapped)[:6])}"
+                           + (" ..." if len(unmapped) > 6 else ""))
+    if "rope_embeddings" in " ".join(out) or "backbone.pos_embed" not in out:
+        raise TransegError(f"{source}: an EoMT without absolute position embeddings (DINOv3, RoPE): not supported yet")
+    out["backbone.mask_annealing_iter"] = torch.zeros((), dtype=torch.long)  # fine-tuning restarts the schedule
+    return out
+
+
+def shapes(state, source):
+    """Constructor arguments read off a transeg-named EoMT state: embed_dim, depth, patch_size, crop,
+    num_queries, query_blocks, num_register_tokens, and the class count."""
+    try:
+        proj = state["backbone.patch_embed.proj.weight"]
+        pos = state["backbone.pos_embed"]
+        classes = state["decode_head.class_head.weight"].shape[0] - 1
+        queries = state["backbone.queries.weight"].shape[0]
+        blocks = state["backbone.attn_mask_probs"].shape[0]
+    except KeyError as e:
+        raise TransegError(f"{source}: not an EoMT checkpoint (no {e.args[0]})") from None
+    patch, side = proj.shape[-1], math.isqrt(pos.shape[1])
+    if side * side != pos.shape[1]:
+        raise TransegError(f"{source}: position embeddings for {pos.shape[1]} patches are not a square grid")
+    depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"backbone\.blocks\.(\d+)\.", k)))
+    reg = state["backbone.reg_token"].shape[1] if "backbone.reg_token" in state else 0
+    return dict(embed_dim=proj.shape[0], depth=depth, patch_size=patch, crop=side * patch, num_queries=queries,
+                query_blocks=blocks, num_register_tokens=reg), classes
+
+
+def semantic_protocol(crop):
+    """The authors' semantic test: the image resized (keep ratio) so its short side is the crop, then
+    crop-sized windows along the long side, scores averaged where they overlap, resized back. Their
+    windows are spread evenly; mmseg's grid (stride = crop, the last window shifted to the border) places
+    them identically for up to two windows (every Cityscapes image, ADE20K images up to 2:1)."""
+    return Protocol(mode="slide", crop=(crop, crop), stride=(crop, crop), scale=(64 * crop, crop), size_divisor=None)
+
+
+def _read(src):
+    """(state, config) from a file or a save_pretrained directory (config.json beside the weights)."""
+    src = Path(src)
+    config = {}
+    if src.is_dir():
+        files = [src / n for n in ("model.safetensors", "pytorch_model.bin") if (src / n).is_file()]
+        if not files:
+            raise TransegError(f"{src}: a directory without model.safetensors or pytorch_model.bin")
+        if (src / "config.json").is_file():
+            config = json.loads((src / "config.json").read_text())
+        src = files[0]
+    obj = load_foreign(src)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise TransegError(f"{src}: expected a dict of tensors (an EoMT state dict)")
+    return obj, config
+
+
+def convert(obj, source, model=None):
+    from ..registry import get_variant
+
+    state, config = _read(obj) if isinstance(obj, (str, Path)) else (obj, {})
+    if not any(k.startswith("network.") for k in state):
+        state = hf_to_authors(state, source)
+    state = authors_to_transeg(state, source)
+    found, num_classes = shapes(state, source)
+    if config.get("model_type", "eomt") != "eomt":
+        raise TransegError(f"{source}: a {config['model_type']} model, not EoMT with DINOv2")
+    if config.get("num_attention_heads"):
+        found["num_heads"] = config["num_attention_heads"]
+    if model is None:
+        model = match_variant("eomt", source, hint=" (an eomt-* name)", embed_dim=found["embed_dim"],
+                              depth=found["depth"], patch_size=found["patch_size"], crop=found["crop"])
+    arguments = get_variant(model).arguments()
+    overrides = {k: v for k, v in found.items() if k in arguments and arguments[k] != v}
+    if "query_blocks" in overrides:  # the variant's annealing schedule is per block of its own count
+        overrides["mask_annealing"] = None
+    return dict(variant=model, num_classes=num_classes, state=state, classes=None, palette=None,
+                overrides=overrides, test=semantic_protocol(found["crop"]))

@@ -1,0 +1,256 @@
+"""EoMT (Kerssies et al., CVPR 2025): Hugging Face's EomtForUniversalSegmentation is the oracle. Its
+parameters equal the authors' timm-based model (same modules, same shapes), and its forward is theirs, so
+a seeded HF model converted with `transeg convert --from eomt` (HF names, or the authors' names the
+converter also reads) must give the same mask and class logits, and the same per-pixel semantic scores the
+authors' semantic inference forms from them (sum over queries of softmax(class) x sigmoid(mask))."""
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import transeg
+from seeded import seeded_input, seeded_state_dict
+from transeg.backbones.vit import MaskAnnealing
+from transeg.flops import count_gmacs, count_params, meta_model
+from transeg.heads.mask2former_loss import mask2former_loss, semantic_targets
+from transeg.registry import VARIANTS
+
+transformers = pytest.importorskip("transformers")
+from transformers import EomtConfig, EomtForUniversalSegmentation  # noqa: E402
+
+# A 4-block ViT (width 64, 4 heads, patch 16, 4 registers) on 64x64 inputs, 10 queries joining the last 2 blocks,
+# 5 classes: every part of the real model (queries, registers, LayerScale, masked attention, 2 upscale blocks).
+TINY = dict(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, image_size=64, patch_size=16, num_queries=10,
+            num_blocks=2, num_labels=5, num_register_tokens=4)
+
+
+def _hf_model(probs, seed=0):
+    """HF's model with seeded weights (tests/seeded.py) and masked-attention probability `probs` per block."""
+    torch.manual_seed(seed)
+    hf = EomtForUniversalSegmentation(EomtConfig(**TINY))
+    state = hf.state_dict()
+    shapes = [(k, v.shape) for k, v in state.items() if k not in ("attn_mask_probs", "criterion.empty_weight")]
+    state.update(seeded_state_dict(shapes, seed))
+    state["attn_mask_probs"] = torch.full((TINY["num_blocks"],), float(probs))
+    hf.load_state_dict(state)
+    return hf
+
+
+def _converted(hf, tmp_path, layout="hf"):
+    """HF's save_pretrained directory (or the authors' Lightning file) through `transeg convert`."""
+    from transeg.convert import convert
+    from transeg.convert.eomt import hf_to_authors
+
+    if layout == "hf":
+        hf.save_pretrained(tmp_path / "hf")
+        src = tmp_path / "hf"
+    else:
+        src = tmp_path / "pytorch_model.bin"
+        authors = hf_to_authors(hf.state_dict(), "hf")
+        authors["criterion.empty_weight"] = torch.ones(TINY["num_labels"] + 1)
+        torch.save({"state_dict": authors}, src)
+    # the authors' file has no config: the head count (not in the weights) comes from the variant (16) unless given
+    return convert(src, "eomt", model="eomt-dinov2-l16") if layout == "hf" else _with_heads(src)
+
+
+def _with_heads(src):
+    from transeg.checkpoint import load_state_dict_checked
+    from transeg.convert import eomt
+
+    found = eomt.convert(src, src, model="eomt-dinov2-l16")
+    model = transeg.create_model(found["variant"], num_classes=found["num_classes"],
+                                 **{**found["overrides"], "num_heads": TINY["num_attention_heads"]})  # overrides: mask_annealing=None too
+    load_state_dict_checked(model, found["state"], source=src)
+    model.protocol = found["test"]
+    return model.eval()
+
+
+@pytest.mark.parametrize("probs", [0.0, 1.0], ids=["released-no-mask", "masked-attention"])
+@pytest.mark.parametrize("layout", ["hf", "authors"])
+def test_logits_equal_hugging_face(probs, layout, tmp_path):
+    """Mask logits, class logits and full-resolution semantic scores within 1e-4 of HF (measured: 0 without
+    the masked attention, ~1e-5 on mask logits of magnitude ~20 with it, which HF applies as -1e9 biases)."""
+    hf = _hf_model(probs).eval()
+    model = _converted(hf, tmp_path, layout)
+    assert model.backbone._probs == [probs] * TINY["num_blocks"]
+    x = seeded_input((2, 3, 64, 64), 1)
+    with torch.no_grad():
+        ref = hf(pixel_values=x)
+        out = model.decode_head.decode(model.backbone(x))
+        scores = model.logits(x)
+    assert (out["pred_masks"] - ref.masks_queries_logits).abs().max() < 1e-4
+    assert (out["pred_logits"] - ref.class_queries_logits).abs().max() < 1e-4
+    masks = F.interpolate(ref.masks_queries_logits, size=(64, 64), mode="bilinear", align_corners=False)
+    expected = torch.einsum("bqhw,bqc->bchw", masks.sigmoid(), ref.class_queries_logits.softmax(-1)[..., :-1])
+    assert scores.shape == (2, TINY["num_labels"], 64, 64)
+    assert (scores - expected).abs().max() < 1e-4
+    # the intermediate predictions exist exactly where masked attention runs
+    assert len(out["aux_outputs"]) == (TINY["num_blocks"] if probs > 0 else 0)
+
+
+def test_converted_checkpoint_carries_the_windowed_test(tmp_path):
+    """The authors' semantic test: short side to the crop (64 here), crop-sized windows along the long side.
+    For a 48x64 image: resized to 64x85 (85 = round(64 * 64 / 48)), windows at columns 0 and 21 (= 85 - 64),
+    as their evenly spread windows place two; the scores come back at 48x64."""
+    from transeg.inference import slide_windows
+    from transeg.data.transforms import TestTransform
+
+    model = _converted(_hf_model(0.0), tmp_path)
+    p = model.protocol
+    assert (p.mode, p.crop, p.stride, p.size_divisor) == ("slide", (64, 64), (64, 64), None)
+    h, w = TestTransform(scale=p.scale, size_divisor=None).output_size((48, 64))
+    assert (h, w) == (64, 85)
+    assert slide_windows(h, w, p.crop, p.stride) == [(0, 64, 0, 64), (0, 64, 21, 85)]
+    image = (torch.rand(3, 48, 64) * 255).to(torch.uint8)
+    assert model.predict(image.permute(1, 2, 0).numpy()).labels.shape == (48, 64)
+
+
+@pytest.mark.parametrize("name", [n for n, v in VARIANTS.items() if v.family == "eomt"])
+def test_params_equal_hugging_face(name):
+    """Parameters at the released class count equal HF's model at the authors' config (built on meta): 316,020,887
+    for ADE20K at 512 (the paper's 316M), 319,032,340 for Cityscapes at 1024 (3072 more position embeddings x 1024)."""
+    v = VARIANTS[name]
+    k, crop = v.paper.official_classes, v.kwargs["crop"]
+    with torch.device("meta"):
+        hf = EomtForUniversalSegmentation(EomtConfig(image_size=crop, num_queries=100, num_labels=k))
+    theirs = sum(p.numel() for p in hf.parameters())
+    assert count_params(meta_model(name, k)) == theirs == v.paper.official_params
+    if v.paper.params_m:
+        assert round(theirs / 1e6) == v.paper.params_m
+
+
+def _expected_gmacs(d, depth, patch, crop, queries, blocks, regs, k):
+    """One forward at crop x crop, in the fvcore convention (matmul/conv MACs without biases, LayerNorm 5 per
+    element, the final bilinear resize of the scores 4 per output element), worked out from the architecture."""
+    g = crop // patch
+    n1 = 1 + regs + g * g          # class + registers + patches
+    n2 = n1 + queries              # ... + queries in the last `blocks` blocks
+    block = lambda n: n * 12 * d * d + 2 * n * n * d + 2 * n * d * 5  # qkv+proj+mlp, QK^T and AV, two LayerNorms
+    macs = g * g * d * 3 * patch * patch                                # patch embedding
+    macs += (depth - blocks) * block(n1) + blocks * block(n2) + n2 * d * 5   # blocks, final norm
+    macs += queries * d * (k + 1) + 3 * queries * d * d                 # class head, mask MLP
+    size = g
+    for _ in range(int(math.log2(patch)) - 2):                          # upscale: transposed conv, depth-wise conv, LN2d
+        macs += size * size * 4 * d * d
+        size *= 2
+        macs += size * size * (9 * d + 5 * d)
+    macs += queries * d * size * size + k * queries * size * size       # mask logits, semantic scores
+    return (macs + 4 * k * crop * crop) / 1e9
+
+
+@pytest.mark.parametrize("name", [n for n, v in VARIANTS.items() if v.family == "eomt"])
+def test_gflops_per_window_in_the_fvcore_convention(name):
+    """394.84 GMACs for one 512x512 window at 150 classes (ADE20K), 2175.50 for 1024x1024 at 19 (Cityscapes):
+    the sum worked out by hand. No masked attention at inference (the released probabilities are 0), so the
+    4 intermediate predictions cost nothing. (The paper's ADE20K table gives 721 per image: its windowed test
+    runs about 1.8 such windows per validation image.)"""
+    v = VARIANTS[name]
+    k, crop = v.paper.official_classes, v.kwargs["crop"]
+    counted = count_gmacs(meta_model(name, k), (crop, crop), convention="fvcore")["total"]
+    assert counted == pytest.approx(_expected_gmacs(1024, 24, 16, crop, 100, 4, 4, k), rel=1e-9)
+    assert counted == pytest.approx({512: 394.84, 1024: 2175.50}[crop], abs=0.01)
+
+
+def test_loss_equals_hugging_face_criterion():
+    """The head's loss is Mask2Former's criterion (tests/test_mask2former_loss.py) with the authors' weights
+    (class 2, mask 5, dice 5, no-object 0.1, 12,544 points) over the final and each intermediate prediction.
+    With the same seed and HF's order of random draws (blocks first, final last), it equals HF's training loss."""
+    hf = _hf_model(1.0).train()
+    model = transeg.create_model("eomt-dinov2-l16", num_classes=TINY["num_labels"], embed_dim=64, depth=4, num_heads=4,
+                                 crop=64, num_queries=10, query_blocks=2, mask_annealing=None)
+    from transeg.convert.eomt import authors_to_transeg, hf_to_authors
+
+    model.load_state_dict(authors_to_transeg(hf_to_authors(hf.state_dict(), "hf"), "hf"))
+    model.train()
+    x = seeded_input((2, 3, 64, 64), 2)
+    label = torch.randint(0, TINY["num_labels"], (2, 64, 64), generator=torch.Generator().manual_seed(3))
+    label[0, :8] = 255
+    targets = semantic_targets(label)
+    torch.manual_seed(4)
+    ref = hf(pixel_values=x, mask_labels=[t["masks"] for t in targets], class_labels=[t["labels"] for t in targets]).loss
+    outputs = model(x)
+    assert len(outputs["aux_outputs"]) == 2
+    cfg = model.decode_head.loss_cfg
+    torch.manual_seed(4)
+    ours = sum(mask2former_loss(o, targets, TINY["num_labels"], **cfg)["loss"]
+               for o in outputs["aux_outputs"] + [{"pred_logits": outputs["pred_logits"], "pred_masks": outputs["pred_masks"]}])
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-4)
+    losses = model.loss(outputs, label)
+    assert set(losses) == {"loss"} | {f"loss_{t}{s}" for t in ("ce", "mask", "dice") for s in ("", "_0", "_1")}
+    losses["loss"].backward()
+    assert model.backbone.queries.weight.grad.abs().sum() > 0
+
+
+def test_mask_annealing_schedule():
+    """The authors' per-block schedule: 1 before its start, (1 - progress)^0.9 between, 0 from its end; a training
+    forward reads the schedule at the passes done so far, so the k-th step (0-based) uses iteration k."""
+    schedule = MaskAnnealing((10, 20), (20, 30))
+    assert schedule(0) == [1.0, 1.0] and schedule(20) == [0.0, 1.0] and schedule(30) == [0.0, 0.0]
+    assert schedule(15)[0] == pytest.approx(0.5 ** 0.9)
+    model = transeg.create_model("eomt-dinov2-l16", num_classes=3, embed_dim=32, depth=2, num_heads=2, crop=32,
+                                 num_queries=4, query_blocks=1, mask_annealing=[[1], [3]]).train()
+    seen = []
+    for _ in range(4):
+        model(torch.randn(1, 3, 32, 32))
+        seen.append(model.backbone._probs[0])
+    assert seen == [1.0, 1.0, pytest.approx(0.5 ** 0.9), 0.0]
+    assert int(model.backbone.mask_annealing_iter) == 4
+    state = model.state_dict()  # a resumed run continues the schedule from the saved iteration
+    fresh = transeg.create_model("eomt-dinov2-l16", num_classes=3, embed_dim=32, depth=2, num_heads=2, crop=32,
+                                 num_queries=4, query_blocks=1, mask_annealing=[[1], [3]])
+    fresh.load_state_dict(state)
+    assert fresh.backbone._iter == 4 and fresh.backbone._probs == [0.0]
+
+
+def test_tiny_eomt_trains_through_the_cli(tmp_path):
+    """The CLI training path: set loss with deep supervision, annealing over the 6 steps, checkpoint round trip."""
+    from conftest import TINY_DATA
+    from transeg.cli import main
+
+    args = dict(embed_dim=64, depth=4, num_heads=4, crop=32, num_queries=10, query_blocks=2, num_points=256,
+                mask_annealing=[[1, 2], [3, 5]])
+    out = tmp_path / "run"
+    assert main(["train", "--model", "eomt-dinov2-l16", "--data", TINY_DATA, "--out", str(out), "--iters", "6",
+                 "--batch-size", "2", "--device", "cpu", "--set", f"model_args={json.dumps(args)}", "warmup_iters=0",
+                 "log_interval=3", "eval_interval=6", "ckpt_interval=6", "lr=1e-3"]) == 0
+    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    model = transeg.load(out / "model.safetensors")
+    assert model.backbone._probs == [0.0, 0.0] and model.backbone._iter == 6
+    assert model.predict(torch.randn(1, 3, 32, 32)).shape == (1, 32, 32)
+
+
+def test_exports_at_a_static_size():
+    """torch.export (what the ONNX exporter traces) takes the released model at one window size: no masked
+    attention, no data-dependent branch; the exported program equals eager."""
+    model = transeg.create_model("eomt-dinov2-l16", num_classes=5, embed_dim=64, depth=4, num_heads=4, crop=64,
+                                 num_queries=10, query_blocks=2, mask_annealing=None).eval()
+    x = torch.randn(1, 3, 64, 64)
+    program = torch.export.export(model, (x,))
+    with torch.no_grad():
+        assert (program.module()(x) - model(x)).abs().max() < 1e-5
+
+
+def test_backbone_weights_read_timm_dinov2(tmp_path):
+    """DINOv2 in timm's layout (patch 14, position embeddings for the patches only, registers, LayerScale) initialises
+    a patch-16 EoMT: the kernel PI-resized (a 14x14 patch and its bicubic 16x16 resize embed to within 1e-3 of each
+    other), the 3x3 position grid resized to 2x2; the queries keep their own initialisation."""
+    from transeg.convert import load_backbone_weights
+
+    kw = dict(num_classes=3, embed_dim=32, depth=2, num_heads=2, num_queries=4, query_blocks=1, mask_annealing=None)
+    source = transeg.create_model("eomt-dinov2-l16", patch_size=14, crop=42, **kw).backbone.state_dict()
+    dinov2 = {k: v for k, v in source.items() if k not in ("queries.weight", "attn_mask_probs", "mask_annealing_iter")}
+    torch.save(dinov2, tmp_path / "dinov2.pth")
+    model = transeg.create_model("eomt-dinov2-l16", crop=32, **kw)
+    queries = model.backbone.queries.weight.detach().clone()
+    load_backbone_weights(model, tmp_path / "dinov2.pth")
+    assert torch.equal(model.backbone.queries.weight, queries)
+    assert torch.equal(model.backbone.blocks[1].ls2.gamma, dinov2["blocks.1.ls2.gamma"])
+    assert model.backbone.pos_embed.shape == (1, 4, 32)
+    x = torch.randn(2, 3, 14, 14)
+    x16 = F.interpolate(x, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+    old = F.conv2d(x, dinov2["patch_embed.proj.weight"])
+    new = F.conv2d(x16, model.backbone.patch_embed.proj.weight)
+    assert (old - new).abs().max() < 1e-3
