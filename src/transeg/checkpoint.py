@@ -331,12 +331,14 @@ def _build_checked(path, meta, shapes):
     return model
 
 
-def load(path, map_location="cpu"):
+def load(path, map_location="cpu", progress=True):
     """Rebuild the model stored in `path`, load its weights, return it in eval mode. The metadata is
-    checked against the file's header before the weights are read, and NaN/inf weights are refused."""
-    path = Path(path)
-    if not path.is_file():
-        raise TransegError(f"{path}: no such checkpoint file")
+    checked against the file's header before the weights are read, and NaN/inf weights are refused.
+    `path`: a transeg .safetensors file, a zoo name (`segformer-b0-ade20k`) or a Hugging Face repo id
+    (`nvidia/segformer-b0-finetuned-ade-512-512`): fetched and converted once, then read from the cache."""
+    from .zoo import resolve
+
+    path = resolve(path, progress=progress)
     meta, shapes = _read_metadata(path)
     model = _build_checked(path, meta, shapes)
     model.meta.update(meta)  # keeps what else the file recorded (normalisation of converted models, dataset, ...)

@@ -7,6 +7,7 @@ from pathlib import Path
 EXAMPLES = """\
 examples:
   transeg models                                      # variants, paper vs measured params / GFLOPs
+  transeg predict segformer-b0-ade20k photo.jpg --out preds/   # a released model by name: fetched once, cached
   transeg train                                       # segformer-b0 on the built-in synthetic set
   transeg train --model segformer-b2 --data my_data/ --out runs/b2 --set iters=40000 lr=1e-4
   transeg eval runs/train/model.safetensors           # mIoU on the data it was trained on
@@ -17,7 +18,62 @@ examples:
   transeg bench edaformer-t --size 1024x2048 --isr-sweep --runs 3           # GFLOPs / latency per ISR setting
   transeg export ckpt.safetensors model.onnx --isr-encoder 2,2,1,1 --isr-decoder 2,2,2
   transeg serve runs/train/model.safetensors              # HTTP API + a page at http://127.0.0.1:8000/
+
+Every verb's --help ends with examples. Verbs that compute take --threads N (torch's CPU threads;
+default: OMP_NUM_THREADS when set, else one per core).
 """
+
+# The examples at the end of each verb's --help (tests/test_newcomer_cli.py parses every one and runs
+# the cheap ones on a tiny model at runs/train/model.safetensors).
+VERB_EXAMPLES = {
+    "models": """\
+  transeg models                                      # every variant: paper vs measured params / GFLOPs
+  transeg models --family segformer --no-flops        # one family, without counting GFLOPs (faster)
+  transeg models --pretrained --family segmenter      # the released checkpoints: dataset, mIoU, source, licence""",
+    "pull": """\
+  transeg pull segformer-b0-ade20k                    # fetch, check and convert once; later runs read the cache
+  transeg pull nvidia/segformer-b5-finetuned-cityscapes-1024-1024   # any Hugging Face SegFormer repo
+  transeg pull semask-swin-t-fpn-ade20k --file ~/Downloads/semask_tiny_ade20k.pth   # a Drive file you downloaded""",
+    "train": """\
+  transeg train                                       # the quick start: segformer-b0 on the synthetic set -> runs/train/
+  transeg train --model segformer-b0 --data my_data/ --out runs/mine --iters 8000
+  transeg train configs/segformer/segformer-b0_ade20k-512_160k.yaml --data ade20k:/data/ade
+  transeg train --out runs/train --resume             # continue an interrupted run
+  transeg train --threads 1 --out runs/small --set iters=500   # one core, leaving the others to other work""",
+    "eval": """\
+  transeg eval runs/train/model.safetensors --limit 20           # on the data it was trained on (first 20 images)
+  transeg eval runs/train/model.safetensors --limit 20 --out eval/   # + iou.png and predictions.png
+  transeg eval runs/train/model.safetensors --data synthetic:size=128,n=50 --flip
+  transeg eval ckpt.safetensors --data cityscapes:/data/cityscapes --mode slide --crop 1024x1024 --stride 768x768""",
+    "predict": """\
+  transeg predict runs/train/model.safetensors photo.jpg --out preds/            # photo_mask.png, photo_overlay.jpg
+  transeg predict runs/train/model.safetensors photo.jpg --out preds/ --grid     # + grid.png: image | prediction
+  transeg predict runs/train/model.safetensors data/images/val/ --out preds/ --grid --truth data/masks/val/
+  transeg predict runs/train/model.safetensors photo.jpg --out preds/ --no-legend --alpha 0.7
+  transeg predict ckpt.safetensors my_images/ --out preds/ --dtype bf16 --isr-encoder 2,2,1,1 --isr-decoder 2,2,2""",
+    "convert": """\
+  transeg convert segformer.b0.512x512.ade.160k.pth b0-ade.safetensors --from segformer
+  transeg convert segformer-b0-hf/ b0.safetensors --from segformer-hf     # a save_pretrained folder""",
+    "bench": """\
+  transeg bench segformer-b0 --size 64x64 --runs 5 --warmup 1        # latency median and spread
+  transeg bench segformer-b0 --size 512x512 --dtype bf16 --threads 2
+  transeg bench runs/train/model.safetensors --size 128x128
+  transeg bench edaformer-t --size 512x512 --isr-sweep --plot isr_sweep.png   # cost / speed per ISR setting""",
+    "data": """\
+  transeg data check my_data/                         # sizes, label values, class frequencies
+  transeg data prepare cityscapes /downloads/cityscapes /data/cityscapes""",
+    "export": """\
+  transeg export runs/train/model.safetensors model.onnx --static --size 64x64   # one fixed size: seconds
+  transeg export runs/train/model.safetensors model.onnx                         # any batch / height / width
+  transeg export ckpt.safetensors model.onnx --isr-encoder 2,2,1,1 --isr-decoder 2,2,2""",
+}
+
+# The verbs whose work runs on torch's CPU threads, so take --threads.
+THREADED_VERBS = ("train", "eval", "predict", "convert", "bench", "serve", "export")
+THREADS_HELP = ("CPU threads for torch's operators (torch.set_num_threads, and inter-op threads). Default: "
+                "OMP_NUM_THREADS when set, else one per core. Two programs that each use every core slow each "
+                "other down many times over (OpenMP threads wait for each other): give each fewer threads, e.g. "
+                "--threads 1, or OMP_NUM_THREADS=1 for every program")
 
 
 def _size(text):
@@ -51,6 +107,29 @@ def _positive(text):
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
+
+
+def _count(text):
+    """A whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def _set_threads(n):
+    """torch's intra-op threads to `n`, and its inter-op threads where they can still be set (only
+    before any parallel work, once per process: a second `main()` in one process keeps the first)."""
+    import torch
+
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(n)
+    except RuntimeError:
+        pass
 
 
 def _fraction(text):
@@ -129,6 +208,9 @@ def _isr_line(model):
 def cmd_models(args):
     from .flops import variant_table
 
+    if args.pretrained:
+        return _print_zoo(args.family)
+
     rows = [[r["model"], f"{r['params_m']:.1f}", f"{r['paper_params_m'] or '-'}", r["gflops_at"],
              "-" if r["gflops"] is None else f"{r['gflops']:.1f}",
              f"{r['paper_gflops'] if r['paper_gflops'] is not None else '-'}",
@@ -145,12 +227,46 @@ def cmd_models(args):
           "(EDAFormer)")
 
 
+def _print_zoo(family):
+    from . import zoo
+
+    rows = zoo.table(family)
+    widths = [max(len(r[i]) for r in rows + [zoo.COLUMNS]) for i in range(len(zoo.COLUMNS))]
+    for r in [zoo.COLUMNS] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    print("\nmIoU: the authors' single-scale / multi-scale + flip; from: where it is fetched (\"by hand\": download it "
+          "there, then `transeg pull NAME --file PATH`); checksum: how the bytes are checked; cache: "
+          f"{zoo.hub.cache_dir()}")
+
+
+def cmd_pull(args):
+    from . import zoo
+    from .flops import count_params
+
+    if args.file is not None and args.name not in zoo.RELEASES:
+        zoo.get(args.name)  # --file is for zoo releases: an unknown name is one line with the nearest ones
+    if args.name in zoo.RELEASES:
+        path = zoo.fetch(args.name, file=args.file)
+    elif "/" in args.name and zoo.is_name(args.name):
+        path = zoo.fetch_repo(args.name)
+    else:
+        zoo.get(args.name)  # one line, with the nearest zoo names
+    if args.name in zoo.RELEASES and zoo.RELEASES[args.name].backbone:
+        print(f"{args.name} -> {path} (ImageNet weights: train with --set backbone_weights={args.name})")
+        return
+    from . import load
+
+    model = load(path)
+    print(f"{args.name} -> {path}: {model.meta['variant']}, {model.num_classes} classes, {count_params(model):,} params; "
+          f"test: {model.protocol.describe()}")
+
+
 def cmd_train(args):
     from .engine import load_config, train
     from .engine.config import QUICKSTART
 
     given = dict(model=args.model, data=args.data, out=args.out, iters=args.iters, batch_size=args.batch_size,
-                 amp=args.amp, device=args.device, workers=args.workers)
+                 amp=args.amp, device=args.device, workers=args.workers, pretrained=args.pretrained)
     quick = args.config is None and args.data is None and not any(s.startswith("data=") for s in args.set)
     cfg = load_config(args.config, args.set, **{**(QUICKSTART if quick else {}),
                                                 **{k: v for k, v in given.items() if v is not None}})
@@ -170,7 +286,8 @@ def cmd_eval(args):
     from .engine.metrics import format_table
 
     from .data.folder import output_folder
-    from .viz import save_image
+    from .inference import dataset_samples
+    from .viz import prediction_grid, save_image
 
     out = output_folder(args.out) if args.out else None  # before the evaluation, not after it
     model = _load(args)
@@ -182,17 +299,21 @@ def cmd_eval(args):
     print(f"protocol: {result['protocol']}")
     print(format_table(result, list(dataset.classes)))
     if out:
-        save_image(iou_chart(result, list(dataset.classes), model.meta.get("palette") or dataset.palette,
+        palette = model.meta.get("palette") or dataset.palette
+        save_image(iou_chart(result, list(dataset.classes), palette,
                              title=f"{model.meta['variant']} — {result['protocol']}"), out / "iou.png")
-        print(f"per-class chart: {out / 'iou.png'}")
+        samples = dataset_samples(model, dataset, _protocol(args, model), count=4)
+        save_image(prediction_grid(samples, list(dataset.classes), palette), out / "predictions.png")
+        print(f"per-class chart: {out / 'iou.png'}; image | prediction | truth of the first {len(samples)} images: "
+              f"{out / 'predictions.png'}")
 
 
 def cmd_predict(args):
     from tqdm import tqdm
 
     from .data.folder import image_files, output_folder
-    from .inference import segment
-    from .viz import save_image
+    from .inference import read_truth, segment
+    from .viz import prediction_grid, save_image
 
     skipped = []
     files = image_files(args.inputs, skipped)  # listed once, before anything is written
@@ -201,12 +322,14 @@ def cmd_predict(args):
     # refused when it holds an input (nothing of the user's is replaced); checked before the model loads,
     # created after it did, so a bad checkpoint leaves no empty folder behind
     output_folder(args.out, inputs=files, create=False)
+    grid = args.grid or args.truth is not None
+    truths = _truth_files(args.truth, files[:GRID_IMAGES]) if args.truth is not None else {}  # all there, first
     model = _load(args)
     out = output_folder(args.out, inputs=files)
     isr = _isr_line(model)
     if isr:
         print(isr)
-    used = set()
+    used, samples = set(), []
     for seg in tqdm(segment(model, files, _protocol(args, model), max_pixels=int(args.max_megapixels * 1e6)),
                     total=len(files), desc="predict", disable=len(files) < 2):
         stem = Path(seg.source).stem  # outputs are named from the stem only, so they always land inside --out
@@ -215,9 +338,36 @@ def cmd_predict(args):
         used.add(stem)
         mask, overlay = out / f"{stem}_mask.png", out / f"{stem}_overlay.jpg"
         save_image(seg.mask(), mask)  # atomic: a full disk leaves no half-written file
-        save_image(seg.overlay(alpha=args.alpha), overlay, quality=92)
+        save_image(seg.overlay(alpha=args.alpha, legend=not args.no_legend), overlay, quality=92)
         top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in list(seg.shares().items())[:3])
         tqdm.write(f"{Path(seg.source).name}{f' ({seg.note})' if seg.note else ''}: {top} -> {mask}, {overlay}")
+        if grid and len(samples) < GRID_IMAGES:
+            truth = read_truth(truths[seg.source], model.num_classes) if truths else None
+            samples.append({"image": seg.image, "prediction": seg.labels, "truth": truth, "title": Path(seg.source).name})
+    if samples:
+        save_image(prediction_grid(samples, model.classes, model.palette, alpha=args.alpha), out / "grid.png")
+        shown = f"first {len(samples)} of {len(files)} images" if len(files) > len(samples) else f"{len(samples)} images"
+        print(f"grid ({shown}): {out / 'grid.png'}")
+
+
+# `transeg predict --grid`: how many images the grid shows (the first ones given)
+GRID_IMAGES = 8
+
+
+def _truth_files(folder, files):
+    """{image path: its truth mask folder/<stem>.png} for `predict --truth`, all checked to exist."""
+    from .errors import TransegError
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise TransegError(f"--truth {folder}: no such folder (give the folder of masks named like the images, "
+                           "e.g. data/masks/val/)")
+    found = {str(f): folder / f"{Path(f).stem}.png" for f in files}
+    missing = [Path(f).name for f, m in found.items() if not m.is_file()]
+    if missing:
+        raise TransegError(f"--truth {folder}: no mask for {len(missing)} image(s) ({', '.join(missing[:3])}"
+                           f"{' ...' if len(missing) > 3 else ''}); each image NAME.ext needs {folder}/NAME.png")
+    return found
 
 
 def cmd_convert(args):
@@ -239,13 +389,13 @@ def cmd_convert(args):
 def cmd_bench(args):
     import torch
 
-    from . import bench, load
+    from . import bench, load, zoo
     from .device import parse_dtype, resolve_device
     from .engine.evaluate import evaluation_dataset
     from .errors import TransegError
     from .flops import count_params
     from .isr import parse_setting, pooling_text, sweep_settings
-    from .registry import create_model
+    from .registry import VARIANTS, create_model
 
     if args.compare and args.isr_sweep:
         raise TransegError("--compare and --isr-sweep are separate measurements; run them one at a time")
@@ -254,7 +404,7 @@ def cmd_bench(args):
         from .viz import image_format
 
         image_format(output_file(args.plot, example="isr_sweep.png"))
-    is_checkpoint = Path(args.model).suffix == ".safetensors"
+    is_checkpoint = Path(args.model).suffix == ".safetensors" or (args.model not in VARIANTS and zoo.is_name(args.model))
     model = load(args.model) if is_checkpoint else create_model(args.model, num_classes=args.num_classes)
     name = model.meta["variant"]
     if args.data is not None and not (args.isr_sweep and is_checkpoint):
@@ -271,7 +421,7 @@ def cmd_bench(args):
     precision += ", compiled" if args.compile else ""
     print(f"{name}: {count_params(model) / 1e6:.2f}M params, input {h}x{w}, batch {args.batch}")
     print(f"device {env['device']}, {env['threads']} threads, torch {env['torch']}, {precision}, "
-          f"{args.warmup} warm-up + {args.runs} timed runs (median)")
+          f"{args.warmup} warm-up + {args.runs} timed runs (median; IQR: the middle half of the runs)")
     if args.compare:
         r = bench.compare_hf(name, model.num_classes, args.size, args.batch, device, dtype, args.autocast, args.compile,
                              args.warmup, args.runs)
@@ -288,8 +438,11 @@ def cmd_bench(args):
             continue
         isr = "" if row["setting"] == "no ISR" else f", {row['setting']} (K/V pooling {pooling_text(row['pooling'])})"
         print(f"{row['GFLOPs']:.2f} GFLOPs (multiply-adds, {row['convention']} convention){isr}")
-        print(f"latency median {row['latency ms']:.1f} ms (min {row['min ms']:.1f}), "
+        print(f"latency median {row['latency ms']:.1f} ms ({bench.spread_text(row)}), "
               f"throughput {1000 * args.batch / row['latency ms']:.1f} images/s")
+    warning = bench.noise_warning(rows)
+    if warning:
+        print(f"transeg: warning: {warning}", file=sys.stderr)
     if args.isr_sweep:
         from .charts import tradeoff_chart
 
@@ -297,7 +450,10 @@ def cmd_bench(args):
 
         plot = Path(args.plot)
         title = f"{name}: ISR encoder / decoder ratios, {h}x{w} {args.dtype}" + (f", mIoU on {args.data}" if dataset else "")
-        save_image(tradeoff_chart(rows, title=title), plot)
+        paper = [i for i, r in enumerate(rows) if r["paper"]]
+        save_image(tradeoff_chart(rows, title=title, names=("trained setting (no ISR)", "ISR setting"), marked=paper,
+                                  marked_name=f"the paper's setting ({rows[paper[0]]['label']})" if paper else "",
+                                  whiskers={"latency ms": ("p25 ms", "p75 ms")}), plot)
         print(f"trade-off chart: {plot}")
 
 
@@ -311,6 +467,7 @@ def _print_sweep_row(row, base, batch):
     pooling = pooling_text(row["pooling"])
     line = f"{row['setting']:<35}" + (f" pooling {pooling:<34}" if pooling else "")
     line += f" {row['GFLOPs']:8.2f} GFLOPs{rel('GFLOPs')}  {row['latency ms']:8.1f} ms{rel('latency ms')}"
+    line += f" (IQR {row['p25 ms']:.1f}-{row['p75 ms']:.1f})"
     line += f"  {1000 * batch / row['latency ms']:7.1f} img/s"
     if "mIoU" in row:
         line += f"  mIoU {row['mIoU']:.2f} ({row['mIoU'] - base['mIoU']:+.2f})"
@@ -400,14 +557,29 @@ def build_parser():
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
     def verb(name, fn, help_, description=None):
+        examples = VERB_EXAMPLES.get(name)
         p = sub.add_parser(name, help=help_, description=description or help_,
+                           epilog=f"examples:\n{examples}" if examples else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.set_defaults(fn=fn)
+        if name in THREADED_VERBS:
+            p.add_argument("--threads", type=_count, metavar="N", help=THREADS_HELP)
         return p
 
     p = verb("models", cmd_models, "list model variants with the papers' and the measured params / GFLOPs")
     p.add_argument("--family", help="only this family, e.g. segformer")
     p.add_argument("--no-flops", action="store_true", help="skip counting GFLOPs (faster)")
+    p.add_argument("--pretrained", action="store_true", help="list the zoo: the checkpoints the authors released, "
+                   "by name (what every verb that takes a checkpoint accepts), with dataset, paper mIoU, source, "
+                   "how the download is checked, size and licence")
+
+    p = verb("pull", cmd_pull, "fetch a released checkpoint ahead of time (a zoo name or a Hugging Face repo id)",
+             "Fetch a released checkpoint once: download (resumable, checked), convert to a transeg .safetensors and\n"
+             "keep it in the cache ($TRANSEG_HOME, default ~/.cache/transeg); every later use reads the cache, offline\n"
+             "too. Releases hosted where a program cannot download from (Google Drive) take the file you downloaded:\n"
+             "--file PATH. Hugging Face repos honour HF_ENDPOINT, HF_HOME, HF_TOKEN and HF_HUB_OFFLINE.")
+    p.add_argument("name", help="a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
+    p.add_argument("--file", type=Path, help="the release's file, downloaded by hand (checked and converted)")
 
     p = verb("train", cmd_train, "train a model (default: segformer-b0 on the built-in synthetic set)",
              "Train a model. With no CONFIG and no --data this runs the quick start: segformer-b0 from scratch on the\n"
@@ -425,7 +597,15 @@ def build_parser():
                    help="mixed precision; auto = bf16 where the hardware computes it natively (fp16 needs CUDA)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
     p.add_argument("--workers", type=int, help="data-loading processes")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its train_state.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its train_state.pt. Only --iters (longer, or shorter down to "
+                        "where the run is: from there on the poly lr schedule runs over the new length), the "
+                        "eval/ckpt/log intervals, --workers, --device, --amp and the test settings may change")
+    p.add_argument("--pretrained", metavar="CKPT",
+                   help="fine-tune: a new run (its own --out) whose weights start from a transeg .safetensors, e.g. "
+                        "runs/a/model.safetensors of a finished run; optimizer and schedule start afresh; for data "
+                        "with another class count the classifier starts afresh (said in one line). Same as --set "
+                        "pretrained=CKPT")
     p.add_argument("--auto-resume", action="store_true",
                    help="continue the run in --out if there is one, else start it (for torchrun --max-restarts)")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -433,21 +613,30 @@ def build_parser():
                         "repeated: all apply; a key given twice takes the last value, with a note)")
 
     p = verb("eval", cmd_eval, "measure mIoU / mAcc / aAcc of a checkpoint on a dataset")
-    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors")
+    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors, a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
     p.add_argument("--data", help="dataset folder (default: the data the model was trained on)")
     p.add_argument("--split", default="val", help="split folder to use (default val)")
     p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--out", help="also write the per-class IoU chart iou.png here")
+    p.add_argument("--out", help="also write here the per-class IoU chart iou.png and predictions.png (image | "
+                   "prediction | ground truth of the first 4 images, with a legend)")
     _add_protocol_args(p)
     _add_speed_args(p)
     _add_isr_args(p)
 
     p = verb("predict", cmd_predict, "segment images: writes index-PNG masks and colour overlays")
-    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors")
+    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors, a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
     p.add_argument("inputs", nargs="+", help="image files or folders of images")
     p.add_argument("--out", required=True, help="output folder (nothing is written outside it; a folder holding "
                    "one of the inputs is refused, so that no file of yours is replaced)")
     p.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity, 0..1 (default 0.5)")
+    p.add_argument("--no-legend", action="store_true",
+                   help="overlays without their legend (by default a corner box lists the classes present, their "
+                        "colours and shares; images under ~150 px have no room for it)")
+    p.add_argument("--grid", action="store_true",
+                   help=f"also write grid.png: image | prediction (| ground truth with --truth) for the first "
+                        f"{GRID_IMAGES} images, with a legend (the README's picture)")
+    p.add_argument("--truth", metavar="DIR", help="ground-truth masks for the grid, DIR/<image name>.png (index PNGs "
+                   "of class ids, as a dataset's masks/ folder); implies --grid")
     p.add_argument("--max-megapixels", type=_positive, default=100.0,
                    help="larger images are refused from their header, before decoding (default 100)")
     _add_protocol_args(p)
@@ -465,11 +654,13 @@ def build_parser():
     p.add_argument("--num-classes", type=int, help="expected class count (checked)")
 
     p = verb("bench", cmd_bench, "params, GFLOPs and latency of a model or checkpoint")
-    p.add_argument("model", help="variant name or a .safetensors checkpoint")
+    p.add_argument("model", help="variant name (fresh weights), a .safetensors checkpoint, a zoo name or a Hugging Face "
+                   "repo id")
     p.add_argument("--size", type=_size, default=(512, 512), help="input HxW (default 512x512)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--num-classes", type=int, default=150)
-    p.add_argument("--runs", type=int, default=10, help="timed runs (median reported)")
+    p.add_argument("--runs", type=int, default=10, help="timed runs (default 10): the median is reported with the "
+                   "quartiles, min and max, and a warning when the IQR exceeds 10%% of the median (bench.NOISY_SPREAD)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cpu")
     _add_speed_args(p)
@@ -499,7 +690,7 @@ def build_parser():
              "  transeg serve runs/train/model.safetensors                 # then open http://127.0.0.1:8000/\n"
              "  curl -F image=@photo.jpg 'http://127.0.0.1:8000/v1/segment?format=json'\n"
              "  curl --data-binary @photo.jpg http://127.0.0.1:8000/v1/segment -o mask.png")
-    p.add_argument("model", help="a transeg .safetensors")
+    p.add_argument("model", help="a transeg .safetensors, a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
                    "0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -536,9 +727,11 @@ def build_parser():
 
     p = verb("export", cmd_export, "export a checkpoint to ONNX (dynamic batch, height, width), checked by onnxruntime",
              "Export to ONNX: input `image` [N,3,H,W] normalised with the mean/std in the file's metadata, output\n"
-             "`logits` [N,K,H/s,W/s] at the head's stride. Class names, palette, mean/std and the ISR setting are stored\n"
-             "in metadata_props['transeg']. Needs the onnx extra: pip install 'transeg[onnx]'.")
-    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors")
+             "`logits` [N,K,H/s,W/s] at the head's stride. Class names, palette, mean/std, the ISR setting and the test\n"
+             "protocol (how to size the input: keep-ratio resize, size divisor, whole image or sliding windows) are\n"
+             "stored in metadata_props['transeg'] (JSON; the protocol also as one line in metadata_props['test_protocol']).\n"
+             "Needs the onnx extra: pip install 'transeg[onnx]'.")
+    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors, a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
     p.add_argument("out", type=Path, help="output .onnx (written only after the check passes)")
     p.add_argument("--size", type=_size, default=(256, 256), help="input HxW to trace with (default 256x256)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
@@ -561,6 +754,8 @@ def main(argv=None):
         from .device import keep_freed_memory
 
         keep_freed_memory()  # large activations reuse memory instead of page-faulting fresh pages
+    if getattr(args, "threads", None):
+        _set_threads(args.threads)  # before any work, so the model and the data loaders see it
     try:
         args.fn(args)
     except TransegError as e:

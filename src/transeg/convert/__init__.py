@@ -66,7 +66,7 @@ def convert(src, fmt, model=None, num_classes=None):
 _CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
 
-def _read_backbone_state(src):
+def read_backbone_state(src):
     """{name: tensor} from an ImageNet checkpoint file, a Google .npz, or a Hugging Face directory."""
     import numpy as np
 
@@ -89,6 +89,11 @@ def _read_backbone_state(src):
         raise TransegError(f"{src}: expected a dict of tensors, got {type(state).__name__}")
     if any(k.removeprefix("vit.").startswith("embeddings.") for k in state):
         state = vit.from_hf(state)
+    elif any(k.startswith(("segformer.encoder.", "segformer.stages.")) for k in state):  # HF's MiT (nvidia/mit-b*)
+        from .segformer_hf import hf_to_official
+
+        state = {k.removeprefix("backbone."): v for k, v in
+                 hf_to_official({k: v for k, v in state.items() if k.startswith("segformer.")}, src).items()}
     return state
 
 
@@ -107,7 +112,7 @@ def load_backbone_weights(model, src):
                            "names and give its path with --set backbone_weights=PATH, or train from scratch with "
                            "--set backbone_weights=null)")
     state = {k.removeprefix("module.").removeprefix("backbone.").removeprefix("encoder."): v
-             for k, v in _read_backbone_state(src).items()}
+             for k, v in read_backbone_state(src).items()}
     if any(k.startswith(("decode_head.", "decoder.")) for k in state):
         raise TransegError(f"{src}: a whole segmentation model, not backbone weights; convert it with `transeg convert`")
     if any(re.match(r"layers\.\d+\.ln1\.", k) for k in state):

@@ -150,9 +150,10 @@ class TrainConfig:
     # model
     model: str = _f("segformer-b0", MODEL)
     model_args: dict = _f(rule=MAPPING, factory=dict)  # constructor overrides, e.g. {drop_path_rate: 0.2}
-    pretrained: Optional[str] = _f(None, optional(_text("a transeg .safetensors file"), "to start from scratch"))
+    pretrained: Optional[str] = _f(None, optional(_text("a transeg .safetensors file, a zoo name or a Hugging Face repo id"), "to start from scratch"))
     # ImageNet encoder weights (mit_b2.pth, EFT_T.pth, ...)
-    backbone_weights: Optional[str] = _f(None, optional(_text("a path to ImageNet weights"), "for none"))
+    backbone_weights: Optional[str] = _f(None, optional(_text("a path to ImageNet weights or a zoo ImageNet release"),
+                                                        "for none"))
     # data; None = the built-in synthetic set. Sizes left at None take the dataset's defaults.
     data: Optional[str] = _f(None, optional(_text("a dataset folder or NAME:PATH"), "for the synthetic set"))
     crop_size: Optional[list] = _f(None, optional(size_pair("[h, w]"), "for the dataset's default"))
@@ -309,14 +310,22 @@ def _looks_like_checkpoint(path):
 def _check_machine(cfg):
     import torch
 
-    for key, what in (("pretrained", "a transeg .safetensors file"),
-                      ("backbone_weights", "a .pth / .pt / .bin / .safetensors / .npz file or a Hugging Face folder")):
+    from ..zoo import RELEASES, is_name
+
+    # (key, the file it reads, what else it may name)
+    for key, what, names in (("pretrained", "a transeg .safetensors file", "a zoo name or a Hugging Face repo id"),
+                             ("backbone_weights", "a .pth / .pt / .bin / .safetensors / .npz file or a Hugging Face "
+                                                  "folder", "an ImageNet release of the zoo, e.g. mit-b2-imagenet")):
         value = getattr(cfg, key)
         if value is None:
             continue
+        if is_name(value):  # a zoo name or Hub repo id: fetched (or named as unknown) when the run starts
+            if key == "backbone_weights" and str(value) not in RELEASES:
+                raise TransegError(f"{key}={value}: no such file (give {what}, {names}, or {key}=null)")
+            continue
         path = Path(value)
         if not path.exists():
-            raise TransegError(f"{key}={value}: no such file (give {what}, or {key}=null)")
+            raise TransegError(f"{key}={value}: no such file (give {what}, {names}, or {key}=null)")
         if path.is_dir() and key == "backbone_weights":
             continue  # a Hugging Face folder: its reader names what it lacks
         try:
