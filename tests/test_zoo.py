@@ -323,6 +323,7 @@ def test_two_processes_fetching_one_file_download_it_once(server, tmp_path, monk
 
 @pytest.mark.parametrize("spec,message", [
     ("runs/a/model.safetensors", r"runs/a/model\.safetensors: no such checkpoint file$"),
+    ("tests/model", r"tests/model: no such checkpoint file$"),  # tests/ is a folder here: a path, not a repo id
     ("segfromer-b0-ade20k", r"'segfromer-b0-ade20k': no such checkpoint file, zoo name or Hugging Face repo id "
                             r"\(did you mean segformer-b0-ade20k"),
 ])

@@ -238,7 +238,7 @@ def resolve(spec, progress=True) -> Path:
     not exist is an error, never a download."""
     text = str(spec)
     path = Path(text).expanduser()
-    if path.exists() or text.endswith(_FILE_SUFFIXES) or text.startswith((".", "/", "~")):
+    if _looks_local(text):
         if not path.is_file():
             raise TransegError(f"{path}: no such checkpoint file")
         return path
@@ -249,11 +249,18 @@ def resolve(spec, progress=True) -> Path:
     get(text)  # raises with the nearest zoo names
 
 
+def _looks_local(text) -> bool:
+    """A path rather than a name: it exists, ends like a checkpoint file, starts like a path, or its first
+    part is a folder here (`runs/b2` with a runs/ folder is a mistyped path, not the Hub repo runs/b2)."""
+    path = Path(text).expanduser()
+    return (path.exists() or text.endswith(_FILE_SUFFIXES) or text.startswith((".", "/", "~"))
+            or ("/" in text and Path(text.split("/")[0]).is_dir()))
+
+
 def is_name(spec) -> bool:
-    """`spec` names a release or a Hub repo rather than a file (no file of that name exists)."""
+    """`spec` names a release or a Hub repo rather than a file (no file or folder of that name here)."""
     text = str(spec)
-    return not Path(text).expanduser().exists() and (text in RELEASES or (
-        bool(_REPO_ID.match(text)) and not text.endswith(_FILE_SUFFIXES) and not text.startswith((".", "/", "~"))))
+    return not _looks_local(text) and (text in RELEASES or bool(_REPO_ID.match(text)))
 
 
 def backbone_weights(spec, progress=True) -> Path:
