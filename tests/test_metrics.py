@@ -211,10 +211,13 @@ def test_format_table():
     text = format_table(r.compute(), ["road", "sidewalk", "building"])
     lines = text.splitlines()
     # Percent with 2 decimals: aAcc 2/3 -> 66.67, mIoU 0.5 -> 50.00, mAcc 2/3 -> 66.67.
-    assert lines[-1] == "aAcc 66.67  mIoU 50.00  mAcc 66.67"
-    assert lines[0].split() == ["class", "IoU", "Acc", "pixels"]
-    # sidewalk: IoU 2/3 -> 66.67, Acc 1 -> 100.00, 2 pixels.
-    assert lines[3].split() == ["sidewalk", "66.67", "100.00", "2"]
+    assert lines[-2] == "aAcc 66.67  mIoU 50.00  mAcc 66.67"
+    # Dice [2/4, 4/5, 2/3] -> 65.56 (= the F1 score), precision [1/2, 2/3, 1] -> 72.22, recall = mAcc,
+    # fwIoU: every class has 2 labelled pixels, so the IoU mean 50.00
+    assert lines[-1] == "mDice 65.56  mFscore 65.56  mPrecision 72.22  mRecall 66.67  fwIoU 50.00"
+    assert lines[0].split() == ["class", "IoU", "Acc", "Dice", "Prec", "pixels"]
+    # sidewalk: IoU 2/3 -> 66.67, Acc 1 -> 100.00, Dice 4/5 -> 80.00, precision 2/3, 2 pixels.
+    assert lines[3].split() == ["sidewalk", "66.67", "100.00", "80.00", "66.67", "2"]
     assert len({len(l) for l in lines[2:5]}) == 1  # rows aligned to one width
     # nan is shown as n/a
     nan_result = {"aAcc": 0.75, "mIoU": 0.5, "mAcc": 0.75, "IoU": [0.5, NAN], "Acc": [0.5, NAN], "pixels": [2, 0]}
@@ -251,3 +254,42 @@ def test_all_reduce_sums_over_two_processes():
         out = os.path.join(d, "m.pt")
         mp.start_processes(_worker, args=(2, os.path.join(d, "init"), out), nprocs=2, start_method="fork")
         assert torch.load(out, weights_only=True).tolist() == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+
+
+def test_mmseg_1x_metrics_on_an_imbalanced_pair_of_classes():
+    """Class 0: 90 labelled pixels, 80 right, 10 called 1; class 1: 10 pixels, 5 right, 5 called 0.
+    intersect [80, 5], labelled [90, 10], predicted [85, 15]: IoU [80/95, 5/20], Dice [160/175, 10/25],
+    precision [80/85, 5/15], recall [80/90, 5/10]; fwIoU (90 * 80/95 + 10 * 0.25) / 100 = 0.78289 sits near
+    the frequent class, mIoU 0.54605 between them; the F2 score of class 0 is 5PR / (4P + R) = 0.89888."""
+    cm = ConfusionMatrix(2)
+    label = torch.tensor([0] * 90 + [1] * 10)
+    pred = torch.tensor([0] * 80 + [1] * 10 + [1] * 5 + [0] * 5)
+    cm.update(pred, label)
+    r = cm.compute()
+    assert r["IoU"] == pytest.approx([80 / 95, 0.25]) and r["mIoU"] == pytest.approx(0.546053, abs=1e-6)
+    assert r["fwIoU"] == pytest.approx(0.782895, abs=1e-6)
+    assert r["Dice"] == pytest.approx([160 / 175, 0.4]) and r["Fscore"] == pytest.approx(r["Dice"])
+    assert r["Precision"] == pytest.approx([80 / 85, 1 / 3]) and r["Recall"] == pytest.approx([8 / 9, 0.5])
+    assert cm.compute(beta=2)["Fscore"][0] == pytest.approx(0.898876, abs=1e-6)
+
+
+def test_confusion_chart_shows_each_row_normalised_cell_in_its_shade():
+    """Label 0: 1 pixel right, 1 called 1 (row 50 / 50 / 0); label 1: 2 right (0 / 100 / 0); label 2: 1 called 0,
+    1 right (50 / 0 / 50). Each cell's centre is white-to-dark-blue at that share; 150 classes stay under 1.6k px."""
+    from transeg.charts import confusion_chart, confusion_color
+
+    cm = ConfusionMatrix(3)
+    cm.update(torch.tensor([0, 1, 1, 1, 2, 0]), torch.tensor([0, 0, 1, 1, 2, 2]))
+    result = cm.compute()
+    assert result["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
+    img = confusion_chart(result, ["road", "sidewalk", "building"], title="val — confusion")
+    x0, y0, cell = img.info["cells"]
+    shares = [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]
+    for i in range(3):
+        for j in range(3):
+            # a corner pixel inside the cell (the centre may hold the printed percentage)
+            assert img.getpixel((x0 + j * cell + 2, y0 + i * cell + 2)) == confusion_color(shares[i][j]), (i, j)
+    big = ConfusionMatrix(150)
+    big.update(torch.arange(150), torch.arange(150))
+    wide = confusion_chart(big.compute(), [f"class {i}" for i in range(150)])
+    assert wide.info["cells"][2] == 9 and max(wide.size) < 1600

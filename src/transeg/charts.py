@@ -5,6 +5,7 @@ save it with ``img.save("x.png")``.
 
 * :func:`iou_chart` — per-class IoU as horizontal bars in the class colours, from
   :meth:`transeg.engine.metrics.ConfusionMatrix.compute`.
+* :func:`confusion_chart` — the row-normalised confusion matrix as a heat map, names on both axes.
 * :func:`curves_chart` — training curves (loss, mIoU, ...) vs. iteration from JSONL log records.
 * :func:`tradeoff_chart` — labelled points of a cost (GFLOPs) against latency / accuracy, e.g. an
   ISR sweep: reference and marked points (the paper's setting) in their own colours with a legend,
@@ -26,7 +27,7 @@ from PIL import Image, ImageDraw
 from transeg.errors import TransegError
 from transeg.viz import MUTED, TEXT, WHITE, _darker, _draw_text, _fit, _font, _line_h, _palette, _text_w, _wrap
 
-__all__ = ["iou_chart", "curves_chart", "tradeoff_chart", "place_labels"]
+__all__ = ["iou_chart", "confusion_chart", "curves_chart", "tradeoff_chart", "place_labels"]
 
 GRID = (228, 228, 228)
 AXIS = (150, 150, 150)
@@ -180,6 +181,73 @@ def iou_chart(result: dict, class_names, palette=None, title: str = "") -> Image
     lbl = "IoU (%)"
     _draw_text(draw, (x0 + (plot_w - _text_w(f_tick, lbl)) // 2, axis_y + 10 + _line_h(f_tick)), lbl, fill=MUTED, font=f_tick)
     return img
+
+
+def confusion_chart(result: dict, class_names, title: str = "") -> Image.Image:
+    """The confusion matrix, row-normalised (each row: where the pixels of one labelled class went), as a
+    heat map from white (0) to dark blue (1), class names on both axes (predictions rotated along the top).
+    Cells shrink with the class count down to 9 px, so 150 classes (ADE20K) make a ~1.6k px square that
+    stays readable; cells of 26 px and more also print their percentage. From ``ConfusionMatrix.compute()``
+    (its "confusion" counts). ``img.info["cells"]``: (x, y, cell size) of the top-left cell."""
+    if "confusion" not in result:
+        raise TransegError("confusion_chart: result has no 'confusion' (pass the dict from ConfusionMatrix.compute())")
+    counts = [[float(v) for v in row] for row in result["confusion"]]
+    names = [str(n) for n in class_names]
+    k = len(counts)
+    if len(names) != k:
+        raise TransegError(f"confusion_chart: {len(names)} class names for {k} classes")
+    cell = max(9, min(40, 720 // max(k, 1)))
+    f_title, f_name, f_val = _font(20), _font(max(9, min(14, cell - 2))), _font(max(9, min(12, cell // 3)))
+    margin = 20
+    name_w = min(max([_text_w(f_name, n) for n in names] + [30]), 220)
+    line = _line_h(f_name)
+    title_lines = _wrap(f_title, title, max(400, k * cell + name_w)) if title else []
+    top_text = sum(_line_h(f_title) + 8 for _ in title_lines)
+    axis = _line_h(f_name) + 6
+    x0 = margin + axis + name_w + 6
+    y0 = margin + top_text + axis + name_w + 6
+    width = x0 + k * cell + margin
+    height = y0 + k * cell + margin
+    img = Image.new("RGB", (width, height), WHITE)
+    draw = ImageDraw.Draw(img)
+    y = margin
+    for text in title_lines:
+        _draw_text(draw, (margin, y), text, fill=TEXT, font=f_title)
+        y += _line_h(f_title) + 8
+    # axis titles: "label" down the left, "prediction" along the top
+    _draw_text(draw, (x0, margin + top_text), "prediction", fill=MUTED, font=f_name)
+    side = Image.new("RGB", (_text_w(f_name, "label") + 2, axis), WHITE)
+    _draw_text(ImageDraw.Draw(side), (0, 0), "label", fill=MUTED, font=f_name)
+    img.paste(side.rotate(90, expand=True), (margin, y0))
+    for i, name in enumerate(names):
+        text = _fit(f_name, name, name_w)
+        cy = y0 + i * cell + (cell - line) // 2
+        _draw_text(draw, (x0 - 6 - _text_w(f_name, text), cy), text, fill=TEXT, font=f_name)
+        # the same name rotated above column i, reading upwards, its end at the matrix
+        strip = Image.new("RGB", (_text_w(f_name, text) + 2, line + 2), WHITE)
+        _draw_text(ImageDraw.Draw(strip), (0, 0), text, fill=TEXT, font=f_name)
+        strip = strip.rotate(90, expand=True)
+        img.paste(strip, (x0 + i * cell + (cell - strip.width) // 2, y0 - 6 - strip.height))
+    for i, row in enumerate(counts):
+        total = sum(row)
+        for j, v in enumerate(row):
+            share = v / total if total else 0.0
+            color = confusion_color(share)
+            box = [x0 + j * cell, y0 + i * cell, x0 + (j + 1) * cell - 1, y0 + (i + 1) * cell - 1]
+            draw.rectangle(box, fill=color, outline=GRID if cell >= 12 else None)
+            if cell >= 26 and total:
+                text = f"{100 * share:.0f}"
+                _draw_text(draw, (box[0] + (cell - _text_w(f_val, text)) // 2, box[1] + (cell - _line_h(f_val)) // 2),
+                           text, fill=WHITE if share > 0.5 else TEXT, font=f_val)
+    draw.rectangle([x0 - 1, y0 - 1, x0 + k * cell, y0 + k * cell], outline=AXIS)
+    img.info["cells"] = (x0, y0, cell)
+    return img
+
+
+def confusion_color(share: float) -> tuple:
+    """White at 0 to dark blue (8, 48, 107) at 1, linear in each channel."""
+    share = min(max(float(share), 0.0), 1.0)
+    return tuple(round(255 + (c - 255) * share) for c in (8, 48, 107))
 
 
 def _series(records, key):

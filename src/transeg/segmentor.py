@@ -8,7 +8,9 @@ from . import isr as isr_module
 from .data.palettes import default_palette
 from .device import parse_dtype, resolve_device
 from .layers.shape import round_up
+from .errors import TransegError
 from .losses import ohem_cross_entropy, upsampled_cross_entropy
+from .losses.pixel import is_plain_ce, pixel_loss
 from .protocol import Protocol
 
 
@@ -97,12 +99,19 @@ class Segmentor(nn.Module):
             return self.upsample_logits(self(x).float(), size)
         return self.decode_head.scores(self.backbone(self._to_weight_dtype(x)), self.padded_size(size)).float()[..., :size[0], :size[1]]
 
-    def loss(self, logits, label, ignore_index=255, reduction="all", ohem=None):
+    def loss(self, logits, label, ignore_index=255, reduction="all", ohem=None, terms=None):
         """CE on logits upsampled (bilinear, align_corners=False) to the label size, or the head's own
         loss for heads that return several outputs in training (SegViT, SeMask). `ohem`: mmseg's
-        OHEMPixelSampler settings, e.g. {"thresh": None, "min_kept": 100000}."""
+        OHEMPixelSampler settings, e.g. {"thresh": None, "min_kept": 100000}. `terms`: a weighted sum of
+        pixel losses instead of CE (`losses.pixel.check_terms`: class-weighted CE, Dice, Focal, Lovász),
+        with class weights given as numbers."""
         if isinstance(logits, dict):
+            if not is_plain_ce(terms):
+                raise TransegError(f"{self.meta.get('variant', 'this model')}: its head trains with its own loss "
+                                   "(mask classification); the loss setting applies to per-pixel heads only")
             return self.decode_head.loss(logits, label, ignore_index=ignore_index, reduction=reduction, ohem=ohem)
+        if not is_plain_ce(terms):
+            return pixel_loss(terms, self.upsample_logits(logits, label.shape[-2:]), label, ignore_index, reduction)
         if ohem:
             logits = self.upsample_logits(logits, label.shape[-2:])
             ce = ohem_cross_entropy(logits.float(), label, ignore_index=ignore_index, reduction=reduction, **ohem)

@@ -109,6 +109,19 @@ def _custom_keys(v):
 CUSTOM_KEYS = Rule("a mapping {part of a parameter name: {lr_mult: N, decay_mult: N}}", _custom_keys)
 
 
+def _loss(v):
+    from ..losses.pixel import check_terms
+
+    try:
+        check_terms(v)
+    except TransegError as e:
+        return str(e)
+    return True
+
+
+LOSS = Rule("a list of weighted pixel losses, e.g. [{type: ce, class_weight: auto}, {type: dice, weight: 0.5}]", _loss)
+
+
 def _model(v):
     from ..registry import get_variant
 
@@ -187,6 +200,10 @@ class TrainConfig:
     ohem: Optional[dict] = _f(None, optional(OHEM, "for no OHEM"))
     # "all": mmseg 0.x mean over all pixels; "valid": over labelled ones
     loss_reduction: str = _f("all", one_of("all", "valid"))
+    # a weighted sum of pixel losses instead of cross-entropy, e.g. [{type: ce, class_weight: auto},
+    # {type: dice, weight: 0.5}]: ce, dice, focal, lovasz (transeg.losses.pixel); class_weight auto is
+    # computed from the training set's pixel counts when the run starts and written here as numbers
+    loss: Optional[list] = _f(None, optional(LOSS, "for cross-entropy, or a mask head's own criterion"))
     amp: str = _f("no", one_of("no", "auto", "bf16", "fp16"))  # auto: bf16 where the hardware has it
     # test protocol used for periodic evaluation and stored in the checkpoint
     test_mode: str = _f("whole", one_of("whole", "slide"))
@@ -199,6 +216,10 @@ class TrainConfig:
     # the paper's multi-scale + flip test (`transeg eval --ms`); ratios of the single-scale size
     ms_scales: list = _f(rule=SCALES, factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
     ms_flip: bool = _f(True, BOOL)
+    # best.safetensors keeps the checkpoint with the highest value of this metric on the validation set
+    best_metric: str = _f("mIoU", one_of("mIoU", "mAcc", "aAcc", "mDice", "mFscore", "fwIoU"))
+    # stop when best_metric has not improved for this many evaluations (null: train all iters, as the recipes)
+    early_stop: Optional[int] = _f(None, optional(whole(1), "to train all iters"))
     # bookkeeping
     out: str = _f("runs/train", _text("an output folder"))
     eval_interval: int = _f(16_000, whole(1))
@@ -225,6 +246,8 @@ CROSS_RULES = [
      "test_mode=slide needs test_crop and test_stride, e.g. test_crop=[512,512] test_stride=[341,341]"),
     (("nesterov", "optimizer"), lambda c: not c["nesterov"] or c["optimizer"] == "sgd",
      "nesterov=true applies to optimizer=sgd only"),
+    (("ohem", "loss"), lambda c: c["ohem"] is None or c["loss"] is None,
+     "ohem samples pixels for the default cross-entropy; drop ohem (or the loss list)"),
 ]
 
 

@@ -9,6 +9,13 @@ then reduced to per-class IoU / accuracy exactly as mmseg v0.13 does::
     aAcc       = sum(intersect) / sum(area_label)
     mIoU       = nanmean(IoU)           mAcc = nanmean(Acc)
 
+and, with mmseg 1.x's IoUMetric definitions (`total_area_to_metrics`), per class and as nan-means::
+
+    Dice       = 2 intersect / (area_pred + area_label)
+    Precision  = intersect / area_pred  Recall = intersect / area_label (= Acc)
+    Fscore     = (1 + b^2) P R / (b^2 P + R)     (b = 1: the Dice, as mmseg's beta default)
+    fwIoU      = sum(area_label * IoU) / sum(area_label)   (frequency-weighted, over classes with an IoU)
+
 A class that is neither in the labels nor in the predictions has union 0, so its IoU is nan and it
 does not enter the mean; a class that is predicted but never labelled has IoU 0 and does count.
 
@@ -156,11 +163,14 @@ class ConfusionMatrix:
             self._buf.zero_()
 
     # -------------------------------------------------------------------------------- compute
-    def compute(self) -> dict:
+    def compute(self, beta: float = 1.0) -> dict:
         """Reduce the accumulated counts to metrics (one host copy; fractions, not percent).
 
-        Returns ``{"aAcc", "mIoU", "mAcc": float, "IoU", "Acc": list[float] (nan where undefined),
-        "pixels": list[int] (labelled pixels per class), "invalid_pred": int, "ignored": int}``.
+        Returns ``{"aAcc", "mIoU", "mAcc", "mDice", "mFscore", "mPrecision", "mRecall", "fwIoU": float,
+        "IoU", "Acc", "Dice", "Fscore", "Precision", "Recall": list[float] (nan where undefined),
+        "pixels": list[int] (labelled pixels per class), "confusion": [K][K] counts (rows: label),
+        "invalid_pred": int, "ignored": int}``.
+        ``beta`` weighs recall in the F-score (mmseg's default 1).
         """
         k = self.num_classes
         buf = self._peek().cpu().numpy()
@@ -180,13 +190,30 @@ class ConfusionMatrix:
             acc = intersect / area_label
             total = area_label.sum()
             a_acc = float(intersect.sum() / total) if total > 0 else float("nan")
+            dice = 2 * intersect / (area_pred + area_label)
+            precision = intersect / area_pred
+            fscore = (1 + beta**2) * precision * acc / (beta**2 * precision + acc)
+            known = ~np.isnan(iou)
+            fw_iou = float((area_label[known] * iou[known]).sum() / area_label[known].sum()) \
+                if area_label[known].sum() > 0 else float("nan")
+        per_class = lambda v: [float(x) for x in v]  # noqa: E731
         return {
             "aAcc": a_acc,
             "mIoU": _nanmean(iou),
             "mAcc": _nanmean(acc),
-            "IoU": [float(v) for v in iou],
-            "Acc": [float(v) for v in acc],
+            "mDice": _nanmean(dice),
+            "mFscore": _nanmean(fscore),
+            "mPrecision": _nanmean(precision),
+            "mRecall": _nanmean(acc),
+            "fwIoU": fw_iou,
+            "IoU": per_class(iou),
+            "Acc": per_class(acc),
+            "Dice": per_class(dice),
+            "Fscore": per_class(fscore),
+            "Precision": per_class(precision),
+            "Recall": per_class(acc),
             "pixels": [int(v) for v in area_label],
+            "confusion": full[:, :k].astype(np.int64).tolist(),  # [label][prediction] pixel counts
             "invalid_pred": int(full[:, k].sum()),
             "ignored": ignored,
         }
@@ -213,14 +240,16 @@ def _pct(v: float) -> str:
 
 
 def format_table(result: dict, class_names: list[str]) -> str:
-    """Per-class table (class, IoU, Acc, pixels; percent, 2 decimals) and a summary line.
+    """Per-class table (class, IoU, Acc, Dice, Precision; percent, 2 decimals; pixels) and two summary
+    lines (the second when the result has mmseg 1.x's further metrics). Acc is the recall.
 
     ::
 
-        class       IoU     Acc   pixels
-        road      97.91   98.93  1234567
+        class       IoU    Acc   Dice   Prec   pixels
+        road      97.91  98.93  98.94  98.95  1234567
         ...
         aAcc 93.12  mIoU 81.40  mAcc 88.02
+        mDice 89.20  mFscore 89.20  mPrecision 90.01  mRecall 88.02  fwIoU 88.51
     """
     for key in ("IoU", "Acc", "aAcc", "mIoU", "mAcc"):
         if key not in result:
@@ -231,16 +260,22 @@ def format_table(result: dict, class_names: list[str]) -> str:
     if len(names) != len(iou):
         raise TransegError(f"format_table: {len(names)} class names for {len(iou)} classes")
 
-    rows = [(str(n), _pct(i), _pct(a), "" if p is None else str(p)) for n, i, a, p in zip(names, iou, acc, pixels)]
-    header = ("class", "IoU", "Acc", "pixels")
-    widths = [max(len(r[c]) for r in rows + [header]) for c in range(4)]
+    more = "Dice" in result
+    extra = lambda i: (_pct(result["Dice"][i]), _pct(result["Precision"][i])) if more else ()  # noqa: E731
+    rows = [(str(n), _pct(i), _pct(a), *extra(c), "" if p is None else str(p))
+            for c, (n, i, a, p) in enumerate(zip(names, iou, acc, pixels))]
+    header = ("class", "IoU", "Acc", *(("Dice", "Prec") if more else ()), "pixels")
+    widths = [max(len(r[c]) for r in rows + [header]) for c in range(len(header))]
 
     def line(r):
-        return "  ".join([r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in range(1, 4)]).rstrip()
+        return "  ".join([r[0].ljust(widths[0])] + [r[c].rjust(widths[c]) for c in range(1, len(r))]).rstrip()
 
     out = [line(header), "-" * len(line(header))]
     out += [line(r) for r in rows]
     out.append(f"aAcc {_pct(result['aAcc'])}  mIoU {_pct(result['mIoU'])}  mAcc {_pct(result['mAcc'])}")
+    if more:
+        out.append("  ".join(f"{key} {_pct(result[key])}" for key in ("mDice", "mFscore", "mPrecision", "mRecall",
+                                                                        "fwIoU")))
     if result.get("invalid_pred"):
         out.append(f"({result['invalid_pred']} predictions outside [0, {len(iou)}) counted as wrong)")
     return "\n".join(out)

@@ -45,7 +45,7 @@ STATE_FILE = "train_state.pt"
 # key (model, data, augmentation, optimizer, schedule shape, loss, seed, ...) must be the run's own.
 RESUME_FREE = ("iters", "eval_interval", "ckpt_interval", "log_interval", "workers", "device", "amp", "compile",
                "tensorboard", "out", "global_batch", "test_mode", "test_scale", "test_crop", "test_stride",
-               "size_divisor", "min_short_side", "ms_scales", "ms_flip")
+               "size_divisor", "min_short_side", "ms_scales", "ms_flip", "early_stop")
 RESUME_KEYS = tuple(k for k in FIELDS if k not in RESUME_FREE)  # settings a resumed run must share with its run
 
 
@@ -407,6 +407,32 @@ def _nothing_labelled(dataset):
     return all(not (dataset[i]["label"] != ignore).any() for i in range(len(dataset)))
 
 
+def _class_weights(cfg, train_set, saved_config, progress, log):
+    """`class_weight: auto` in cfg.loss -> numbers: from the training set's labelled pixels per class (the
+    scan `transeg data check` makes), or, on a resume, the numbers the run was started with (config.yaml)."""
+    from ..losses.pixel import check_terms, class_weights
+
+    if not cfg.loss or not any(t.get("class_weight") == "auto" for t in cfg.loss):
+        check_terms(cfg.loss or [{"type": "ce"}], num_classes=len(train_set.classes))
+        return cfg
+    saved = None
+    if saved_config is not None and Path(saved_config).is_file():
+        saved = (yaml.safe_load(Path(saved_config).read_text()) or {}).get("loss")
+    if saved and len(saved) == len(cfg.loss):
+        weights = [s.get("class_weight") for s in saved]
+    else:
+        from ..data import summarize
+
+        summary = (train_set.check(progress=progress, decode_images=False) if hasattr(train_set, "check")
+                   else summarize(train_set, progress))
+        auto = class_weights(summary["class_pixels"])
+        log("class_weight auto (ENet's 1/ln(1.02 + share), mean 1 over the training pixels): "
+            + ", ".join(f"{name} {w:.3g}" for name, w in zip(train_set.classes, auto)))
+        weights = [auto] * len(cfg.loss)
+    terms = [{**t, "class_weight": w} if t.get("class_weight") == "auto" else t for t, w in zip(cfg.loss, weights)]
+    return dataclasses.replace(cfg, loss=check_terms(terms, num_classes=len(train_set.classes)))
+
+
 def _check_labelled(dataset, split, spec):
     if _nothing_labelled(dataset):
         where = getattr(dataset, "mask_dir", None) or f"--data {spec or 'synthetic'}"
@@ -420,7 +446,7 @@ def _check_labelled(dataset, split, spec):
 
 def _train(cfg, resume, stop_at, progress, log):
     from ..data import TrainTransform, build_dataset
-    from ..charts import curves_chart, iou_chart
+    from ..charts import confusion_chart, curves_chart, iou_chart
 
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     main = rank == 0
@@ -448,13 +474,17 @@ def _train(cfg, resume, stop_at, progress, log):
     _check_labelled(train_set, "training", cfg.data)
     _check_labelled(val_set, "validation", cfg.data)
     cfg = resolve(cfg, train_set)
+    cfg = _class_weights(cfg, train_set, out / "config.yaml" if resume else None, progress and main,
+                         log if main else (lambda *a: None))
     model = build_model(cfg, train_set, log=log if main else None).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, custom_keys=cfg.custom_keys,
                                 nesterov=cfg.nesterov)
     scheduler = build_scheduler(optimizer, cfg.iters, cfg.power, cfg.min_lr_ratio, cfg.warmup_iters, cfg.warmup_ratio)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
-    start, best, eval_pending, final_eval = 0, -1.0, False, False
+    # best: the best value of cfg.best_metric so far (stored as "best_miou", its name when mIoU was the only
+    # choice, so that older states resume); stale: evaluations since it last improved (for early_stop)
+    start, best, stale, eval_pending, final_eval = 0, -1.0, 0, False, False
     # the running loss of the log window the run is in (sum over micro-batches, their count): a resumed run
     # logs the same window means as an uninterrupted one
     running = torch.zeros((), device=device)
@@ -478,6 +508,7 @@ def _train(cfg, resume, stop_at, progress, log):
         except (RuntimeError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise TransegError(_damaged_state(state_path, out, str(e).splitlines()[0][:160])) from None
         start, best, eval_pending = state["iter"], state["best_miou"], bool(state.get("eval_pending"))
+        stale = int(state.get("stale", 0))
         if main:
             log(f"resuming {out} at iteration {start}/{cfg.iters}")
         if before.get("iters", cfg.iters) != cfg.iters:
@@ -569,21 +600,26 @@ def _train(cfg, resume, stop_at, progress, log):
                                f"amp=no, then {again()}")
 
     def evaluate_at(done):
-        nonlocal result, best, evaluated
+        nonlocal result, best, stale, evaluated
         begin()
         check_weights(done)  # a broken model must not become best.safetensors
         result = evaluate(model, val_part, protocol, device, amp_dtype, progress=False)
         net.train()
         if main:
             with _writing(out / "log.jsonl"):
-                _write(log_file, writer, {"iter": done, **{k: round(result[k], 5) for k in ("mIoU", "mAcc", "aAcc")}})
+                keys = dict.fromkeys(("mIoU", "mAcc", "aAcc", cfg.best_metric))  # (ordered, once each)
+                _write(log_file, writer, {"iter": done, **{k: round(result[k], 5) for k in keys}})
             bar.write(f"iter {done}: mIoU {100 * result['mIoU']:.2f}  mAcc {100 * result['mAcc']:.2f}  "
                       f"aAcc {100 * result['aAcc']:.2f}")
             chart = iou_chart(result, model.classes, model.meta["palette"], title=f"{cfg.model} iter {done}")
             atomic_write(out / "val_iou.png", lambda tmp: chart.save(tmp, format="PNG"))
-            if result["mIoU"] > best:
+            matrix = confusion_chart(result, model.classes, title=f"{cfg.model} iter {done}: validation confusion")
+            atomic_write(out / "confusion.png", lambda tmp: matrix.save(tmp, format="PNG"))
+            if result[cfg.best_metric] > best:
                 save(model, out / "best.safetensors")
-                best = result["mIoU"]
+        # every rank keeps the count (the result is all-reduced), so all stop together
+        stale = 0 if result[cfg.best_metric] > best else stale + 1
+        best = max(best, result[cfg.best_metric])
         evaluated = done
 
     def checkpoint(done):
@@ -591,7 +627,7 @@ def _train(cfg, resume, stop_at, progress, log):
         begin()
         check_weights(done)
         save(model, out / "model.safetensors")
-        state = {"iter": done, "best_miou": best, "config": cfg.to_dict(), "model": model.state_dict(),
+        state = {"iter": done, "best_miou": best, "stale": stale, "config": cfg.to_dict(), "model": model.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "scaler": scaler.state_dict(), "rng": {"torch": torch.get_rng_state()},
                  # the log window in progress, so that a resumed run logs the means an uninterrupted one does
@@ -646,7 +682,7 @@ def _train(cfg, resume, stop_at, progress, log):
                         with (net.no_sync() if not sync else contextlib.nullcontext()), \
                                 torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                             loss = model.loss(net(image), label, ignore_index=getattr(train_set, "ignore_index", 255),
-                                              reduction=cfg.loss_reduction, ohem=cfg.ohem)["loss"]
+                                              reduction=cfg.loss_reduction, ohem=cfg.ohem, terms=cfg.loss)["loss"]
                             scaler.scale(loss / cfg.accum_steps).backward()
                         running += loss.detach()
                         running_n += 1
@@ -666,8 +702,14 @@ def _train(cfg, resume, stop_at, progress, log):
                         log_window(done)
                 if done % cfg.eval_interval == 0 or done == cfg.iters:
                     evaluate_at(done)
-                if main and (done % cfg.ckpt_interval == 0 or done == end):
+                stop = bool(cfg.early_stop) and stale >= cfg.early_stop and done < cfg.iters
+                if main and (done % cfg.ckpt_interval == 0 or done == end or stop):
                     checkpoint(done)
+                if stop:
+                    log(f"early stop at iteration {done}/{cfg.iters}: {cfg.best_metric} has not improved on "
+                        f"{100 * best:.2f} for {stale} evaluations (early_stop={cfg.early_stop}); best.safetensors "
+                        "holds the best model")
+                    break
     except KeyboardInterrupt:
         bar.close()
         if main:
