@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from transeg.errors import TransegError
-from transeg.losses.pixel import (check_terms, class_weights, dice_loss, focal_loss, is_plain_ce, lovasz_softmax,
+from transeg.data import class_weights
+from transeg.losses.pixel import (check_terms, dice_loss, focal_loss, is_plain_ce, lovasz_softmax,
                                   pixel_loss, weighted_cross_entropy)
 
 K = 4

@@ -280,7 +280,7 @@ def cmd_train(args):
 
 
 def cmd_eval(args):
-    from .charts import iou_chart
+    from .charts import confusion_chart, iou_chart
     from .engine import evaluate
     from .engine.evaluate import evaluation_dataset
     from .engine.metrics import format_table
@@ -304,8 +304,10 @@ def cmd_eval(args):
                              title=f"{model.meta['variant']} — {result['protocol']}"), out / "iou.png")
         samples = dataset_samples(model, dataset, _protocol(args, model), count=4)
         save_image(prediction_grid(samples, list(dataset.classes), palette), out / "predictions.png")
+        save_image(confusion_chart(result, list(dataset.classes), title=f"{model.meta['variant']}: confusion, "
+                                   "row-normalised"), out / "confusion.png")
         print(f"per-class chart: {out / 'iou.png'}; image | prediction | truth of the first {len(samples)} images: "
-              f"{out / 'predictions.png'}")
+              f"{out / 'predictions.png'}; confusion matrix: {out / 'confusion.png'}")
 
 
 def cmd_predict(args):
@@ -516,23 +518,31 @@ def cmd_data_prepare(args):
 def cmd_data_check(args):
     import numpy as np
 
-    from .data import build_dataset
+    from .data import build_dataset, build_splits, class_weights
 
-    dataset = build_dataset(args.dir, args.split)
-    s = dataset.check(progress=True, decode_images=not args.fast)
-    total = max(s["total_pixels"], 1)
-    print(f"{dataset!r}")
-    print(f"{s['num_images']} image/mask pairs, sizes {s['min_size'][1]}x{s['min_size'][0]} .. "
-          f"{s['max_size'][1]}x{s['max_size'][0]} (WxH); raw label values: {_ranges(s['label_values'])}")
-    print(f"ignored: {100 * s['ignore_pixels'] / total:.1f}% of pixels")
-    order = np.argsort(s["class_pixels"])[::-1]
-    print(f"{'class':24s} {'pixels %':>9s} {'images':>7s}")
-    for i in order:
-        if s["class_pixels"][i]:
-            print(f"{s['classes'][i][:24]:24s} {100 * s['class_pixels'][i] / total:9.3f} {s['class_images'][i]:7d}")
-    if s["absent_classes"]:
-        print(f"classes with no pixel in this split: {', '.join(s['absent_classes'])}")
-    print("all masks match their images and hold only allowed values")
+    # every split the dataset holds (images/train, images/val, ...), or the one --split names
+    splits = [(args.split, build_dataset(args.dir, args.split))] if args.split else build_splits(args.dir)
+    for index, (split, dataset) in enumerate(splits):
+        s = dataset.check(progress=True, decode_images=not args.fast)
+        total = max(s["total_pixels"], 1)
+        print(("\n" if index else "") + f"{dataset!r}")
+        print(f"{s['num_images']} image/mask pairs, sizes {s['min_size'][1]}x{s['min_size'][0]} .. "
+              f"{s['max_size'][1]}x{s['max_size'][0]} (WxH); raw label values: {_ranges(s['label_values'])}")
+        print(f"ignored: {100 * s['ignore_pixels'] / total:.1f}% of pixels")
+        order = np.argsort(s["class_pixels"])[::-1]
+        print(f"{'class':24s} {'pixels %':>9s} {'images':>7s}")
+        for i in order:
+            if s["class_pixels"][i]:
+                print(f"{s['classes'][i][:24]:24s} {100 * s['class_pixels'][i] / total:9.3f} {s['class_images'][i]:7d}")
+        if s["absent_classes"]:
+            print(f"classes with no pixel in this split: {', '.join(s['absent_classes'])}")
+        # the weights come from the training pixels: shown for train (or a flat folder, or the split asked for)
+        if any(s["class_pixels"]) and (split in ("train", None) or args.split):
+            print("class weights of `loss: [{type: ce, class_weight: auto}]` (ENet's 1/ln(1.02 + share), mean 1 over "
+                  "the pixels): " + ", ".join(f"{n} {w:.3g}" for n, w in zip(s["classes"], class_weights(s["class_pixels"]))))
+    checked = ", ".join(str(split) for split, _ in splits) if splits[0][0] is not None else "none (a flat folder)"
+    print(f"all masks match their images and hold only allowed values (split{'s' if len(splits) > 1 else ''} "
+          f"checked: {checked})")
 
 
 def _ranges(values):
@@ -708,9 +718,10 @@ def build_parser():
 
     from .data import prepare as prepare_module
     p = verb("data", None, "prepare a benchmark dataset, or check a dataset folder",
-             "Datasets: ADE20K, Cityscapes, COCO-Stuff 164k / 10k and Pascal Context are read in their official\n"
-             "layouts (give the folder to --data, or NAME:PATH, e.g. --data cityscapes:/data/cityscapes); any other\n"
-             "folder with images/, masks/ and classes.txt is a dataset of your own.")
+             "Datasets: ADE20K, Cityscapes, COCO-Stuff 164k / 10k, Pascal Context and Pascal VOC 2012 (+ SBD: voc-aug)\n"
+             "are read in their official layouts (give the folder to --data, or NAME:PATH, e.g. --data\n"
+             "cityscapes:/data/cityscapes); any other folder with images/, masks/ and classes.txt is a dataset of your\n"
+             "own (classes.txt: `ignore` as first line = 0 is unlabelled; `name R G B` lines read colour masks).")
     dsub = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
     d = dsub.add_parser("prepare", help="one-off conversion of a downloaded benchmark",
                         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -722,7 +733,7 @@ def build_parser():
     d = dsub.add_parser("check", help="scan a dataset: sizes, label values, class frequencies, bad pairs")
     d.set_defaults(fn=cmd_data_check)
     d.add_argument("dir", help="dataset folder (or NAME:PATH)")
-    d.add_argument("--split", default="train", help="split to scan (default train)")
+    d.add_argument("--split", help="split to scan (default: every split found, e.g. images/train and images/val)")
     d.add_argument("--fast", action="store_true", help="read image headers only (skip full decoding)")
 
     p = verb("export", cmd_export, "export a checkpoint to ONNX (dynamic batch, height, width), checked by onnxruntime",

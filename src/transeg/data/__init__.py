@@ -5,11 +5,12 @@ built-in synthetic set, a folder is a `FolderDataset`. Every dataset yields dict
 `image` (uint8 [3,H,W] RGB), `label` (int64 [H,W], 255 = ignore) and `name`, and carries
 `classes`, `palette` and `ignore_index`.
 """
+import math
 import os
 
 from ..errors import TransegError
 from .benchmarks import DATASETS, detect
-from .folder import FolderDataset
+from .folder import FolderDataset, MissingSplit
 from .palettes import default_palette
 from .synthetic import SyntheticDataset
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, TestTransform, TrainTransform, normalize
@@ -24,7 +25,9 @@ __all__ = [
     "normalize",
     "default_palette",
     "build_dataset",
+    "build_splits",
     "summarize",
+    "class_weights",
     "DATASETS",
 ]
 
@@ -67,9 +70,11 @@ def build_dataset(spec, split="train", **kwargs):
     None, "" or "synthetic"   the built-in SyntheticDataset(split)
     "synthetic:size=96,n=500,seed=3"   the same with options (size=HxW also works; n = samples)
     "ade20k:PATH", "cityscapes:PATH", "coco-stuff164k:PATH", "coco-stuff10k:PATH",
-    "pascal-context:PATH", "pascal-context-59:PATH"   that benchmark in its official layout
+    "pascal-context:PATH", "pascal-context-59:PATH", "voc:PATH", "voc-aug:PATH"
+                              that benchmark in its official layout
     an existing folder        the benchmark whose layout it holds, else FolderDataset(spec, split)
-                              (images/, masks/, classes.txt)
+                              (images/, masks/, classes.txt; an `ignore` first line in classes.txt
+                              is reduce_zero_label: 0 = unlabelled, 1..K the classes)
 
     `kwargs` go to the dataset's constructor (e.g. num_samples, reduce_zero_label); options
     written in the spec win over them.
@@ -94,6 +99,33 @@ def build_dataset(spec, split="train", **kwargs):
                            f"classes.txt, or leave --data out for the built-in synthetic set)")
     raise TransegError(f"--data {text}: no such directory (give a folder with images/, masks/ and classes.txt, "
                        f"or leave --data out for the built-in synthetic set)")
+
+
+def build_splits(spec, **kwargs):
+    """[(split, dataset)] of every split `spec` holds, for `transeg data check`: a folder's images/<split>/
+    folders (one (None, dataset) for a flat folder), a benchmark's splits whose images are there, the
+    synthetic set's train and val. Raises the first split's error when none is there."""
+    text = "" if spec is None else str(spec).strip()
+    name, colon, path = text.partition(":")
+    if text == "" or text == "synthetic" or text.startswith("synthetic:"):
+        names = ["train", "val"]
+    elif colon and name.lower() in DATASETS:
+        names = list(DATASETS[name.lower()].splits)
+    elif os.path.isdir(text) and detect(text):
+        names = list(DATASETS[detect(text)].splits)
+    elif os.path.isdir(text):
+        names = FolderDataset.split_names(text)
+    else:
+        names = ["train"]
+    found, first_error = [], None
+    for split in names:
+        try:
+            found.append((split, build_dataset(spec, split, **kwargs)))
+        except MissingSplit as e:
+            first_error = first_error or e
+    if not found:
+        raise first_error
+    return found
 
 
 def summarize(dataset, progress=True):
@@ -130,3 +162,20 @@ def summarize(dataset, progress=True):
         "max_size": max_size,
         "label_values": [int(v) for v in np.nonzero(hist)[0]],
     }
+
+
+AUTO_OFFSET = 1.02  # ENet's c (Paszke et al. 2016): weights bounded by 1 / ln(1.02) ~ 50 for the rarest classes
+
+
+def class_weights(pixel_counts):
+    """`class_weight: auto`: ENet's 1 / ln(c + p_k) from each class's share p_k of the labelled training
+    pixels (c = 1.02), scaled so the pixel-weighted mean weight is 1 and the loss stays on plain CE's
+    scale (the recipe's learning rate keeps its meaning). Chosen over median-frequency balancing, whose
+    weights grow without bound for a class with a handful of pixels. Returns a list of K floats."""
+    counts = [float(c) for c in pixel_counts]
+    total = sum(counts)
+    if total <= 0:
+        raise TransegError("class_weight auto: the training labels hold no labelled pixel")
+    raw = [1.0 / math.log(AUTO_OFFSET + c / total) for c in counts]
+    mean = sum(w * c for w, c in zip(raw, counts)) / total
+    return [round(w / mean, 6) for w in raw]

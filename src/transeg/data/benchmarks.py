@@ -1,4 +1,4 @@
-"""The four benchmark datasets in their official (mmsegmentation) layouts.
+"""The benchmark datasets in their official (mmsegmentation) layouts.
 
     ADE20K          ADEChallengeData2016/images/{training,validation}/*.jpg
                                          annotations/{training,validation}/*.png   0 = other (ignored), 1..150
@@ -11,11 +11,20 @@
                                   annotations/<split>/*_labelTrainIds.png   (`transeg data prepare coco-stuff10k`)
     Pascal Context  VOCdevkit/VOC2010/JPEGImages/*.jpg, SegmentationClassContext/*.png (0 = background, 1..59),
                                      ImageSets/SegmentationContext/{train,val}.txt
+    Pascal VOC 2012 VOCdevkit/VOC2012/JPEGImages/*.jpg, SegmentationClass/*.png (palette PNGs: 0 = background,
+                                     1..20, 255 = object borders, ignored), ImageSets/Segmentation/{train,val}.txt
+      + SBD (aug)   ... and SegmentationClassAug/*.png with the list ImageSets/Segmentation/aug.txt (mmseg's
+                    voc_aug.py) or train_aug.txt (DeepLab's, also under ImageSets/SegmentationAug/)
 
 Splits are called "train" and "val" everywhere (COCO-Stuff 10k's test2014 is its validation set).
 Pascal Context comes with 60 classes (background counted, as SegViT and Segmenter's 60-class
 tables) or 59 (`pascal-context-59`, background ignored: reduce_zero_label, as mmseg's
 PascalContextDataset59).
+
+Pascal VOC comes as `voc` (train = the 1,464 images of train.txt) and `voc-aug` (train = the 10,582 of the
+SBD augmented set: train.txt and the aug list together, val.txt's images left out; each image's mask is
+SegmentationClass/ID.png where VOC has one, else SegmentationClassAug/ID.png); val is VOC's 1,449 in both.
+A folder holding SegmentationClassAug/ is recognised as `voc-aug`, one without as `voc`.
 
 Each reader is a FolderDataset with the class names, palette and raw-value -> train-id map of its
 dataset, so `check()`, the error messages and the value checks are the same as for a user's folder.
@@ -26,7 +35,7 @@ import numpy as np
 
 from ..errors import TransegError
 from . import classes as C
-from .folder import FolderDataset, _few
+from .folder import FolderDataset, MissingSplit, _few
 from .palettes import default_palette
 
 
@@ -99,11 +108,23 @@ class BenchmarkDataset(FolderDataset):
         return pairs
 
     def _use(self, image_dir, mask_dir):
-        """Set the split's image and mask folders; both must exist."""
+        """Set the split's image and mask folders; both must exist (no image folder: MissingSplit)."""
         for d in (image_dir, mask_dir):
             if not d.is_dir():
-                raise TransegError(f"{d}: missing (expected the {self.name} layout under {self.root})")
+                error = MissingSplit if d == image_dir else TransegError
+                raise error(f"{d}: missing (expected the {self.name} layout under {self.root})")
         self.image_dir, self.mask_dir = image_dir, mask_dir
+
+    def _listed(self, listing, what):
+        """The image ids of a split list (first word of each line; a path's stem, as in DeepLab's lists
+        "/JPEGImages/ID.jpg /SegmentationClassAug/ID.png"), each checked to have its image."""
+        if not listing.is_file():
+            raise MissingSplit(f"{listing}: missing (the list of {what} image ids)")
+        ids = [Path(line.split()[0]).stem for line in listing.read_text().splitlines() if line.strip()]
+        missing = [i for i in ids if not (self.image_dir / f"{i}.jpg").is_file()]
+        if missing:
+            raise TransegError(f"{listing}: {len(missing)} listed image(s) not in {self.image_dir} ({_few(missing)})")
+        return ids
 
 
 class ADE20K(BenchmarkDataset):
@@ -167,13 +188,7 @@ class PascalContext(BenchmarkDataset):
     def _list(self, split):
         root = self.root / "VOC2010" if (self.root / "VOC2010").is_dir() else self.root
         self._use(root / "JPEGImages", root / "SegmentationClassContext")
-        ids_file = root / "ImageSets" / "SegmentationContext" / f"{split}.txt"
-        if not ids_file.is_file():
-            raise TransegError(f"{ids_file}: missing (the list of {split} image ids)")
-        ids = [line.strip() for line in ids_file.read_text().splitlines() if line.strip()]
-        missing = [i for i in ids if not (self.image_dir / f"{i}.jpg").is_file()]
-        if missing:
-            raise TransegError(f"{ids_file}: {len(missing)} listed image(s) not in {self.image_dir} ({_few(missing)})")
+        ids = self._listed(root / "ImageSets" / "SegmentationContext" / f"{split}.txt", split)
         return self._pairs([self.image_dir / f"{i}.jpg" for i in ids], lambda p: self.mask_dir / f"{p.stem}.png")
 
 
@@ -183,6 +198,46 @@ class PascalContext59(PascalContext):
     reduce_zero_label = True  # background ignored
 
 
+class PascalVOC(BenchmarkDataset):
+    name = "Pascal VOC 2012"
+    class_names = C.PASCAL_VOC  # palette: default_palette, which is VOC's
+
+    def _voc(self):
+        return self.root / "VOC2012" if (self.root / "VOC2012").is_dir() else self.root
+
+    def _list(self, split):
+        voc = self._voc()
+        self._use(voc / "JPEGImages", voc / "SegmentationClass")
+        ids = self._listed(voc / "ImageSets" / "Segmentation" / f"{split}.txt", split)
+        return self._pairs([self.image_dir / f"{i}.jpg" for i in ids], lambda p: self.mask_dir / f"{p.stem}.png")
+
+
+class PascalVOCAug(PascalVOC):
+    name = "Pascal VOC 2012 + SBD"
+    AUG_LISTS = ("ImageSets/Segmentation/aug.txt", "ImageSets/Segmentation/train_aug.txt",
+                 "ImageSets/SegmentationAug/train_aug.txt")
+
+    def _list(self, split):
+        if split != "train":
+            return super()._list(split)
+        voc = self._voc()
+        fine = voc / "SegmentationClass"
+        self._use(voc / "JPEGImages", voc / "SegmentationClassAug")
+        listing = next((voc / a for a in self.AUG_LISTS if (voc / a).is_file()), None)
+        if listing is None:
+            raise TransegError(f"{voc}: no list of the augmented training set ({' or '.join(self.AUG_LISTS)}; "
+                               f"mmseg's tools/dataset_converters/voc_aug.py writes the first)")
+        ids = self._listed(listing, "SBD-augmented train")
+        lists = voc / "ImageSets" / "Segmentation"
+        if (lists / "train.txt").is_file():
+            ids = self._listed(lists / "train.txt", "train") + ids
+        val = set(self._listed(lists / "val.txt", "val")) if (lists / "val.txt").is_file() else set()
+        ids = [i for i in dict.fromkeys(ids) if i not in val]  # in order, once, never a validation image
+        return self._pairs([self.image_dir / f"{i}.jpg" for i in ids],
+                           lambda p: fine / f"{p.stem}.png" if (fine / f"{p.stem}.png").is_file()
+                           else self.mask_dir / f"{p.stem}.png")
+
+
 DATASETS = {
     "ade20k": ADE20K,
     "cityscapes": Cityscapes,
@@ -190,6 +245,8 @@ DATASETS = {
     "coco-stuff10k": COCOStuff10k,
     "pascal-context": PascalContext,
     "pascal-context-59": PascalContext59,
+    "voc": PascalVOC,
+    "voc-aug": PascalVOCAug,
 }
 
 
@@ -209,4 +266,7 @@ def detect(root):
     for base in (root, root / "VOC2010"):
         if (base / "SegmentationClassContext").is_dir():
             return "pascal-context"
+    for base in (root, root / "VOC2012"):
+        if (base / "SegmentationClass").is_dir() and (base / "JPEGImages").is_dir():
+            return "voc-aug" if (base / "SegmentationClassAug").is_dir() else "voc"
     return None

@@ -68,7 +68,14 @@ PASCAL_CONTEXT_59 = (
 )
 PASCAL_CONTEXT_60 = ("background",) + PASCAL_CONTEXT_59
 
-assert len(ADE20K) == 150 and len(CITYSCAPES) == 19 and len(COCO_STUFF) == 171 and len(PASCAL_CONTEXT_59) == 59
+# Pascal VOC 2012: background + the 20 object classes, in the devkit's order (mask values 0..20, 255 = the
+# object borders, ignored); the colours are default_palette's (VOC's own bit-spreading scheme)
+PASCAL_VOC = (
+    "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
+)
+
+assert len(PASCAL_VOC) == 21 and len(ADE20K) == 150 and len(CITYSCAPES) == 19 and len(COCO_STUFF) == 171 and len(PASCAL_CONTEXT_59) == 59
 assert len(COCO_STUFF_ID_TO_TRAIN) == 171
 
 
@@ -77,5 +84,5 @@ def by_count(num_classes):
     Used to name the classes of converted checkpoints that carry no names (detectron2, Segmenter)."""
     table = {150: ("ADE20K", ADE20K, None), 19: ("Cityscapes", CITYSCAPES, CITYSCAPES_PALETTE),
              171: ("COCO-Stuff", COCO_STUFF, None), 60: ("Pascal Context", PASCAL_CONTEXT_60, None),
-             59: ("Pascal Context 59", PASCAL_CONTEXT_59, None)}
+             59: ("Pascal Context 59", PASCAL_CONTEXT_59, None), 21: ("Pascal VOC", PASCAL_VOC, None)}
     return table.get(num_classes)

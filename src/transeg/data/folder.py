@@ -13,9 +13,17 @@ look, but then validation scores are measured on the training images.
 Images are read with their EXIF orientation applied, so a mask must match the image as it is
 displayed. Grey, alpha, palette and 16-bit images are converted to 8-bit RGB.
 
-Mask pixel values are class indices 0..K-1 in the order of classes.txt, 255 = ignore. With
-`reduce_zero_label=True` (the ADE20K convention) 0 becomes ignore and every other value v
-becomes v - 1, so the masks hold 0 = unlabelled and 1..K for the K classes listed.
+Mask pixel values are class indices 0..K-1 in the order of classes.txt, 255 = ignore. A line
+named `ignore` in classes.txt is no class: the mask value of its position is ignored and the
+classes after it move up one. `ignore` as the first line is the ADE20K convention (mmseg's
+`reduce_zero_label`): the masks hold 0 = unlabelled and 1..K for the K classes listed after it;
+`reduce_zero_label=True` (Python) says the same without editing classes.txt.
+
+Colour masks (the RGB PNGs labelling tools export) are read when every class line of classes.txt
+gives its colour (`road 128 64 128`): each pixel's colour becomes its line's value. `ignore R G B`
+lines name colours to ignore (several may). No colour is special, black included: a colour that no
+line lists is an error naming the file, the colour and the nearest listed colours. Single-channel
+masks (mode L or P) are always read as values, colours in classes.txt or not.
 
 Anything wrong with the files raises `TransegError` with one line naming the file.
 """
@@ -38,16 +46,27 @@ _READ_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.
 _EXIF_ORIENTATION = 0x0112
 
 
+class MissingSplit(TransegError):
+    """A split the dataset does not hold (its folder or list is absent): `transeg data check` passes over it."""
+
+
 def _few(names, k=3):
     names = sorted(names)
     shown = ", ".join(names[:k])
     return shown + (f" and {len(names) - k} more" if len(names) > k else "")
 
 
-def read_classes(path):
-    """Parse classes.txt: returns (names, palette). Lines are `name` or `name R G B` (spaces or
-    commas between the numbers); blank lines and lines starting with # are skipped; classes
-    without a colour get default_palette's colour for their index."""
+IGNORE = "ignore"  # a classes.txt line with this name (any case) is an ignored mask value, not a class
+
+
+def is_ignore(name):
+    return name.strip().lower() == IGNORE
+
+
+def read_class_lines(path):
+    """Parse classes.txt into its lines: [(name, (R, G, B) or None)], one per mask value 0, 1, 2, ...,
+    `ignore` lines included (see the module docstring). Lines are `name` or `name R G B` (spaces or
+    commas between the numbers); blank lines and lines starting with # are skipped."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
@@ -55,7 +74,7 @@ def read_classes(path):
         raise TransegError(f"{path}: not a UTF-8 text file (expected one class name per line)") from None
     except OSError as e:
         raise TransegError(f"{path}: cannot read ({e.strerror or e})") from None
-    names, colours = [], []
+    out = []
     for lineno, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -75,18 +94,23 @@ def read_classes(path):
                                f"`name` or `name R G B` (a colour is three numbers 0..255)")
         else:
             name, rgb = line, None
-        if name in names:
+        if not is_ignore(name) and any(n == name for n, _ in out):
             raise TransegError(f"{path}:{lineno}: class {name!r} is listed twice")
-        names.append(name)
-        colours.append(rgb)
-    if not names:
+        out.append((name, rgb))
+    if not any(not is_ignore(n) for n, _ in out):
         raise TransegError(f"{path}: lists no classes (expected one class name per line)")
-    if len(names) > 255:
-        raise TransegError(f"{path}: lists {len(names)} classes; at most 255 fit in 8-bit masks "
+    if len(out) > 255:
+        raise TransegError(f"{path}: lists {len(out)} classes; at most 255 fit in 8-bit masks "
                            f"(value 255 means ignore)")
-    defaults = default_palette(len(names))
-    palette = [c if c is not None else defaults[i] for i, c in enumerate(colours)]
-    return names, palette
+    return out
+
+
+def read_classes(path):
+    """Parse classes.txt: returns (names, palette) of its classes (`ignore` lines left out); classes
+    without a colour get default_palette's colour for their index."""
+    classes = [(n, c) for n, c in read_class_lines(path) if not is_ignore(n)]
+    defaults = default_palette(len(classes))
+    return [n for n, _ in classes], [c if c is not None else defaults[i] for i, (_, c) in enumerate(classes)]
 
 
 def _kind(mode):
@@ -311,7 +335,7 @@ def _oriented_size(img):
 
 
 class FolderDataset(torch.utils.data.Dataset):
-    """Images, index masks and classes.txt in a folder (see the module docstring for the layout).
+    """Images, index (or colour) masks and classes.txt in a folder (see the module docstring for the layout).
 
     Items are dicts: image uint8 [3,H,W] RGB, label int64 [H,W] (255 = ignore), name str (the
     file name without extension). `check()` scans every file up front.
@@ -319,11 +343,13 @@ class FolderDataset(torch.utils.data.Dataset):
 
     ignore_index = 255
     class_source = "classes.txt"  # where the class list comes from, for messages
+    # classes.txt's lines, one per mask value: [(name, colour or None)], `ignore` lines included (None:
+    # the classes are the values 0..K-1, or 1..K under reduce_zero_label, as for the benchmarks)
+    lines = None
 
     def __init__(self, root, split=None, reduce_zero_label=False):
         self.root = Path(root)
         self.split = split
-        self.reduce_zero_label = bool(reduce_zero_label)
         if not self.root.exists():
             raise TransegError(f"{self.root}: no such folder")
         if not self.root.is_dir():
@@ -332,24 +358,39 @@ class FolderDataset(torch.utils.data.Dataset):
         if not classes_txt.is_file():
             raise TransegError(f"{classes_txt}: missing (list the class names there, one per line, "
                                f"in the order of the mask values 0, 1, 2, ...)")
+        lines = read_class_lines(classes_txt)
+        if reduce_zero_label and not is_ignore(lines[0][0]):
+            lines = [(IGNORE, None)] + lines  # the same as an `ignore` first line in classes.txt
+        if len(lines) > 255:
+            raise TransegError(f"{classes_txt}: {len(lines) - 1} classes after the ignored 0 need values up to "
+                               f"{len(lines) - 1}; at most 254 fit beside 255 = ignore")
+        self.lines = lines
+        self.reduce_zero_label = is_ignore(lines[0][0])
         self.classes, self.palette = read_classes(classes_txt)
         self.image_dir, self.mask_dir = self._folders()
         self.samples = self._pair_files()
         self.lut, self.valid = self._label_map()
+        self._colours = None  # the colour -> value table of colour masks, made when the first one is read
+
+    def _value_names(self):
+        """The name of each raw mask value 0, 1, ...: classes.txt's lines, `ignore` ones included."""
+        if self.lines is not None:
+            return [n for n, _ in self.lines]
+        return ([IGNORE] if self.reduce_zero_label else []) + list(self.classes)
 
     def _label_map(self):
         """(lut, valid): raw mask value -> label (255 = ignore), and which raw values may occur.
-        Values 0..K-1 are the classes (reduce_zero_label: 1..K, 0 ignored), 255 is ignore."""
-        k = self.num_classes
+        Values 0..K-1 are the classes (an `ignore` line / reduce_zero_label: that value ignored, the
+        classes after it one up), 255 is ignore."""
         lut = np.full(256, 255, dtype=np.int64)
         valid = np.zeros(256, dtype=bool)
         valid[255] = True
-        if self.reduce_zero_label:
-            lut[1:k + 1] = np.arange(k)
-            valid[:k + 1] = True
-        else:
-            lut[:k] = np.arange(k)
-            valid[:k] = True
+        label = 0
+        for raw, name in enumerate(self._value_names()):
+            valid[raw] = True
+            if not is_ignore(name):
+                lut[raw] = label
+                label += 1
         return lut, valid
 
     # -- layout -------------------------------------------------------------------------------
@@ -370,8 +411,20 @@ class FolderDataset(torch.utils.data.Dataset):
         if subdirs and not has_flat:
             if self.split is None:
                 raise TransegError(f"{images}: holds split folders ({', '.join(subdirs)}); choose one of them as the split")
-            raise TransegError(f"{images / self.split}: no such split folder (found: {', '.join(subdirs)})")
+            raise MissingSplit(f"{images / self.split}: no such split folder (found: {', '.join(subdirs)})")
         return images, masks
+
+    @staticmethod
+    def split_names(root):
+        """The split folders of images/ (sorted), or [None] for a flat layout (one set for every split)."""
+        images = Path(root) / "images"
+        try:
+            entries = list(images.iterdir())
+        except OSError:
+            return [None]
+        if any(p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS for p in entries):
+            return [None]
+        return sorted(p.name for p in entries if p.is_dir() and not p.name.startswith(".")) or [None]
 
     def _pair_files(self):
         images = {}
@@ -431,12 +484,14 @@ class FolderDataset(torch.utils.data.Dataset):
                                            f"{self._allowed()}")
                     return a.astype(np.uint8)
                 if mode in ("RGB", "RGBA"):
-                    a = np.asarray(m)
+                    a = np.asarray(m)[..., :3]
+                    if self._colour_lines() is not None:
+                        return self._colours_to_values(path, a)
                     hint = ""
                     if (a[..., 0] == a[..., 1]).all() and (a[..., 1] == a[..., 2]).all():
                         hint = " (its three channels are equal, so converting it to mode L keeps the values)"
-                    raise TransegError(f"{path}: is an {mode} colour mask; convert it to a single-channel "
-                                       f"index PNG (mode L or P) whose pixel values are class indices{hint}")
+                    raise TransegError(f"{path}: is an {mode} colour mask; convert it to a single-channel index PNG "
+                                       f"(mode L or P) whose pixel values are class indices{hint}{self._colour_fix()}")
                 raise TransegError(f"{path}: mask has image mode {mode}; expected a single-channel index PNG "
                                    f"(mode L or P)")
         except TransegError:
@@ -444,11 +499,91 @@ class FolderDataset(torch.utils.data.Dataset):
         except _READ_ERRORS as e:
             raise TransegError(f"{path}: cannot read the mask ({_reason(e)})") from None
 
+    # -- colour masks ---------------------------------------------------------------------------
+
+    def _colour_lines(self):
+        """[(value, name, colour)] of the classes.txt lines that give a colour when every class line
+        does (then colour masks can be read), else None."""
+        if not self.lines or any(c is None for n, c in self.lines if not is_ignore(n)):
+            return None
+        return [(v, n, c) for v, (n, c) in enumerate(self.lines) if c is not None]
+
+    def _colour_fix(self):
+        """What to write in classes.txt to read colour masks ("" for the benchmarks)."""
+        if self.lines is None:
+            return ""
+        missing = [n for n, c in self.lines if c is None and not is_ignore(n)]
+        where = self.root / "classes.txt"
+        if len(missing) < len([n for n, _ in self.lines if not is_ignore(n)]):
+            return (f", or give every class its colour in {where} to read colour masks: "
+                    f"{_few([repr(n) for n in missing])} {'has' if len(missing) == 1 else 'have'} none "
+                    f"(`{missing[0]} R G B`)")
+        return (f", or give each class its colour in {where} to read colour masks (`{missing[0]} R G B`, "
+                f"the colour its pixels have)")
+
+    def _colour_table(self):
+        """(sorted colour codes R<<16|G<<8|B, their values), made once; two lines with one colour are an error."""
+        if self._colours is None:
+            by_code = {}
+            for value, name, (r, g, b) in self._colour_lines():
+                code = (r << 16) | (g << 8) | b
+                if code in by_code and not (is_ignore(name) and is_ignore(self.lines[by_code[code]][0])):
+                    raise TransegError(f"{self.root / 'classes.txt'}: {self.lines[by_code[code]][0]!r} and {name!r} "
+                                       f"share the colour {r} {g} {b}; colour masks need one colour per class")
+                by_code.setdefault(code, value)
+            codes = np.array(sorted(by_code), dtype=np.int64)
+            self._colours = (codes, np.array([by_code[c] for c in codes], dtype=np.uint8))
+        return self._colours
+
+    def _colours_to_values(self, path, rgb):
+        """uint8 [H,W] mask values from an RGB colour mask `[H,W,3]` (vectorised: one binary search per
+        pixel among the listed colours); a colour no line lists raises TransegError naming it."""
+        codes, values = self._colour_table()
+        code = (rgb[..., 0].astype(np.int64) << 16) | (rgb[..., 1].astype(np.int64) << 8) | rgb[..., 2]
+        pos = np.minimum(np.searchsorted(codes, code), len(codes) - 1)
+        known = codes[pos] == code
+        if not known.all():
+            unknown, counts = np.unique(code[~known], return_counts=True)
+            c = int(unknown[np.argmax(counts)])
+            colour = np.array([c >> 16, (c >> 8) & 255, c & 255])
+            listed = [(n, np.array(col)) for _, n, col in self._colour_lines()]
+            near = sorted(listed, key=lambda nc: float(((nc[1] - colour) ** 2).sum()))[:2]
+            others = len(unknown) - 1
+            more = (f" (and {others} other unlisted colour{'s' if others > 1 else ''}: a resized or lossy-saved mask "
+                    f"has blended colours at edges; save masks at full size as PNG)" if others else "")
+            raise TransegError(f"{path}: colour {' '.join(map(str, colour))} ({int(counts.max())} pixels) is not "
+                               f"listed in {self.root / 'classes.txt'}{more}; nearest listed: "
+                               + ", ".join(f"{n} {' '.join(map(str, col))}" for n, col in near)
+                               + f"; add it as a class or as `ignore {' '.join(map(str, colour))}`")
+        return values[pos]
+
+    # -- values -----------------------------------------------------------------------------------
+
     def _allowed(self):
         k = self.num_classes
-        if self.reduce_zero_label:
+        names = self._value_names()
+        ignored = [v for v, n in enumerate(names) if is_ignore(n)]
+        if ignored == [0]:
             return f"allowed 0=ignore, 1..{k} for the {k} classes of {self.class_source} (reduce_zero_label) and 255=ignore"
+        if ignored:
+            return (f"allowed 0..{len(names) - 1}, the lines of {self.class_source}, where "
+                    f"{', '.join(map(str, ignored))} = ignore, and 255=ignore")
         return f"allowed 0..{k - 1} and 255=ignore"
+
+    def _encoding_hint(self, bad):
+        """The label-encoding mistake that `bad` (the values outside the classes) points to, with its fix, or ""."""
+        k = self.num_classes
+        names = self._value_names()
+        if list(bad) == [len(names)] and not any(is_ignore(n) for n in names) and self.lines is not None:
+            return (f"; values 0..{k} for {k} classes look like 0 = 'unlabelled' (ADE20K style): then write `ignore` "
+                    f"as the first line of {self.root / 'classes.txt'} (reduce_zero_label: 0 is ignored, 1..{k} are "
+                    f"the classes); if 0 is a class, a class is missing from classes.txt")
+        if k == 19 and int(bad.max()) <= 33 and not getattr(self, "raw_ids", False):
+            return ("; values up to 33 for 19 classes look like Cityscapes labelIds (*_gtFine_labelIds.png) where "
+                    "trainIds are expected: use the *_gtFine_labelTrainIds.png files (`transeg data prepare "
+                    "cityscapes RAW OUT` writes them), or give the Cityscapes folder as --data cityscapes:PATH, "
+                    "which maps labelIds")
+        return ""
 
     def _bad_values(self, counts):
         """The raw values (from a 256-bin histogram) that are not allowed, ascending."""
@@ -460,7 +595,8 @@ class FolderDataset(torch.utils.data.Dataset):
             what = f"label value {int(bad[0])} is"
         else:
             what = "label values " + ", ".join(str(int(v)) for v in bad[:5]) + (" ..." if len(bad) > 5 else "") + " are"
-        return TransegError(f"{path}: {what} outside the {k} classes of {self.class_source} ({self._allowed()})")
+        return TransegError(f"{path}: {what} outside the {k} classes of {self.class_source} ({self._allowed()})"
+                            f"{self._encoding_hint(bad)}")
 
     def _to_label(self, raw):
         return self.lut[raw]

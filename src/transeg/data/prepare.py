@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from ..errors import TransegError
 from . import classes as C
+from .folder import plain_permissions
 
 
 def _lut(mapping, default=255):
@@ -65,6 +66,7 @@ def _save_png(array, path):
     os.close(fd)
     try:
         Image.fromarray(np.ascontiguousarray(array, dtype=np.uint8), mode="L").save(tmp, format="PNG")
+        plain_permissions(tmp)  # mkstemp made it 0600; a mask written by plain open() would be 0666 less the umask
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -410,7 +410,8 @@ def _nothing_labelled(dataset):
 def _class_weights(cfg, train_set, saved_config, progress, log):
     """`class_weight: auto` in cfg.loss -> numbers: from the training set's labelled pixels per class (the
     scan `transeg data check` makes), or, on a resume, the numbers the run was started with (config.yaml)."""
-    from ..losses.pixel import check_terms, class_weights
+    from ..data import class_weights
+    from ..losses.pixel import check_terms
 
     if not cfg.loss or not any(t.get("class_weight") == "auto" for t in cfg.loss):
         check_terms(cfg.loss or [{"type": "ce"}], num_classes=len(train_set.classes))

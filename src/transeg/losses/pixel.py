@@ -1,6 +1,6 @@
 """Pixel losses beside cross-entropy, for imbalanced data: class-weighted CE, Dice, Focal and
 Lovász-softmax on logits at the label's size [N, K, H, W] and labels [N, H, W] (ignore_index
-pixels take no part), and `class_weights`, the `auto` weights from a training set's pixel counts.
+pixels take no part), and the `loss:` setting that combines them (`check_terms`, `pixel_loss`).
 
 Each follows a published definition, named in its docstring (tests/test_losses.py writes each
 reference out and compares):
@@ -14,6 +14,7 @@ reference out and compares):
 - Lovász-softmax: Berman et al. 2018, the authors' `lovasz_softmax(classes="present",
   per_image=False)`: the Lovász extension of the Jaccard loss over the batch's labelled pixels,
   averaged over the classes present in the labels. On one-hot probabilities it is 1 - IoU.
+`class_weight: auto` comes from the data: `transeg.data.class_weights`.
 """
 import math
 
@@ -98,23 +99,6 @@ def _lovasz_gradient(fg_sorted):
     union = gts + (1 - fg_sorted).cumsum(0)
     jaccard = 1 - intersection / union
     return torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
-
-
-AUTO_OFFSET = 1.02  # ENet's c (Paszke et al. 2016): weights bounded by 1 / ln(1.02) ~ 50 for the rarest classes
-
-
-def class_weights(pixel_counts):
-    """`class_weight: auto`: ENet's 1 / ln(c + p_k) from each class's share p_k of the labelled training
-    pixels (c = 1.02), scaled so the pixel-weighted mean weight is 1 and the loss stays on plain CE's
-    scale (the recipe's learning rate keeps its meaning). Chosen over median-frequency balancing, whose
-    weights grow without bound for a class with a handful of pixels. Returns a list of K floats."""
-    counts = [float(c) for c in pixel_counts]
-    total = sum(counts)
-    if total <= 0:
-        raise TransegError("class_weight auto: the training labels hold no labelled pixel")
-    raw = [1.0 / math.log(AUTO_OFFSET + c / total) for c in counts]
-    mean = sum(w * c for w, c in zip(raw, counts)) / total
-    return [round(w / mean, 6) for w in raw]
 
 
 TERMS = {"ce": "cross-entropy (class_weight: a list of K weights or auto)",
