@@ -197,10 +197,6 @@ def _decimal(v):
     return text + "0" if text.endswith(".") else text
 
 
-def names():
-    return list(RELEASES)
-
-
 COLUMNS = ("name", "model", "dataset", "crop", "mIoU", "from", "checksum", "size", "licence")
 
 
