@@ -110,11 +110,17 @@ def test_converted_checkpoint_carries_the_windowed_test(tmp_path):
 @pytest.mark.parametrize("name", [n for n, v in VARIANTS.items() if v.family == "eomt"])
 def test_params_equal_hugging_face(name):
     """Parameters at the released class count equal HF's model at the authors' config (built on meta): 316,020,887
-    for ADE20K at 512 (the paper's 316M), 319,032,340 for Cityscapes at 1024 (3072 more position embeddings x 1024)."""
+    for ADE20K at 512 (the paper's 316M), 319,032,340 for Cityscapes at 1024 (3072 more position embeddings x 1024);
+    DINOv3 at 512 (HF's EomtDinov3): 314,947,735, i.e. without the 1024 x 1024 position embeddings and the 24 key
+    biases of 1024."""
+    from transformers import EomtDinov3Config, EomtDinov3ForUniversalSegmentation
+
     v = VARIANTS[name]
     k, crop = v.paper.official_classes, v.kwargs["crop"]
+    dinov3 = v.kwargs.get("rope_theta") is not None
+    config, cls = (EomtDinov3Config, EomtDinov3ForUniversalSegmentation) if dinov3 else (EomtConfig, EomtForUniversalSegmentation)
     with torch.device("meta"):
-        hf = EomtForUniversalSegmentation(EomtConfig(image_size=crop, num_queries=100, num_labels=k))
+        hf = cls(config(image_size=crop, num_queries=100, num_labels=k))
     theirs = sum(p.numel() for p in hf.parameters())
     assert count_params(meta_model(name, k)) == theirs == v.paper.official_params
     if v.paper.params_m:
@@ -254,3 +260,91 @@ def test_backbone_weights_read_timm_dinov2(tmp_path):
     old = F.conv2d(x, dinov2["patch_embed.proj.weight"])
     new = F.conv2d(x16, model.backbone.patch_embed.proj.weight)
     assert (old - new).abs().max() < 1e-3
+
+
+# DINOv3: the same tiny model with HF's EomtDinov3 (RoPE theta 100 on the patches, no position embeddings, q/v biases
+# without a key bias, MLP width 256 = 4 x 64 as in ViT-L).
+TINY_V3 = dict(TINY, intermediate_size=256)
+
+
+def _hf_dinov3_model(probs, seed=0):
+    from transformers import EomtDinov3Config, EomtDinov3ForUniversalSegmentation
+
+    torch.manual_seed(seed)
+    hf = EomtDinov3ForUniversalSegmentation(EomtDinov3Config(**TINY_V3))
+    state = hf.state_dict()
+    shapes = [(k, v.shape) for k, v in state.items() if k not in ("attn_mask_probs", "criterion.empty_weight")]
+    state.update(seeded_state_dict(shapes, seed))
+    state["attn_mask_probs"] = torch.full((TINY_V3["num_blocks"],), float(probs))
+    hf.load_state_dict(state)
+    return hf
+
+
+@pytest.mark.parametrize("probs", [0.0, 1.0], ids=["released-no-mask", "masked-attention"])
+def test_dinov3_logits_equal_hugging_face(probs, tmp_path):
+    """HF's eomt_dinov3 (save_pretrained) through `transeg convert --from eomt --model eomt-dinov3-l16`, with what the
+    weights and config show (width 64, 4 blocks, 4 heads, image_size 64, rope_theta 100) as overrides: mask logits, class logits
+    and full-resolution semantic scores within 1e-4 of HF. The bound: float32 rounding of a 4-block model whose RoPE
+    angles are computed in another order (ours rotates the halves of each head directly, HF by rotate_half on a
+    tiled table) and, with masked attention, HF's additive -3.4e38 mask against our boolean one. Measured (mask /
+    class logits / scores): 1.2e-5 / 7e-7 / 1.4e-6 released, 8.6e-6 / 6.6e-7 / 1.2e-6 masked, |mask logit| <= 16.2."""
+    from transeg.cli import main
+    from transeg.convert.mmseg import match_variant
+
+    # at the released shapes the weights' lack of position embeddings (rope_theta from the config) picks DINOv3
+    real = dict(embed_dim=1024, depth=24, patch_size=16, crop=512)
+    assert match_variant("eomt", "-", rope_theta=100.0, **real) == "eomt-dinov3-l16"
+    assert match_variant("eomt", "-", rope_theta=None, **real) == "eomt-dinov2-l16"
+    hf = _hf_dinov3_model(probs).eval()
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.safetensors"), "--from", "eomt",
+                 "--model", "eomt-dinov3-l16"]) == 0  # the tiny shapes match no variant: named, as for DINOv2
+    model = transeg.load(tmp_path / "m.safetensors").eval()
+    assert model.meta["variant"] == "eomt-dinov3-l16"
+    assert model.backbone.pos_embed is None and model.backbone.rope.theta == 100.0
+    assert model.backbone.blocks[0].attn.qkv.bias is None  # q_bias / v_bias only
+    assert model.backbone._probs == [probs] * TINY_V3["num_blocks"]
+    x = seeded_input((2, 3, 64, 64), 1)
+    with torch.no_grad():
+        ref = hf(pixel_values=x)
+        out = model.decode_head.decode(model.backbone(x))
+        scores = model.logits(x)
+    assert (out["pred_masks"] - ref.masks_queries_logits).abs().max() < 1e-4
+    assert (out["pred_logits"] - ref.class_queries_logits).abs().max() < 1e-4
+    masks = F.interpolate(ref.masks_queries_logits, size=(64, 64), mode="bilinear", align_corners=False)
+    expected = torch.einsum("bqhw,bqc->bchw", masks.sigmoid(), ref.class_queries_logits.softmax(-1)[..., :-1])
+    assert (scores - expected).abs().max() < 1e-4
+    # RoPE really acts: the same weights with the patches' rotation off give other masks
+    model.backbone.rope = None
+    with torch.no_grad():
+        plain = model.decode_head.decode(model.backbone(x))["pred_masks"]
+    assert (plain - ref.masks_queries_logits).abs().max() > 1e-2
+
+
+def test_dinov3_authors_delta_files_are_refused_in_one_line(tmp_path):
+    """The authors' DINOv3 EoMT files (`network.*` names, no position embeddings) hold deltas to DINOv3's gated base
+    weights: the converter says so and points to the Hugging Face repo, rather than converting half a model."""
+    from transeg.convert.eomt import convert, hf_to_authors
+    from transeg.errors import TransegError
+
+    authors = hf_to_authors(_hf_dinov3_model(0.0).state_dict(), "hf")
+    with pytest.raises(TransegError, match="deltas to DINOv3's gated base weights"):
+        convert(authors, "eomt_dinov3_delta.bin")
+
+
+def test_rope_rotates_planes_by_the_dinov3_angles():
+    """Worked by hand for head_dim 8 (2 planes per axis, frequencies 100^0 = 1 and 100^-0.5 = 0.1) on a 1x2 grid:
+    the right patch's centre is (y, x) = (0, 0.5), so its planes turn by 2π·(0, 0, 0.5, 0.05); the channel pairs are
+    (k, k + 4). Tokens before the patches stay, and rotation keeps each plane's norm."""
+    from transeg.layers import RotaryPositionEmbedding, apply_rotary
+
+    rope = RotaryPositionEmbedding(8, theta=100.0).eval()
+    cos, sin = rope((1, 2))
+    angles = 2 * math.pi * torch.tensor([[0.0, 0.0, -0.5, -0.05], [0.0, 0.0, 0.5, 0.05]])
+    assert torch.allclose(cos, angles.cos(), atol=1e-6) and torch.allclose(sin, angles.sin(), atol=1e-6)
+    x = torch.randn(1, 1, 3, 8)  # one prefix token, two patches
+    y = apply_rotary(x, cos, sin)
+    assert torch.equal(y[..., 0, :], x[..., 0, :])
+    a, b = x[0, 0, 2, 2], x[0, 0, 2, 6]  # plane 2 of the right patch: angle π
+    assert torch.allclose(y[0, 0, 2, [2, 6]], torch.stack([-a, -b]), atol=1e-6)
+    assert torch.allclose(y[..., :4].pow(2) + y[..., 4:].pow(2), x[..., :4].pow(2) + x[..., 4:].pow(2), atol=1e-5)

@@ -126,3 +126,25 @@ def test_semask_static_export_matches_pytorch(tmp_path, capsys, name, kw, size):
     assert np.abs(session.run(None, {"image": x.numpy()})[0] - expected).max() <= 1e-4
     meta = json.loads({p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}["transeg"])
     assert meta["static_size"] == [h, w]
+
+
+@pytest.mark.parametrize("name", ["eomt-dinov2-l16", "eomt-dinov3-l16"])
+def test_eomt_static_export_matches_pytorch(name, tmp_path):
+    """EoMT (tiny: width 64, 4 blocks, 10 queries in the last 2, 4 registers) as released: no masked attention
+    at inference (attn_mask_probs 0), so the graph is the plain ViT (DINOv3: with its rotary position embeddings,
+    computed in the graph from the traced grid) plus the mask module. A static 64x64 graph (one window of the
+    authors' windowed test) equals PyTorch under onnxruntime within 1e-4 (measured: 8e-7 / 6e-7 on scores in
+    [0, 1]); the output is the semantic scores (probabilities), at stride 4."""
+    from transeg.export import export_onnx
+
+    model = transeg.create_model(name, num_classes=5, embed_dim=64, depth=4, num_heads=4, crop=64,
+                                 num_queries=10, query_blocks=2, mask_annealing=None).eval()
+    report = export_onnx(model, tmp_path / "m.onnx", sample_size=(64, 64), static=True)
+    assert report["max_abs_diff"] <= 1e-4
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x).numpy()
+    got = session.run(None, {"image": x.numpy()})[0]
+    assert got.shape == expected.shape == (1, 5, 16, 16)
+    assert np.abs(got - expected).max() <= 1e-4

@@ -335,7 +335,8 @@ def test_a_mistyped_name_or_path_is_one_line_and_never_a_download(server, spec, 
 
 def test_a_hub_repo_of_another_kind_is_named(server):
     server.files["someone/bert/config.json"] = json.dumps({"model_type": "bert"}).encode()
-    with pytest.raises(TransegError, match=r"someone/bert: a 'bert' model; transeg reads Hub repos of segformer"):
+    with pytest.raises(TransegError, match=r"someone/bert: a 'bert' model; transeg reads Hub repos of "
+                                           r"eomt, eomt_dinov3, segformer"):
         transeg.load("someone/bert")
 
 
@@ -420,7 +421,8 @@ def test_every_release_names_a_registered_variant_and_a_reader():
                                            f"{r.dataset.replace('_', '-')}":
             assert r.miou == paper, r.name
             compared += 1
-    assert compared == 41  # SegFormer 12, Segmenter 7 (ADE20K), SegViT 7, SeMask 14, EoMT 1: every row with a paper number
+    assert compared == 42  # SegFormer 12, Segmenter 7 (ADE20K), SegViT 7, SeMask 14, EoMT 2 (DINOv2 and DINOv3 ADE20K):
+    # every row with a paper number
 
 
 def test_every_release_tests_as_its_recipe_says():

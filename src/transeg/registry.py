@@ -373,32 +373,37 @@ register(Variant(
 # --------------------------------------------------------------------------------------------- EoMT
 def build_eomt(num_classes, embed_dim, depth, num_heads, patch_size=16, crop=512, num_queries=100, query_blocks=4,
                num_register_tokens=4, layer_scale_init=1e-5, norm_eps=1e-6, drop_path_rate=0.0, mask_annealing=None,
-               num_points=12544):
+               num_points=12544, rope_theta=None, rope_box_jittering=None, key_bias=True):
     """EoMT: DINOv2's ViT (register tokens, LayerScale, position embeddings for the patches only, LN eps 1e-6)
     whose last `query_blocks` blocks also carry `num_queries` learned queries, and the mask module on them.
     crop: the training crop (the position-embedding grid; the authors' model runs at exactly this size and
     their semantic test windows it). mask_annealing: ((start per block), (end per block)[, power]) in
-    training iterations, the authors' schedule; None keeps `attn_mask_probs` as they are."""
+    training iterations, the authors' schedule; None keeps `attn_mask_probs` as they are.
+    DINOv3's ViT: rope_theta (rotary position embeddings instead of absolute ones; the crop then only sets the
+    test windows), rope_box_jittering ((shift, jitter, rescale) of the RoPE coordinates in training), key_bias=False."""
     backbone = VisionTransformer(img_size=(crop, crop), patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                                  num_heads=num_heads, drop_path_rate=drop_path_rate, norm_eps=norm_eps, num_classes=0,
                                  pos_interp="bicubic", num_register_tokens=num_register_tokens, class_pos_embed=False,
                                  layer_scale_init=layer_scale_init, num_queries=num_queries, query_blocks=query_blocks,
-                                 mask_annealing=mask_annealing)
+                                 mask_annealing=mask_annealing, rope_theta=rope_theta,
+                                 rope_box_jittering=rope_box_jittering, key_bias=key_bias)
     head = EoMTHead(embed_dim, num_classes, patch_size, num_points=num_points)
     backbone.mask_predictor = head.predict  # the masked attention asks the head for masks (a reference, not a submodule)
     return Segmentor(backbone, head, num_classes)
 
 
-def _eomt(name, *, crop, official_classes, official_params, mask_annealing, miou, **paper):
+def _eomt(name, *, crop, official_classes, official_params, mask_annealing, miou, backbone=None,
+          reference="model_zoo/dinov2.md", **paper):
     """One EoMT row: the training crop (position-embedding grid), the class count of the dataset the authors
     released it for, their model's params at that count, the per-block annealing schedule of their config
     ((starts), (ends) in iterations), and the paper's facts."""
     register(Variant(
         name=f"eomt-{name}", family="eomt", build=build_eomt,
-        kwargs=dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, crop=crop, mask_annealing=mask_annealing),
+        kwargs=dict(embed_dim=1024, depth=24, num_heads=16, patch_size=16, crop=crop, mask_annealing=mask_annealing,
+                    **(backbone or {})),
         paper=Paper(official_params=official_params, official_classes=official_classes,
                     gflops={f"{crop}x{crop}@{official_classes}": None}, gflops_convention="fvcore", miou=miou,
-                    reference="Kerssies et al., EoMT, CVPR 2025 (tue-mps/eomt model_zoo/dinov2.md)", **paper),
+                    reference=f"Kerssies et al., EoMT, CVPR 2025 (tue-mps/eomt {reference})", **paper),
     ))
 
 
@@ -414,3 +419,13 @@ _eomt("dinov2-l16", crop=512, official_classes=150, official_params=316_020_887,
       mask_annealing=((6520, 13040, 19560, 26080), (13040, 19560, 26080, 32600)), miou={"ade20k": 58.4})
 _eomt("dinov2-l16-cityscapes", crop=1024, official_classes=19, official_params=319_032_340,
       mask_annealing=((3317, 6634, 9951, 13268), (6634, 9951, 13268, 16585)), miou={"cityscapes": 84.2})
+# DINOv3 ViT-L/16 (4 registers, LayerScale, RoPE theta 100 instead of position embeddings, q/v biases without a key
+# bias), 100 queries in the last 4 blocks: the authors' ADE20K semantic release (Hub tue-mps/ade_semantic_eomt_large_512
+# _dinov3, model_type eomt_dinov3). official_params: HF's EomtDinov3ForUniversalSegmentation at 512, 100 queries,
+# 150 classes, on meta: 314,947,735 = the DINOv2 model's 316,020,887 less its 1024 x 1024 position embeddings and
+# 24 x 1024 key biases. mIoU 59.5: the model zoo's. Annealing: the DINOv2 ADE20K schedule (31 epochs x 1263
+# iterations), assumed the same for DINOv3. Box jittering: DINOv3's rescale 2 (HF's default), no shift or jitter.
+_eomt("dinov3-l16", crop=512, official_classes=150, official_params=314_947_735,
+      mask_annealing=((6520, 13040, 19560, 26080), (13040, 19560, 26080, 32600)), miou={"ade20k": 59.5},
+      backbone=dict(rope_theta=100.0, rope_box_jittering=(None, None, 2.0), key_bias=False),
+      reference="model_zoo/dinov3.md")

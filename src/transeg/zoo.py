@@ -180,7 +180,12 @@ _add(Release("eomt-dinov2-l16-ade20k", "eomt-dinov2-l16", "eomt", "ade20k", "512
              source="tue-mps/eomt model_zoo/dinov2.md"),
      Release("eomt-dinov2-l16-cityscapes", "eomt-dinov2-l16-cityscapes", "eomt", "cityscapes", "1024x1024", "hub",
              "tue-mps/cityscapes_semantic_eomt_large_1024", _HUB_WEIGHTS, miou=84.2, licence="MIT",
-             source="tue-mps/eomt model_zoo/dinov2.md"))
+             source="tue-mps/eomt model_zoo/dinov2.md"),
+     # DINOv3: transformers' eomt_dinov3 layout, complete weights (a pytorch_model.bin beside it in the authors' layout
+     # would be their delta to DINOv3's base weights, which the converter refuses: only the safetensors is read)
+     Release("eomt-dinov3-l16-ade20k", "eomt-dinov3-l16", "eomt", "ade20k", "512x512", "hub",
+             "tue-mps/ade_semantic_eomt_large_512_dinov3", ("model.safetensors",), miou=59.5,
+             licence="MIT (code); DINOv3 License (weights)", source="tue-mps/eomt model_zoo/dinov3.md"))
 
 # --- EDAFormer: one Google Drive folder (file names not listed anywhere a program can read: given by hand)
 _EDA = "https://drive.google.com/drive/u/0/folders/1hiAFQcfH9qd37WOc1_HMB0vKzbY-IWrO"
@@ -395,7 +400,7 @@ def fetch_repo(repo_id, progress=True, log=print) -> Path:
 
 
 # transformers' model_type -> the transeg converter that reads such a repo
-_HUB_FORMATS = {"segformer": "segformer-hf", "eomt": "eomt"}
+_HUB_FORMATS = {"segformer": "segformer-hf", "eomt": "eomt", "eomt_dinov3": "eomt"}
 _READS_FOLDER = {"segformer-hf", "eomt"}  # converters that take a save_pretrained folder (config.json beside)
 
 

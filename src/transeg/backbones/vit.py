@@ -30,6 +30,10 @@ annealed from 1 to 0 during training (`mask_annealing`, see `MaskAnnealing`); at
 models end (and a new model starts), the masked attention and the intermediate predictions are skipped
 outside training. Such a
 backbone returns [patch map, queries [N, Q, D], intermediate predictions [(mask logits, class logits)]].
+With DINOv3's ViT (Siméoni et al. 2025) EoMT has no position embeddings: `rope_theta` gives every block
+rotary position embeddings on the patches' queries and keys (`layers.rope`; class, register and query tokens
+unrotated), `rope_box_jittering` DINOv3's (shift, jitter, rescale) of the coordinates in training, and
+`key_bias=False` DINOv3's attention biases on queries and values only.
 
 Names follow timm / Segmenter (`patch_embed.proj`, `cls_token`, `dist_token`, `pos_embed`, `blocks.i`,
 `norm`, `head`, `head_dist`) so their checkpoints load unchanged. `num_classes > 0` keeps the ImageNet
@@ -42,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import TransformerBlock, drop_path_rates, tokens_to_map
+from ..layers import RotaryPositionEmbedding, TransformerBlock, drop_path_rates, tokens_to_map
 from ..layers.init import init_linear_norm
 
 
@@ -95,7 +99,8 @@ class VisionTransformer(nn.Module):
                  distilled=False, drop_rate=0.0, drop_path_rate=0.1, norm_eps=1e-5, num_classes=1000,
                  pos_interp="bilinear", in_chans=3, out_indices=None, final_norm=True, cls_token_in_blocks=True,
                  drop_path_attn=True, shrink_index=None, logits_follow_padding=True, num_register_tokens=0,
-                 class_pos_embed=True, layer_scale_init=None, num_queries=0, query_blocks=0, mask_annealing=None):
+                 class_pos_embed=True, layer_scale_init=None, num_queries=0, query_blocks=0, mask_annealing=None,
+                 rope_theta=None, rope_box_jittering=None, key_bias=True):
         super().__init__()
         self.patch_size = patch_size
         # Segmenter upsamples its logits to the padded size and crops; mmseg resizes to the input size
@@ -114,12 +119,18 @@ class VisionTransformer(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.dist_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if distilled else None
         self.reg_token = nn.Parameter(torch.zeros(1, num_register_tokens, embed_dim)) if num_register_tokens else None
-        pos_tokens = (self.num_extra if class_pos_embed else 0) + self.grid[0] * self.grid[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, pos_tokens, embed_dim))
+        if rope_theta is None:
+            pos_tokens = (self.num_extra if class_pos_embed else 0) + self.grid[0] * self.grid[1]
+            self.pos_embed = nn.Parameter(torch.zeros(1, pos_tokens, embed_dim))
+            self.rope = None
+        else:  # DINOv3: rotary position embeddings in every block instead
+            self.pos_embed = None
+            self.rope = RotaryPositionEmbedding(embed_dim // num_heads, rope_theta, *(rope_box_jittering or ()))
         self.pos_drop = nn.Dropout(drop_rate)
         rates = drop_path_rates([depth], drop_path_rate)[0]
         self.blocks = nn.ModuleList(TransformerBlock(embed_dim, num_heads, mlp_ratio, drop_rate, rates[i], norm_eps,
-                                                     drop_path_attn=drop_path_attn, layer_scale_init=layer_scale_init)
+                                                     drop_path_attn=drop_path_attn, layer_scale_init=layer_scale_init,
+                                                     key_bias=key_bias)
                                     for i in range(depth))
         self.num_queries, self.query_blocks = num_queries, query_blocks
         if num_queries:
@@ -165,10 +176,10 @@ class VisionTransformer(nn.Module):
         grid = (x.shape[-2] // p, x.shape[-1] // p)
         x = self.patch_embed(x)
         extra = [self.cls_token] + [t for t in (self.dist_token, self.reg_token) if t is not None]
-        if not self.class_pos_embed:  # timm's no_embed_class: positions for the patches, then the extra tokens
+        if self.pos_embed is not None and not self.class_pos_embed:  # timm's no_embed_class: patches, then extras
             x = x + resize_pos_embed(self.pos_embed, self.grid, grid, 0, self.pos_interp)
         x = torch.cat([t.expand(x.shape[0], -1, -1) for t in extra] + [x], dim=1)
-        if self.class_pos_embed:
+        if self.pos_embed is not None and self.class_pos_embed:
             x = x + resize_pos_embed(self.pos_embed, self.grid, grid, self.num_extra, self.pos_interp)
         return self.pos_drop(x), grid
 
@@ -176,14 +187,16 @@ class VisionTransformer(nn.Module):
         """All tokens after the final norm, [N, extra + gh*gw, D], and the grid (gh, gw) of the padded input
         (Segmenter's layout: extra tokens through the blocks)."""
         x, grid = self._embed(x)
+        rope = self._rope(grid, x.device)
         for block in self.blocks:
-            x = block(x)
+            x = block(x, rope=rope)
         return (self.norm(x) if self.norm is not None else x), grid
 
     def forward(self, x):
         if self.num_queries:
             return self._forward_with_queries(x)
         x, grid = self._embed(x)
+        rope = self._rope(grid, x.device)
         extra = self.num_extra if self.cls_token_in_blocks else 0
         if not self.cls_token_in_blocks:
             x = x[:, self.num_extra:]
@@ -194,7 +207,7 @@ class VisionTransformer(nn.Module):
                 grid = tuple(patches.shape[-2:])
                 x = block(torch.cat([x[:, :extra], patches.flatten(2).transpose(1, 2)], dim=1), context=x)
             else:
-                x = block(x)
+                x = block(x, rope=rope)
             if i in self.out_indices:
                 y = self.norm(x) if self.norm is not None and i == len(self.blocks) - 1 else x
                 outs.append(tokens_to_map(y[:, extra:], grid))
@@ -204,6 +217,7 @@ class VisionTransformer(nn.Module):
         """EoMT's encoder: the queries join before block depth - query_blocks; masked attention in those
         blocks wherever it is trained (training) or still on (attn_mask_probs > 0)."""
         x, grid = self._embed(x)
+        rope = self._rope(grid, x.device)
         first = len(self.blocks) - self.query_blocks
         q, skip = self.num_queries, self.num_queries + self.num_extra  # queries, then class/register tokens
         if self.training and self.mask_annealing is not None:
@@ -221,9 +235,13 @@ class VisionTransformer(nn.Module):
                 masks, classes = self.mask_predictor(y[:, :q], tokens_to_map(y[:, skip:], grid))
                 predictions.append((masks, classes))
                 attn_mask = self._attention_mask(x, masks, grid, probs[i - first])
-            x = block(x, attn_mask=attn_mask)
+            x = block(x, attn_mask=attn_mask, rope=rope)
         x = self.norm(x)
         return [tokens_to_map(x[:, skip:], grid), x[:, :q], predictions]
+
+    def _rope(self, grid, device):
+        """(cos, sin) of the rotary position embeddings for the patch grid, or None (absolute positions)."""
+        return None if self.rope is None else self.rope(grid, device)
 
     def set_attn_mask_probs(self, probs):
         """Set the masked-attention probability of each query block (1: always masked, 0: never; the

@@ -10,8 +10,18 @@ then the authors' to transeg's: the encoder is transeg's `VisionTransformer` wit
 ViT keys only lose their prefix; the queries and the masked-attention probabilities are the backbone's
 (`backbone.queries`, `backbone.attn_mask_probs`), the mask module the head's.
 
+Hugging Face's `EomtDinov3ForUniversalSegmentation` (model_type `eomt_dinov3`) is read too: no position
+embeddings (rotary ones, computed, not stored), `embeddings.patch_embeddings`, `attention.o_proj`,
+`mlp.{up,down}_proj`, and q/v biases without a key bias, which become timm BEiT's `attn.q_bias` / `attn.v_bias`
+beside a bias-free `qkv`. Its config gives what the weights do not show: rope_theta, the LayerNorm eps and
+the crop (`image_size`).
+
+The authors' own DINOv3 EoMT files are not read: DINOv3's licence keeps its weights off their release, so
+those files hold deltas to be added to Meta's (gated) DINOv3 base weights, which this converter does not have;
+it says so in one line and points to the Hugging Face repo (complete weights) instead.
+
 The variant is found from shapes: width, depth, patch size, and the training crop (the position
-embeddings' grid times the patch). DINOv3 checkpoints (RoPE, no position embeddings) are not read yet.
+embeddings' grid times the patch; DINOv3: the config's image size), and RoPE or not.
 """
 import json
 import math
@@ -26,12 +36,16 @@ from ..protocol import Protocol
 from .mmseg import match_variant
 
 DESCRIPTION = ("EoMT: the authors' checkpoint (tue-mps/eomt, DINOv2) or a Hugging Face EomtForUniversalSegmentation "
-               "save_pretrained directory / weights file")
+               "/ EomtDinov3ForUniversalSegmentation save_pretrained directory / weights file")
 
 _HF_RULES = [  # (HF key pattern, the authors' key), applied in order; \1 etc. from the pattern
     (r"embeddings\.cls_token$", "network.encoder.backbone.cls_token"),
     (r"embeddings\.register_tokens$", "network.encoder.backbone.reg_token"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"network.encoder.backbone.patch_embed.proj.\1"),
+    (r"embeddings\.patch_embeddings\.(weight|bias)$", r"network.encoder.backbone.patch_embed.proj.\1"),  # DINOv3
+    (r"layers\.(\d+)\.attention\.o_proj\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.attn.proj.\2"),
+    (r"layers\.(\d+)\.mlp\.up_proj\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.mlp.fc1.\2"),
+    (r"layers\.(\d+)\.mlp\.down_proj\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.mlp.fc2.\2"),
     (r"layers\.(\d+)\.(norm1|norm2)\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.\2.\3"),
     (r"layers\.(\d+)\.attention\.out_proj\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.attn.proj.\2"),
     (r"layers\.(\d+)\.layer_scale([12])\.lambda1$", r"network.encoder.backbone.blocks.\1.ls\2.gamma"),
@@ -72,10 +86,14 @@ def hf_to_authors(state, source):
         else:
             unmapped.append(key)
     if unmapped:
-        gated = [k for k in unmapped if re.search(r"mlp\.(weights_in|weights_out|gate_proj|up_proj|down_proj)", k)]
+        gated = [k for k in unmapped if re.search(r"mlp\.(weights_in|weights_out|gate_proj)", k)]
         what = "a SwiGLU feed-forward (ViT-g), which transeg's EoMT does not build" if gated else "unexpected keys"
         raise TransegError(f"{source}: {what}: {', '.join(sorted(unmapped)[:6])}" + (" ..." if len(unmapped) > 6 else ""))
     for key, parts in qkv.items():
+        if key.endswith(".bias") and set(parts) == {"q", "v"}:  # DINOv3: no key bias -> timm BEiT's q_bias / v_bias
+            attn = key.removesuffix(".qkv.bias")
+            out[f"{attn}.q_bias"], out[f"{attn}.v_bias"] = parts["q"], parts["v"]
+            continue
         if set(parts) != {"q", "k", "v"}:
             raise TransegError(f"{source}: {key.rsplit('.', 2)[0]} lacks {sorted({'q', 'k', 'v'} - set(parts))} projections")
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
@@ -101,30 +119,32 @@ def authors_to_transeg(state, source):
     if unmapped:
         raise TransegError(f"{source}: unexpected keys for EoMT: {', '.join(sorted(unmapped)[:6])}"
                            + (" ..." if len(unmapped) > 6 else ""))
-    if "rope_embeddings" in " ".join(out) or "backbone.pos_embed" not in out:
-        raise TransegError(f"{source}: an EoMT without absolute position embeddings (DINOv3, RoPE): not supported yet")
     out["backbone.mask_annealing_iter"] = torch.zeros((), dtype=torch.long)  # fine-tuning restarts the schedule
     return out
 
 
 def shapes(state, source):
-    """Constructor arguments read off a transeg-named EoMT state: embed_dim, depth, patch_size, crop,
-    num_queries, query_blocks, num_register_tokens, and the class count."""
+    """Constructor arguments read off a transeg-named EoMT state: embed_dim, depth, patch_size, crop (None
+    without position embeddings: DINOv3), num_queries, query_blocks, num_register_tokens, key_bias, and the
+    class count."""
     try:
         proj = state["backbone.patch_embed.proj.weight"]
-        pos = state["backbone.pos_embed"]
         classes = state["decode_head.class_head.weight"].shape[0] - 1
         queries = state["backbone.queries.weight"].shape[0]
         blocks = state["backbone.attn_mask_probs"].shape[0]
     except KeyError as e:
         raise TransegError(f"{source}: not an EoMT checkpoint (no {e.args[0]})") from None
-    patch, side = proj.shape[-1], math.isqrt(pos.shape[1])
-    if side * side != pos.shape[1]:
-        raise TransegError(f"{source}: position embeddings for {pos.shape[1]} patches are not a square grid")
+    patch, crop = proj.shape[-1], None
+    if (pos := state.get("backbone.pos_embed")) is not None:
+        side = math.isqrt(pos.shape[1])
+        if side * side != pos.shape[1]:
+            raise TransegError(f"{source}: position embeddings for {pos.shape[1]} patches are not a square grid")
+        crop = side * patch
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"backbone\.blocks\.(\d+)\.", k)))
     reg = state["backbone.reg_token"].shape[1] if "backbone.reg_token" in state else 0
-    return dict(embed_dim=proj.shape[0], depth=depth, patch_size=patch, crop=side * patch, num_queries=queries,
-                query_blocks=blocks, num_register_tokens=reg), classes
+    return dict(embed_dim=proj.shape[0], depth=depth, patch_size=patch, crop=crop, num_queries=queries,
+                query_blocks=blocks, num_register_tokens=reg,
+                key_bias="backbone.blocks.0.attn.q_bias" not in state), classes
 
 
 def semantic_protocol(crop):
@@ -158,18 +178,36 @@ def convert(obj, source, model=None):
     from ..registry import get_variant
 
     state, config = _read(obj) if isinstance(obj, (str, Path)) else (obj, {})
-    if not any(k.startswith("network.") for k in state):
+    authors = any(k.startswith("network.") for k in state)
+    if not authors:
         state = hf_to_authors(state, source)
     state = authors_to_transeg(state, source)
     found, num_classes = shapes(state, source)
-    if config.get("model_type", "eomt") != "eomt":
-        raise TransegError(f"{source}: a {config['model_type']} model, not EoMT with DINOv2")
+    model_type = config.get("model_type", "eomt_dinov3" if found["crop"] is None else "eomt")
+    if model_type not in ("eomt", "eomt_dinov3"):
+        raise TransegError(f"{source}: a {model_type} model, not EoMT")
+    if found["crop"] is None:  # no position embeddings: DINOv3's RoPE
+        if authors:
+            raise TransegError(f"{source}: the authors' DINOv3 EoMT files hold deltas to DINOv3's gated base weights, "
+                               "which transeg cannot add; convert the Hugging Face repo (model_type eomt_dinov3) instead")
+        if model_type != "eomt_dinov3":
+            raise TransegError(f"{source}: an {model_type} model without position embeddings")
+        found["rope_theta"] = float((config.get("rope_parameters") or {}).get("rope_theta", 100.0))
+        size = config.get("image_size")
+        found["crop"] = (size if isinstance(size, int) else size[0]) if size else None
+    elif model_type != "eomt":
+        raise TransegError(f"{source}: an {model_type} model with position embeddings")
+    if found["crop"] is None:
+        del found["crop"]
     if config.get("num_attention_heads"):
         found["num_heads"] = config["num_attention_heads"]
+    if config.get("layer_norm_eps"):
+        found["norm_eps"] = config["layer_norm_eps"]
     if model is None:
-        model = match_variant("eomt", source, hint=" (an eomt-* name)", embed_dim=found["embed_dim"],
-                              depth=found["depth"], patch_size=found["patch_size"], crop=found["crop"])
+        wanted = {k: found[k] for k in ("embed_dim", "depth", "patch_size", "crop") if k in found}
+        model = match_variant("eomt", source, hint=" (an eomt-* name)", rope_theta=found.get("rope_theta"), **wanted)
     arguments = get_variant(model).arguments()
+    found.setdefault("crop", arguments["crop"])
     overrides = {k: v for k, v in found.items() if k in arguments and arguments[k] != v}
     if "query_blocks" in overrides:  # the variant's annealing schedule is per block of its own count
         overrides["mask_annealing"] = None

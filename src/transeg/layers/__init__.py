@@ -5,11 +5,12 @@ from .drop import DropPath, drop_path_rates
 from .eft_block import EFTBlock
 from .mlp import DepthwiseConv, MixFFN, Mlp
 from .patch_embed import OverlapPatchEmbed
+from .rope import RotaryPositionEmbedding, apply_rotary
 from .shape import map_to_tokens, tokens_to_map
 from .vit_block import TransformerBlock
 
 __all__ = [
     "ConvBNReLU", "DepthwiseConv", "DropPath", "EFTBlock", "EmbeddingFreeAttention", "KeyValuePool", "MixFFN", "Mlp",
-    "MultiHeadSelfAttention", "OverlapPatchEmbed", "SpatialReductionAttention", "TransformerBlock", "drop_path_rates",
-    "map_to_tokens", "tokens_to_map",
+    "MultiHeadSelfAttention", "OverlapPatchEmbed", "RotaryPositionEmbedding", "SpatialReductionAttention", "TransformerBlock",
+    "apply_rotary", "drop_path_rates", "map_to_tokens", "tokens_to_map",
 ]

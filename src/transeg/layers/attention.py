@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .rope import apply_rotary
 from .shape import map_to_tokens, tokens_to_map
 
 
@@ -142,28 +143,46 @@ class EmbeddingFreeAttention(nn.Module):
 
 class MultiHeadSelfAttention(nn.Module):
     """Standard ViT self-attention with one fused `qkv` Linear (rows q | k | v, each head-major) and
-    `proj`, as timm's and Segmenter's layout, computed with scaled_dot_product_attention."""
+    `proj`, as timm's and Segmenter's layout, computed with scaled_dot_product_attention.
+    `key_bias=False` (DINOv3: biases on queries and values only) keeps the Linear bias-free and holds the
+    two biases as `q_bias` and `v_bias` (timm's BEiT names), the key's fixed at zero."""
 
-    def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0):
+    def __init__(self, dim, num_heads, qkv_bias=True, attn_drop=0.0, proj_drop=0.0, key_bias=True):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         self.num_heads = num_heads
         self.attn_drop = attn_drop
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        split = qkv_bias and not key_bias
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias and not split)
+        if split:
+            self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
+        else:
+            self.q_bias = self.v_bias = None
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, context=None, attn_mask=None):
+    def qkv_bias(self):
+        if self.q_bias is None:
+            return self.qkv.bias
+        return torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+
+    def forward(self, x, context=None, attn_mask=None, rope=None):
         """Self-attention; with `context`, the queries come from `x` and keys/values from `context`
         through the same fused weights (SegViT's query-based down-sampling). `attn_mask`: a boolean
-        mask broadcastable to [N, heads, L, S], True where a query may attend (EoMT's masked attention)."""
+        mask broadcastable to [N, heads, L, S], True where a query may attend (EoMT's masked attention).
+        `rope`: (cos, sin) of `layers.rope`, which rotates the queries and keys of the last tokens (the patches)."""
         n, length, c = x.shape
         heads = self.num_heads
         if context is None:
-            q, k, v = self.qkv(x).reshape(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+            qkv = self.qkv(x) if self.q_bias is None else F.linear(x, self.qkv.weight, self.qkv_bias())
+            q, k, v = qkv.reshape(n, length, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
+            if rope is not None:
+                q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         else:
-            w, b = self.qkv.weight, self.qkv.bias
+            if rope is not None:
+                raise ValueError("rotary position embeddings with a separate key/value context are not supported")
+            w, b = self.qkv.weight, self.qkv_bias()
             q = F.linear(x, w[:c], None if b is None else b[:c]).reshape(n, length, heads, c // heads).transpose(1, 2)
             k, v = F.linear(context, w[c:], None if b is None else b[c:]).reshape(
                 n, -1, 2, heads, c // heads).permute(2, 0, 3, 1, 4)
