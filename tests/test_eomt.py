@@ -267,11 +267,11 @@ def test_backbone_weights_read_timm_dinov2(tmp_path):
 TINY_V3 = dict(TINY, intermediate_size=256)
 
 
-def _hf_dinov3_model(probs, seed=0):
+def _hf_dinov3_model(probs, seed=0, **config):
     from transformers import EomtDinov3Config, EomtDinov3ForUniversalSegmentation
 
     torch.manual_seed(seed)
-    hf = EomtDinov3ForUniversalSegmentation(EomtDinov3Config(**TINY_V3))
+    hf = EomtDinov3ForUniversalSegmentation(EomtDinov3Config(**TINY_V3, **config))
     state = hf.state_dict()
     shapes = [(k, v.shape) for k, v in state.items() if k not in ("attn_mask_probs", "criterion.empty_weight")]
     state.update(seeded_state_dict(shapes, seed))
@@ -321,15 +321,107 @@ def test_dinov3_logits_equal_hugging_face(probs, tmp_path):
     assert (plain - ref.masks_queries_logits).abs().max() > 1e-2
 
 
-def test_dinov3_authors_delta_files_are_refused_in_one_line(tmp_path):
-    """The authors' DINOv3 EoMT files (`network.*` names, no position embeddings) hold deltas to DINOv3's gated base
-    weights: the converter says so and points to the Hugging Face repo, rather than converting half a model."""
-    from transeg.convert.eomt import convert, hf_to_authors
+# The authors' DINOv3 layout, from their code (models/vit.py's transformers_to_timm: transformers' DINOv3ViTModel under
+# network.encoder.backbone with `embeddings` renamed `patch_embed` and `layer` renamed `blocks`; models/eomt.py: q,
+# class_head, mask_head (Sequential 0/2/4), upscale.i.{conv1,conv2,norm}), as (HF eomt_dinov3 key, their key, the
+# DINOv3ViTModel key the encoder's delta is taken against).
+_AUTHORS_V3 = [(r"embeddings\.(.+)", r"network.encoder.backbone.patch_embed.\1", r"embeddings.\1"),
+               (r"layers\.(\d+)\.(.+)", r"network.encoder.backbone.blocks.\1.\2", r"layer.\1.\2"),
+               (r"layernorm\.(.+)", r"network.encoder.backbone.norm.\1", r"norm.\1"),
+               (r"query\.weight", "network.q.weight", None), (r"class_predictor\.(.+)", r"network.class_head.\1", None),
+               (r"upscale_block\.block\.(\d+)\.(conv[12])\.(.+)", r"network.upscale.\1.\2.\3", None),
+               (r"upscale_block\.block\.(\d+)\.layernorm2d\.(.+)", r"network.upscale.\1.norm.\2", None),
+               (r"mask_head\.fc1\.(.+)", r"network.mask_head.0.\1", None),
+               (r"mask_head\.fc2\.(.+)", r"network.mask_head.2.\1", None),
+               (r"mask_head\.fc3\.(.+)", r"network.mask_head.4.\1", None),
+               (r"(attn_mask_probs|criterion\.empty_weight)", r"network.\1", None)]
+
+
+def _dinov3_base(tmp_path, width=64, seed=7):
+    """Meta's DINOv3 weights in small: a seeded transformers DINOv3ViTModel, saved as the Hub folder is."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+    torch.manual_seed(seed)
+    base = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=width, num_hidden_layers=4, num_attention_heads=4,
+                                          intermediate_size=4 * width, num_register_tokens=4, image_size=64, patch_size=16))
+    state = base.state_dict()
+    state.update(seeded_state_dict([(k, v.shape) for k, v in state.items()], seed))
+    base.load_state_dict(state)
+    base.save_pretrained(tmp_path / f"dinov3-{width}")
+    return tmp_path / f"dinov3-{width}", {k.removeprefix("model."): v for k, v in base.state_dict().items()}
+
+
+def _authors_dinov3_delta(hf, base):
+    """HF's model written as the authors release it: encoder weights minus the base's, the rest whole."""
+    import re
+
+    out = {"network.encoder.pixel_mean": torch.zeros(1, 3, 1, 1), "network.encoder.pixel_std": torch.zeros(1, 3, 1, 1)}
+    for key, value in hf.state_dict().items():
+        pattern, target, base_key = next(r for r in _AUTHORS_V3 if re.fullmatch(r[0], key))
+        out[re.sub(pattern, target, key)] = value - base[re.sub(pattern, base_key, key)] if base_key else value
+    return {"state_dict": out}
+
+
+def test_dinov3_authors_delta_files_convert_with_the_base_weights(tmp_path):
+    """The authors' DINOv3 files hold the encoder as deltas to Meta's DINOv3 weights. `transeg convert --from eomt
+    --base DINOV3_FOLDER` adds them back: the model's mask / class logits equal HF's (the same weights whole) within
+    1e-4 (measured 1.0e-5 / 1.1e-6: float32 rounding of (w - b) + b and the RoPE order, as in the HF test above), with
+    the head count, LayerNorm eps (1e-5, not HF EoMT's default 1e-6: 7e-3 apart) and RoPE theta read from the base's
+    config.json. Without --base, with a base of another width, or
+    with --base on a whole file, the converter says so in one line (exit 2) and writes nothing."""
+    from transeg.cli import main
+
+    hf = _hf_dinov3_model(0.0, layer_norm_eps=1e-5).eval()  # the authors' encoder is Meta's, with its config's eps
+    base_dir, base = _dinov3_base(tmp_path)
+    torch.save(_authors_dinov3_delta(hf, base), tmp_path / "pytorch_model.bin")
+    out = tmp_path / "m.safetensors"
+    argv = ["convert", str(tmp_path / "pytorch_model.bin"), str(out), "--from", "eomt", "--model", "eomt-dinov3-l16"]
+    assert main(argv + ["--base", str(base_dir)]) == 0
+    model = transeg.load(out).eval()
+    assert model.backbone.rope.theta == 100.0 and model.backbone.blocks[0].attn.num_heads == 4
+    x = seeded_input((2, 3, 64, 64), 1)
+    with torch.no_grad():
+        ref, got = hf(pixel_values=x), model.decode_head.decode(model.backbone(x))
+    assert (got["pred_masks"] - ref.masks_queries_logits).abs().max() < 1e-4
+    assert (got["pred_logits"] - ref.class_queries_logits).abs().max() < 1e-4
+    # the base really is added: the deltas alone are far from the trained encoder
+    assert (model.backbone.cls_token - base["embeddings.cls_token"]).abs().max() > 0.1
+    out.unlink()
+    other_dir, _ = _dinov3_base(tmp_path, width=32)
+    hf.save_pretrained(tmp_path / "hf")
+    for extra, message in [([], "deltas to Meta's DINOv3 weights"), (["--base", str(other_dir)], "of another size"),
+                           (["--base", str(tmp_path / "nope")], "no such file")]:
+        assert main(argv + extra) == 2 and not out.exists(), extra
+    from transeg.convert import convert
     from transeg.errors import TransegError
 
-    authors = hf_to_authors(_hf_dinov3_model(0.0).state_dict(), "hf")
-    with pytest.raises(TransegError, match="deltas to DINOv3's gated base weights"):
-        convert(authors, "eomt_dinov3_delta.bin")
+    with pytest.raises(TransegError, match="deltas to Meta's DINOv3 weights"):
+        convert(tmp_path / "pytorch_model.bin", "eomt", model="eomt-dinov3-l16")
+    with pytest.raises(TransegError, match=r"of another size"):
+        convert(tmp_path / "pytorch_model.bin", "eomt", model="eomt-dinov3-l16", base=other_dir)
+    with pytest.raises(TransegError, match="is whole"):
+        convert(tmp_path / "hf", "eomt", model="eomt-dinov3-l16", base=base_dir)
+
+
+def test_dinov3_backbone_weights_read_meta_hugging_face_layout(tmp_path):
+    """`backbone_weights` given Meta's DINOv3 folder (transformers' DINOv3ViTModel) initialises EoMT-DINOv3's encoder:
+    every encoder weight equal to the file's (q/k/v fused, the q and v biases kept apart as DINOv3 has no key bias),
+    the queries and mask module left as they were."""
+    from transeg.convert import load_backbone_weights
+
+    base_dir, base = _dinov3_base(tmp_path)
+    model = transeg.create_model("eomt-dinov3-l16", num_classes=5, embed_dim=64, depth=4, num_heads=4, crop=64,
+                                 num_queries=10, query_blocks=2, mask_annealing=None)
+    queries = model.backbone.queries.weight.detach().clone()
+    load_backbone_weights(model, base_dir)
+    b = model.backbone
+    assert torch.equal(b.cls_token, base["embeddings.cls_token"]) and torch.equal(b.reg_token, base["embeddings.register_tokens"])
+    assert torch.equal(b.blocks[2].attn.qkv.weight, torch.cat([base[f"layer.2.attention.{p}_proj.weight"] for p in "qkv"]))
+    assert torch.equal(b.blocks[2].attn.q_bias, base["layer.2.attention.q_proj.bias"])
+    assert torch.equal(b.blocks[2].attn.v_bias, base["layer.2.attention.v_proj.bias"])
+    assert torch.equal(b.blocks[3].ls2.gamma, base["layer.3.layer_scale2.lambda1"])
+    assert torch.equal(b.blocks[3].mlp.fc2.weight, base["layer.3.mlp.down_proj.weight"])
+    assert torch.equal(b.norm.weight, base["norm.weight"]) and torch.equal(b.queries.weight, queries)
 
 
 def test_rope_rotates_planes_by_the_dinov3_angles():

@@ -53,7 +53,8 @@ VERB_EXAMPLES = {
   transeg predict ckpt.safetensors my_images/ --out preds/ --dtype bf16 --isr-encoder 2,2,1,1 --isr-decoder 2,2,2""",
     "convert": """\
   transeg convert segformer.b0.512x512.ade.160k.pth b0-ade.safetensors --from segformer
-  transeg convert segformer-b0-hf/ b0.safetensors --from segformer-hf     # a save_pretrained folder""",
+  transeg convert segformer-b0-hf/ b0.safetensors --from segformer-hf     # a save_pretrained folder
+  transeg convert pytorch_model.bin eomt-v3.safetensors --from eomt --base dinov3-vitl16/  # the authors' DINOv3 delta""",
     "bench": """\
   transeg bench segformer-b0 --size 64x64 --runs 5 --warmup 1        # latency median and spread
   transeg bench segformer-b0 --size 512x512 --dtype bf16 --threads 2
@@ -382,7 +383,7 @@ def cmd_convert(args):
     output_file(args.dst, example="model.safetensors")  # before converting
     if args.dst.suffix != ".safetensors":
         raise TransegError(f"{args.dst}: the output must be a .safetensors file")
-    model = convert(args.src, args.from_format, model=args.model, num_classes=args.num_classes)
+    model = convert(args.src, args.from_format, model=args.model, num_classes=args.num_classes, base=args.base)
     save(model, args.dst)
     print(f"{args.src} -> {args.dst}: {model.meta['variant']}, {model.num_classes} classes, "
           f"{count_params(model):,} params" + (", class names from the source" if model.meta.get("classes") else ""))
@@ -662,6 +663,8 @@ def build_parser():
     p.add_argument("--from", dest="from_format", required=True, choices=sorted(FORMATS), help="source format")
     p.add_argument("--model", help="variant name (default: recognised from the weights)")
     p.add_argument("--num-classes", type=int, help="expected class count (checked)")
+    p.add_argument("--base", type=Path, metavar="DIR", help="--from eomt: Meta's DINOv3 weights (a facebook/dinov3-vitl16-"
+                   "pretrain-lvd1689m folder or its model.safetensors), which the authors' DINOv3 EoMT files are deltas to")
 
     p = verb("bench", cmd_bench, "params, GFLOPs and latency of a model or checkpoint")
     p.add_argument("model", help="variant name (fresh weights), a .safetensors checkpoint, a zoo name or a Hugging Face "

@@ -181,8 +181,8 @@ _add(Release("eomt-dinov2-l16-ade20k", "eomt-dinov2-l16", "eomt", "ade20k", "512
      Release("eomt-dinov2-l16-cityscapes", "eomt-dinov2-l16-cityscapes", "eomt", "cityscapes", "1024x1024", "hub",
              "tue-mps/cityscapes_semantic_eomt_large_1024", _HUB_WEIGHTS, miou=84.2, licence="MIT",
              source="tue-mps/eomt model_zoo/dinov2.md"),
-     # DINOv3: transformers' eomt_dinov3 layout, complete weights (a pytorch_model.bin beside it in the authors' layout
-     # would be their delta to DINOv3's base weights, which the converter refuses: only the safetensors is read)
+     # DINOv3: transformers' eomt_dinov3 layout, complete weights (the pytorch_model.bin beside it, the authors' layout,
+     # holds deltas to Meta's gated DINOv3 weights: `transeg convert --from eomt --base` reads it; the zoo needs neither)
      Release("eomt-dinov3-l16-ade20k", "eomt-dinov3-l16", "eomt", "ade20k", "512x512", "hub",
              "tue-mps/ade_semantic_eomt_large_512_dinov3", ("model.safetensors",), miou=59.5,
              licence="MIT (code); DINOv3 License (weights)", source="tue-mps/eomt model_zoo/dinov3.md"))

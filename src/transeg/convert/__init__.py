@@ -37,8 +37,9 @@ _FORMATS = {
 FORMATS = {name: f.converter.DESCRIPTION for name, f in _FORMATS.items()}  # name -> description (CLI help)
 
 
-def convert(src, fmt, model=None, num_classes=None):
-    """Read `src` in format `fmt` and return a ready transeg Segmentor (eval mode)."""
+def convert(src, fmt, model=None, num_classes=None, base=None):
+    """Read `src` in format `fmt` and return a ready transeg Segmentor (eval mode). `base`: the weights a
+    delta file is relative to (the authors' DINOv3 EoMT files: Meta's DINOv3)."""
     from ..registry import create_model
 
     src = Path(src)
@@ -46,7 +47,9 @@ def convert(src, fmt, model=None, num_classes=None):
         raise TransegError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
     if not src.exists():
         raise TransegError(f"{src}: no such file or directory")
-    found = _FORMATS[fmt].converter.convert(_FORMATS[fmt].read(src), src, model)
+    if base is not None and fmt != "eomt":
+        raise TransegError(f"--base: only --from eomt reads delta files (the authors' DINOv3 EoMT), not --from {fmt}")
+    found = _FORMATS[fmt].converter.convert(_FORMATS[fmt].read(src), src, model, **({"base": base} if base else {}))
     if num_classes is not None and num_classes != found["num_classes"]:
         raise TransegError(f"{src}: holds a {found['num_classes']}-class head, not {num_classes}")
     classes, palette = found["classes"], found["palette"]
@@ -67,7 +70,8 @@ _CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
 
 def read_backbone_state(src):
-    """{name: tensor} from an ImageNet checkpoint file, a Google .npz, or a Hugging Face directory."""
+    """{name: tensor} from an ImageNet checkpoint file, a Google .npz, or a Hugging Face directory (ViT, MiT,
+    DINOv3)."""
     import numpy as np
 
     from . import vit
@@ -87,7 +91,9 @@ def read_backbone_state(src):
     state = next((obj[k] for k in _CONTAINERS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), obj)
     if not isinstance(state, dict):
         raise TransegError(f"{src}: expected a dict of tensors, got {type(state).__name__}")
-    if any(k.removeprefix("vit.").startswith("embeddings.") for k in state):
+    if vit.is_hf_dinov3(state):  # before HF's ViT: the same `embeddings.` prefix
+        state = vit.from_hf_dinov3(state, src)
+    elif any(k.removeprefix("vit.").startswith("embeddings.") for k in state):
         state = vit.from_hf(state)
     elif any(k.startswith(("segformer.encoder.", "segformer.stages.")) for k in state):  # HF's MiT (nvidia/mit-b*)
         from .segformer_hf import hf_to_official
@@ -99,7 +105,7 @@ def read_backbone_state(src):
 
 def load_backbone_weights(model, src):
     """Initialise `model.backbone` from ImageNet encoder weights: the authors' layout (NVlabs' `mit_b0.pth`,
-    EDAFormer's `EFT_T.pth`), timm / DeiT `.pth`, Google AugReg `.npz` or a Hugging Face ViT. Keys may be
+    EDAFormer's `EFT_T.pth`), timm / DeiT `.pth`, Google AugReg `.npz`, a Hugging Face ViT or DINOv3. Keys may be
     prefixed by `module.`, `backbone.` or `encoder.`. A plain ViT's position embeddings are resized to the
     model's grid and its ImageNet head kept when it fits (Segmenter keeps it); other classifiers are dropped.
     Everything else must fit exactly."""

@@ -16,9 +16,13 @@ embeddings (rotary ones, computed, not stored), `embeddings.patch_embeddings`, `
 beside a bias-free `qkv`. Its config gives what the weights do not show: rope_theta, the LayerNorm eps and
 the crop (`image_size`).
 
-The authors' own DINOv3 EoMT files are not read: DINOv3's licence keeps its weights off their release, so
-those files hold deltas to be added to Meta's (gated) DINOv3 base weights, which this converter does not have;
-it says so in one line and points to the Hugging Face repo (complete weights) instead.
+The authors' own DINOv3 EoMT files (`pytorch_model.bin` beside HF's weights, the model zoo's links) keep
+DINOv3's licence by holding, for the encoder, only the change from Meta's (gated) DINOv3 weights: their
+`delta_weights` mode adds the two when it loads. Their encoder is transformers' DINOv3ViTModel renamed
+(`network.encoder.backbone.patch_embed.*` for `embeddings.*`, `blocks.i.*` for `layer.i.*`), everything
+outside it is whole. `base=` (the CLI's `--base`) names the DINOv3 weights (a `facebook/dinov3-vitl16-
+pretrain-lvd1689m` folder or its model.safetensors); both encoders are renamed to transeg's and added.
+Without it the converter says what to fetch in one line.
 
 The variant is found from shapes: width, depth, patch size, and the training crop (the position
 embeddings' grid times the patch; DINOv3: the config's image size), and RoPE or not.
@@ -174,11 +178,70 @@ def _read(src):
     return obj, config
 
 
-def convert(obj, source, model=None):
+_ENCODER = "network.encoder.backbone."
+_AUTHORS_DINOV3 = [(r"patch_embed\.", "embeddings."), (r"blocks\.", "layer."), (r"rope_embeddings\.", None)]
+
+
+def add_dinov3_base(state, source, base):
+    """The authors' DINOv3 file (encoder deltas) + Meta's DINOv3 weights -> the authors' layout with the
+    encoder whole, in transeg's ViT names (so `authors_to_transeg` reads it as a DINOv2 file)."""
+    from . import read_backbone_state, vit
+
+    if base is None:
+        raise TransegError(f"{source}: the authors' DINOv3 EoMT file holds deltas to Meta's DINOv3 weights: download "
+                           "facebook/dinov3-vitl16-pretrain-lvd1689m (gated: accept its licence on the Hub) and give its "
+                           "folder with --base, or convert the Hugging Face repo (model_type eomt_dinov3) instead")
+    encoder, rest = {}, {}
+    for key, value in state.items():
+        if not key.startswith(_ENCODER):
+            rest[key] = value
+            continue
+        key = key.removeprefix(_ENCODER)
+        for pattern, target in _AUTHORS_DINOV3:
+            if re.match(pattern, key):
+                key = None if target is None else re.sub(pattern, target, key, count=1)
+                break
+        if key is not None:
+            encoder[key] = value
+    delta = vit.from_hf_dinov3(encoder, source)
+    base = Path(base)
+    if not base.exists():
+        raise TransegError(f"--base {base}: no such file or directory (Meta's DINOv3 weights)")
+    weights = read_backbone_state(base)
+    if not vit.is_hf_dinov3(weights) and "blocks.0.attn.q_bias" not in weights:
+        raise TransegError(f"--base {base}: not DINOv3 weights (a Hugging Face DINOv3ViTModel)")
+    missing = sorted(set(delta) - set(weights))
+    if missing:
+        raise TransegError(f"--base {base}: lacks {', '.join(missing[:4])}" + (" ..." if len(missing) > 4 else "")
+                           + f" that {source} changes (another DINOv3 model?)")
+    for key, value in delta.items():
+        if weights[key].shape != value.shape:
+            raise TransegError(f"--base {base}: {key} is {tuple(weights[key].shape)}, {source}'s delta "
+                               f"{tuple(value.shape)}: DINOv3 of another size")
+    rest.update({_ENCODER + k: weights[k].to(v.dtype) + v for k, v in delta.items()})
+    return rest
+
+
+def _base_config(base):
+    """config.json beside Meta's DINOv3 weights (heads, RoPE theta, LayerNorm eps), if there is one."""
+    if base is None:
+        return {}
+    base = Path(base)
+    path = base / "config.json" if base.is_dir() else base.with_name("config.json")
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    return {"model_type": "eomt_dinov3", **{k: config[k] for k in ("num_attention_heads", "layer_norm_eps", "rope_theta")
+                                             if k in config}}
+
+
+def convert(obj, source, model=None, base=None):
     from ..registry import get_variant
 
     state, config = _read(obj) if isinstance(obj, (str, Path)) else (obj, {})
     authors = any(k.startswith("network.") for k in state)
+    if any(k.startswith(_ENCODER + "patch_embed.patch_embeddings.") for k in state):  # the authors' DINOv3 layout
+        state, config = add_dinov3_base(state, source, base), _base_config(base)
+    elif base is not None:
+        raise TransegError(f"--base {base}: only the authors' DINOv3 EoMT files take base weights; {source} is whole")
     if not authors:
         state = hf_to_authors(state, source)
     state = authors_to_transeg(state, source)
@@ -187,12 +250,9 @@ def convert(obj, source, model=None):
     if model_type not in ("eomt", "eomt_dinov3"):
         raise TransegError(f"{source}: a {model_type} model, not EoMT")
     if found["crop"] is None:  # no position embeddings: DINOv3's RoPE
-        if authors:
-            raise TransegError(f"{source}: the authors' DINOv3 EoMT files hold deltas to DINOv3's gated base weights, "
-                               "which transeg cannot add; convert the Hugging Face repo (model_type eomt_dinov3) instead")
         if model_type != "eomt_dinov3":
             raise TransegError(f"{source}: an {model_type} model without position embeddings")
-        found["rope_theta"] = float((config.get("rope_parameters") or {}).get("rope_theta", 100.0))
+        found["rope_theta"] = float((config.get("rope_parameters") or {}).get("rope_theta", config.get("rope_theta", 100.0)))
         size = config.get("image_size")
         found["crop"] = (size if isinstance(size, int) else size[0]) if size else None
     elif model_type != "eomt":

@@ -3,6 +3,11 @@
 - Hugging Face `ViTModel` (`embeddings.patch_embeddings.projection`, `encoder.layer.i.attention.attention.
   {query,key,value}`, ...): q/k/v are fused into `qkv` (rows q | k | v), the rest renamed.
 - timm / DeiT `.pth` (`{'model': ...}` for DeiT): already transeg's names.
+- Hugging Face `DINOv3ViTModel` (Meta's `facebook/dinov3-vit*-pretrain-*`: `embeddings.{cls_token,register_tokens,
+  patch_embeddings}`, `layer.i.` or transformers v5's `model.layer.i.` with `attention.{q,k,v,o}_proj`,
+  `layer_scale{1,2}.lambda1`, `mlp.{up,down}_proj`): q/k/v weights fused; no key bias, so the q and v biases
+  become timm BEiT's `attn.q_bias` / `attn.v_bias`; the mask token (masked-image pre-training) is dropped and
+  RoPE stores nothing.
 - Google AugReg `.npz` (`Transformer/encoderblock_i/MultiHeadDotProductAttention_1/query/kernel`, ...):
   kernels transposed (HWIO -> OIHW for the patch conv; [in, heads, dim] -> [out, in] for attention).
 
@@ -51,6 +56,52 @@ def from_hf(state):
                 qkv.setdefault(f"blocks.{i}.attn.qkv.{leaf}", {})[_HF_QKV[module]] = v
     for k, parts in qkv.items():
         out[k] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+    return out
+
+
+_DINOV3 = [(r"embeddings\.cls_token$", "cls_token"), (r"embeddings\.register_tokens$", "reg_token"),
+           (r"embeddings\.patch_embeddings\.(weight|bias)$", r"patch_embed.proj.\1"),
+           (r"norm\.(weight|bias)$", r"norm.\1"),
+           (r"layer\.(\d+)\.(norm[12])\.(weight|bias)$", r"blocks.\1.\2.\3"),
+           (r"layer\.(\d+)\.attention\.o_proj\.(weight|bias)$", r"blocks.\1.attn.proj.\2"),
+           (r"layer\.(\d+)\.layer_scale([12])\.lambda1$", r"blocks.\1.ls\2.gamma"),
+           (r"layer\.(\d+)\.mlp\.up_proj\.(weight|bias)$", r"blocks.\1.mlp.fc1.\2"),
+           (r"layer\.(\d+)\.mlp\.down_proj\.(weight|bias)$", r"blocks.\1.mlp.fc2.\2")]
+_DINOV3_QKV = re.compile(r"layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
+
+
+def is_hf_dinov3(state):
+    return "embeddings.patch_embeddings.weight" in state and any(k.startswith(("layer.", "model.layer.")) for k in state)
+
+
+def from_hf_dinov3(state, source):
+    """A Hugging Face DINOv3ViTModel state dict -> transeg names (see the module's docstring)."""
+    out, qkv, unmapped = {}, {}, []
+    for key, value in state.items():
+        key = key.removeprefix("model.")
+        if key == "embeddings.mask_token":
+            continue
+        if m := _DINOV3_QKV.match(key):
+            i, part, leaf = m.groups()
+            qkv.setdefault((i, leaf), {})[part] = value
+            continue
+        for pattern, target in _DINOV3:
+            if re.match(pattern, key):
+                out[re.sub(pattern, target, key)] = value
+                break
+        else:
+            unmapped.append(key)
+    if unmapped:
+        gated = any(re.search(r"mlp\.gate_proj", k) for k in unmapped)
+        what = "a SwiGLU feed-forward (DINOv3 ViT-7B), which transeg's ViT does not build" if gated else "unexpected keys"
+        raise TransegError(f"{source}: {what}: {', '.join(sorted(unmapped)[:6])}" + (" ..." if len(unmapped) > 6 else ""))
+    for (i, leaf), parts in sorted(qkv.items()):
+        if leaf == "bias" and set(parts) == {"q", "v"}:
+            out[f"blocks.{i}.attn.q_bias"], out[f"blocks.{i}.attn.v_bias"] = parts["q"], parts["v"]
+        elif set(parts) == {"q", "k", "v"}:
+            out[f"blocks.{i}.attn.qkv.{leaf}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
+        else:
+            raise TransegError(f"{source}: layer {i}'s attention has {leaf}s for {sorted(parts)} only")
     return out
 
 
