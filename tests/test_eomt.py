@@ -210,8 +210,48 @@ def test_mask_annealing_schedule():
     assert fresh.backbone._iter == 4 and fresh.backbone._probs == [0.0]
 
 
+def _authors_two_stage(step, total, w1, w2, power, vit):
+    """tue-mps/eomt's TwoStageWarmupPolySchedule.get_lr, written out per case from its definition."""
+    if not vit:
+        return step / w1 if step < w1 else (1 - (step - w1) / (total - w1)) ** power
+    if step < w1:
+        return 0.0
+    if step < w1 + w2:
+        return (step - w1) / w2
+    return (1 - (step - w1 - w2) / (total - w1 - w2)) ** power
+
+
+def test_two_stage_warmup_is_the_authors_schedule_on_the_encoder_split():
+    """two_stage_warmup [W1, W2]: the encoder's parameters (the ViT: patch embedding, tokens, blocks, final norm) wait
+    at 0 for W1 and rise over W2; the rest (queries, class and mask head) rise over W1; each then decays poly(0.9)
+    over what is left. Checked against the authors' schedule at every iteration of a 50-iteration run with
+    W = (10, 15), boundaries included (factor 0 at 0 and at 10 for the encoder, 1 where each warm-up ends), and on
+    the DINOv3 recipe's (2000, 3000) over 20,208 at 6 points."""
+    from transeg.engine.optim import build_optimizer, build_scheduler, two_stage_factor
+
+    for stages, total, steps in [((10, 15), 50, range(51)), ((2000, 3000), 20208, (0, 1999, 2000, 4999, 5000, 20207))]:
+        for vit in (False, True):
+            for step in steps:
+                expected = _authors_two_stage(step, total, *stages, 0.9, vit)
+                assert two_stage_factor(step, total, 0.9, 0.0, stages, vit) == pytest.approx(expected, abs=1e-12)
+    model = transeg.create_model("eomt-dinov2-l16", num_classes=3, embed_dim=32, depth=2, num_heads=2, crop=32,
+                                 num_queries=4, query_blocks=1, mask_annealing=None)
+    optimizer = build_optimizer(model, lr=1.0, weight_decay=0.05, custom_keys={}, split_encoder=True)
+    names = {n for g in optimizer.param_groups if not g["encoder"] for n, p in model.named_parameters()
+             if any(p is q for q in g["params"])}
+    assert names == {n for n, _ in model.named_parameters() if not n.startswith("backbone.")} | {"backbone.queries.weight"}
+    scheduler = build_scheduler(optimizer, 50, 0.9, two_stage_warmup=[10, 15])
+    for _ in range(12):
+        optimizer.step()
+        scheduler.step()
+    lrs = {g["encoder"]: g["lr"] for g in optimizer.param_groups}
+    assert lrs[True] == pytest.approx(2 / 15) and lrs[False] == pytest.approx((1 - 2 / 40) ** 0.9)
+
+
 def test_tiny_eomt_trains_through_the_cli(tmp_path):
-    """The CLI training path: set loss with deep supervision, annealing over the 6 steps, checkpoint round trip."""
+    """The CLI training path: set loss with deep supervision, annealing over the 6 steps, the two-stage warm-up
+    [2, 2]: the encoder's lr, which the log reports, 0 for 2 iterations, 1/2 and 1 over the next 2, then
+    poly), checkpoint round trip."""
     from conftest import TINY_DATA
     from transeg.cli import main
 
@@ -219,10 +259,12 @@ def test_tiny_eomt_trains_through_the_cli(tmp_path):
                 mask_annealing=[[1, 2], [3, 5]])
     out = tmp_path / "run"
     assert main(["train", "--model", "eomt-dinov2-l16", "--data", TINY_DATA, "--out", str(out), "--iters", "6",
-                 "--batch-size", "2", "--device", "cpu", "--set", f"model_args={json.dumps(args)}", "warmup_iters=0",
-                 "log_interval=3", "eval_interval=6", "ckpt_interval=6", "lr=1e-3"]) == 0
+                 "--batch-size", "2", "--device", "cpu", "--set", f"model_args={json.dumps(args)}",
+                 "two_stage_warmup=[2,2]", "log_interval=1", "eval_interval=6", "ckpt_interval=6", "lr=1e-3"]) == 0
     records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["loss"]) for r in records if "loss" in r)
+    # the lr each record reports is the encoder's for the iteration after it (power 1: linear decay over 6 - 4 = 2)
+    assert [r["lr"] for r in records if "loss" in r] == pytest.approx([0, 0, 5e-4, 1e-3, 5e-4, 0], abs=1e-12)
     model = transeg.load(out / "model.safetensors")
     assert model.backbone._probs == [0.0, 0.0] and model.backbone._iter == 6
     assert model.predict(torch.randn(1, 3, 32, 32)).shape == (1, 32, 32)

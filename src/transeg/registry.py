@@ -423,9 +423,11 @@ _eomt("dinov2-l16-cityscapes", crop=1024, official_classes=19, official_params=3
 # bias), 100 queries in the last 4 blocks: the authors' ADE20K semantic release (Hub tue-mps/ade_semantic_eomt_large_512
 # _dinov3, model_type eomt_dinov3). official_params: HF's EomtDinov3ForUniversalSegmentation at 512, 100 queries,
 # 150 classes, on meta: 314,947,735 = the DINOv2 model's 316,020,887 less its 1024 x 1024 position embeddings and
-# 24 x 1024 key biases. mIoU 59.5: the model zoo's. Annealing: the DINOv2 ADE20K schedule (31 epochs x 1263
-# iterations), assumed the same for DINOv3. Box jittering: DINOv3's rescale 2 (HF's default), no shift or jitter.
+# 24 x 1024 key biases. mIoU 59.5: the model zoo's. Annealing: configs/dinov3/ade20k/semantic/eomt_large_512.yaml
+# (16 epochs x 1263 iterations; the first block from iteration 0). LayerNorm eps 1e-5: the authors' encoder is
+# transformers' DINOv3ViTModel built from Meta's config (DINOv3's 1e-5, not DINOv2's 1e-6); a converted HF file
+# takes its config's. Box jittering: DINOv3's rescale 2 (HF's default), no shift or jitter.
 _eomt("dinov3-l16", crop=512, official_classes=150, official_params=314_947_735,
-      mask_annealing=((6520, 13040, 19560, 26080), (13040, 19560, 26080, 32600)), miou={"ade20k": 59.5},
-      backbone=dict(rope_theta=100.0, rope_box_jittering=(None, None, 2.0), key_bias=False),
+      mask_annealing=((0, 6520, 9780, 13040), (3000, 9780, 13040, 16300)), miou={"ade20k": 59.5},
+      backbone=dict(rope_theta=100.0, rope_box_jittering=(None, None, 2.0), key_bias=False, norm_eps=1e-5),
       reference="model_zoo/dinov3.md")

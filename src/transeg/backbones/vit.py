@@ -95,6 +95,8 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """Returns [map]: the last layer's normalised patch tokens as an NCHW map at stride `patch_size`."""
 
+    new_parameters = ("queries.",)  # what no pre-trained encoder brings (EoMT's queries): engine/optim.is_encoder
+
     def __init__(self, img_size=(512, 512), patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  distilled=False, drop_rate=0.0, drop_path_rate=0.1, norm_eps=1e-5, num_classes=1000,
                  pos_interp="bilinear", in_chans=3, out_indices=None, final_norm=True, cls_token_in_blocks=True,

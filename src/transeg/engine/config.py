@@ -97,6 +97,8 @@ def _ohem(v):
     return (thresh is None or (_is_number(thresh) and 0 <= thresh <= 1)) and _is_int(kept) and kept >= 1
 
 
+TWO_STAGE = Rule("[iterations, iterations]: two whole numbers >= 0, e.g. [500, 1000]",
+                 lambda v: isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x >= 0 for x in v))
 OHEM = Rule("{thresh: a probability in [0, 1] or null, min_kept: a whole number >= 1}", _ohem)
 
 
@@ -196,6 +198,10 @@ class TrainConfig:
     min_lr_ratio: float = _f(0.0, number(ge=0, le=1))
     warmup_iters: int = _f(1500, whole(0))
     warmup_ratio: float = _f(1e-6, number(ge=0, le=1))
+    # EoMT's [W1, W2] schedule instead of the warm-up above: the parameters the pre-trained encoder brings wait at
+    # lr 0 for W1 iterations while the rest (head, queries) warm linearly from 0, then warm over W2; each decays
+    # poly(power) over the iterations left after its own warm-up (engine/optim.two_stage_factor)
+    two_stage_warmup: Optional[list] = _f(None, optional(TWO_STAGE, "for the warm-up above"))
     # OHEM pixel sampling, e.g. {thresh: null, min_kept: 100000}
     ohem: Optional[dict] = _f(None, optional(OHEM, "for no OHEM"))
     # "all": mmseg 0.x mean over all pixels; "valid": over labelled ones

@@ -30,13 +30,22 @@ def custom_keys_problem(custom_keys):
     return None
 
 
-def param_groups(model, lr, weight_decay, custom_keys=None):
+def is_encoder(model, name):
+    """Whether parameter `name` is one the pre-trained encoder brings: under `backbone.`, except what the
+    backbone adds for the task (`backbone.new_parameters`, EoMT's queries)."""
+    new = getattr(getattr(model, "backbone", None), "new_parameters", ())
+    return name.startswith("backbone.") and not any(name.startswith(f"backbone.{n}") for n in new)
+
+
+def param_groups(model, lr, weight_decay, custom_keys=None, split_encoder=False):
     """Parameter groups with mmcv's `paramwise_cfg.custom_keys` semantics.
 
     A key matches when it is a substring of the full parameter name; keys are tried longest first
     (ties alphabetically) and the first match alone decides lr_mult / decay_mult. For SegFormer,
     {"head": lr x10, "norm": decay 0, "pos_block": decay 0} gives: every decode-head parameter
     (BN included) lr x10 with weight decay, backbone norms no decay, everything else the defaults.
+    `split_encoder`: the encoder's parameters (`is_encoder`) get groups of their own, marked
+    `"encoder": True`, for a schedule that treats them apart (two_stage_factor).
     """
     custom_keys = custom_keys or {}
     problem = custom_keys_problem(custom_keys)
@@ -50,16 +59,19 @@ def param_groups(model, lr, weight_decay, custom_keys=None):
         key = next((k for k in order if k in name), None)
         opts = custom_keys.get(key, {})
         lr_mult, decay_mult = opts.get("lr_mult", 1.0), opts.get("decay_mult", 1.0)
-        group = groups.setdefault((lr_mult, decay_mult), {"params": [], "names": [], "lr": lr * lr_mult,
-                                                          "weight_decay": weight_decay * decay_mult})
+        encoder = split_encoder and is_encoder(model, name)
+        group = groups.setdefault((lr_mult, decay_mult, encoder), {"params": [], "names": [], "lr": lr * lr_mult,
+                                                                   "weight_decay": weight_decay * decay_mult})
+        if split_encoder:
+            group["encoder"] = encoder
         group["params"].append(p)
         group["names"].append(name)
     return list(groups.values())
 
 
 def build_optimizer(model, name="adamw", lr=6e-5, weight_decay=0.01, betas=(0.9, 0.999), momentum=0.9,
-                    custom_keys=None, nesterov=False):
-    groups = param_groups(model, lr, weight_decay, custom_keys)
+                    custom_keys=None, nesterov=False, split_encoder=False):
+    groups = param_groups(model, lr, weight_decay, custom_keys, split_encoder)
     for g in groups:
         g.pop("names")
     # The fused kernels exist for CPU and CUDA tensors in torch >= 2.4 and take one launch for all params.
@@ -81,7 +93,25 @@ def poly_warmup_factor(it, max_iters, power=1.0, min_lr_ratio=0.0, warmup_iters=
     return poly
 
 
-def build_scheduler(optimizer, max_iters, power=1.0, min_lr_ratio=0.0, warmup_iters=0, warmup_ratio=1e-6):
+def two_stage_factor(it, max_iters, power, min_lr_ratio, stages, encoder):
+    """lr(it) / base_lr in EoMT's two-stage warm-up (tue-mps/eomt training/two_stage_warmup_poly_schedule.py):
+    with stages (W1, W2), the head and queries rise linearly from 0 over W1 iterations, then decay poly over
+    the max_iters - W1 left; the pre-trained encoder holds 0 for W1, rises over W2, then decays poly over
+    max_iters - W1 - W2. The poly part goes to min_lr_ratio as poly_warmup_factor's does (EoMT: 0)."""
+    w1, w2 = stages
+    start = w1 + w2 if encoder else w1
+    if it < start:
+        return 0.0 if it < w1 and encoder else (it - (w1 if encoder else 0)) / (w2 if encoder else w1)
+    left = max(1, max_iters - start)
+    return (1 - min_lr_ratio) * (1 - min(it - start, left) / left) ** power + min_lr_ratio
+
+
+def build_scheduler(optimizer, max_iters, power=1.0, min_lr_ratio=0.0, warmup_iters=0, warmup_ratio=1e-6,
+                    two_stage_warmup=None):
+    if two_stage_warmup:  # one lambda per group, by its "encoder" mark (build_optimizer's split_encoder)
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, [
+            (lambda it, enc=g["encoder"]: two_stage_factor(min(it, max_iters), max_iters, power, min_lr_ratio,
+                                                             two_stage_warmup, enc)) for g in optimizer.param_groups])
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: poly_warmup_factor(
         min(it, max_iters), max_iters, power, min_lr_ratio, warmup_iters, warmup_ratio))
 

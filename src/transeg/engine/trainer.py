@@ -479,8 +479,9 @@ def _train(cfg, resume, stop_at, progress, log):
                          log if main else (lambda *a: None))
     model = build_model(cfg, train_set, log=log if main else None).to(device)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, custom_keys=cfg.custom_keys,
-                                nesterov=cfg.nesterov)
-    scheduler = build_scheduler(optimizer, cfg.iters, cfg.power, cfg.min_lr_ratio, cfg.warmup_iters, cfg.warmup_ratio)
+                                nesterov=cfg.nesterov, split_encoder=bool(cfg.two_stage_warmup))
+    scheduler = build_scheduler(optimizer, cfg.iters, cfg.power, cfg.min_lr_ratio, cfg.warmup_iters, cfg.warmup_ratio,
+                                cfg.two_stage_warmup)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # best: the best value of cfg.best_metric so far (stored as "best_miou", its name when mIoU was the only
