@@ -10,11 +10,11 @@ then the authors' to transeg's: the encoder is transeg's `VisionTransformer` wit
 ViT keys only lose their prefix; the queries and the masked-attention probabilities are the backbone's
 (`backbone.queries`, `backbone.attn_mask_probs`), the mask module the head's.
 
-Hugging Face's `EomtDinov3ForUniversalSegmentation` (model_type `eomt_dinov3`) is read too: no position
-embeddings (rotary ones, computed, not stored), `embeddings.patch_embeddings`, `attention.o_proj`,
-`mlp.{up,down}_proj`, and q/v biases without a key bias, which become timm BEiT's `attn.q_bias` / `attn.v_bias`
-beside a bias-free `qkv`. Its config gives what the weights do not show: rope_theta, the LayerNorm eps and
-the crop (`image_size`).
+Hugging Face's `EomtDinov3ForUniversalSegmentation` (model_type `eomt_dinov3`) is read too: its encoder is
+transformers' DINOv3ViTModel under other names (`layers.i`, `layernorm`), so it is renamed to those and read by
+`convert/vit.from_hf_dinov3` (no position embeddings: RoPE, computed; q/v biases without a key bias, which
+become timm BEiT's `attn.q_bias` / `attn.v_bias`), as Meta's DINOv3 weights and the authors' DINOv3 files are.
+Its config gives what the weights do not show: rope_theta, the LayerNorm eps and the crop (`image_size`).
 
 The authors' own DINOv3 EoMT files (`pytorch_model.bin` beside HF's weights, the model zoo's links) keep
 DINOv3's licence by holding, for the encoder, only the change from Meta's (gated) DINOv3 weights: their
@@ -46,10 +46,6 @@ _HF_RULES = [  # (HF key pattern, the authors' key), applied in order; \1 etc. f
     (r"embeddings\.cls_token$", "network.encoder.backbone.cls_token"),
     (r"embeddings\.register_tokens$", "network.encoder.backbone.reg_token"),
     (r"embeddings\.patch_embeddings\.projection\.(weight|bias)$", r"network.encoder.backbone.patch_embed.proj.\1"),
-    (r"embeddings\.patch_embeddings\.(weight|bias)$", r"network.encoder.backbone.patch_embed.proj.\1"),  # DINOv3
-    (r"layers\.(\d+)\.attention\.o_proj\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.attn.proj.\2"),
-    (r"layers\.(\d+)\.mlp\.up_proj\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.mlp.fc1.\2"),
-    (r"layers\.(\d+)\.mlp\.down_proj\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.mlp.fc2.\2"),
     (r"layers\.(\d+)\.(norm1|norm2)\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.\2.\3"),
     (r"layers\.(\d+)\.attention\.out_proj\.(weight|bias)$", r"network.encoder.backbone.blocks.\1.attn.proj.\2"),
     (r"layers\.(\d+)\.layer_scale([12])\.lambda1$", r"network.encoder.backbone.blocks.\1.ls\2.gamma"),
@@ -70,7 +66,6 @@ def hf_to_authors(state, source):
     """Hugging Face EomtForUniversalSegmentation names -> the authors' (`network.` prefix)."""
     out, qkv, unmapped = {}, {}, []
     for key, value in state.items():
-        key = key.removeprefix("eomt.")
         if _DROPPED.search(key):
             continue
         if m := _HF_QKV.match(key):
@@ -90,14 +85,10 @@ def hf_to_authors(state, source):
         else:
             unmapped.append(key)
     if unmapped:
-        gated = [k for k in unmapped if re.search(r"mlp\.(weights_in|weights_out|gate_proj)", k)]
+        gated = [k for k in unmapped if re.search(r"mlp\.(weights_in|weights_out)", k)]
         what = "a SwiGLU feed-forward (ViT-g), which transeg's EoMT does not build" if gated else "unexpected keys"
         raise TransegError(f"{source}: {what}: {', '.join(sorted(unmapped)[:6])}" + (" ..." if len(unmapped) > 6 else ""))
     for key, parts in qkv.items():
-        if key.endswith(".bias") and set(parts) == {"q", "v"}:  # DINOv3: no key bias -> timm BEiT's q_bias / v_bias
-            attn = key.removesuffix(".qkv.bias")
-            out[f"{attn}.q_bias"], out[f"{attn}.v_bias"] = parts["q"], parts["v"]
-            continue
         if set(parts) != {"q", "k", "v"}:
             raise TransegError(f"{source}: {key.rsplit('.', 2)[0]} lacks {sorted({'q', 'k', 'v'} - set(parts))} projections")
         out[key] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
@@ -179,36 +170,40 @@ def _read(src):
 
 
 _ENCODER = "network.encoder.backbone."
-_AUTHORS_DINOV3 = [(r"patch_embed\.", "embeddings."), (r"blocks\.", "layer."), (r"rope_embeddings\.", None)]
+# DINOv3 encoders -> transformers' DINOv3ViTModel names, which convert/vit.from_hf_dinov3 reads: HF's eomt_dinov3
+# (`layers.i`, `layernorm`) and the authors' (their models/vit.py renames `embeddings` patch_embed, `layer` blocks)
+_HF_DINOV3 = [(r"embeddings\.", "embeddings."), (r"layers\.", "layer."), (r"layernorm\.", "norm.")]
+_AUTHORS_DINOV3 = [(_ENCODER + r"patch_embed\.", "embeddings."), (_ENCODER + r"blocks\.", "layer."),
+                   (_ENCODER + r"norm\.", "norm."), (_ENCODER + r"rope_embeddings\.", None)]
 
 
-def add_dinov3_base(state, source, base):
-    """The authors' DINOv3 file (encoder deltas) + Meta's DINOv3 weights -> the authors' layout with the
-    encoder whole, in transeg's ViT names (so `authors_to_transeg` reads it as a DINOv2 file)."""
-    from . import read_backbone_state, vit
+def split_dinov3(state, rules, source):
+    """(the DINOv3 encoder in transeg's ViT names, everything else as it was)."""
+    from . import vit
+
+    encoder, rest = {}, {}
+    for key, value in state.items():
+        rule = next(((p, t) for p, t in rules if re.match(p, key)), None)
+        if rule is None:
+            rest[key] = value
+        elif rule[1] is not None:  # None: computed, not stored (RoPE periods)
+            encoder[re.sub(rule[0], rule[1], key, count=1)] = value
+    return vit.from_hf_dinov3(encoder, source), rest
+
+
+def add_dinov3_base(delta, source, base):
+    """The authors' DINOv3 encoder deltas (transeg names) + Meta's DINOv3 weights (`base`)."""
+    from . import read_backbone_state
 
     if base is None:
         raise TransegError(f"{source}: the authors' DINOv3 EoMT file holds deltas to Meta's DINOv3 weights: download "
                            "facebook/dinov3-vitl16-pretrain-lvd1689m (gated: accept its licence on the Hub) and give its "
                            "folder with --base, or convert the Hugging Face repo (model_type eomt_dinov3) instead")
-    encoder, rest = {}, {}
-    for key, value in state.items():
-        if not key.startswith(_ENCODER):
-            rest[key] = value
-            continue
-        key = key.removeprefix(_ENCODER)
-        for pattern, target in _AUTHORS_DINOV3:
-            if re.match(pattern, key):
-                key = None if target is None else re.sub(pattern, target, key, count=1)
-                break
-        if key is not None:
-            encoder[key] = value
-    delta = vit.from_hf_dinov3(encoder, source)
     base = Path(base)
     if not base.exists():
         raise TransegError(f"--base {base}: no such file or directory (Meta's DINOv3 weights)")
     weights = read_backbone_state(base)
-    if not vit.is_hf_dinov3(weights) and "blocks.0.attn.q_bias" not in weights:
+    if "blocks.0.attn.q_bias" not in weights:  # read_backbone_state gave transeg names; DINOv3 alone has q_bias
         raise TransegError(f"--base {base}: not DINOv3 weights (a Hugging Face DINOv3ViTModel)")
     missing = sorted(set(delta) - set(weights))
     if missing:
@@ -218,8 +213,7 @@ def add_dinov3_base(state, source, base):
         if weights[key].shape != value.shape:
             raise TransegError(f"--base {base}: {key} is {tuple(weights[key].shape)}, {source}'s delta "
                                f"{tuple(value.shape)}: DINOv3 of another size")
-    rest.update({_ENCODER + k: weights[k].to(v.dtype) + v for k, v in delta.items()})
-    return rest
+    return {k: weights[k].to(v.dtype) + v for k, v in delta.items()}
 
 
 def _base_config(base):
@@ -237,14 +231,21 @@ def convert(obj, source, model=None, base=None):
     from ..registry import get_variant
 
     state, config = _read(obj) if isinstance(obj, (str, Path)) else (obj, {})
-    authors = any(k.startswith("network.") for k in state)
-    if any(k.startswith(_ENCODER + "patch_embed.patch_embeddings.") for k in state):  # the authors' DINOv3 layout
-        state, config = add_dinov3_base(state, source, base), _base_config(base)
-    elif base is not None:
+    state = {k.removeprefix("eomt."): v for k, v in state.items()}
+    authors_dinov3 = _ENCODER + "patch_embed.patch_embeddings.weight" in state
+    if base is not None and not authors_dinov3:
         raise TransegError(f"--base {base}: only the authors' DINOv3 EoMT files take base weights; {source} is whole")
-    if not authors:
+    if authors_dinov3:  # their file: encoder deltas to Meta's weights, the rest whole
+        encoder, state = split_dinov3(state, _AUTHORS_DINOV3, source)
+        encoder, config = add_dinov3_base(encoder, source, base), _base_config(base)
+    elif "embeddings.patch_embeddings.weight" in state:  # HF's eomt_dinov3
+        encoder, state = split_dinov3(state, _HF_DINOV3, source)
         state = hf_to_authors(state, source)
-    state = authors_to_transeg(state, source)
+    elif not any(k.startswith("network.") for k in state):  # HF's eomt (DINOv2)
+        state, encoder = hf_to_authors(state, source), {}
+    else:
+        encoder = {}
+    state = authors_to_transeg({**state, **{_ENCODER + k: v for k, v in encoder.items()}}, source)
     found, num_classes = shapes(state, source)
     model_type = config.get("model_type", "eomt_dinov3" if found["crop"] is None else "eomt")
     if model_type not in ("eomt", "eomt_dinov3"):
