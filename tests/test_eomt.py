@@ -441,8 +441,9 @@ def test_dinov3_authors_delta_files_convert_with_the_base_weights(tmp_path):
     --base DINOV3_FOLDER` adds them back: the model's mask / class logits equal HF's (the same weights whole) within
     1e-4 (measured 1.0e-5 / 1.1e-6: float32 rounding of (w - b) + b and the RoPE order, as in the HF test above), with
     the head count, LayerNorm eps (1e-5, not HF EoMT's default 1e-6: 7e-3 apart) and RoPE theta read from the base's
-    config.json. Without --base, with a base of another width, or
-    with --base on a whole file, the converter says so in one line (exit 2) and writes nothing."""
+    config.json. Without --base, with a base of another width, a broken config.json beside it, an output path
+    inside the base folder, or with --base on a whole file, the converter says so in one line (exit 2) and writes
+    nothing."""
     from transeg.cli import main
 
     hf = _hf_dinov3_model(0.0, layer_norm_eps=1e-5).eval()  # the authors' encoder is Meta's, with its config's eps
@@ -458,9 +459,17 @@ def test_dinov3_authors_delta_files_convert_with_the_base_weights(tmp_path):
         ref, got = hf(pixel_values=x), model.decode_head.decode(model.backbone(x))
     assert (got["pred_masks"] - ref.masks_queries_logits).abs().max() < 1e-4
     assert (got["pred_logits"] - ref.class_queries_logits).abs().max() < 1e-4
-    # the base really is added: the deltas alone are far from the trained encoder
-    assert (model.backbone.cls_token - base["embeddings.cls_token"]).abs().max() > 0.1
+    # the base really is added: the class token is HF's (base + delta, up to float32 rounding), and the delta alone
+    # would be off by the base's token (seeded values of order 1, so more than 0.1 somewhere)
+    assert (model.backbone.cls_token - hf.state_dict()["embeddings.cls_token"]).abs().max() < 1e-6
+    assert base["embeddings.cls_token"].abs().max() > 0.1
     out.unlink()
+    # the output may not land on an input: Meta's weights in the base folder stay as they were
+    weights = (base_dir / "model.safetensors").read_bytes()
+    assert main(argv[:2] + [str(base_dir / "model.safetensors")] + argv[3:] + ["--base", str(base_dir)]) == 2
+    assert (base_dir / "model.safetensors").read_bytes() == weights
+    (base_dir / "config.json").write_text("{not json")
+    assert main(argv + ["--base", str(base_dir)]) == 2 and not out.exists()
     other_dir, _ = _dinov3_base(tmp_path, width=32)
     hf.save_pretrained(tmp_path / "hf")
     for extra, message in [([], "deltas to Meta's DINOv3 weights"), (["--base", str(other_dir)], "of another size"),
@@ -473,6 +482,10 @@ def test_dinov3_authors_delta_files_convert_with_the_base_weights(tmp_path):
         convert(tmp_path / "pytorch_model.bin", "eomt", model="eomt-dinov3-l16")
     with pytest.raises(TransegError, match=r"of another size"):
         convert(tmp_path / "pytorch_model.bin", "eomt", model="eomt-dinov3-l16", base=other_dir)
+    hf_weights = tmp_path / "hf" / "model.safetensors"  # converting a file onto itself
+    before = hf_weights.read_bytes()
+    assert main(["convert", str(hf_weights), str(hf_weights), "--from", "eomt", "--model", "eomt-dinov3-l16"]) == 2
+    assert hf_weights.read_bytes() == before
     with pytest.raises(TransegError, match="is whole"):
         convert(tmp_path / "hf", "eomt", model="eomt-dinov3-l16", base=base_dir)
 

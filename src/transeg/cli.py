@@ -380,7 +380,7 @@ def cmd_convert(args):
     from .errors import TransegError
     from .flops import count_params
 
-    output_file(args.dst, example="model.safetensors")  # before converting
+    output_file(args.dst, example="model.safetensors", inputs=[args.src] + ([args.base] if args.base else []))
     if args.dst.suffix != ".safetensors":
         raise TransegError(f"{args.dst}: the output must be a .safetensors file")
     model = convert(args.src, args.from_format, model=args.model, num_classes=args.num_classes, base=args.base)

@@ -218,11 +218,14 @@ def add_dinov3_base(delta, source, base):
 
 def _base_config(base):
     """config.json beside Meta's DINOv3 weights (heads, RoPE theta, LayerNorm eps), if there is one."""
-    if base is None:
-        return {}
     base = Path(base)
     path = base / "config.json" if base.is_dir() else base.with_name("config.json")
-    config = json.loads(path.read_text()) if path.is_file() else {}
+    try:
+        config = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TransegError(f"--base {base}: its {path.name} cannot be read ({e})") from None
+    if not isinstance(config, dict):
+        raise TransegError(f"--base {base}: its {path.name} is not a JSON object")
     return {"model_type": "eomt_dinov3", **{k: config[k] for k in ("num_attention_heads", "layer_norm_eps", "rope_theta")
                                              if k in config}}
 

@@ -263,12 +263,19 @@ def plain_permissions(path):
     os.chmod(path, 0o666 & ~_umask())
 
 
-def output_file(path, example=None):
+def output_file(path, example=None, inputs=()):
     """`path` checked as a file to write before any work is done: not a folder, its folder writable
-    (created if missing). `example` names a file for the message when `path` is a folder. Returns a Path."""
+    (created if missing), and neither one of `inputs` nor inside an input folder (a converted model written
+    into the Hugging Face folder it came from would replace its weights). `example` names a file for the
+    message when `path` is a folder. Returns a Path."""
     path = Path(path)
     if path.is_dir():
         raise TransegError(f"{path}: is a folder; give the file to write, e.g. {path / (example or 'output')}")
+    where = path.resolve()
+    for f in map(Path, inputs):
+        if where == f.resolve() or (f.is_dir() and f.resolve() in where.parents):
+            raise TransegError(f"{path}: {'is' if where == f.resolve() else 'lies in'} the input {f}, which writing "
+                               f"it could replace; write the output outside the inputs")
     output_folder(path.parent)
     return path
 
