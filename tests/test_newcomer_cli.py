@@ -56,7 +56,7 @@ def test_everything_written_is_readable_by_others_under_umask_022(work, tmp_path
     colleagues on a shared server cannot read the outputs. Every file save, atomic_write, predict
     (--grid --truth), eval --out and a static ONNX export write is 0644."""
     pytest.importorskip("onnxscript")
-    from transeg.checkpoint import atomic_write
+    from transeg.files import atomic_write
 
     old = os.umask(0o022)
     try:

@@ -119,7 +119,7 @@ def _save_bigger_model(target):
 
 
 def _torch_save_bigger_state(target):
-    from transeg.checkpoint import atomic_write
+    from transeg.files import atomic_write
 
     state = {"iter": 2, "model": {"w": torch.zeros(200_000)}}
     atomic_write(target, lambda tmp: torch.save(state, tmp))

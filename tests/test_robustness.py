@@ -251,7 +251,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
     byte-for-byte intact and no temporary file is left."""
     import errno
 
-    from transeg.checkpoint import atomic_write
+    from transeg.files import atomic_write
 
     target = tmp_path / "train_state.pt"
     torch.save({"iter": 1}, target)

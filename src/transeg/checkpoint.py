@@ -14,10 +14,8 @@ wrong).
 import inspect
 import json
 import math
-import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,74 +23,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .errors import TransegError
+from .files import atomic_write
 
 FORMAT = "transeg"
-# what a failed write looks like when the writer is not Python's own file I/O: safetensors says
-# "I/O error: No space left on device (os error 28)", torch.save "unexpected pos 640 vs 598" or
-# "PytorchStreamWriter failed writing file ..." (a full disk, seen for real on a small tmpfs)
-_OS_ERROR = re.compile(r"(?:os error|errno)\s*(\d+)", re.IGNORECASE)
-_WRITE_FAILURE = re.compile(r"unexpected pos|failed writing|file write failed|i/o error|ioerror", re.IGNORECASE)
-
-
-def _write_failure(error, folder):
-    """Why a checkpoint writer failed, when it failed because of the disk (a short reason), else None."""
-    if isinstance(error, OSError):
-        return error.strerror or str(error)
-    text = str(error)
-    found = _OS_ERROR.search(text)
-    if found:
-        return os.strerror(int(found.group(1)))
-    try:
-        fs = os.statvfs(folder)
-        if fs.f_bavail == 0 or fs.f_bfree == 0:
-            return os.strerror(28)  # No space left on device
-    except OSError:
-        pass
-    if _WRITE_FAILURE.search(text):
-        return text.splitlines()[0][:200] if text else type(error).__name__
-    return None
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new
-    one, never half of one. A full disk, a read-only folder or a quota (whatever exception the
-    writer turns them into: OSError, SafetensorError, torch.save's RuntimeError) becomes one
-    TransegError line, with the previous file intact and no temporary file left."""
-    path = Path(path)
-    tmp = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        write(tmp)
-        from .data.folder import plain_permissions
-
-        plain_permissions(tmp)  # mkstemp makes it 0600; the file gets what a plain open() would give it
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except TransegError:  # the writer's own one-line error (e.g. export's numerical check)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    except Exception as e:
-        reason = _write_failure(e, path.parent)
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        if reason is None:
-            raise
-        kept = "the previous version is intact" if path.exists() else "nothing was written"
-        raise TransegError(f"{path}: could not be saved ({reason}); {kept}") from None
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        os.fsync(dir_fd)
-        os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def first_nonfinite(state, order=None):

@@ -286,7 +286,7 @@ def cmd_eval(args):
     from .engine.evaluate import evaluation_dataset
     from .engine.metrics import format_table
 
-    from .data.folder import output_folder
+    from .files import output_folder
     from .inference import dataset_samples
     from .viz import prediction_grid, save_image
 
@@ -314,7 +314,8 @@ def cmd_eval(args):
 def cmd_predict(args):
     from tqdm import tqdm
 
-    from .data.folder import image_files, output_folder
+    from .files import output_folder
+    from .images import image_files
     from .inference import read_truth, segment
     from .viz import prediction_grid, save_image
 
@@ -376,7 +377,7 @@ def _truth_files(folder, files):
 def cmd_convert(args):
     from . import save
     from .convert import convert
-    from .data.folder import output_file
+    from .files import output_file
     from .errors import TransegError
     from .flops import count_params
 
@@ -403,7 +404,7 @@ def cmd_bench(args):
     if args.compare and args.isr_sweep:
         raise TransegError("--compare and --isr-sweep are separate measurements; run them one at a time")
     if args.isr_sweep:  # the chart's place is checked before the sweep, not after it
-        from .data.folder import output_file
+        from .files import output_file
         from .viz import image_format
 
         image_format(output_file(args.plot, example="isr_sweep.png"))
@@ -478,7 +479,7 @@ def _print_sweep_row(row, base, batch):
 
 
 def cmd_export(args):
-    from .data.folder import output_file
+    from .files import output_file
     from .errors import TransegError
     from .export import export_onnx, slow_to_trace
 
@@ -507,7 +508,7 @@ def cmd_serve(args):
 
 
 def cmd_data_prepare(args):
-    from .data.folder import output_folder
+    from .files import output_folder
     from .data.prepare import prepare
 
     output_folder(args.out, create=False)  # a read-only or unwritable place: one line before any work

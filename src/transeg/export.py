@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from .checkpoint import atomic_write
+from .files import atomic_write
 from .errors import TransegError
 from .isr import describe
 
@@ -46,7 +46,7 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
     onnxruntime and PyTorch on inputs of two other shapes and compare. Returns a report dict.
     static=True fixes the graph to one image of `sample_size` (and checks it there); it traces in
     seconds where a dynamic Swin (SeMask) trace takes a minute or two of symbolic shape reasoning."""
-    from .data.folder import output_file, plain_permissions
+    from .files import output_file, plain_permissions
 
     _require("onnx", "onnxscript")
     path = output_file(path, example="model.onnx")  # a folder, or a folder that cannot be written: said now

@@ -231,7 +231,7 @@ def read_input(item, max_pixels=MAX_PIXELS):
     A file larger than `max_pixels` (None: no bound) is refused from its header, before decoding."""
     from PIL import Image
 
-    from .data.folder import image_to_rgb, read_image
+    from .images import image_to_rgb, read_image
 
     if isinstance(item, (str, Path)):
         rgb, note = read_image(item, max_pixels=max_pixels)

@@ -28,6 +28,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from transeg.data.palettes import default_palette
+from transeg.files import atomic_write, plain_permissions
 from transeg.errors import TransegError
 
 __all__ = ["colorize", "overlay", "side_by_side", "legend", "add_legend", "prediction_grid", "class_shares", "save_image",
@@ -52,11 +53,9 @@ def image_format(path) -> str:
 
 def save_image(image: Image.Image, path, **params):
     """Write ``image`` to ``path`` atomically (a temporary in the same folder, then a rename, with
-    :func:`transeg.checkpoint.atomic_write`): a full disk or a read-only folder is one TransegError line
+    :func:`transeg.files.atomic_write`): a full disk or a read-only folder is one TransegError line
     naming the file, and neither a half-written image nor a temporary is left; an existing file is
     replaced only by a complete one. ``params`` go to ``Image.save`` (e.g. quality=92). Returns the path."""
-    from transeg.checkpoint import atomic_write
-    from transeg.data.folder import plain_permissions
 
     fmt = image_format(path)
 

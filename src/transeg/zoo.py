@@ -347,7 +347,8 @@ def _checked_user_file(release, file):
 
 
 def _convert(release, src, out):
-    from .checkpoint import atomic_write, save
+    from .checkpoint import save
+    from .files import atomic_write
 
     if release.backbone:
         from safetensors.torch import save_file

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from ..errors import TransegError
 from . import classes as C
-from .folder import plain_permissions
+from ..files import plain_permissions
 
 
 def _lut(mapping, default=255):

@@ -27,7 +27,8 @@ import yaml
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm import tqdm
 
-from ..checkpoint import atomic_write, first_nonfinite, load, save
+from ..checkpoint import first_nonfinite, load, save
+from ..files import atomic_write
 from ..device import native_bf16, resolve_device
 from ..errors import TransegError
 from ..flops import count_params

@@ -87,7 +87,7 @@ class Service:
         """HxWx3 uint8 from the uploaded bytes, or Refused with the command line's message."""
         from PIL import Image, UnidentifiedImageError
 
-        from ..data.folder import read_image
+        from ..images import read_image
 
         if not data:
             raise Refused(422, f"{name}: empty upload")
