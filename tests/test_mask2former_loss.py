@@ -6,15 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from transeg.heads.mask2former_loss import hungarian_match, linear_sum_assignment, mask2former_loss
+from transeg.heads import mask2former_loss as m2f
+from transeg.heads.mask2former_loss import (hungarian_match, linear_sum_assignment, linear_sum_assignment_numpy,
+                                            mask2former_loss)
 
 
-def test_linear_sum_assignment_is_optimal():
+@pytest.mark.parametrize("solve", [linear_sum_assignment, linear_sum_assignment_numpy], ids=["default", "numpy"])
+def test_linear_sum_assignment_is_optimal(solve):
     """Against brute force over all assignments, square and rectangular (both orientations)."""
     rng = np.random.default_rng(0)
     for shape in [(4, 4), (3, 5), (5, 3), (1, 4), (6, 6)]:
         c = rng.normal(size=shape)
-        rows, cols = linear_sum_assignment(c)
+        rows, cols = solve(c)
         n, m = shape
         if n <= m:
             best = min(sum(c[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
@@ -22,6 +25,50 @@ def test_linear_sum_assignment_is_optimal():
             best = min(sum(c[p[j], j] for j in range(m)) for p in itertools.permutations(range(n), m))
         assert len(rows) == min(shape) and len(set(rows)) == len(rows) == len(set(cols))
         assert c[rows, cols].sum() == pytest.approx(best)
+
+
+SHAPES = [(1, 1), (1, 7), (7, 1), (6, 6), (40, 40), (10, 25), (25, 10), (100, 20), (3, 150)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_numpy_fallback_agrees_with_scipy(shape):
+    """The NumPy solver (used without scipy) against scipy's (used with it), square, more rows, more
+    columns. An optimal assignment's total cost is unique even where the assignment is not, so the
+    totals must be equal on every matrix; the assignments themselves must be equal only where the
+    optimum is unique: on continuous random costs (a tie has probability 0) but not on small-integer
+    costs, full of ties, where either solver may pick any of the optimal assignments (each checked to
+    be one: min(n, m) pairs, no row or column used twice)."""
+    scipy_optimize = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(sum(shape))
+    for trial in range(5):
+        continuous = rng.normal(size=shape) * 10 ** rng.uniform(-3, 3)
+        ties = rng.integers(0, 3, size=shape).astype(np.float64)
+        for c, unique in ((continuous, True), (ties, False)):
+            rows, cols = linear_sum_assignment_numpy(c)
+            ref_rows, ref_cols = scipy_optimize.linear_sum_assignment(c)
+            assert rows.dtype == cols.dtype == np.int64
+            assert len(rows) == min(shape) and len(set(rows)) == len(rows) == len(set(cols))
+            assert (np.diff(rows) > 0).all()  # sorted by row, as scipy's
+            assert c[rows, cols].sum() == pytest.approx(c[ref_rows, ref_cols].sum(), rel=1e-9, abs=1e-9)
+            if unique:
+                assert rows.tolist() == ref_rows.tolist() and cols.tolist() == ref_cols.tolist()
+
+
+@pytest.mark.parametrize("scipy_solver", [True, False], ids=["scipy", "numpy"])
+def test_non_finite_costs_still_match_around_them(monkeypatch, scipy_solver):
+    """A diverged prediction gives NaN / inf costs: the matching still answers (scipy alone refuses
+    NaN), avoiding those entries where an assignment without them exists, so the loss reports the
+    divergence instead of the matcher raising."""
+    if scipy_solver:
+        pytest.importorskip("scipy.optimize")
+    else:
+        monkeypatch.setattr(m2f, "_scipy_linear_sum_assignment", None)
+    rows, cols = linear_sum_assignment(np.array([[np.nan, 1.0, np.inf], [2.0, np.inf, np.nan]]))
+    assert rows.tolist() == [0, 1] and cols.tolist() == [1, 0]
+    rows, cols = linear_sum_assignment(np.full((3, 2), np.nan))
+    assert len(rows) == 2 and len(set(rows)) == 2 and sorted(cols.tolist()) == [0, 1]
+    rows, cols = linear_sum_assignment(np.array([[0.0, -np.inf], [0.0, 5.0]]))
+    assert cols.tolist() == [1, 0]
 
 
 def test_matching_prefers_the_global_optimum_over_greedy():

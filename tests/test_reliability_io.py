@@ -7,6 +7,7 @@ cases are skipped with the reason otherwise)."""
 import contextlib
 import errno
 import hashlib
+import io
 import json
 import os
 import resource
@@ -204,6 +205,74 @@ def test_a_huge_image_is_refused_from_its_header_by_default(bomb):
     with pytest.raises(transeg.TransegError, match=r"bomb.png: 13000x13000 pixels \(169 megapixels\) is more than "
                                                    r"the 100 megapixels allowed, refused before decoding"):
         read_input(str(bomb))
+
+
+def test_a_raised_max_pixels_reads_past_pillows_refusal_for_this_call_only(tmp_path):
+    """max_pixels above Pillow's refusal (2 x MAX_IMAGE_PIXELS, 179 megapixels by default) reads a
+    24 kB 1-bit PNG of 14000x14000 (196 megapixels) that Pillow alone refuses, and leaves Pillow's
+    process-global MAX_IMAGE_PIXELS as it was, so that no other reader in the process loses its
+    protection; the bound still refuses from the header, and without a raised bound Pillow's refusal
+    stands."""
+    from transeg.images import read_image
+
+    path = tmp_path / "big.png"
+    Image.new("1", (14000, 14000)).save(path, optimize=True)
+    default = Image.MAX_IMAGE_PIXELS
+    rgb, note = read_image(path, max_pixels=200_000_000)
+    assert rgb.shape == (14000, 14000, 3) and rgb.dtype == np.uint8 and note == "1-bit image converted to RGB"
+    del rgb
+    assert Image.MAX_IMAGE_PIXELS == default
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(path)  # still refused to every other reader
+    with pytest.raises(transeg.TransegError, match=r"big.png: 14000x14000 pixels \(196 megapixels\) is more than the "
+                                                   r"190 megapixels allowed, refused before decoding"):
+        read_image(path, max_pixels=190_000_000)
+    with pytest.raises(transeg.TransegError, match=r"big.png: cannot read the image \(Image size \(196000000 pixels\)"):
+        read_image(path, max_pixels=100_000_000)
+    assert Image.MAX_IMAGE_PIXELS == default
+
+
+class _Unseekable(io.RawIOBase):
+    """A binary stream that can only be read forwards, as a pipe or a socket."""
+
+    def __init__(self, data):
+        self._data = io.BytesIO(data)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        chunk = self._data.read(len(buffer))
+        buffer[:len(chunk)] = chunk
+        return len(chunk)
+
+
+@pytest.mark.parametrize("source", ["path", "stream", "unseekable stream"])
+def test_a_raised_max_pixels_reads_from_paths_and_streams(tmp_path, monkeypatch, source):
+    """The same per-call bypass with Pillow's global lowered to 900 pixels (refusal above 1800), so
+    that a 50x40 image (2000 pixels) plays the bomb: read from a path, a file object and a stream that cannot seek,
+    with the global untouched; a bound below the image still refuses it from the header, and one at
+    or below Pillow's refusal leaves that refusal in place."""
+    from transeg.images import read_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 900)
+    path = _png(tmp_path / "x.png", h=40, w=50, value=7)
+    data = path.read_bytes()
+
+    def source_of():
+        return {"path": path, "stream": io.BytesIO(data), "unseekable stream": _Unseekable(data)}[source]
+
+    rgb, note = read_image(source_of(), name="x.png", max_pixels=10_000)
+    assert rgb.shape == (40, 50, 3) and (rgb == 7).all() and note == ""
+    assert Image.MAX_IMAGE_PIXELS == 900
+    with pytest.raises(transeg.TransegError, match=r"x.png: 50x40 pixels \(0.002 megapixels\) is more than the "
+                                                   r"0.0019 megapixels allowed"):
+        read_image(source_of(), name="x.png", max_pixels=1900)
+    with pytest.raises(transeg.TransegError, match=r"x.png: cannot read the image \(Image size \(2000 pixels\)"):
+        read_image(source_of(), name="x.png", max_pixels=1800)
+    with pytest.raises(transeg.TransegError, match=r"x.png: cannot read the image \(Image size \(2000 pixels\)"):
+        read_image(source_of(), name="x.png")
+    assert Image.MAX_IMAGE_PIXELS == 900
 
 
 def _address_space():

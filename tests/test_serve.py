@@ -1,4 +1,5 @@
 """`transeg serve` as a real process on loopback: the API, its refusals, batching under load, overload."""
+import asyncio
 import base64
 import io
 import json
@@ -20,6 +21,7 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
 import transeg  # noqa: E402
+from transeg.serve.app import create_app  # noqa: E402
 from transeg.serve.loadtest import Upload, post, run_load, summary  # noqa: E402
 
 CLASSES = ["sky", "ground", "disc", "box", "triangle", "ring"]
@@ -182,6 +184,65 @@ def test_multipart_upload(server):
             f"hello\r\n--{boundary}--\r\n").encode()
     status, answer = post(server.url, Upload(junk, "format=json", f"multipart/form-data; boundary={boundary}"))
     assert status == 415 and json.loads(answer)["error"].startswith("notes.txt: not an image")
+
+
+def _form(*parts, boundary="transegboundary"):
+    """A multipart/form-data body of (field, filename or None, bytes) parts, and its content type."""
+    body = b""
+    for field, filename, data in parts:
+        name = f'; filename="{filename}"' if filename else ""
+        body += f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"{name}\r\n\r\n'.encode() + data + b"\r\n"
+    return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def test_multipart_field_choice_and_limits(server):
+    """The field `image` is taken over an earlier file, else the first file; a form without a file is one
+    line; a form over the upload limit is refused with 413 like a raw body, its size named."""
+    small, large = _png(_image(24, 24, 7)), _png(_image(48, 40, 8))
+    body, kind = _form(("note", None, b"hello"), ("other", "a.png", small), ("image", "b.png", large))
+    status, answer = post(server.url, Upload(body, "format=json", kind))
+    assert status == 200 and (json.loads(answer)["width"], json.loads(answer)["height"]) == (40, 48)
+    body, kind = _form(("note", None, b"hello"), ("first", "a.png", small))
+    status, answer = post(server.url, Upload(body, "format=json", kind))
+    assert status == 200 and json.loads(answer)["width"] == 24
+    body, kind = _form(("note", None, b"hello"))
+    status, answer = post(server.url, Upload(body, "format=json", kind))
+    assert (status, json.loads(answer)) == (422, {"error": "multipart upload without a file (send the image as "
+                                                           "the field `image`)"})
+    body, kind = _form(("image", "big.png", b"\0" * 1_000_000))
+    status, answer = post(server.url, Upload(body, "format=json", kind))
+    assert (status, json.loads(answer)) == (413, {"error": f"upload of {len(body):,} bytes is more than the "
+                                                           "1,000,000 bytes this service takes"})
+    assert server.get("/healthz")["status"] == "ok"
+
+
+@pytest.mark.parametrize("multipart", [False, True], ids=["raw", "multipart"])
+def test_an_oversized_upload_is_refused_before_it_is_all_read(model_file, multipart):
+    """The app called in-process as the ASGI server would call it, with a 1,000-byte limit, for a
+    client that declares 50 MB and sends it in 1,000-byte messages: the 413 and its one JSON line come
+    back after at most 4x the limit was read (what the service drains so that a client still sending
+    receives the answer), the rest never asked for."""
+    app = create_app(transeg.load(model_file), max_upload_bytes=1000)
+    declared, chunk = 50_000_000, b"\0" * 1000
+    kind = b"multipart/form-data; boundary=transegboundary" if multipart else b"application/octet-stream"
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/segment", "raw_path": b"/v1/segment", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"127.0.0.1"), (b"content-type", kind), (b"content-length", str(declared).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    received, sent = [], []
+
+    async def receive():
+        received.append(len(chunk))
+        return {"type": "http.request", "body": chunk, "more_body": sum(received) < declared}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 413
+    assert json.loads(b"".join(m.get("body", b"") for m in sent[1:])) == {
+        "error": f"upload of {declared:,} bytes is more than the 1,000 bytes this service takes"}
+    assert sum(received) <= 4 * 1000 + len(chunk)
 
 
 def test_load_with_bad_uploads_mixed_in(server, model_file):

@@ -1,7 +1,9 @@
 """Reading images: any format Pillow reads, as 8-bit RGB with the EXIF orientation applied, bounded in
 pixels from the header before decoding. Training data, `predict`, `eval` and the service read through here."""
+import io
 import os
 import stat
+import struct
 import warnings
 from pathlib import Path
 
@@ -57,19 +59,17 @@ def read_image(path, name=None, max_pixels=None):
 
     max_pixels: refuse larger images from their header, before decoding (a 20 kB 1-bit PNG can hold
     13000x13000 pixels, 0.5 GB as RGB and many GB in a model). With it, this bound replaces Pillow's
-    own decompression-bomb warning, and Pillow's refusal (above 2 x Image.MAX_IMAGE_PIXELS) is raised
-    to it when it is larger (process-wide, never lowered). Raises TransegError naming the file (`name`,
-    default: the path)."""
+    own decompression-bomb warning, and, when it is above Pillow's refusal (2 x Image.MAX_IMAGE_PIXELS),
+    that refusal too, for this call only (see `_open`; Pillow's global is never changed). Raises
+    TransegError naming the file (`name`, default: the path)."""
     name = name or path
     if isinstance(path, (str, os.PathLike)):
         regular_file(path, name)
-    if max_pixels and Image.MAX_IMAGE_PIXELS and max_pixels > 2 * Image.MAX_IMAGE_PIXELS:
-        Image.MAX_IMAGE_PIXELS = int(max_pixels)
     try:
         with warnings.catch_warnings():
             if max_pixels:  # the bound below is checked instead
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = _open(path, max_pixels)
         with img:
             w, h = img.size
             if max_pixels and w * h > max_pixels:
@@ -83,6 +83,57 @@ def read_image(path, name=None, max_pixels=None):
     except _READ_ERRORS as e:
         raise TransegError(f"{name}: cannot read the image ({_reason(e)})") from None
 
+
+
+def _open(path, max_pixels=None):
+    """`Image.open(path)`, except that an image Pillow refuses as a decompression bomb (more than
+    2 x Image.MAX_IMAGE_PIXELS) is opened anyway when `max_pixels` allows more than that refusal:
+    `read_image` then bounds it by `max_pixels` from the header. Pillow's refusal is a check of its
+    module-global MAX_IMAGE_PIXELS that `Image.open` runs after a format plugin has read the header;
+    raising that global would change every other reader in the process, so the image is identified
+    again as `Image.open` does (registered formats in order, each plugin's `accept` on the first 16
+    bytes, then its factory), without the check. Formats whose plugin checks the size again itself
+    (TIFF when it loads, WebP, GIF frames and MPO in current Pillow) stay within Pillow's refusal."""
+    if not isinstance(path, (str, os.PathLike)):
+        try:  # a stream that cannot seek is read once, as Image.open does, so that it can be read again
+            path.seek(0)
+        except (AttributeError, io.UnsupportedOperation):
+            path = io.BytesIO(path.read())
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError:
+        if not (max_pixels and Image.MAX_IMAGE_PIXELS and max_pixels > 2 * Image.MAX_IMAGE_PIXELS):
+            raise
+        img = _identify(path)
+        if img is None:
+            raise
+        return img
+
+
+def _identify(path):
+    """The image at `path` (a path or a seekable binary file) from the first registered format plugin
+    that accepts and parses its header, as `Image.open` picks it, without Pillow's size check; None
+    when no plugin does."""
+    is_path = isinstance(path, (str, os.PathLike))
+    if is_path:
+        with open(path, "rb") as f:
+            prefix = f.read(16)
+    else:
+        path.seek(0)
+        prefix = path.read(16)
+    for fmt in list(Image.ID):
+        factory, accept = Image.OPEN[fmt]
+        accepted = not accept or accept(prefix)
+        if isinstance(accepted, str) or not accepted:  # a string is Pillow's warning of a near miss
+            continue
+        try:
+            if is_path:  # the image owns the file it opens, and closes it with itself
+                return factory(os.fspath(path))
+            path.seek(0)
+            return factory(path, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # not this format: Image.open goes on too
+            continue
+    return None
 
 
 def load_image(path):

@@ -3,19 +3,42 @@ EoMT's uses the same): the one-to-one query/target matching (`hungarian_match`, 
 `linear_sum_assignment`), PointRend's point sampling (`point_sample`, `uncertain_points`), per-class
 targets from a label map (`semantic_targets`) and the loss over the final and auxiliary outputs
 (`mask2former_loss`)."""
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ..losses.mask import dice_loss
 
+try:  # scipy is an optional extra; without it the matching uses linear_sum_assignment_numpy
+    from scipy.optimize import linear_sum_assignment as _scipy_linear_sum_assignment
+except ImportError:
+    _scipy_linear_sum_assignment = None
+
 
 def linear_sum_assignment(cost):
-    """Minimum-cost assignment of a rectangular matrix (Hungarian method with potentials, O(n²m)).
+    """Minimum-cost assignment of a rectangular matrix [n, m]: (rows, cols) as sorted-by-row int64
+    arrays of min(n, m) pairs, every row of the smaller side assigned.
 
-    Returns (rows, cols) as sorted-by-row int64 arrays with min(n, m) pairs, like scipy's function
-    (scipy is not a dependency). Every row of the smaller side is assigned."""
-    import numpy as np
+    Solved by scipy's `linear_sum_assignment` when scipy is installed, else by
+    `linear_sum_assignment_numpy`. Non-finite costs (from a diverged prediction) are replaced by
+    finite ones beyond any sum of the finite costs, NaN and +inf above, -inf below, so that the
+    matcher always returns an assignment (scipy refuses NaN) and the non-finite loss, not the
+    matching, is what reports the divergence."""
+    c = np.asarray(cost, dtype=np.float64)
+    if c.size and not np.isfinite(c).all():
+        finite = np.abs(c[np.isfinite(c)])
+        big = ((finite.max() if finite.size else 0.0) + 1.0) * (min(c.shape) + 1)
+        c = np.nan_to_num(c, nan=big, posinf=big, neginf=-big)
+    if _scipy_linear_sum_assignment is None:
+        return linear_sum_assignment_numpy(c)
+    rows, cols = _scipy_linear_sum_assignment(c)
+    return rows.astype(np.int64), cols.astype(np.int64)
 
+
+def linear_sum_assignment_numpy(cost):
+    """`linear_sum_assignment` without scipy: the Hungarian method with potentials, O(n²m), in NumPy.
+    Same contract as scipy's function for finite costs: (rows, cols) sorted by row, int64, min(n, m)
+    pairs of minimum total cost."""
     c = np.asarray(cost, dtype=np.float64)
     transposed = c.shape[0] > c.shape[1]
     if transposed:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from starlette.requests import Request
 
 from .. import __version__, isr
 from ..errors import TransegError
@@ -217,7 +218,9 @@ def create_app(model, **limits):
 async def _upload(request, limit):
     """(bytes, name) of the uploaded image: the multipart field `image` (or the first file), else the
     raw body. More than `limit` bytes is refused, and not kept: the rest of an oversized body is read
-    and dropped (up to 4x the limit) so that the client, still sending, receives the 413."""
+    and dropped (up to 4x the limit) so that the client, still sending, receives the 413. The body is
+    read here, bounded, before any parsing: a multipart form is then parsed from what was read (see
+    `_replay`), so a form is never read past the limit either."""
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
@@ -232,9 +235,20 @@ async def _upload(request, limit):
     body = b"".join(chunks)
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         return body, "upload"
-    request._body = body  # starlette parses the form from the body read above
-    form = await request.form()
-    upload = form.get("image") or next((v for v in form.values() if hasattr(v, "read")), None)
-    if upload is None or not hasattr(upload, "read"):
-        raise Refused(422, "multipart upload without a file (send the image as the field `image`)")
-    return await upload.read(), upload.filename or "upload"
+    async with Request(request.scope, _replay(body)).form() as form:  # closes the parts' spooled files
+        upload = form.get("image") or next((v for v in form.values() if hasattr(v, "read")), None)
+        if upload is None or not hasattr(upload, "read"):
+            raise Refused(422, "multipart upload without a file (send the image as the field `image`)")
+        return await upload.read(), upload.filename or "upload"
+
+
+def _replay(body):
+    """An ASGI `receive` that hands over `body` as the whole request body, then a disconnect: a
+    Request built on the original scope with it parses the form from the bytes `_upload` has
+    already read (the original request's stream is spent)."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    return receive
