@@ -274,22 +274,37 @@ def test_mmseg_1x_metrics_on_an_imbalanced_pair_of_classes():
 
 
 def test_confusion_chart_shows_each_row_normalised_cell_in_its_shade():
-    """Label 0: 1 pixel right, 1 called 1 (row 50 / 50 / 0); label 1: 2 right (0 / 100 / 0); label 2: 1 called 0,
-    1 right (50 / 0 / 50). Each cell's centre is white-to-dark-blue at that share; 150 classes stay under 1.6k px."""
-    from transeg.charts import confusion_chart, confusion_color
+    """Label 0: 1 pixel right, 1 called 1 (row 50 / 50 / 0 %); label 1: 2 right (0 / 100 / 0); label 2: 1 called 0,
+    1 right (50 / 0 / 50). Each cell is drawn in the Blues colour of its share (checked on the rendered image, near
+    a corner: the centre prints the share with a % sign), the colour bar is labelled, and no text leaves the canvas
+    or overlaps another, title included. At 150 classes (ADE20K) the cells are 10 px: too small for text, so the
+    matrix is colour alone, 1500 px square, and every class name still clear of the others."""
+    from matplotlib import colormaps
+    from test_viz import assert_clean
+
+    from transeg.charts import confusion_figure
 
     cm = ConfusionMatrix(3)
     cm.update(torch.tensor([0, 1, 1, 1, 2, 0]), torch.tensor([0, 0, 1, 1, 2, 2]))
     result = cm.compute()
     assert result["confusion"] == [[1, 1, 0], [0, 2, 0], [1, 0, 1]]
-    img = confusion_chart(result, ["road", "sidewalk", "building"], title="val — confusion")
-    x0, y0, cell = img.info["cells"]
-    shares = [[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.5, 0.0, 0.5]]
+    fig = confusion_figure(result, ["road", "sidewalk", "building"], title="val — confusion, row-normalised")
+    img, texts = assert_clean(fig)
+    ax, bar = fig.axes
+    shares = [[50, 50, 0], [0, 100, 0], [50, 0, 50]]
+    assert ax.images[0].get_array().tolist() == shares
+    assert [t.get_text() for t in ax.texts] == ["50%", "50%", "0%", "0%", "100%", "0%", "50%", "0%", "50%"]
+    assert bar.get_ylabel() == "share of the label's pixels (%)"
+    assert "share of the label's pixels (%)" in [t for t, _ in texts]
+    pixels = np.asarray(img).astype(int)
     for i in range(3):
         for j in range(3):
-            # a corner pixel inside the cell (the centre may hold the printed percentage)
-            assert img.getpixel((x0 + j * cell + 2, y0 + i * cell + 2)) == confusion_color(shares[i][j]), (i, j)
+            x, y = ax.transData.transform((j - 0.35, i - 0.35))  # inside cell (i, j), away from its text
+            want = np.round(np.array(colormaps["Blues"](shares[i][j] / 100)[:3]) * 255)
+            assert np.abs(pixels[round(img.height - y), round(x)] - want).max() <= 1, (i, j)
     big = ConfusionMatrix(150)
     big.update(torch.arange(150), torch.arange(150))
-    wide = confusion_chart(big.compute(), [f"class {i}" for i in range(150)])
-    assert wide.info["cells"][2] == 9 and max(wide.size) < 1600
+    wide = confusion_figure(big.compute(), [f"class {i}" for i in range(150)], title="ade20k")
+    img, _ = assert_clean(wide)
+    cell = wide.axes[0].get_window_extent().width / 150
+    assert len(wide.axes[0].texts) == 0 and cell == pytest.approx(10, abs=0.5) and max(img.size) < 1800

@@ -9,10 +9,11 @@ import shlex
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 import transeg
 from conftest import TINY
+from test_viz import assert_clean, missing_glyphs, overlap
 from transeg import bench, charts, viz
 from transeg import cli
 from transeg.cli import build_parser, main
@@ -180,42 +181,19 @@ def test_predict_truth_writes_the_readme_grid(work, tmp_path):
     assert not (tmp_path / "q").exists()
 
 
-class _Recorder:
-    """Records every ImageDraw text call: (xy, text, font)."""
-
-    def __init__(self, monkeypatch):
-        self.calls = []
-        real = ImageDraw.ImageDraw.text
-
-        def text(draw, xy, text, *args, **kwargs):
-            self.calls.append((xy, text, kwargs.get("font")))
-            return real(draw, xy, text, *args, **kwargs)
-
-        monkeypatch.setattr(ImageDraw.ImageDraw, "text", text)
-
-
-def _tofu(font, char):
-    """The font draws `char` as its missing-glyph box (the bitmap of a code point no font has)."""
-    if char.isspace():
-        return False
-    a, b = font.getmask(char), font.getmask("\U0010ffff")
-    return (a.size, bytes(a)) == (b.size, bytes(b))
-
-
-def test_iou_chart_title_has_no_missing_glyph_box_and_is_not_cut(monkeypatch):
-    """The eval --out title "segformer-b0 — whole, resize ..." (75 characters at 20 px, wider than the
-    ~650 px chart): Pillow's bundled font has no em dash, so it was a box, and the title was cut with
-    "...". Now every drawn character has a glyph, and the drawn title lines join to the whole title."""
-    title = "segformer-b0 — whole, resize keep-ratio to (512, 128), align 32, scales [1.0]"
-    font = ImageFont.load_default(size=20)
-    assert _tofu(font, "—") and not _tofu(font, "-")  # the premise: Aileron lacks the em dash
-    rec = _Recorder(monkeypatch)
+def test_iou_chart_title_has_no_missing_glyph_box_and_is_not_cut():
+    """The eval --out title "segformer-b0 — whole, resize ...", here with a multi-scale protocol (150 characters,
+    twice the 760-px chart's width at 13 pt) and a character matplotlib's font lacks (道): the title is wrapped,
+    not cut (its 2 drawn lines join to the whole title), it lies inside the canvas with no text overlapping
+    it, and every drawn character has a glyph (the em dash is DejaVu's own; 道 becomes "?", never a box)."""
+    title = ("segformer-b0 — whole, resize keep-ratio to (512, 128), align 32, scales [0.5, 0.75, 1.0, 1.25, 1.5, "
+             "1.75], flip, on the val split of 道 roads")
     result = {"IoU": [0.9, 0.5, 0.3, 0.7, 0.2, 0.4], "mIoU": 0.5, "mAcc": 0.6, "aAcc": 0.9}
-    charts.iou_chart(result, CLASSES, PALETTE, title=title)
-    bad = [(t, c) for _, t, f in rec.calls for c in t if _tofu(f, c)]
-    assert bad == []
-    drawn = [t for _, t, f in rec.calls if getattr(f, "size", None) == 20]  # the title font
-    assert " ".join(drawn) == title.replace("—", "-") and len(drawn) == 2
+    _, texts = assert_clean(charts.iou_figure(result, CLASSES, PALETTE, title=title))
+    assert missing_glyphs(texts) == []
+    drawn = [t for t, _ in texts if t.startswith("segformer-b0")]
+    assert len(drawn) == 1 and drawn[0].replace("\n", " ") == title.replace("道", "?")
+    assert drawn[0].count("\n") == 1
 
 
 SWEEP = [("1,1,1,1 / 1,1,1", .2347, 20.4, 77.7), ("2,1,1,1 / 1,1,1", .2331, 18.5, 77.7),
@@ -225,30 +203,32 @@ SWEEP = [("1,1,1,1 / 1,1,1", .2347, 20.4, 77.7), ("2,1,1,1 / 1,1,1", .2331, 18.5
          ("4,4,2,2 / 2,2,2", .2219, 19.6, 72.2), ("8,4,2,1 / 2,2,2", .2237, 17.0, 72.2)]
 
 
-def test_isr_sweep_chart_labels_do_not_overlap_and_legend_marks_the_papers_setting(monkeypatch):
+def test_isr_sweep_chart_labels_do_not_overlap_and_legend_marks_the_papers_setting():
     """The README's EDAFormer-T sweep (docs/edaformer_isr_sweep.png), where 4,4,2,1 and 8,4,2,1 share a
-    GFLOPs value and, in the mIoU panel, a point: no two label boxes overlap (20 labels, 2 panels); the
-    legend names the red baseline and the paper's setting; the paper's point is drawn in green."""
+    GFLOPs value and, in the mIoU panel, a point: all 20 point labels (10 per panel) are drawn, inside the
+    canvas, none overlapping another text or covering any of the 20 markers; one legend below the panels
+    names the red baseline, the paper's setting, the other settings and the quartile bars; the paper's point
+    is a green diamond (its inside in the exact green: ~50 px in each panel and in the legend)."""
     rows = [dict(label=l, GFLOPs=g, **{"latency ms": t, "mIoU": m, "p25 ms": t - .3, "p75 ms": t + .4})
             for l, g, t, m in SWEEP]
-    rec = _Recorder(monkeypatch)
-    img = charts.tradeoff_chart(rows, title="edaformer-t: ISR", names=("trained setting (no ISR)", "ISR setting"),
-                                marked=[4], marked_name="the paper's setting (2,2,1,1 / 2,2,2)",
-                                whiskers={"latency ms": ("p25 ms", "p75 ms")})
-    labels = {r["label"] for r in rows}
-    boxes = []
-    for xy, text, font in rec.calls:
-        if text in labels:
-            l, t, r, b = font.getbbox(text)
-            boxes.append((xy[0] + l, xy[1] + t, xy[0] + r, xy[1] + b, text))
-    assert len(boxes) == 20
-    overlaps = [(a[4], b[4]) for i, a in enumerate(boxes) for b in boxes[i + 1:]
-                if a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]]
-    assert overlaps == []
-    texts = [t for _, t, _ in rec.calls]
-    assert texts.count("trained setting (no ISR)") == 2 and texts.count("the paper's setting (2,2,1,1 / 2,2,2)") == 2
-    green = np.all(np.asarray(img) == charts.LINE_COLORS[2], -1).sum()
-    assert green >= 2 * 2 * 20  # the paper's diamond and its legend swatch in both panels (~ 40 px each)
+    fig = charts.tradeoff_figure(rows, title="edaformer-t: ISR", names=("trained setting (no ISR)", "ISR setting"),
+                                 marked=[4], marked_name="the paper's setting (2,2,1,1 / 2,2,2)",
+                                 whiskers={"latency ms": ("p25 ms", "p75 ms")})
+    img, texts = assert_clean(fig)
+    labels = [e for t, e in texts if t in {r["label"] for r in rows}]
+    assert len(labels) == 20
+    renderer = fig.canvas.get_renderer()
+    points = [line for ax in fig.axes for line in ax.lines if line.get_marker() in ("o", "D")]
+    markers = [line.get_window_extent(renderer) for line in points]  # the marker, its white edge included
+    assert len(markers) == 20
+    assert [(m.bounds, e.bounds) for m in markers for e in labels if overlap(m, e)] == []
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    paper = "the paper's setting (2,2,1,1 / 2,2,2)"
+    assert legend == ["trained setting (no ISR)", paper, "ISR setting", "bars: quartiles of the runs"]
+    diamonds = [line for line in points if line.get_marker() == "D"]
+    assert len(diamonds) == 2 and all(line.get_color() == charts.MARKED for line in diamonds)
+    green = np.all(np.asarray(img) == (44, 160, 44), -1).sum()  # charts.MARKED, #2ca02c
+    assert green >= 3 * 30
 
 
 # -------------------------------------------------------------------------------------------- 8: words

@@ -1,9 +1,13 @@
-"""Pillow pictures: exact colours, blend math, and charts whose geometry follows the numbers."""
+"""Pictures: exact colours and blend math of the Pillow label pictures; matplotlib charts whose geometry follows
+the numbers, measured on the rendered figure (every text inside the canvas, no two texts overlapping)."""
 import math
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
+from matplotlib.font_manager import FontProperties, findfont, get_font
+from matplotlib.text import Text
 from PIL import Image
 
 from transeg import charts, viz
@@ -104,32 +108,106 @@ def test_legend_only_present_classes():
     assert viz.legend(["road"], PAL, present=set()).size[0] > 0  # "(no classes)" image
 
 
+# ------------------------------------------------------------------- rendered chart checks
+def drawn_texts(fig):
+    """Render `fig` with Agg; returns the image and (text, window extent in pixels) of every non-empty
+    text matplotlib drew: titles, tick and axis labels, legend entries, value and point labels."""
+    seen = []
+    real = Text.draw
+
+    def draw(self, renderer):
+        real(self, renderer)
+        if self.get_visible() and self.get_text().strip():
+            seen.append((self.get_text(), Text.get_window_extent(self, renderer)))  # the text, not an arrow
+
+    with mock.patch.object(Text, "draw", draw):
+        img = charts.render(fig)
+    return img, seen
+
+
+def overlap(a, b, closed=False):
+    """Extents a and b share area (closed: or touch, for a line's zero-width extent)."""
+    if closed:
+        return a.x0 <= b.x1 and b.x0 <= a.x1 and a.y0 <= b.y1 and b.y0 <= a.y1
+    return min(a.x1, b.x1) > max(a.x0, b.x0) and min(a.y1, b.y1) > max(a.y0, b.y0)
+
+
+def assert_clean(fig):
+    """Every text `fig` draws lies inside the canvas and no two texts overlap. Returns (image, texts)."""
+    img, texts = drawn_texts(fig)
+    w, h = img.size
+    outside = [(t, e.bounds) for t, e in texts if e.x0 < 0 or e.y0 < 0 or e.x1 > w or e.y1 > h]
+    assert outside == []
+    clashes = [(a, b) for i, (a, ea) in enumerate(texts) for b, eb in texts[i + 1:] if overlap(ea, eb)]
+    assert clashes == []
+    return img, texts
+
+
+def missing_glyphs(texts):
+    """Characters of the drawn texts that matplotlib's font has no glyph for (drawn as a box)."""
+    font = get_font(findfont(FontProperties()))
+    return sorted({c for t, _ in texts for c in t if not c.isspace() and font.get_char_index(ord(c)) == 0})
+
+
 # ---------------------------------------------------------------------------- iou_chart
 def chart_result(iou):
     finite = [v for v in iou if not math.isnan(v)]
     return {"IoU": iou, "Acc": iou, "mIoU": sum(finite) / len(finite), "mAcc": 0.6, "aAcc": 0.9, "pixels": [1] * len(iou)}
 
 
-def test_iou_chart_bars_proportional_to_iou():
-    # Four classes: IoU 0.8, 0.4, nan, 0.0 with distinct colours. Bars are drawn at exact colours
-    # (no resampling), with a 1-px darker outline, so the interior run of class 0 is
-    # 0.8 * W - 2 and of class 1 is 0.4 * W - 2 for the plot width W: run0 + 2 = 2 * (run1 + 2).
-    # The nan class reads "n/a" (no bar), and IoU 0 draws no bar either.
+def test_iou_chart_bars_proportional_to_iou_and_values_in_percent():
+    # IoU 0.8, 0.4, nan, 0.0 (mIoU of the finite ones 0.4): bars of 80 and 40 % of the 0..100 axis, in
+    # the exact class colours (Agg fills a rectangle's inside without blending), so the 0.8 bar's run
+    # of its colour is twice the 0.4 bar's, give or take the 1-px darker outline at each end. The nan
+    # class reads "n/a" and IoU 0 reads "0.00", neither with a bar. Values are percentages as the CLI
+    # prints them ("80.00", never "0.8"), and the line above reads "mIoU 40.00 mAcc 60.00 aAcc 90.00".
     pal = [(200, 30, 30), (30, 160, 30), (30, 30, 200), (200, 200, 30)]
-    img = charts.iou_chart(chart_result([0.8, 0.4, float("nan"), 0.0]), ["a", "b", "c", "d"], pal, title="demo")
-    assert img.mode == "RGB" and 400 < img.width < 1200 and 150 < img.height < 600
+    fig = charts.iou_figure(chart_result([0.8, 0.4, float("nan"), 0.0]), ["a", "b", "c", "d"], pal, title="demo")
+    img, texts = assert_clean(fig)
+    # 96 px of axis and header plus 4 rows of 24, and the title's one line (about 27 px) above
+    assert img.mode == "RGB" and img.width == 760 and 96 + 4 * 24 + 20 < img.height < 96 + 4 * 24 + 40
+    assert [p.get_width() for p in fig.axes[0].patches] == pytest.approx([80, 40])
     run0, run1 = longest_run(img, pal[0]), longest_run(img, pal[1])
-    assert run1 > 100
-    assert abs((run0 + 2) - 2 * (run1 + 2)) <= 1
+    assert run1 > 100 and abs((run0 + 2) - 2 * (run1 + 2)) <= 2
     assert not has_color(img, pal[2]) and not has_color(img, pal[3])
+    drawn = [t for t, _ in texts]
+    assert [t for t in drawn if t in ("80.00", "40.00", "n/a", "0.00")] == ["80.00", "40.00", "n/a", "0.00"]
+    assert "mIoU 40.00    mAcc 60.00    aAcc 90.00" in drawn and "IoU (%)" in drawn
+    assert not {"0.8", "0.80", "0.4", "0.40"} & set(drawn)
     assert px(img, 0, 0) == (255, 255, 255)  # white background
 
 
+def test_iou_values_stay_clear_of_the_miou_line_gridlines_and_bars():
+    # The old chart ran the dashed mIoU line and the 100 gridline through value labels (97.12 sat across
+    # the 100 line). Six classes, one with IoU 0.9712 and one exactly at the mIoU (0.5): all 6 values stand
+    # in a column right of the plot frame, so none touches a gridline (major or minor), the mIoU line
+    # (which has its own legend entry, "mIoU 50.00") or a bar, and every text stays inside the canvas.
+    iou = [0.9712, 0.5, 0.03, 1.0, 0.5, 0.0]
+    result = dict(chart_result(iou), mIoU=0.5)
+    fig = charts.iou_figure(result, [f"class {i}" for i in range(6)], None)
+    _, texts = assert_clean(fig)
+    ax = fig.axes[0]
+    values = [(t, e) for t, e in texts if t in {"97.12", "50.00", "3.00", "100.00", "0.00"}]
+    assert len(values) == 6
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    ticks = ax.xaxis.get_major_ticks() + ax.xaxis.get_minor_ticks()
+    grid = [t.gridline for t in ticks if 0 <= t.get_loc() <= 100]  # the 11 drawn: 0, 10, ..., 100
+    marks = [a.get_window_extent(renderer) for a in grid + ax.lines + list(ax.patches)]
+    assert len(grid) == 11 and len(ax.lines) == 1 and len(ax.patches) == 5  # the mIoU line; bars but for IoU 0
+    assert all(e.x0 > frame.x1 for _, e in values)
+    assert [(t, m.bounds) for t, e in values for m in marks if overlap(e, m, closed=True)] == []
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mIoU 50.00"]
+
+
 def test_iou_chart_grows_with_classes_and_checks_names():
-    # Each class is one 24-px row: 8 classes are 4 * 24 = 96 px taller than 4.
+    # Each class is one 24-px row: 8 classes are 4 * 24 = 96 px taller than 4, and 150 classes (ADE20K)
+    # still lay out without a clipped or overlapping text.
     r4 = charts.iou_chart(chart_result([0.5] * 4), list("abcd"), None)
     r8 = charts.iou_chart(chart_result([0.5] * 8), list("abcdefgh"), None)
     assert r8.height - r4.height == 96
+    big, _ = assert_clean(charts.iou_figure(chart_result([0.5] * 150), [f"class {i}" for i in range(150)], None))
+    assert big.height - r4.height == 146 * 24
     with pytest.raises(TransegError, match="3 class names for 4 classes"):
         charts.iou_chart(chart_result([0.5] * 4), list("abc"), None)
     with pytest.raises(TransegError, match="palette has 3 colours for 4 classes"):
@@ -137,35 +215,53 @@ def test_iou_chart_grows_with_classes_and_checks_names():
 
 
 # ------------------------------------------------------------------------- curves_chart
-BLUE, RED = charts.LINE_COLORS[0], charts.LINE_COLORS[1]
+BLUE, RED = (31, 119, 180), (214, 39, 40)  # charts.LINE_COLORS[0], [1] as RGB
 
 
-def test_curves_chart_one_panel_per_present_key():
-    # loss at iters 0, 10, ..., 100 (11 points), mIoU at 50 and 100: two panels (blue loss, red
-    # mIoU); "acc" is absent, so it gets no panel. Each panel is 250 px tall, so dropping mIoU
-    # makes the image exactly 250 px shorter. Series of <= 30 points get dot markers whose
-    # centres keep the exact line colour after the 2x downsampling.
+def test_curves_chart_one_panel_per_present_key_and_miou_in_percent():
+    # loss at iters 0, 10, ..., 100 (11 points), mIoU 0.4 and 0.55 at 50 and 100: two panels (blue loss,
+    # red mIoU); "acc" is absent, so it gets no panel. Each panel is 250 px tall, so dropping mIoU makes
+    # the image exactly 250 px shorter. mIoU is plotted and captioned in % (40 and 55, "max 55.00"), not
+    # as a fraction. Each line has a legend entry; series of <= 30 points get dots whose insides keep the
+    # exact line colour.
     records = [{"iter": i, "loss": 2.0 - i / 100} for i in range(0, 101, 10)]
     records += [{"iter": 50, "mIoU": 0.4, "mode": "val"}, {"iter": 100, "mIoU": 0.55, "mode": "val"}]
     records += [{"loss": 9.0}, {"iter": 60, "loss": float("nan")}]  # no iter / nan: skipped
-    two = charts.curves_chart(records, keys=("loss", "mIoU", "acc"), title="run")
-    one = charts.curves_chart(records, keys=("loss",), title="run")
-    assert two.width == 760 and two.height - one.height == 250
-    assert has_color(two, BLUE) and has_color(two, RED) and not has_color(one, RED)
+    two = charts.curves_figure(records, keys=("loss", "mIoU", "acc"), title="run")
+    img2, texts = assert_clean(two)
+    img1, _ = assert_clean(charts.curves_figure(records, keys=("loss",), title="run"))
+    assert img2.width == 760 and img2.height - img1.height == 250
+    miou_ax = two.axes[1]
+    assert list(miou_ax.lines[0].get_ydata()) == pytest.approx([40.0, 55.0])
+    assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in two.axes] == [["loss"], ["mIoU"]]
+    drawn = [t for t, _ in texts]
+    assert "mIoU (%)" in drawn and "last 55.00 @ 100    max 55.00 @ 100" in drawn
+    assert has_color(img2, BLUE) and has_color(img2, RED) and not has_color(img1, RED)
+
+
+def test_curves_chart_noisy_loss_has_raw_and_smoothed_lines_in_the_legend():
+    # 200 losses that zig-zag by 0.3 around a falling line are noisy (mean |2nd difference| 0.6, far over
+    # 2 % of their range): drawn thin (0.8) and faint, with the EMA-smoothed line (2) on top, each named
+    # in the legend.
+    records = [{"iter": 10 * i, "loss": 2.0 - i / 200 + 0.3 * (i % 2)} for i in range(200)]
+    fig = charts.curves_figure(records, keys=("loss",))
+    assert_clean(fig)
+    ax = fig.axes[0]
+    assert [line.get_linewidth() for line in ax.lines] == [0.8, 2]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["loss (raw)", "loss (smoothed, EMA 0.9)"]
 
 
 def test_curves_chart_single_record_and_no_data():
     single = charts.curves_chart([{"iter": 0, "loss": 1.5}])
     assert single.size[0] == 760 and has_color(single, BLUE)
-    empty = charts.curves_chart([{"iter": 0, "lr": 0.1}], keys=("loss", "mIoU"))
-    assert empty.size[0] == 760 and empty.size[1] < 100  # a one-line "no data for loss, mIoU"
+    img, texts = assert_clean(charts.curves_figure([{"iter": 0, "lr": 0.1}], keys=("loss", "mIoU")))
+    assert img.size == (760, 50) and [t for t, _ in texts] == ["no data for loss, mIoU"]
     assert charts.curves_chart([], keys=()).size[0] == 760
 
 
-def test_axis_ticks_and_labels():
-    # 0..16000 with ~6 ticks: raw step 2667 -> next nice step 5000 -> 0, 5k, 10k, 15k.
-    lo, hi, ticks, step = charts._axis(0, 16000, 6)
-    assert (lo, hi, step) == (0, 16000, 5000) and ticks == [0, 5000, 10000, 15000]
+def test_iteration_ticks_read_in_thousands():
+    # Iterations 0..16000: the x tick labels are written as the CLI counts (2k, 10k), never 10000.
     assert [charts._fmt_iter(t) for t in (0, 2500, 15000, 1_200_000)] == ["0", "2.5k", "15k", "1.2M"]
-    # y tick labels take the step's decimals: step 0.25 -> 2 decimals; tiny lr steps -> 2e-5.
-    assert charts._fmt_tick(0.5, 0.25) == "0.50" and charts._fmt_tick(2e-5, 2e-5) == "2e-5"
+    _, texts = assert_clean(charts.curves_figure([{"iter": i, "loss": 1 / (1 + i)} for i in range(0, 16001, 1000)]))
+    drawn = [t for t, _ in texts]
+    assert "10k" in drawn and not any(t.endswith("000") for t in drawn)

@@ -15,8 +15,8 @@ A ``palette`` is anything shaped like ``[K, 3]`` (list of RGB tuples, flat list 
 array, tensor); ``None`` means :func:`transeg.data.palettes.default_palette`, the PASCAL VOC colour
 map, which has a distinct colour per id.
 
-The font and text-measuring helpers and the palette parsing here are shared with
-:mod:`transeg.charts`, which imports them from this module.
+The palette parsing here is shared with :mod:`transeg.charts` (matplotlib charts), which imports it
+from this module.
 """
 from __future__ import annotations
 
@@ -148,35 +148,6 @@ def _fit(font, text: str, width: int) -> str:
     while text and _text_w(font, text + "...") > width:
         text = text[:-1]
     return text + "..." if text else ""
-
-
-def _wrap(font, text: str, width: int, max_lines: int = 4) -> list:
-    """``text`` (made :func:`drawable`) broken at spaces into lines of at most ``width`` pixels, so
-    a long title is shown whole rather than cut; a word wider than ``width`` alone, or text beyond
-    ``max_lines``, is shortened with an ellipsis."""
-    words = drawable(font, text).split(" ")
-
-    def greedy(w):
-        lines, line = [], ""
-        for word in words:
-            trial = f"{line} {word}" if line else word
-            if not line or _text_w(font, trial) <= w:
-                line = trial
-            else:
-                lines.append(line)
-                line = word
-        return lines + [line]
-
-    lines = greedy(width)
-    if 1 < len(lines) <= max_lines:  # balance: the narrowest width that needs no more lines
-        lo, hi = width // len(lines), width
-        while hi - lo > 4:
-            mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if len(greedy(mid)) <= len(lines) else (mid, hi)
-        lines = greedy(hi)
-    if len(lines) > max_lines:
-        lines = lines[:max_lines - 1] + [" ".join(lines[max_lines - 1:])]
-    return [_fit(font, line, width) for line in lines]
 
 
 def _palette(palette, need: int | None = None, where: str = "palette") -> np.ndarray:
