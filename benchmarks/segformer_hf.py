@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from transeg.bench import environment, hf_segformer_peer, peak_tensor_memory, time_interleaved
+from transeg.bench import environment, hf_peer, peak_tensor_memory, time_interleaved
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -100,7 +100,7 @@ def main():
           f"{args.num_classes} classes" + (f", median of {args.runs} interleaved runs after {args.warmup} warm-up"
                                              if args.batches else "") + "\n")
     for model in args.models.split(","):
-        ours, hf = hf_segformer_peer(model, args.num_classes)
+        ours, hf = hf_peer(model)(model, args.num_classes)
         ours, hf = ours.to(device), hf.to(device)
         print(f"## {model}\n")
         batches = [int(b) for b in args.batches.split(",") if b]

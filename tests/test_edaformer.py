@@ -180,7 +180,7 @@ def test_convert_refuses_an_imagenet_backbone(tmp_path):
 
 
 def test_classifier_head_for_imagenet_pretraining():
-    from transeg.backbones import EmbeddingFreeTransformer
+    from transeg.families.edaformer.encoder import EmbeddingFreeTransformer
 
     enc = EmbeddingFreeTransformer(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
@@ -235,7 +235,7 @@ def test_imagenet_encoder_weights_initialise_the_backbone(tmp_path):
     """The paper fine-tunes from ImageNet EFT weights (`EFT_T.pth`: the encoder's own names + a 1000-way
     `head`): `backbone_weights` / load_backbone_weights puts them in the segmentor's backbone."""
     from conftest import TINY_EDAFORMER
-    from transeg.backbones import EmbeddingFreeTransformer
+    from transeg.families.edaformer.encoder import EmbeddingFreeTransformer
     from transeg.convert import load_backbone_weights
 
     dims = TINY_EDAFORMER["embed_dims"]

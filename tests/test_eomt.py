@@ -41,7 +41,7 @@ def _hf_model(probs, seed=0):
 def _converted(hf, tmp_path, layout="hf"):
     """HF's save_pretrained directory (or the authors' Lightning file) through `transeg convert`."""
     from transeg.convert import convert
-    from transeg.convert.eomt import hf_to_authors
+    from transeg.families.eomt.convert import hf_to_authors
 
     if layout == "hf":
         hf.save_pretrained(tmp_path / "hf")
@@ -57,7 +57,7 @@ def _converted(hf, tmp_path, layout="hf"):
 
 def _with_heads(src):
     from transeg.checkpoint import load_state_dict_checked
-    from transeg.convert import eomt
+    from transeg.families.eomt import convert as eomt
 
     found = eomt.convert(src, src, model="eomt-dinov2-l16")
     model = transeg.create_model(found["variant"], num_classes=found["num_classes"],
@@ -166,7 +166,7 @@ def test_loss_equals_hugging_face_criterion():
     hf = _hf_model(1.0).train()
     model = transeg.create_model("eomt-dinov2-l16", num_classes=TINY["num_labels"], embed_dim=64, depth=4, num_heads=4,
                                  crop=64, num_queries=10, query_blocks=2, mask_annealing=None)
-    from transeg.convert.eomt import authors_to_transeg, hf_to_authors
+    from transeg.families.eomt.convert import authors_to_transeg, hf_to_authors
 
     model.load_state_dict(authors_to_transeg(hf_to_authors(hf.state_dict(), "hf"), "hf"))
     model.train()

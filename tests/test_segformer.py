@@ -165,7 +165,7 @@ def test_hugging_face_in_memory_names():
     """transformers>=5 names its modules differently in memory (`segformer.stages.0.layer_norm`,
     `...patch_embeddings.layer_norm`) from what it saves; both must map, and a stage norm must never
     land on a patch-embedding norm (which a too-loose pattern once did, silently, at load strict)."""
-    from transeg.convert.segformer_hf import hf_to_official
+    from transeg.families.segformer.convert_hf import hf_to_official
 
     hf = _random_hf(150)
     model = transeg.create_model("segformer-b0", num_classes=150).eval()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import transeg
 from transeg.flops import count_gmacs, count_params, meta_model
-from transeg.heads.segvit_loss import atm_loss
+from transeg.families.segvit.loss import atm_loss
 
 FIXTURE_PATH = Path(__file__).parent / "fixtures" / "segvit_official.json"
 
@@ -123,7 +123,7 @@ def _model(label, num_classes, tmp_path, seed):
     torch.save({"state_dict": seeded_state_dict(FIXTURE["keys"][label], seed), "meta": {}}, tmp_path / "segvit.pth")
     if not kwargs:
         return convert(tmp_path / "segvit.pth", "segvit")
-    from transeg.convert import segvit
+    from transeg.families.segvit import convert as segvit
     from transeg.checkpoint import load_foreign, load_state_dict_checked
 
     found = segvit.convert(load_foreign(tmp_path / "segvit.pth"), tmp_path / "segvit.pth", model=name)
@@ -206,7 +206,7 @@ def test_loss_equals_the_authors_atm_loss(index, label_kind, tmp_path):
 
 
 def test_converted_checkpoint_carries_the_released_test_protocol():
-    from transeg.convert.segvit import test_protocol
+    from transeg.families.segvit.convert import test_protocol
 
     # ADE20K ViT-L: short side 640 (long <= 2048), 640 windows, stride 608; Pascal Context: short side 520
     # whatever the long side (mmseg's min_size semantics), 480 windows, stride 320
@@ -221,7 +221,7 @@ def test_backbone_weights_read_mmseg_vit_files(tmp_path):
     layers.i.ln1, attn.attn.in_proj_*, ffn.layers.0.0, a top-level final norm ln1). A small ViT saved
     under those names loads as `backbone_weights` into an equal encoder; ln1 is dropped (no final norm)."""
     from transeg.convert import load_backbone_weights
-    from transeg.convert.segvit import rename_backbone
+    from transeg.convert.vit import rename_mmseg as rename_backbone
 
     source = transeg.create_model("segvit-vit-b16", num_classes=5, **dict(_TINY, out_indices=[1, 3, 5]))
     ours = source.backbone.state_dict()

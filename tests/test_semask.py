@@ -9,7 +9,7 @@ import transeg
 from seeded import sample_positions, seeded_input, seeded_state_dict
 from transeg.convert import convert
 from transeg.flops import count_gmacs, count_params, meta_model
-from transeg.heads.semask_fpn_head import semantic_decoder
+from transeg.families.semask.fpn_head import semantic_decoder
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "semask_official.json").read_text())
 NAMES = {"T": "semask-swin-t-fpn", "S": "semask-swin-s-fpn", "B": "semask-swin-b-fpn", "L": "semask-swin-l-fpn"}

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from seeded import seeded_input, seeded_state_dict
-from transeg.backbones.semask import global_stages_mask2former
-from transeg.convert.semask import convert_mask2former
+from transeg.families.semask.encoder import global_stages_mask2former
+from transeg.families.semask.convert import convert_mask2former
 from transeg.flops import count_params, meta_model
 from transeg.heads.mask2former_loss import point_sample, uncertain_points
 from transeg.registry import create_model
@@ -143,7 +143,7 @@ def test_conversion_carries_the_released_test_protocols(tmp_path):
     """detectron2's layout ({'model': ...}) is recognised by `transeg convert --from semask`; the ADE20K
     model gets the whole-image test at short side 640 (long <= 2560), the Cityscapes one 1024 (<= 2048)."""
     state = {k: torch.empty(s, device="meta") for k, s in FIXTURE["keys"]["L-150"]}
-    from transeg.convert import semask
+    from transeg.families.semask import convert as semask
     found = semask.convert({"model": state, "iteration": 159999}, "m2f.pth")
     assert found["variant"] == NAME and found["test"].mode == "whole" and found["test"].scale == (2560, 640)
     assert semask.test_protocol_mask2former(19).scale == (2048, 1024)

@@ -7,6 +7,11 @@ import weakref
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from . import isr
+from .errors import TransegError
+from .flops import count_gmacs, meta_model
+from .registry import FAMILIES, get_family, get_variant
+
 
 def _sync(device):
     if device.type == "cuda":
@@ -149,47 +154,25 @@ def noise_warning(rows, threshold=NOISY_SPREAD):
             "using the cores: try a quiet machine, --threads N (fewer than the cores in use), or more --runs")
 
 
-def hf_segformer_peer(name="segformer-b0", num_classes=150, seed=0):
-    """(transeg model, Hugging Face SegformerForSemanticSegmentation) with the same random weights, both
-    in eval mode, for timing against HF in one process. HF's block and stage LayerNorms get the authors'
-    eps 1e-6 (HF builds all with 1e-5) so the two compute the same function and the logits compare.
-    Needs `transformers` (pip install transformers); any MiT variant, B0..B5."""
-    from .errors import TransegError
-    from .registry import create_model, get_variant
-
-    try:
-        import transformers
-    except ImportError:
-        raise TransegError("comparing with Hugging Face needs the transformers package: pip install transformers") from None
-    variant = get_variant(name)
-    if variant.family != "segformer":
-        raise TransegError(f"{name}: --compare hf exists for SegFormer (B0..B5) only; HF has no {variant.family}")
-    args = variant.kwargs
-    config = transformers.SegformerConfig(
-        num_labels=num_classes, hidden_sizes=list(args["embed_dims"]), depths=list(args["depths"]),
-        decoder_hidden_size=args["decoder_dim"], num_attention_heads=list(args.get("num_heads", (1, 2, 5, 8))),
-        sr_ratios=list(args.get("sr_ratios", (8, 4, 2, 1))), mlp_ratios=list(args.get("mlp_ratios", (4, 4, 4, 4))))
-    torch.manual_seed(seed)
-    hf = transformers.SegformerForSemanticSegmentation(config)
-    from .convert.segformer_hf import hf_to_official
-
-    ours = create_model(name, num_classes=num_classes)
-    ours.load_state_dict(hf_to_official(hf.state_dict(), "transformers"))
-    for key, module in hf.named_modules():  # the authors': 1e-5 in patch embeddings and K/V reduction, else 1e-6
-        if isinstance(module, torch.nn.LayerNorm):
-            reduction = any(k in key for k in ("patch_embeddings", "sequence_reduction", ".self.layer_norm"))
-            module.eps = 1e-5 if reduction else 1e-6
-    return ours.eval(), hf.eval()
+def hf_peer(name):
+    """The function that builds variant `name` beside its Hugging Face twin (`Family.hf_peer`)."""
+    family = get_family(get_variant(name).family)
+    if family.hf_peer is None:
+        having = ", ".join(f.title for f in FAMILIES.values() if f.hf_peer) or "no family"
+        raise TransegError(f"{name}: --compare hf exists for {having} only; transeg has no Hugging Face twin "
+                           f"of {family.title} to time")
+    return family.hf_peer
 
 
 def compare_hf(name, num_classes=150, size=(512, 512), batch=1, device="cpu", dtype=torch.float32, autocast=False,
                compile=False, warmup=3, runs=10):
-    """`transeg bench --compare hf`: transeg and HF SegFormer on the same random weights, timed in turn
+    """`transeg bench --compare hf`: transeg and Hugging Face's model on the same random weights (the family's
+    `hf_peer`), timed in turn
     within each round after checking their fp32 logits agree. dtype bf16/fp16: HF runs under autocast
     (its only low-precision mode) and transeg with native weights, or under autocast too with `autocast`.
     Returns {"max_abs_diff": float, "ms": {label: median ms}}; the labels include "HF fp32"."""
     device = torch.device(device)
-    ours, hf = hf_segformer_peer(name, num_classes)
+    ours, hf = hf_peer(name)(name, num_classes)
     ours, hf = ours.to(device), hf.to(device)
     x = torch.randn(batch, 3, *size, device=device)
     with torch.inference_mode():
@@ -231,10 +214,6 @@ def measure(model, settings=(None,), size=(512, 512), batch=1, device="cpu", aut
     whether it is the EDAFormer paper's setting (`paper`), and with `dataset` the mIoU (%) under the
     model's protocol. The model is left at its last setting. `transeg bench` and its --isr-sweep print
     these."""
-    from . import isr
-    from .flops import count_gmacs, meta_model
-    from .registry import get_variant
-
     name = model.meta["variant"]
     twin = meta_model(name, **model.meta["model_args"])
     convention = flops_convention or get_variant(name).paper.gflops_convention

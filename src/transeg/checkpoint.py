@@ -19,11 +19,14 @@ import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import TransegError
 from .files import atomic_write
+from .protocol import Protocol
+from .registry import create_model, get_variant
+from .version import __version__
 
 FORMAT = "transeg"
 
@@ -47,8 +50,6 @@ def first_nonfinite(state, order=None):
 
 
 def model_metadata(model):
-    from . import __version__
-
     meta = dict(model.meta)
     meta["version"] = __version__
     return meta
@@ -72,8 +73,6 @@ def save(model, path):
 def _header(path):
     """(metadata dict, {tensor name: shape}) from the file's header, without reading any weights."""
     try:
-        from safetensors import safe_open
-
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
@@ -134,8 +133,6 @@ def check_metadata(meta, path):
                       f"got {_describe(value)}")
     test = meta.get("test")
     if test is not None:
-        from .protocol import Protocol
-
         if not isinstance(test, dict):
             raise bad(f"'test' (the test protocol) must be an object, got {_describe(test)}")
         try:
@@ -216,8 +213,6 @@ def _build_checked(path, meta, shapes):
     """Build the model `meta` describes, refusing (one line naming `path`) metadata that does not fit
     its variant's constructor or that would build more than the file's tensors hold, before the
     allocation; then check it has exactly the file's tensors, before any weight is read."""
-    from .registry import create_model, get_variant
-
     args = dict(meta["model_args"])
     num_classes = args.pop("num_classes")
     try:
@@ -264,14 +259,13 @@ def _build_checked(path, meta, shapes):
     return model
 
 
-def load(path, map_location="cpu", progress=True):
-    """Rebuild the model stored in `path`, load its weights, return it in eval mode. The metadata is
-    checked against the file's header before the weights are read, and NaN/inf weights are refused.
-    `path`: a transeg .safetensors file, a zoo name (`segformer-b0-ade20k`) or a Hugging Face repo id
-    (`nvidia/segformer-b0-finetuned-ade-512-512`): fetched and converted once, then read from the cache."""
-    from .zoo import resolve
-
-    path = resolve(path, progress=progress)
+def load(path, map_location="cpu"):
+    """Rebuild the model stored in the transeg .safetensors file `path`, load its weights, return it in
+    eval mode. The metadata is checked against the file's header before the weights are read, and NaN/inf
+    weights are refused. (`transeg.load` also takes zoo names and Hub repo ids: `zoo.load`.)"""
+    path = Path(path)
+    if not path.is_file():
+        raise TransegError(f"{path}: no such checkpoint file")
     meta, shapes = _read_metadata(path)
     model = _build_checked(path, meta, shapes)
     model.meta.update(meta)  # keeps what else the file recorded (normalisation of converted models, dataset, ...)

@@ -4,6 +4,10 @@ import os
 import sys
 from pathlib import Path
 
+from .convert import formats
+from .registry import FAMILIES, FORMATS
+from .version import __version__
+
 EXAMPLES = """\
 examples:
   transeg models                                      # variants, paper vs measured params / GFLOPs
@@ -221,11 +225,12 @@ def cmd_models(args):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("\nparams: this implementation, 150 classes (SegFormer, EDAFormer: without the authors' unused conv_seg layer; "
-          "Segmenter: with the ImageNet head its checkpoints carry, as its README counts; SegViT, SeMask: the authors' modules); "
-          "GFLOPs: multiply-adds incl. attention in each paper's convention (mmcv's counter; SegViT: fvcore's); reported: "
-          "the paper's or README's table, or the authors' get_flops.py on their code where no table was available "
-          "(EDAFormer)")
+    print("\nparams: this implementation, 150 classes unless the paper's count was taken at another; GFLOPs: multiply-adds "
+          "incl. attention in each paper's convention; reported: the paper's or README's table, or the authors' code run "
+          "where no table was available. Per family:")
+    for family in FAMILIES.values():
+        if args.family in (None, family.name):
+            print(f"  {family.title}: {family.counting}")
 
 
 def _print_zoo(family):
@@ -255,9 +260,7 @@ def cmd_pull(args):
     if args.name in zoo.RELEASES and zoo.RELEASES[args.name].backbone:
         print(f"{args.name} -> {path} (ImageNet weights: train with --set backbone_weights={args.name})")
         return
-    from . import load
-
-    model = load(path)
+    model = zoo.load(path)
     print(f"{args.name} -> {path}: {model.meta['variant']}, {model.num_classes} classes, {count_params(model):,} params; "
           f"test: {model.protocol.describe()}")
 
@@ -563,9 +566,9 @@ def _ranges(values):
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="transeg", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EXAMPLES,
-        description="Transformer semantic segmentation: SegFormer, EDAFormer, Segmenter, SegViT and SeMask-FPN. "
+        description=f"Transformer semantic segmentation: {', '.join(f.title for f in FAMILIES.values())}. "
                     "Every verb runs without downloads: with no --data, the built-in synthetic dataset is used.")
-    parser.add_argument("--version", action="version", version=f"transeg {__import__('transeg').__version__}")
+    parser.add_argument("--version", action="version", version=f"transeg {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
 
     def verb(name, fn, help_, description=None):
@@ -655,17 +658,16 @@ def build_parser():
     _add_speed_args(p)
     _add_isr_args(p)
 
-    from .convert import FORMATS
     p = verb("convert", cmd_convert, "convert a foreign checkpoint into a transeg .safetensors",
              "Convert a foreign checkpoint. Files are read without running pickled code.\nformats:\n"
-             + "\n".join(f"  {k:14s}{v}" for k, v in FORMATS.items()))
+             + "\n".join(f"  {k:14s}{v}" for k, v in formats().items()))
     p.add_argument("src", type=Path, help="the foreign checkpoint file or directory")
     p.add_argument("dst", type=Path, help="output .safetensors")
-    p.add_argument("--from", dest="from_format", required=True, choices=sorted(FORMATS), help="source format")
+    p.add_argument("--from", dest="from_format", required=True, choices=sorted(formats()), help="source format")
     p.add_argument("--model", help="variant name (default: recognised from the weights)")
     p.add_argument("--num-classes", type=int, help="expected class count (checked)")
-    p.add_argument("--base", type=Path, metavar="DIR", help="--from eomt: Meta's DINOv3 weights (a facebook/dinov3-vitl16-"
-                   "pretrain-lvd1689m folder or its model.safetensors), which the authors' DINOv3 EoMT files are deltas to")
+    p.add_argument("--base", type=Path, metavar="DIR", help="; ".join(f"--from {f.name}: {f.base}" for f in FORMATS.values()
+                                                                    if f.base))
 
     p = verb("bench", cmd_bench, "params, GFLOPs and latency of a model or checkpoint")
     p.add_argument("model", help="variant name (fresh weights), a .safetensors checkpoint, a zoo name or a Hugging Face "

@@ -1,10 +1,7 @@
-"""Encoders. Each takes [N,3,H,W] and returns a list of NCHW feature maps (see DESIGN.md); SeMask's
-returns (features, class-prior maps)."""
-from .eft import EmbeddingFreeTransformer
+"""Encoders more than one family builds on: MiT (SegFormer, EDAFormer's EFT), the plain ViT (Segmenter,
+SegViT, EoMT) and Swin (SeMask). Each takes [N,3,H,W] and returns its feature maps (see `contracts`)."""
 from .mit import MixVisionTransformer
-from .semask import SeMaskSwinTransformer
 from .swin import SwinTransformer
 from .vit import VisionTransformer
 
-__all__ = ["EmbeddingFreeTransformer", "MixVisionTransformer", "SeMaskSwinTransformer", "SwinTransformer",
-           "VisionTransformer"]
+__all__ = ["MixVisionTransformer", "SwinTransformer", "VisionTransformer"]

@@ -1,55 +1,44 @@
-"""Foreign checkpoints -> transeg models. One module per format.
+"""Foreign checkpoints -> transeg models: the machinery every format shares.
 
     model = transeg.convert.convert("segformer.b0.512x512.ade.160k.pth", "segformer")
     transeg.save(model, "segformer-b0-ade.safetensors")
 
-A format is a row of `_FORMATS`: its converter module, which carries a one-line `DESCRIPTION` and
-`convert(obj, source, model)`, and how the source path becomes `obj` (a torch file read safely, or
-the path itself for formats that read a directory).
+The formats are the families' (`registry.register_format`, declared in each family's package);
+this module reads the source, calls the format's converter, builds the variant it names and loads
+the weights. `read_backbone_state` / `load_backbone_weights` fit ImageNet encoder weights (timm,
+DeiT, AugReg, mmseg, Hugging Face ViT / DINOv3 and the layouts families add with
+`register_backbone_layout`) to a model's backbone.
 """
 import re
-from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Callable
 
+import numpy as np
+
+from ..backbones import SwinTransformer, VisionTransformer
 from ..checkpoint import load_foreign, load_state_dict_checked
 from ..data.classes import by_count
 from ..errors import TransegError
-from . import edaformer, eomt, segformer, segformer_hf, segmenter, semask, segvit
+from ..registry import FORMATS, create_model, get_format
+from . import swin, vit
 
 
-@dataclass(frozen=True)
-class _Format:
-    converter: ModuleType
-    read: Callable = load_foreign  # source path -> what `converter.convert` takes
-
-
-_FORMATS = {
-    "edaformer": _Format(edaformer),
-    "eomt": _Format(eomt, read=Path),  # the authors' file, or Hugging Face's directory / file: the converter reads it
-    "segformer": _Format(segformer),
-    "segformer-hf": _Format(segformer_hf, read=Path),  # a save_pretrained directory: the converter reads it
-    "semask": _Format(semask),
-    "segvit": _Format(segvit),
-    "segmenter": _Format(segmenter),
-}
-FORMATS = {name: f.converter.DESCRIPTION for name, f in _FORMATS.items()}  # name -> description (CLI help)
+def formats():
+    """{format name: one-line description} (the choices and help of `transeg convert --from`)."""
+    return {name: f.description for name, f in FORMATS.items()}
 
 
 def convert(src, fmt, model=None, num_classes=None, base=None):
     """Read `src` in format `fmt` and return a ready transeg Segmentor (eval mode). `base`: the weights a
-    delta file is relative to (the authors' DINOv3 EoMT files: Meta's DINOv3)."""
-    from ..registry import create_model
-
+    delta file is relative to (formats that take one, e.g. the authors' DINOv3 EoMT files: Meta's DINOv3)."""
     src = Path(src)
-    if fmt not in _FORMATS:
-        raise TransegError(f"unknown format {fmt!r}; known: {', '.join(FORMATS)}")
+    found_format = get_format(fmt)
     if not src.exists():
         raise TransegError(f"{src}: no such file or directory")
-    if base is not None and fmt != "eomt":
-        raise TransegError(f"--base: only --from eomt reads delta files (the authors' DINOv3 EoMT), not --from {fmt}")
-    found = _FORMATS[fmt].converter.convert(_FORMATS[fmt].read(src), src, model, **({"base": base} if base else {}))
+    if base is not None and not found_format.base:
+        takers = ", ".join(f"--from {f.name}" for f in FORMATS.values() if f.base)
+        raise TransegError(f"--base: only {takers or 'no format'} reads delta files, not --from {fmt}")
+    obj = src if found_format.reads_path else load_foreign(src)
+    found = found_format.convert(obj, src, model, **({"base": base} if base else {}))
     if num_classes is not None and num_classes != found["num_classes"]:
         raise TransegError(f"{src}: holds a {found['num_classes']}-class head, not {num_classes}")
     classes, palette = found["classes"], found["palette"]
@@ -65,6 +54,15 @@ def convert(src, fmt, model=None, num_classes=None, base=None):
     return net.eval()
 
 
+# Backbone layouts families add: (is_layout(state) -> bool, to_transeg(state, source) -> state), tried in order
+_BACKBONE_LAYOUTS = []
+
+
+def register_backbone_layout(is_layout, to_transeg):
+    """Teach `read_backbone_state` a family's ImageNet weight layout (e.g. Hugging Face's MiT)."""
+    _BACKBONE_LAYOUTS.append((is_layout, to_transeg))
+
+
 # Containers ImageNet checkpoints use: timm/DeiT/PVT save {"model": ...}, mmcv {"state_dict": ...}.
 _CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 
@@ -72,10 +70,6 @@ _CONTAINERS = ("state_dict", "model", "state_dict_ema", "model_ema")
 def read_backbone_state(src):
     """{name: tensor} from an ImageNet checkpoint file, a Google .npz, or a Hugging Face directory (ViT, MiT,
     DINOv3)."""
-    import numpy as np
-
-    from . import vit
-
     if src.is_dir():
         files = [src / n for n in ("model.safetensors", "pytorch_model.bin") if (src / n).is_file()]
         if not files:
@@ -95,11 +89,9 @@ def read_backbone_state(src):
         state = vit.from_hf_dinov3(state, src)
     elif any(k.removeprefix("vit.").startswith("embeddings.") for k in state):
         state = vit.from_hf(state)
-    elif any(k.startswith(("segformer.encoder.", "segformer.stages.")) for k in state):  # HF's MiT (nvidia/mit-b*)
-        from .segformer_hf import hf_to_official
-
-        state = {k.removeprefix("backbone."): v for k, v in
-                 hf_to_official({k: v for k, v in state.items() if k.startswith("segformer.")}, src).items()}
+    else:
+        layout = next((to_transeg for is_layout, to_transeg in _BACKBONE_LAYOUTS if is_layout(state)), None)
+        state = state if layout is None else layout(state, src)
     return state
 
 
@@ -109,9 +101,6 @@ def load_backbone_weights(model, src):
     prefixed by `module.`, `backbone.` or `encoder.`. A plain ViT's position embeddings are resized to the
     model's grid and its ImageNet head kept when it fits (Segmenter keeps it); other classifiers are dropped.
     Everything else must fit exactly."""
-    from ..backbones import SwinTransformer, VisionTransformer
-    from . import swin, vit
-
     src = Path(src)
     if not src.exists():
         raise TransegError(f"{src}: no such file (ImageNet weights for the backbone: download the file the recipe "
@@ -124,10 +113,8 @@ def load_backbone_weights(model, src):
     if any(re.match(r"layers\.\d+\.ln1\.", k) for k in state):
         # mmseg's ViT layout (SegViT's ImageNet files, e.g. vit_large_p16_384_20220308-d4efb41d.pth): timm's
         # names; its top-level `ln1` is the final norm, which SegViT's encoder does not have
-        from .segvit import rename_backbone
-
         final_norm = getattr(model.backbone, "norm", None) is not None
-        state = {("norm." + k[4:] if k.startswith("ln1.") else rename_backbone(k)): v for k, v in state.items()
+        state = {("norm." + k[4:] if k.startswith("ln1.") else vit.rename_mmseg(k)): v for k, v in state.items()
                  if final_norm or not k.startswith("ln1.")}
     if isinstance(model.backbone, VisionTransformer):
         state = vit.fit_to(model.backbone, state, src)

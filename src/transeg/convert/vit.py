@@ -105,6 +105,20 @@ def from_hf_dinov3(state, source):
     return out
 
 
+# mmseg 0.24's ViT -> timm's names (the q | k | v row order of in_proj is timm's qkv's)
+_MMSEG = [(r"^patch_embed\.projection\.", "patch_embed.proj."), (r"^layers\.(\d+)\.", r"blocks.\1."),
+             (r"\.ln1\.", ".norm1."), (r"\.ln2\.", ".norm2."), (r"\.attn\.attn\.in_proj_weight$", ".attn.qkv.weight"),
+             (r"\.attn\.attn\.in_proj_bias$", ".attn.qkv.bias"), (r"\.attn\.attn\.out_proj\.", ".attn.proj."),
+             (r"\.ffn\.layers\.0\.0\.", ".mlp.fc1."), (r"\.ffn\.layers\.1\.", ".mlp.fc2.")]
+
+
+def rename_mmseg(key):
+    """A key of mmseg 0.24's ViT (SegViT's checkpoints and ImageNet files) in timm's layout."""
+    for pattern, new in _MMSEG:
+        key = re.sub(pattern, new, key)
+    return key
+
+
 def from_augreg(npz):
     """A Google AugReg / ViT `.npz` (numpy arrays by path) -> transeg names."""
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in npz.items()}

@@ -42,6 +42,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..errors import TransegError
+from .summary import summarize
 
 CLASSES = ["sky", "ground", "disc", "box", "triangle", "ring"]
 PALETTE = [(110, 170, 230), (130, 95, 60), (220, 60, 60), (60, 180, 90), (240, 200, 50), (170, 80, 210)]
@@ -100,8 +101,6 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def check(self, progress=True, decode_images=True):
         """Summary of the generated split (sizes, label values, class balance), as FolderDataset.check
         gives for files; `decode_images` is accepted for the same call and has nothing to skip here."""
-        from . import summarize
-
         return summarize(self, progress)
 
     def __getitem__(self, index):

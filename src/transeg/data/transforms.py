@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 IMAGENET_MEAN = (123.675, 116.28, 103.53)
 IMAGENET_STD = (58.395, 57.12, 57.375)
+# ViT weights trained on [-1, 1] inputs (Google's AugReg ViTs, which Segmenter and SegViT start from)
+VIT_MEAN = (127.5, 127.5, 127.5)
+VIT_STD = (127.5, 127.5, 127.5)
 
 __all__ = [
     "IMAGENET_MEAN",

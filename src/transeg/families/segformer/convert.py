@@ -4,7 +4,7 @@ transeg keeps the authors' module names, so the mapping is the identity except t
 `decode_head.conv_seg` is dropped. The variant is recognised from the tensor shapes (embed dims,
 depths, decoder width) unless `--model` names it.
 """
-from .mmseg import class_info, head_shape, match_variant, read_mmseg_state, stage_shapes, test_protocol
+from ...convert.mmseg import class_info, head_shape, match_variant, read_mmseg_state, stage_shapes, test_protocol
 
 DESCRIPTION = "the authors' NVlabs/SegFormer .pth (mmcv layout: {'state_dict', 'meta'})"
 

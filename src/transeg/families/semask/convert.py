@@ -18,10 +18,10 @@ import re
 
 import torch
 
-from ..errors import TransegError
-from ..protocol import Protocol
-from ..backbones.swin import relative_position_index
-from .mmseg import class_info, match_variant
+from ...errors import TransegError
+from ...protocol import Protocol
+from ...backbones.swin import relative_position_index
+from ...convert.mmseg import class_info, match_variant
 
 DESCRIPTION = ("the authors' SeMask-FPN .pth (mmcv layout: {'meta', 'state_dict'}) or SeMask-Mask2Former .pth "
                "(detectron2 layout: {'model', ...})")

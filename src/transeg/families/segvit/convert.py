@@ -8,26 +8,14 @@ The head keeps the authors' names. The backbone is mmseg 0.24's ViT, renamed to 
 width, the Shrunk head's QU queries and the crop (position-embedding grid).
 """
 import math
-import re
 
-from ..errors import TransegError
-from ..protocol import Protocol
-from ..registry import VARIANTS
-from .mmseg import class_info, match_variant
+from ...errors import TransegError
+from ...protocol import Protocol
+from ...registry import VARIANTS
+from ...convert.mmseg import class_info, match_variant
+from ...convert.vit import rename_mmseg
 
 DESCRIPTION = "the authors' zbwxp/SegVit .pth (mmcv layout: {'meta', 'state_dict', 'optimizer'}; optimizer ignored)"
-
-_BACKBONE = [(r"^patch_embed\.projection\.", "patch_embed.proj."), (r"^layers\.(\d+)\.", r"blocks.\1."),
-             (r"\.ln1\.", ".norm1."), (r"\.ln2\.", ".norm2."), (r"\.attn\.attn\.in_proj_weight$", ".attn.qkv.weight"),
-             (r"\.attn\.attn\.in_proj_bias$", ".attn.qkv.bias"), (r"\.attn\.attn\.out_proj\.", ".attn.proj."),
-             (r"\.ffn\.layers\.0\.0\.", ".mlp.fc1."), (r"\.ffn\.layers\.1\.", ".mlp.fc2.")]
-
-
-def rename_backbone(key):
-    for pattern, new in _BACKBONE:
-        key = re.sub(pattern, new, key)
-    return key
-
 
 def convert(obj, source, model=None):
     state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
@@ -38,7 +26,7 @@ def convert(obj, source, model=None):
         k = k.removeprefix("module.")
         if k.endswith("criterion.empty_weight"):
             continue
-        out["backbone." + rename_backbone(k[9:]) if k.startswith("backbone.") else k] = v
+        out["backbone." + rename_mmseg(k[9:]) if k.startswith("backbone.") else k] = v
     dim = out["backbone.cls_token"].shape[-1]
     grid = math.isqrt(out["backbone.pos_embed"].shape[1] - 1)
     crop = grid * out["backbone.patch_embed.proj.weight"].shape[-1]

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import TransegError
-from .segformer import infer_segformer_variant
+from ...checkpoint import load_foreign
+from ...errors import TransegError
+from ...registry import create_model, get_variant
+from .convert import infer_segformer_variant
 
 DESCRIPTION = "a Hugging Face SegformerForSemanticSegmentation save_pretrained directory (or its weights file)"
 
@@ -95,8 +97,6 @@ def _map_key(key):
 
 def read_hf(path):
     """(state dict, config dict or None) from a save_pretrained directory or a weights file."""
-    from ..checkpoint import load_foreign
-
     path = Path(path)
     config = None
     if path.is_dir():
@@ -118,3 +118,39 @@ def convert(path, source, model=None):
     if config and config.get("id2label") and len(config["id2label"]) == num_classes:
         classes = [config["id2label"][str(i)] for i in range(num_classes)]
     return dict(variant=model or variant, num_classes=num_classes, state=state, classes=classes, palette=None)
+
+
+def is_hf_mit(state):
+    """Hugging Face's MiT encoder (nvidia/mit-b*: SegformerModel / SegformerForImageClassification)."""
+    return any(k.startswith(("segformer.encoder.", "segformer.stages.")) for k in state)
+
+
+def mit_from_hf(state, source):
+    """HF's MiT encoder -> the backbone's names (what `backbone_weights` loads)."""
+    return {k.removeprefix("backbone."): v for k, v in
+            hf_to_official({k: v for k, v in state.items() if k.startswith("segformer.")}, source).items()}
+
+
+def hf_peer(name="segformer-b0", num_classes=150, seed=0):
+    """(transeg model, Hugging Face SegformerForSemanticSegmentation) with the same random weights, both
+    in eval mode, for timing against HF in one process. HF's block and stage LayerNorms get the authors'
+    eps 1e-6 (HF builds all with 1e-5) so the two compute the same function and the logits compare.
+    Needs `transformers` (pip install transformers); any MiT variant, B0..B5."""
+    try:
+        import transformers
+    except ImportError:
+        raise TransegError("comparing with Hugging Face needs the transformers package: pip install transformers") from None
+    args = get_variant(name).kwargs
+    config = transformers.SegformerConfig(
+        num_labels=num_classes, hidden_sizes=list(args["embed_dims"]), depths=list(args["depths"]),
+        decoder_hidden_size=args["decoder_dim"], num_attention_heads=list(args.get("num_heads", (1, 2, 5, 8))),
+        sr_ratios=list(args.get("sr_ratios", (8, 4, 2, 1))), mlp_ratios=list(args.get("mlp_ratios", (4, 4, 4, 4))))
+    torch.manual_seed(seed)
+    hf = transformers.SegformerForSemanticSegmentation(config)
+    ours = create_model(name, num_classes=num_classes)
+    ours.load_state_dict(hf_to_official(hf.state_dict(), "transformers"))
+    for key, module in hf.named_modules():  # the authors': 1e-5 in patch embeddings and K/V reduction, else 1e-6
+        if isinstance(module, torch.nn.LayerNorm):
+            reduction = any(k in key for k in ("patch_embeddings", "sequence_reduction", ".self.layer_norm"))
+            module.eps = 1e-5 if reduction else 1e-6
+    return ours.eval(), hf.eval()

@@ -17,8 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.init import init_linear_norm
-from .swin import SwinTransformer, pad_to_windows, window_partition, window_reverse
+from ...layers.init import init_linear_norm
+from ...backbones.swin import SwinTransformer, pad_to_windows, window_partition, window_reverse
 
 
 class SemanticAttention(nn.Module):

@@ -12,9 +12,9 @@ PVTv2 which EFT derives from) used to pre-train the encoder; segmentation never 
 """
 from torch import nn
 
-from ..layers import EFTBlock
-from ..layers.init import init_weights
-from .mit import build_stages, run_stages
+from ...layers import EFTBlock
+from ...layers.init import init_weights
+from ...backbones.mit import build_stages, run_stages
 
 
 class EmbeddingFreeTransformer(nn.Module):

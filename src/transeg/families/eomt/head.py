@@ -23,8 +23,8 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-from .mask2former_head import semantic_scores
-from .mask2former_loss import mask2former_loss, semantic_targets
+from ...heads.mask2former_head import semantic_scores
+from ...heads.mask2former_loss import mask2former_loss, semantic_targets
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers.init import init_linear_norm
-from .segvit_loss import atm_loss
+from ...layers.init import init_linear_norm
+from .loss import atm_loss
 
 
 class ATMAttention(nn.Module):

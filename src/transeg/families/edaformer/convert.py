@@ -5,7 +5,7 @@ transeg keeps the authors' module names, so the mapping is the identity except t
 and the decoder's fuse width. Pooling ratios and ISR are not in the weights: a converted model runs
 with the trained pooling, and `set_isr` / `--isr-*` change it at inference.
 """
-from .mmseg import class_info, head_shape, match_variant, read_mmseg_state, stage_shapes, test_protocol
+from ...convert.mmseg import class_info, head_shape, match_variant, read_mmseg_state, stage_shapes, test_protocol
 
 DESCRIPTION = "the authors' hyunwoo137/EDAFormer .pth (mmcv layout: {'state_dict', 'meta'})"
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import TransegError
-from ..protocol import Protocol
-from ..registry import VARIANTS
-from .mmseg import match_variant
+from ...errors import TransegError
+from ...protocol import Protocol
+from ...registry import VARIANTS
+from ...convert.mmseg import match_variant
 
 DESCRIPTION = ("the authors' rstrudel/segmenter checkpoint.pth ({'model', 'n_cls', 'epoch'}; a variant.yml beside it "
                "names the dataset of its test protocol)")

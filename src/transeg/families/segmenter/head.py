@@ -12,8 +12,8 @@ Both return logits at the patch stride. Names follow the authors' `decoder.py` (
 import torch
 from torch import nn
 
-from ..layers import TransformerBlock, drop_path_rates
-from ..layers.init import init_linear_norm
+from ...layers import TransformerBlock, drop_path_rates
+from ...layers.init import init_linear_norm
 
 
 class LinearDecoder(nn.Module):

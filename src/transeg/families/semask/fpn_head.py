@@ -10,8 +10,8 @@ for the loss: CE on the main logits (optionally OHEM) + 0.4 × CE on the semanti
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBNReLU
-from ..losses import ohem_cross_entropy, upsampled_cross_entropy
+from ...layers import ConvBNReLU
+from ...losses import ohem_cross_entropy, upsampled_cross_entropy
 
 
 def _up():

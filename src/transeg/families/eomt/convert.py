@@ -34,10 +34,12 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_foreign
-from ..errors import TransegError
-from ..protocol import Protocol
-from .mmseg import match_variant
+from ...checkpoint import load_foreign
+from ...convert import read_backbone_state, vit
+from ...convert.mmseg import match_variant
+from ...errors import TransegError
+from ...protocol import Protocol
+from ...registry import get_variant
 
 DESCRIPTION = ("EoMT: the authors' checkpoint (tue-mps/eomt, DINOv2) or a Hugging Face EomtForUniversalSegmentation "
                "/ EomtDinov3ForUniversalSegmentation save_pretrained directory / weights file")
@@ -179,8 +181,6 @@ _AUTHORS_DINOV3 = [(_ENCODER + r"patch_embed\.", "embeddings."), (_ENCODER + r"b
 
 def split_dinov3(state, rules, source):
     """(the DINOv3 encoder in transeg's ViT names, everything else as it was)."""
-    from . import vit
-
     encoder, rest = {}, {}
     for key, value in state.items():
         rule = next(((p, t) for p, t in rules if re.match(p, key)), None)
@@ -193,8 +193,6 @@ def split_dinov3(state, rules, source):
 
 def add_dinov3_base(delta, source, base):
     """The authors' DINOv3 encoder deltas (transeg names) + Meta's DINOv3 weights (`base`)."""
-    from . import read_backbone_state
-
     if base is None:
         raise TransegError(f"{source}: the authors' DINOv3 EoMT file holds deltas to Meta's DINOv3 weights: download "
                            "facebook/dinov3-vitl16-pretrain-lvd1689m (gated: accept its licence on the Hub) and give its "
@@ -231,8 +229,6 @@ def _base_config(base):
 
 
 def convert(obj, source, model=None, base=None):
-    from ..registry import get_variant
-
     state, config = _read(obj) if isinstance(obj, (str, Path)) else (obj, {})
     state = {k.removeprefix("eomt."): v for k, v in state.items()}
     authors_dinov3 = _ENCODER + "patch_embed.patch_embeddings.weight" in state

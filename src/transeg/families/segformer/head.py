@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBNReLU
-from ..layers.fusion import fused_concat_conv_bn
+from ...layers import ConvBNReLU
+from ...layers.fusion import fused_concat_conv_bn
 
 
 class MLP(nn.Module):

@@ -3,7 +3,7 @@ logits plus focal and dice losses on the masks, over the final and every auxilia
 import torch
 import torch.nn.functional as F
 
-from ..losses.mask import dice_loss, sigmoid_focal_loss
+from ...losses.mask import dice_loss, sigmoid_focal_loss
 
 
 def atm_loss(outputs, label, num_classes, ignore_index=255, no_object_weight=0.1, mask_weight=20.0,

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import ConvBNReLU, EFTBlock, map_to_tokens, tokens_to_map
-from ..layers.fusion import fused_concat_conv_bn
-from ..layers.init import init_weights
+from ...layers import ConvBNReLU, EFTBlock, map_to_tokens, tokens_to_map
+from ...layers.fusion import fused_concat_conv_bn
+from ...layers.init import init_weights
 
 # branch name -> (block names, heads, training pool ratio); the ISR decoder ratios index these in
 # the authors' order (c2, c3, c4).
