@@ -229,7 +229,7 @@ def test_best_by_another_metric_and_early_stop(tmp_path, monkeypatch):
     """best_metric=mDice keeps best.safetensors by mDice (logged beside mIoU); with early_stop=2 and
     validation mDice 0.50, 0.60, 0.55, 0.58 (evaluation made to return these) the best is at iteration 4 and
     the run stops at the second evaluation without a gain, iteration 8 of 20, with a checkpoint there."""
-    import transeg.engine.trainer as trainer
+    import transeg.engine.validation as validation
     from transeg.engine import train
     from transeg.engine.metrics import ConfusionMatrix
 
@@ -237,9 +237,9 @@ def test_best_by_another_metric_and_early_stop(tmp_path, monkeypatch):
     cm.update(torch.arange(6), torch.arange(6))
     dice = iter([0.50, 0.60, 0.55, 0.58, 0.9, 0.9])
     saved = []
-    monkeypatch.setattr(trainer, "evaluate", lambda *a, **k: {**cm.compute(), "mDice": next(dice)})
-    real_save = trainer.save
-    monkeypatch.setattr(trainer, "save", lambda model, path: (saved.append(path.name), real_save(model, path)))
+    monkeypatch.setattr(validation, "evaluate", lambda *a, **k: {**cm.compute(), "mDice": next(dice)})
+    real_save = validation.save
+    monkeypatch.setattr(validation, "save", lambda model, path: (saved.append(path.name), real_save(model, path)))
     lines = []
     train(_run_cfg(tmp_path, iters=20, eval_interval=2, ckpt_interval=100, best_metric="mDice", early_stop=2),
           progress=False, log=lines.append)

@@ -13,7 +13,6 @@ The cache is `$TRANSEG_HOME`, else `$XDG_CACHE_HOME/transeg`, else `~/.cache/tra
     checksums.json                sha256 recorded on the first download of files no publisher hashes
 """
 import contextlib
-import fcntl
 import hashlib
 import http.client
 import json
@@ -22,6 +21,8 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from filelock import FileLock
 
 from .errors import TransegError
 
@@ -42,16 +43,13 @@ def offline() -> bool:
 
 @contextlib.contextmanager
 def file_lock(path):
-    """An exclusive flock on PATH.lock for the time of the block: a second process waits, then finds the
-    work done. The kernel frees a flock when its holder dies, so a killed download never leaves it stuck."""
+    """An exclusive lock on PATH.lock for the time of the block: a second process waits, then finds the
+    work done. A `filelock.FileLock` (flock on POSIX): the kernel frees it when its holder dies, so a
+    killed download never leaves it stuck."""
     lock = Path(path).with_name(Path(path).name + ".lock")
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+    with FileLock(lock):
+        yield
 
 
 def sha256_of(path) -> str:
