@@ -54,12 +54,15 @@ class Family:
 
     counting: how `transeg models` counts its params and GFLOPs against the paper's, one phrase.
     hf_peer: (variant name, num_classes, seed) -> (transeg model, Hugging Face model) with the same
-    weights, for `transeg bench --compare hf`; None where transformers has no such model."""
+    weights, for `transeg bench --compare hf`; None where transformers has no such model.
+    tiny: a variant's constructor arguments -> the overrides that shrink it to a model under a million
+    parameters with the same code paths (what the tests build every registered variant at)."""
     name: str
     title: str
     paper: str
     counting: str = ""
     hf_peer: Callable | None = None
+    tiny: Callable[[dict], dict] = lambda arguments: {}
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
 """The model a run starts from: a fresh one of cfg.model, or cfg.pretrained's (fine-tuning)."""
-from ..checkpoint import load
+from ..zoo import load
 from ..protocol import Protocol
 from ..registry import create_model
 

@@ -11,7 +11,9 @@ from .head import EDAFormerHead
 
 register_family(Family("edaformer", "EDAFormer", "Yu et al., ECCV 2024",
                        counting="params without the authors' unused conv_seg layer; reported GFLOPs: the authors' "
-                                "get_flops.py run on their code (mmcv's counter)"))
+                                "get_flops.py run on their code (mmcv's counter)",
+                       tiny=lambda a: dict(embed_dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), mlp_ratio=2, decoder_dim=16,
+                                           decoder_mlp_ratio=1)))
 register_format(Format("edaformer", convert.DESCRIPTION, convert.convert))
 
 

@@ -12,7 +12,9 @@ from .head import EoMTHead
 register_family(Family("eomt", "EoMT", "Kerssies et al., CVPR 2025",
                        counting="params equal Hugging Face's EomtForUniversalSegmentation (the authors' modules); "
                                 "GFLOPs by fvcore's counter per crop-sized forward (the paper's per-image figure "
-                                "sums its test windows)"))
+                                "sums its test windows)",
+                       tiny=lambda a: dict(embed_dim=32, depth=2, num_heads=2, crop=32, num_queries=4, query_blocks=1,
+                                           mask_annealing=None, num_points=64)))
 register_format(Format("eomt", convert.DESCRIPTION, convert.convert, reads_path=True,
                        hub_model_types=("eomt", "eomt_dinov3"),
                        base="Meta's DINOv3 weights (a facebook/dinov3-vitl16-pretrain-lvd1689m folder or its "

@@ -13,7 +13,9 @@ from .head import SegFormerHead
 
 register_family(Family("segformer", "SegFormer", "Xie et al., NeurIPS 2021",
                        counting="params without the authors' unused conv_seg layer; GFLOPs by mmcv's counter",
-                       hf_peer=convert_hf.hf_peer))
+                       hf_peer=convert_hf.hf_peer,
+                       tiny=lambda a: dict(embed_dims=(8, 16, 24, 32), num_heads=(1, 1, 1, 1), depths=(1, 1, 1, 1),
+                                           decoder_dim=16)))
 register_format(Format("segformer", convert.DESCRIPTION, convert.convert))
 register_format(Format("segformer-hf", convert_hf.DESCRIPTION, convert_hf.convert, reads_path=True,
                        hub_model_types=("segformer",)))

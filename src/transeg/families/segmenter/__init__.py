@@ -12,7 +12,8 @@ from .head import LinearDecoder, MaskTransformer
 
 register_family(Family("segmenter", "Segmenter", "Strudel et al., ICCV 2021",
                        counting="params with the ImageNet head its checkpoints carry, as its README counts; "
-                                "GFLOPs by mmcv's counter (not reported by the authors)"))
+                                "GFLOPs by mmcv's counter (not reported by the authors)",
+                       tiny=lambda a: dict(embed_dim=32, depth=1, num_heads=1, crop=64, decoder_depth=1)))
 register_format(Format("segmenter", convert.DESCRIPTION, convert.convert))
 
 

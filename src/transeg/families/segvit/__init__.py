@@ -11,7 +11,9 @@ from . import convert
 from .head import ATMHead, TPNATMHead
 
 register_family(Family("segvit", "SegViT", "Zhang et al., NeurIPS 2022",
-                       counting="params of the authors' modules; GFLOPs by fvcore's counter, as its README"))
+                       counting="params of the authors' modules; GFLOPs by fvcore's counter, as its README",
+                       tiny=lambda a: dict(embed_dim=32, depth=3, num_heads=1, head_dim=16, head_heads=1, crop=64,
+                                           out_indices=(0, 2) if a["shrunk"] else (0, 1, 2), shrink_index=1)))
 register_format(Format("segvit", convert.DESCRIPTION, convert.convert))
 
 

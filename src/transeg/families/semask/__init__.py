@@ -11,7 +11,11 @@ from .fpn_head import SeMaskFPNHead
 from .mask2former_head import SeMaskMask2FormerHead
 
 register_family(Family("semask", "SeMask", "Jain et al., ICCV-W 2023",
-                       counting="params of the authors' modules; GFLOPs by mmcv's counter (not reported by the authors)"))
+                       counting="params of the authors' modules; GFLOPs by mmcv's counter (not reported by the authors)",
+                       tiny=lambda a: dict(embed_dim=16, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), window_size=4,
+                                           **(dict(channels=16) if "channels" in a else
+                                              dict(hidden_dim=32, enc_layers=1, enc_ffn_dim=32, dec_layers=3,
+                                                   dec_ffn_dim=32, num_queries=4, num_points=64)))))
 register_format(Format("semask", convert.DESCRIPTION, convert.convert))
 
 
