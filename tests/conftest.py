@@ -13,3 +13,13 @@ def _two_threads():
 # An EDAFormer with the same code paths as T (EFT encoder, all-attention decoder) and tiny widths;
 # widths divisible by the decoder's fixed 2/4/8 heads.
 TINY_EDAFORMER = dict(embed_dims=[8, 16, 32, 64], depths=[1, 1, 1, 1], mlp_ratio=2, decoder_dim=16, decoder_mlp_ratio=1)
+
+# An integration test (another process, a browser, torchrun, a tmpfs) gets 5 minutes unless it states its own,
+# several times what any takes on the 2-core CI machine (`pytest --durations`), so a hang fails fast.
+INTEGRATION_TIMEOUT = 300
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if item.get_closest_marker("integration") and not item.get_closest_marker("timeout"):
+            item.add_marker(pytest.mark.timeout(INTEGRATION_TIMEOUT))

@@ -265,6 +265,7 @@ def test_synthetic_item_format_and_determinism():
     assert a.classes == ["sky", "ground", "disc", "box", "triangle", "ring"] and a.ignore_index == 255
 
 
+@pytest.mark.integration
 def test_synthetic_identical_in_another_process():
     code = ("import hashlib; from transeg.data import SyntheticDataset; s = SyntheticDataset('val')[7]; "
             "print(hashlib.sha256(s['image'].numpy().tobytes() + s['label'].numpy().tobytes()).hexdigest())")

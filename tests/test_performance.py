@@ -205,6 +205,7 @@ def test_upsampled_cross_entropy_bf16_and_no_labels():
     assert torch.isnan(F.cross_entropy(F.interpolate(x.detach().float(), size=(32, 32)), ignored, ignore_index=255))
 
 
+@pytest.mark.integration
 def test_keep_freed_memory_stops_page_faults_on_reused_large_tensors():
     """In a fresh process, 20 allocate-write-free rounds of a 64 MB tensor (after 10 to settle): with
     glibc's defaults each round maps fresh pages (16,384 faults a round, 4 kB pages); after

@@ -223,6 +223,7 @@ def _cityscapes(root):
     return root
 
 
+@pytest.mark.integration
 def test_a_killed_prepare_leaves_nothing_a_reader_takes_and_the_next_run_cleans_up(tmp_path):
     """SIGKILL between writing a label map and renaming it into place (the worst moment) used to leave
     tmpXXXXXXXX.png beside the masks, forever. The temporary is now a hidden .tmp file no reader

@@ -132,6 +132,7 @@ def test_predict_into_a_folder_of_its_own_twice_reads_no_output_back(ckpt, tmp_p
 
 
 # ----------------------------------------------------------------------------- 2. regular files only
+@pytest.mark.integration
 def test_a_fifo_in_an_input_folder_is_skipped_with_a_note_and_nothing_hangs(ckpt, tmp_path):
     """A FIFO named b.png used to block predict forever (reading it waits for a writer). In a
     subprocess with a timeout, so that a regression fails instead of hanging the suite."""
@@ -398,6 +399,7 @@ READ_ONLY = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("verb", READ_ONLY)
 def test_a_read_only_output_folder_is_one_line_before_any_work(ckpt, tmp_path, capsys, verb):
     with _tmpfs(tmp_path / "ro", "ro") as ro:
@@ -408,6 +410,7 @@ def test_a_read_only_output_folder_is_one_line_before_any_work(ckpt, tmp_path, c
 
 
 # ----------------------------------------------------------------------------- 5. a full disk
+@pytest.mark.integration
 def test_a_full_disk_leaves_no_empty_mask_and_keeps_the_previous_outputs(ckpt, tmp_path, capsys):
     """predict used to leave a 0-byte mask (and a traceback). Masks and overlays are now written to a
     temporary beside them and renamed: the rerun on a full disk fails in one line naming the file, the
@@ -446,6 +449,7 @@ def test_export_to_a_folder_says_so(ckpt, tmp_path, capsys, onnx_modules):
     assert "dynamic" not in line and not list((tmp_path / "model.onnx").iterdir())
 
 
+@pytest.mark.integration
 def test_export_on_a_full_disk_says_the_disk_is_full(ckpt, tmp_path, capsys, onnx_modules):
     """A real trace (static, 64x64: the fastest), then a 64 kB disk that cannot hold the graph."""
     with _tmpfs(tmp_path / "disk", "size=64k") as disk:

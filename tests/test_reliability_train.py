@@ -80,6 +80,7 @@ def trained_run(tmp_path_factory):
 
 
 # ------------------------------------------------------------------------------------------------ 1
+@pytest.mark.integration
 def test_a_folder_in_training_is_locked_and_a_killed_run_leaves_no_lock(tmp_path, capsys):
     """A run trains in DIR; a second `transeg train --out DIR` 1.5 s later, and a --resume, are refused
     with one line naming DIR and the first run's pid (before, the second ran to the end and both logs
@@ -125,6 +126,7 @@ def _torch_save_bigger_state(target):
     atomic_write(target, lambda tmp: torch.save(state, tmp))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("write", [_save_bigger_model, _torch_save_bigger_state], ids=["safetensors", "torch.save"])
 def test_a_real_full_disk_keeps_the_previous_checkpoint(tmp_path, write, tiny_ckpt):
     """A 256 kB tmpfs fills up while a checkpoint is written: safetensors raises SafetensorError, torch.save
@@ -140,6 +142,7 @@ def test_a_real_full_disk_keeps_the_previous_checkpoint(tmp_path, write, tiny_ck
         assert target.read_bytes() == before and [p.name for p in disk.iterdir()] == [target.name]
 
 
+@pytest.mark.integration
 def test_training_onto_a_full_disk_is_one_line(tmp_path, capsys):
     """`transeg train --out` a 256 kB filesystem: the checkpoints do not fit; one line naming the file
     that did not fit, exit 2, no temporary files left."""
@@ -149,6 +152,7 @@ def test_training_onto_a_full_disk_is_one_line(tmp_path, capsys):
         assert not list((disk / "run").glob(".*.tmp"))
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("sub", ["", "run"], ids=["the folder", "a folder inside"])
 def test_a_read_only_run_folder_is_refused_before_any_training_work(tmp_path, capsys, monkeypatch, sub):
     """--out on a read-only filesystem (chmod does not stop root; a read-only mount does): one line,
@@ -329,6 +333,7 @@ def test_a_damaged_training_state_is_one_line_with_the_way_out(tmp_path, capsys,
 
 
 # ------------------------------------------------------------------------------------------------ 6
+@pytest.mark.integration
 def test_ctrl_c_saves_where_the_run_is_and_names_the_command_that_continues_it(tmp_path):
     """SIGINT after a few iterations, before the first periodic checkpoint (which used to lose them all):
     the run saves at the last finished iteration (atomically, as the periodic checkpoint), prints the

@@ -50,6 +50,7 @@ def _wait_for_iterations(run, target, process, timeout=120):
         time.sleep(0.01)
 
 
+@pytest.mark.integration
 def test_two_gloo_processes_equal_one_process(tmp_path):
     """torchrun with 2 CPU processes (gloo) and global_batch 4 (2 each) vs one process with 4 images:
     after 3 SGD steps the weights agree to float rounding (< 1e-5), while one process with a batch of
@@ -71,6 +72,7 @@ def test_two_gloo_processes_equal_one_process(tmp_path):
     assert miou[0] == pytest.approx(miou[1], abs=1e-4) and len(miou[0]) == 1
 
 
+@pytest.mark.integration
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     """A run killed with SIGKILL at a varying moment (checkpoint every iteration, so possibly while one
     is being written) and continued with --resume ends with exactly the weights of a run that was never
@@ -93,6 +95,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert _max_diff(_weights(tmp_path / "ref"), _weights(tmp_path / "run")) == 0.0, killed_at
 
 
+@pytest.mark.integration
 def test_resume_tolerates_a_half_written_log_line_and_removes_stale_temporaries(tmp_path):
     """What SIGKILL can leave: a log line cut in the middle and the temp file of an atomic write. The
     resumed run drops both and its log reads cleanly."""
@@ -280,6 +283,7 @@ def _rank_of(pid):
     return next((int(v[5:]) for v in env if v.startswith(b"RANK=")), None)
 
 
+@pytest.mark.integration
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_never_killed(tmp_path):
     """Elastic restart for real: torchrun --max-restarts 1 with 2 gloo workers and --auto-resume; one
     worker is SIGKILLed after a varying iteration, torchrun stops the other and starts both again, they

@@ -98,6 +98,7 @@ def _image(h, w, seed):
     return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
 
 
+@pytest.mark.integration
 def test_model_metadata_and_openapi(server):
     info = server.get("/v1/model")
     assert info["variant"] == "edaformer-t" and info["classes"] == CLASSES and len(info["palette"]) == 6
@@ -112,6 +113,7 @@ def test_model_metadata_and_openapi(server):
     assert {"413", "415", "422", "503"} <= set(segment["responses"])
 
 
+@pytest.mark.integration
 def test_png_and_json_answers_equal_the_library(server, model_file):
     """The service gives what `model.predict` gives in this process: the same label map (as an index PNG
     with the class colours, or base64 in JSON), the same shares, the argmax probability as confidence."""
@@ -135,6 +137,7 @@ def test_png_and_json_answers_equal_the_library(server, model_file):
     assert got["latency_ms"] > 0 and got["batch"] == 1 and got["isr"] == "no ISR"
 
 
+@pytest.mark.integration
 def test_isr_per_request_changes_cost_not_the_model(server):
     rgb = _png(_image(64, 64, 2))
     plain = json.loads(post(server.url, Upload(rgb, "format=json"))[1])
@@ -154,6 +157,7 @@ def test_isr_per_request_changes_cost_not_the_model(server):
     (Upload(_png(_image(32, 32, 4)), "format=xml"), 422, "format: String should match pattern"),
     (Upload(b""), 422, "upload: empty upload"),
 ])
+@pytest.mark.integration
 def test_bad_requests_get_one_line(server, upload, status, message):
     got_status, body = post(server.url, upload)
     assert got_status == status
@@ -161,6 +165,7 @@ def test_bad_requests_get_one_line(server, upload, status, message):
     assert message in error and "\n" not in error
 
 
+@pytest.mark.integration
 def test_pixel_bombs_are_refused_from_the_header(server):
     """A 24 kB PNG that decodes to 14000x14000 pixels (196 M; Pillow refuses above 179 M) and one that
     decodes to 16 M (over this service's 0.5 M): both refused before any pixel is decoded."""
@@ -173,6 +178,7 @@ def test_pixel_bombs_are_refused_from_the_header(server):
     assert server.get("/healthz")["status"] == "ok"
 
 
+@pytest.mark.integration
 def test_multipart_upload(server):
     rgb = _png(_image(40, 40, 5))
     boundary = "transegboundary"
@@ -195,6 +201,7 @@ def _form(*parts, boundary="transegboundary"):
     return body + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
+@pytest.mark.integration
 def test_multipart_field_choice_and_limits(server):
     """The field `image` is taken over an earlier file, else the first file; a form without a file is one
     line; a form over the upload limit is refused with 413 like a raw body, its size named."""
@@ -245,6 +252,7 @@ def test_an_oversized_upload_is_refused_before_it_is_all_read(model_file, multip
     assert sum(received) <= 4 * 1000 + len(chunk)
 
 
+@pytest.mark.integration
 def test_load_with_bad_uploads_mixed_in(server, model_file):
     """200 requests from 16 concurrent clients, one in four a bad upload: every good one is answered with
     the library's label map (batched by the service: `batch` > 1 shows it happened), every bad one
@@ -281,6 +289,7 @@ def test_load_with_bad_uploads_mixed_in(server, model_file):
     assert after - before < 100, (before, after)
 
 
+@pytest.mark.integration
 def test_overload_answers_503_with_retry_after(model_file):
     """One request admitted at a time and a 1 s collection window: while the first waits in its window,
     a second is refused at once with 503 and Retry-After instead of queueing."""

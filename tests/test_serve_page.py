@@ -243,6 +243,7 @@ def _refusals_only(errors, *statuses):
     return not [m for m in errors if not any(f"status of {s}" in m for s in statuses)]
 
 
+@pytest.mark.integration
 def test_page_in_headless_chromium(service, page, tmp_path):
     base, info = service
     photo = _photo()
@@ -358,6 +359,7 @@ def test_page_in_headless_chromium(service, page, tmp_path):
     assert sum("status of 415" in m for m in page.errors) <= 1 and _refusals_only(page.errors, 415), page.errors
 
 
+@pytest.mark.integration
 def test_page_without_isr_and_its_refusals(service, page, tmp_path):
     """A model without pooled attention (the model description routed to say so): no ISR control. The
     service's 503 (with Retry-After) and 422 lines are shown as they come; a file over the upload limit
@@ -421,6 +423,7 @@ def test_page_without_isr_and_its_refusals(service, page, tmp_path):
     assert _refusals_only(page.errors, 503, 422), page.errors
 
 
+@pytest.mark.integration
 def test_page_is_self_contained(service):
     """No URL outside the service: no CDN, fonts, images or style sheets, inline CSS and JavaScript only."""
     base, _ = service
