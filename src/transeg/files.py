@@ -98,14 +98,36 @@ def plain_permissions(path):
     os.chmod(path, 0o666 & ~_umask())
 
 
+def replaceable(path):
+    """Where writing `path` lands: the path itself, or the file a symbolic link there points to (the link is
+    kept). Raises TransegError when that is something other than a regular file (a FIFO, a device, a socket):
+    an output only ever creates a file or replaces a regular one, so a node such as /dev/full is never
+    turned into a file."""
+    path = Path(path)
+    target = Path(os.path.realpath(path)) if path.is_symlink() else path
+    try:
+        mode = os.stat(target).st_mode
+    except FileNotFoundError:
+        return target
+    except OSError as e:
+        raise TransegError(f"{path}: cannot write here ({_strerror(e)})") from None
+    if stat.S_ISDIR(mode):
+        raise TransegError(f"{path}: is a folder; give the file to write")
+    if not stat.S_ISREG(mode):
+        raise TransegError(f"{path}: is {_kind(mode)}, not a regular file; outputs only create files or replace "
+                           "regular ones: give a file path")
+    return target
+
+
 def output_file(path, example=None, inputs=()):
-    """`path` checked as a file to write before any work is done: not a folder, its folder writable
-    (created if missing), and neither one of `inputs` nor inside an input folder (a converted model written
-    into the Hugging Face folder it came from would replace its weights). `example` names a file for the
-    message when `path` is a folder. Returns a Path."""
+    """`path` checked as a file to write before any work is done: not a folder or another non-regular file,
+    its folder writable (created if missing), and neither one of `inputs` nor inside an input folder (a
+    converted model written into the Hugging Face folder it came from would replace its weights). `example`
+    names a file for the message when `path` is a folder. Returns a Path."""
     path = Path(path)
     if path.is_dir():
         raise TransegError(f"{path}: is a folder; give the file to write, e.g. {path / (example or 'output')}")
+    replaceable(path)
     where = path.resolve()
     for f in map(Path, inputs):
         if where == f.resolve() or (f.is_dir() and f.resolve() in where.parents):
@@ -147,8 +169,9 @@ def atomic_write(path, write):
     """Call write(tmp_path), fsync, then rename over `path`: readers see the old file or the new
     one, never half of one. A full disk, a read-only folder or a quota (whatever exception the
     writer turns them into: OSError, SafetensorError, torch.save's RuntimeError) becomes one
-    TransegError line, with the previous file intact and no temporary file left."""
-    path = Path(path)
+    TransegError line, with the previous file intact and no temporary file left. Only a regular file is
+    ever replaced (`replaceable`): a link keeps pointing at the new file; a FIFO or device is left alone."""
+    path = replaceable(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
