@@ -115,10 +115,10 @@ def environment(device="cpu"):
 
 
 # Spread (interquartile range / median) above which `transeg bench` warns that its latencies are noise.
-# 10 %: the gains bench is used to show are of that order (ISR: 1.05-1.3x at 512², BENCHMARKS.md), so
+# 10 %: the gains bench is used to show are of that order (BENCHMARKS.md: Inference spatial reduction), so
 # once the middle half of the runs spans 10 % of the median such a difference cannot be told from noise.
-# The IQR, not max - min, because one descheduled run should not raise the alarm. Measured on the 2-core
-# CI machine while another test run shared it: 10-125 % (SegFormer-B0 / EDAFormer-T, 256², 10 runs).
+# The IQR, not max - min, because one descheduled run should not raise the alarm. A machine shared with
+# another program spreads far beyond it (BENCHMARKS.md: Run-to-run spread on a shared machine).
 NOISY_SPREAD = 0.10
 
 

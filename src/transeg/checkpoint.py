@@ -34,8 +34,8 @@ FORMAT = "transeg"
 def first_nonfinite(state, order=None):
     """(name, count of NaN/inf values) of the first floating-point tensor in `state` (in `order`, else
     the dict's) that is not all finite, else None. One min/max reduction per tensor (NaN propagates
-    through both, inf shows in one): it reads the weights once and allocates nothing, 27x faster than
-    isfinite().all() (30 ms vs 800 ms per 50M fp32 values on 2 CPU cores; ~0.2 s for ViT-L's 305M),
+    through both, inf shows in one): it reads the weights once and allocates nothing, where
+    isfinite().all() writes a boolean copy of every tensor (BENCHMARKS.md: Checking weights are finite),
     and on a GPU the extremes are read back once for all tensors (one host sync, not one per tensor)."""
     names = [n for n in (order or state) if n in state and state[n].is_floating_point()
              and not state[n].is_meta and state[n].numel()]
@@ -170,7 +170,8 @@ class _AllocationBudget(torch.overrides.TorchFunctionMode):
     build (BudgetExceeded) before the call that would pass `limit`. A checkpoint whose metadata asks for
     embed_dims of 10^8 is refused before anything is allocated, without a dry run on the meta device:
     there PyTorch runs normal_, erfinv_, stack ... through its Python reference ops, whose first use
-    imports torch._dynamo, 1.4 s added to every `transeg eval/predict` (measured on the 2-core CPU)."""
+    imports torch._dynamo, a start-up cost every `transeg eval/predict` would pay (BENCHMARKS.md:
+    Checking a checkpoint's size before building it)."""
 
     _SIZED = {torch.empty, torch.zeros, torch.ones, torch.randn, torch.rand, torch.full}
 

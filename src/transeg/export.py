@@ -34,8 +34,8 @@ def _require(*modules):
 
 
 def slow_to_trace(model):
-    """True when a dynamic-size trace takes minutes rather than seconds: Swin backbones, whose every
-    stage pads to whole windows from the symbolic sizes."""
+    """True when a dynamic-size trace is slow: Swin backbones, whose every stage pads to whole windows
+    from the symbolic sizes, so the tracer reasons symbolically about every padding, mask and merge."""
     from .backbones.swin import SwinTransformer
 
     return isinstance(model.backbone, SwinTransformer)
@@ -44,8 +44,8 @@ def slow_to_trace(model):
 def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, atol=1e-4, static=False):
     """Export `model` (a Segmentor, in eval mode, with its current ISR) to `path`; with `check`, run
     onnxruntime and PyTorch on inputs of two other shapes and compare. Returns a report dict.
-    static=True fixes the graph to one image of `sample_size` (and checks it there); it traces in
-    seconds where a dynamic Swin (SeMask) trace takes a minute or two of symbolic shape reasoning."""
+    static=True fixes the graph to one image of `sample_size` (and checks it there); it traces quickly,
+    with no symbolic shape reasoning, which a dynamic Swin (SeMask) trace spends most of its time on."""
     from .files import output_file, plain_permissions
 
     _require("onnx", "onnxscript")

@@ -1,6 +1,6 @@
 """Label maps drawn as pictures: class colours, overlays, titled panels and legends.
 
-Pillow only (no matplotlib). Every function returns an RGB ``PIL.Image``; save it with
+Drawn with Pillow (the charts, in :mod:`transeg.charts`, with matplotlib). Every function returns an RGB ``PIL.Image``; save it with
 ``img.save("x.png")``, or with :func:`save_image`, which writes atomically (what the CLI does).
 
 * :func:`colorize` / :func:`overlay` — a label map in class colours, alone or blended over the image.

@@ -39,7 +39,8 @@ def _lut(mapping, default=255):
 
 # Temporaries of the atomic writes: `.NAME.XXXXXXXX.tmp`, hidden and not *.png, so that no reader takes
 # one a killed run left behind for a label map; the next run removes them from every folder it writes
-# to. Earlier versions named them `tmpXXXXXXXX.png` (tempfile's default): removed the same way.
+# to. `tmpXXXXXXXX.png` (tempfile's default name, which a folder prepared by an older transeg may hold)
+# is removed the same way.
 _TEMPORARY = re.compile(r"^(\..+\.[a-z0-9_]{8}\.tmp|tmp[a-z0-9_]{8}\.png)$")
 _swept = set()  # folders whose stale temporaries this process has removed
 

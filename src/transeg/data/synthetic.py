@@ -27,10 +27,11 @@ A scene (6 classes: sky, ground, disc, box, triangle, ring):
 - finally per-pixel Gaussian noise of a random strength (sigma 2-5 grey levels).
 
 Pixel shares on the val split: sky 37 %, ground 48 %, disc 4.3 %, box 3.6 %, triangle 4.1 %,
-ring 2.9 %. A 128 x 128 sample takes about 2 ms to make.
+ring 2.9 %. Samples are made on the fly, cheaply enough that data loading never waits on them
+(BENCHMARKS.md: Synthetic data).
 
-Learnability (measured while designing it): SegFormer-B0 from scratch, batch 8, AdamW lr 1e-3
-(head x10), poly schedule, 1500 iterations on one CPU thread (~11 min), crop 128 with
+Learnability: SegFormer-B0 from scratch, batch 8, AdamW lr 1e-3
+(head x10), poly schedule, 1500 iterations on one CPU thread, crop 128 with
 TrainTransform(scale=(512, 128)): val mIoU 0.63 with ratio_range (0.5, 2.0), 0.72 with
 (0.75, 1.5) (the data already varies object scale; shrinking a 128 image to 64 mostly adds
 padding). Sky / ground reach 0.95 within 500 iterations; the shape classes take the time.

@@ -144,7 +144,7 @@ _HSCALE = np.float32(6.0) / np.float32(180.0)  # 6.0f / hrange
 _SIXTH = np.float32(1.0) / np.float32(6.0)
 _ONE = np.float32(1.0)
 _F255 = np.float32(255.0)
-# (The colour code runs in numpy: its table look-ups are several times faster than torch's.)
+# (The colour code runs in numpy: its table look-ups cost less than torch's indexing.)
 
 
 def rgb_to_hsv_u8(image):

@@ -20,9 +20,8 @@ def serve(model, host="127.0.0.1", port=8000, device="auto", dtype=None, compile
 
     net = load(model).optimize_for_inference(dtype, compile=compile, device=device)
     if limits.get("max_batch") is None:
-        # Batching pays where kernel launches dominate: on an H200, SegFormer-B0 at 512x512 runs 161
-        # images/s at batch 1 and 1286 at batch 16 (benchmarks/segformer_hf.py). On a CPU a batch costs
-        # its images' sum (benchmarks/serve_load.py on 2 cores: 2.9 images/s at max batch 1, 2.3 at 8).
+        # Batching pays on a GPU, where batch-1 inference is bound by kernel launches; on a CPU a batch
+        # costs the sum of its images, so it gains nothing there (BENCHMARKS.md: Serving under load).
         limits["max_batch"] = 8 if next(net.parameters()).device.type == "cuda" else 1
     net.predict(np.zeros((256, 256, 3), np.uint8))  # fail here, not on the first request (and compile once)
     app = create_app(net, **limits)
