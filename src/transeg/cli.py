@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+from collections import namedtuple
 from pathlib import Path
 
 from .convert import formats
@@ -148,6 +149,17 @@ def _fraction(text):
     return value
 
 
+CHECKPOINT_HELP = "a transeg .safetensors, a zoo name (`transeg models --pretrained`) or a Hugging Face repo id"
+
+
+def _add_checkpoint_arg(p):
+    p.add_argument("checkpoint", type=Path, help=CHECKPOINT_HELP)
+
+
+def _add_device_arg(p):
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+
+
 def _add_protocol_args(p):
     g = p.add_argument_group("test protocol (default: the one stored in the checkpoint)")
     g.add_argument("--mode", choices=["whole", "slide"], help="whole image, or sliding windows (needs --crop/--stride)")
@@ -158,7 +170,7 @@ def _add_protocol_args(p):
     g.add_argument("--flip", action="store_true", help="add horizontally flipped inputs (averaged softmax)")
     g.add_argument("--ms", action="store_true", help="the paper's multi-scale + flip test stored with the model "
                    "(default ratios 0.5,0.75,1,1.25,1.5,1.75 + flip)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    _add_device_arg(p)
 
 
 def _add_speed_args(p, default_dtype="fp32"):
@@ -181,6 +193,13 @@ def _add_isr_args(p):
                    "keys/values pooled 2x more (the authors' --backbone_reduction_ratios 2211)")
     g.add_argument("--isr-decoder", metavar="R2,R3,R4", help="e.g. 2,2,2: EDAFormer's decoder branches on c2, c3, c4 "
                    "(the authors' --decoder_reduction_ratios 222)")
+
+
+def _add_inference_args(p):
+    """What a verb that segments with a checkpoint takes: its test protocol (and --device), speed and ISR."""
+    _add_protocol_args(p)
+    _add_speed_args(p)
+    _add_isr_args(p)
 
 
 def _load(args, device="auto"):
@@ -210,6 +229,22 @@ def _isr_line(model):
 
 
 # ----------------------------------------------------------------------------------------------- verbs
+# Each verb is its cmd_<verb> (parse nothing, call the library, print) and, right below it, the function that
+# declares its arguments, registered with @_verb. `transeg --help` lists the verbs in the order registered here.
+Verb = namedtuple("Verb", "name fn help description declare")
+VERBS = []
+
+
+def _verb(name, fn, help_, description=None):
+    """Registers the decorated function as the one declaring verb `name`'s arguments on its parser; `fn` runs
+    the verb (None: a verb with actions of its own, which set their fn). `help_` is the line in `transeg --help`,
+    `description` the text atop `transeg NAME --help` (default: `help_`)."""
+    def register(declare):
+        VERBS.append(Verb(name, fn, help_, description, declare))
+        return declare
+    return register
+
+
 def cmd_models(args):
     from .flops import variant_table
 
@@ -231,6 +266,15 @@ def cmd_models(args):
     for family in FAMILIES.values():
         if args.family in (None, family.name):
             print(f"  {family.title}: {family.counting}")
+
+
+@_verb("models", cmd_models, "list model variants with the papers' and the measured params / GFLOPs")
+def _models_args(p):
+    p.add_argument("--family", help="only this family, e.g. segformer")
+    p.add_argument("--no-flops", action="store_true", help="skip counting GFLOPs (faster)")
+    p.add_argument("--pretrained", action="store_true", help="list the zoo: the checkpoints the authors released, "
+                   "by name (what every verb that takes a checkpoint accepts), with dataset, paper mIoU, source, "
+                   "how the download is checked, size and licence")
 
 
 def _print_zoo(family):
@@ -265,6 +309,16 @@ def cmd_pull(args):
           f"test: {model.protocol.describe()}")
 
 
+@_verb("pull", cmd_pull, "fetch a released checkpoint ahead of time (a zoo name or a Hugging Face repo id)",
+       "Fetch a released checkpoint once: download (resumable, checked), convert to a transeg .safetensors and\n"
+       "keep it in the cache ($TRANSEG_HOME, default ~/.cache/transeg); every later use reads the cache, offline\n"
+       "too. Releases hosted where a program cannot download from (Google Drive) take the file you downloaded:\n"
+       "--file PATH. Hugging Face repos honour HF_ENDPOINT, HF_HOME, HF_TOKEN and HF_HUB_OFFLINE.")
+def _pull_args(p):
+    p.add_argument("name", help="a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
+    p.add_argument("--file", type=Path, help="the release's file, downloaded by hand (checked and converted)")
+
+
 def cmd_train(args):
     from .engine import load_config, train
     from .engine.config import QUICKSTART
@@ -281,6 +335,39 @@ def cmd_train(args):
     if result is not None and os.environ.get("RANK", "0") == "0":  # under torchrun, one line, not one per process
         print(f"mIoU {100 * result['mIoU']:.2f} ({result['protocol']}); model: {out / 'model.safetensors'}, "
               f"best: {out / 'best.safetensors'}, curves: {out / 'curves.png'}")
+
+
+@_verb("train", cmd_train, "train a model (default: segformer-b0 on the built-in synthetic set)",
+       "Train a model. With no CONFIG and no --data this runs the quick start: segformer-b0 from scratch on the\n"
+       "built-in synthetic set, 2500 iterations of 8 images (bf16 where the CPU/GPU has it), ~9 minutes on 2 CPU cores.\n"
+       "Writes to --out: model.safetensors (latest), best.safetensors, train_state.pt (for --resume),\n"
+       "log.jsonl, config.yaml (the resolved settings), curves.png and val_iou.png.")
+def _train_args(p):
+    p.add_argument("config", nargs="?", type=Path, help="YAML recipe (keys of transeg.engine.TrainConfig)")
+    p.add_argument("--model", help="variant name, see `transeg models`")
+    p.add_argument("--data", help="folder with images/, masks/, classes.txt (default: synthetic)")
+    p.add_argument("--out", help="output directory (default runs/train)")
+    p.add_argument("--iters", type=int, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, help="images per step and process (recipes state the paper's total as "
+                   "global_batch, split over the processes)")
+    p.add_argument("--amp", choices=["no", "auto", "bf16", "fp16"],
+                   help="mixed precision; auto = bf16 where the hardware computes it natively (fp16 needs CUDA)")
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
+    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its train_state.pt. Only --iters (longer, or shorter down to "
+                        "where the run is: from there on the poly lr schedule runs over the new length), the "
+                        "eval/ckpt/log intervals, --workers, --device, --amp and the test settings may change")
+    p.add_argument("--pretrained", metavar="CKPT",
+                   help="fine-tune: a new run (its own --out) whose weights start from a transeg .safetensors, e.g. "
+                        "runs/a/model.safetensors of a finished run; optimizer and schedule start afresh; for data "
+                        "with another class count the classifier starts afresh (said in one line). Same as --set "
+                        "pretrained=CKPT")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue the run in --out if there is one, else start it (for torchrun --max-restarts)")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set lr=1e-4 crop_size=[256,256] warmup_iters=0 (may be "
+                        "repeated: all apply; a key given twice takes the last value, with a note)")
 
 
 def cmd_eval(args):
@@ -312,6 +399,21 @@ def cmd_eval(args):
                                    "row-normalised"), out / "confusion.png")
         print(f"per-class chart: {out / 'iou.png'}; image | prediction | truth of the first {len(samples)} images: "
               f"{out / 'predictions.png'}; confusion matrix: {out / 'confusion.png'}")
+
+
+@_verb("eval", cmd_eval, "measure mIoU / mAcc / aAcc of a checkpoint on a dataset")
+def _eval_args(p):
+    _add_checkpoint_arg(p)
+    p.add_argument("--data", help="dataset folder (default: the data the model was trained on)")
+    p.add_argument("--split", default="val", help="split folder to use (default val)")
+    p.add_argument("--limit", type=int, help="only the first N images")
+    p.add_argument("--out", help="also write here the per-class IoU chart iou.png and predictions.png (image | "
+                   "prediction | ground truth of the first 4 images, with a legend)")
+    _add_inference_args(p)
+
+
+# `transeg predict --grid`: how many images the grid shows (the first ones given)
+GRID_IMAGES = 8
 
 
 def cmd_predict(args):
@@ -357,8 +459,24 @@ def cmd_predict(args):
         print(f"grid ({shown}): {out / 'grid.png'}")
 
 
-# `transeg predict --grid`: how many images the grid shows (the first ones given)
-GRID_IMAGES = 8
+@_verb("predict", cmd_predict, "segment images: writes index-PNG masks and colour overlays")
+def _predict_args(p):
+    _add_checkpoint_arg(p)
+    p.add_argument("inputs", nargs="+", help="image files or folders of images")
+    p.add_argument("--out", required=True, help="output folder (nothing is written outside it; a folder holding "
+                   "one of the inputs is refused, so that no file of yours is replaced)")
+    p.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity, 0..1 (default 0.5)")
+    p.add_argument("--no-legend", action="store_true",
+                   help="overlays without their legend (by default a corner box lists the classes present, their "
+                        "colours and shares; images under ~150 px have no room for it)")
+    p.add_argument("--grid", action="store_true",
+                   help=f"also write grid.png: image | prediction (| ground truth with --truth) for the first "
+                        f"{GRID_IMAGES} images, with a legend (the README's picture)")
+    p.add_argument("--truth", metavar="DIR", help="ground-truth masks for the grid, DIR/<image name>.png (index PNGs "
+                   "of class ids, as a dataset's masks/ folder); implies --grid")
+    p.add_argument("--max-megapixels", type=_positive, default=100.0,
+                   help="larger images are refused from their header, before decoding (default 100)")
+    _add_inference_args(p)
 
 
 def _truth_files(folder, files):
@@ -391,6 +509,20 @@ def cmd_convert(args):
     save(model, args.dst)
     print(f"{args.src} -> {args.dst}: {model.meta['variant']}, {model.num_classes} classes, "
           f"{count_params(model):,} params" + (", class names from the source" if model.meta.get("classes") else ""))
+
+
+@_verb("convert", cmd_convert, "convert a foreign checkpoint into a transeg .safetensors")
+def _convert_args(p):
+    # the formats the families declare: listed when the parser is built, not when this module is imported
+    p.description = ("Convert a foreign checkpoint. Files are read without running pickled code.\nformats:\n"
+                     + "\n".join(f"  {k:14s}{v}" for k, v in formats().items()))
+    p.add_argument("src", type=Path, help="the foreign checkpoint file or directory")
+    p.add_argument("dst", type=Path, help="output .safetensors")
+    p.add_argument("--from", dest="from_format", required=True, choices=sorted(formats()), help="source format")
+    p.add_argument("--model", help="variant name (default: recognised from the weights)")
+    p.add_argument("--num-classes", type=int, help="expected class count (checked)")
+    p.add_argument("--base", type=Path, metavar="DIR", help="; ".join(f"--from {f.name}: {f.base}" for f in FORMATS.values()
+                                                                    if f.base))
 
 
 def cmd_bench(args):
@@ -464,6 +596,37 @@ def cmd_bench(args):
         print(f"trade-off chart: {plot}")
 
 
+@_verb("bench", cmd_bench, "params, GFLOPs and latency of a model or checkpoint")
+def _bench_args(p):
+    p.add_argument("model", help="variant name (fresh weights), a .safetensors checkpoint, a zoo name or a Hugging Face "
+                   "repo id")
+    p.add_argument("--size", type=_size, default=(512, 512), help="input HxW (default 512x512)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--num-classes", type=int, default=150)
+    p.add_argument("--runs", type=int, default=10, help="timed runs (default 10): the median is reported with the "
+                   "quartiles, min and max, and a warning when the IQR exceeds 10%% of the median (bench.NOISY_SPREAD)")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    _add_speed_args(p)
+    p.add_argument("--autocast", action="store_true",
+                   help="with --dtype bf16/fp16: keep fp32 weights and run under torch.autocast instead")
+    p.add_argument("--compare", choices=["hf"],
+                   help="also time Hugging Face transformers' SegFormer with the same weights in the same run "
+                        "(SegFormer variants; needs pip install transformers)")
+    p.add_argument("--flops", choices=["mmcv", "fvcore"],
+                   help="GFLOPs convention (default: the paper's: mmcv's counter for SegFormer/EDAFormer, fvcore's "
+                        "for SegViT -- it adds LayerNorm/upsampling terms and no conv bias)")
+    _add_isr_args(p)
+    g = p.add_argument_group("ISR sweep")
+    g.add_argument("--isr-sweep", action="store_true",
+                   help="GFLOPs and latency for each setting of EDAFormer's ISR table (trained, 2,1,1,1 ... 8,4,2,1 / 2,2,2), "
+                        "printed and plotted")
+    g.add_argument("--data", help="with a checkpoint: also mIoU per setting on this dataset (e.g. synthetic, a folder)")
+    g.add_argument("--split", default="val", help="split for --data (default val)")
+    g.add_argument("--limit", type=int, help="only the first N images of --data")
+    g.add_argument("--plot", default="isr_sweep.png", help="where the sweep's chart goes (default ./isr_sweep.png)")
+
+
 def _print_sweep_row(row, base, batch):
     """One sweep line: the setting, its K/V reductions, cost and speed relative to the trained setting."""
     from .isr import pooling_text
@@ -481,33 +644,38 @@ def _print_sweep_row(row, base, batch):
     print(line)
 
 
-def cmd_export(args):
-    from .files import output_file
-    from .errors import TransegError
-    from .export import export_onnx, slow_to_trace
-
-    output_file(args.out, example="model.onnx")  # said before the trace (export_onnx checks it too)
-    if args.out.suffix != ".onnx":
-        raise TransegError(f"{args.out}: the output must be an .onnx file")
-    model = _load(args, device="cpu")
-    shape = "one image of exactly that size" if args.static else "dynamic batch/height/width"
-    if not args.static and slow_to_trace(model):
-        shape += " (a Swin trace takes a minute or two; --static takes seconds)"
-    print(f"exporting {model.meta['variant']} ({args.checkpoint}) to {args.out}, traced at {args.size[0]}x{args.size[1]}, "
-          f"{shape} ...", flush=True)
-    r = export_onnx(model, args.out, sample_size=args.size, opset=args.opset, check=not args.no_check,
-                    static=args.static)
-    where = "two fresh inputs" if args.static else "two other input shapes"
-    check = (f"; onnxruntime vs PyTorch on {where}: max |diff| {r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "")
-    print(f"{r['path']}: opset {r['opset']}, {r['bytes'] / 1e6:.1f} MB, {r['isr']}{check}")
-
-
 def cmd_serve(args):
     from .serve import serve
 
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, compile=args.compile,
           max_batch=args.max_batch, window_ms=args.window_ms, max_pending=args.max_pending,
           max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6))
+
+
+@_verb("serve", cmd_serve, "serve a model over HTTP, with a page to look through (pip install 'transeg[serve]')",
+       "Serve a model over HTTP: POST /v1/segment (an image in, an index PNG or JSON out), GET /v1/model,\n"
+       "GET /healthz, API docs at /docs, and a page at / to drop an image on, see the overlay and try ISR.\n"
+       "Concurrent requests are batched on the device; overload is answered 503 with Retry-After.\n\n"
+       "examples:\n"
+       "  transeg serve runs/train/model.safetensors                 # then open http://127.0.0.1:8000/\n"
+       "  curl -F image=@photo.jpg 'http://127.0.0.1:8000/v1/segment?format=json'\n"
+       "  curl --data-binary @photo.jpg http://127.0.0.1:8000/v1/segment -o mask.png")
+def _serve_args(p):
+    p.add_argument("model", help=CHECKPOINT_HELP)  # a str, as serve() takes it
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
+                   "0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="default 8000")
+    _add_device_arg(p)
+    _add_speed_args(p)
+    g = p.add_argument_group("batching and limits")
+    g.add_argument("--max-batch", type=int, help="images of one size run together, at most this many (default: 8 "
+                   "on a GPU, 1 on a CPU, where batching gains nothing; see BENCHMARKS.md)")
+    g.add_argument("--window-ms", type=float, default=5.0, help="how long the first request of a batch waits for "
+                   "others (5 ms)")
+    g.add_argument("--max-pending", type=int, default=64, help="requests admitted at once; more get 503 (64)")
+    g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB; larger get 413 (20)")
+    g.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels; larger get 413 "
+                   "(40)")
 
 
 def cmd_data_prepare(args):
@@ -518,6 +686,17 @@ def cmd_data_prepare(args):
     report = prepare(args.name, args.raw, args.out, progress=True)
     print(f"{args.name}: {report['masks']} label maps written under {args.out}; "
           f"train with --data {args.out} (the layout is recognised)")
+
+
+def _data_prepare_parser(actions):
+    from .data import prepare as prepare_module
+
+    d = actions.add_parser("prepare", help="one-off conversion of a downloaded benchmark",
+                           formatter_class=argparse.RawDescriptionHelpFormatter, description=prepare_module.__doc__)
+    d.set_defaults(fn=cmd_data_prepare)
+    d.add_argument("name", choices=sorted(prepare_module.PREPARE), help="which dataset")
+    d.add_argument("raw", type=Path, help="the downloaded (extracted) dataset folder")
+    d.add_argument("out", type=Path, help="output folder (may be the same as RAW)")
 
 
 def cmd_data_check(args):
@@ -550,6 +729,14 @@ def cmd_data_check(args):
           f"checked: {checked})")
 
 
+def _data_check_parser(actions):
+    d = actions.add_parser("check", help="scan a dataset: sizes, label values, class frequencies, bad pairs")
+    d.set_defaults(fn=cmd_data_check)
+    d.add_argument("dir", help="dataset folder (or NAME:PATH)")
+    d.add_argument("--split", help="split to scan (default: every split found, e.g. images/train and images/val)")
+    d.add_argument("--fast", action="store_true", help="read image headers only (skip full decoding)")
+
+
 def _ranges(values):
     """[0, 1, 2, 5, 255] -> '0-2, 5, 255'."""
     out, start = [], None
@@ -562,6 +749,55 @@ def _ranges(values):
     return ", ".join(out)
 
 
+@_verb("data", None, "prepare a benchmark dataset, or check a dataset folder",
+       "Datasets: ADE20K, Cityscapes, COCO-Stuff 164k / 10k, Pascal Context and Pascal VOC 2012 (+ SBD: voc-aug)\n"
+       "are read in their official layouts (give the folder to --data, or NAME:PATH, e.g. --data\n"
+       "cityscapes:/data/cityscapes); any other folder with images/, masks/ and classes.txt is a dataset of your\n"
+       "own (classes.txt: `ignore` as first line = 0 is unlabelled; `name R G B` lines read colour masks).")
+def _data_args(p):
+    actions = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
+    _data_prepare_parser(actions)
+    _data_check_parser(actions)
+
+
+def cmd_export(args):
+    from .files import output_file
+    from .errors import TransegError
+    from .export import export_onnx, slow_to_trace
+
+    output_file(args.out, example="model.onnx")  # said before the trace (export_onnx checks it too)
+    if args.out.suffix != ".onnx":
+        raise TransegError(f"{args.out}: the output must be an .onnx file")
+    model = _load(args, device="cpu")
+    shape = "one image of exactly that size" if args.static else "dynamic batch/height/width"
+    if not args.static and slow_to_trace(model):
+        shape += " (a Swin trace takes a minute or two; --static takes seconds)"
+    print(f"exporting {model.meta['variant']} ({args.checkpoint}) to {args.out}, traced at {args.size[0]}x{args.size[1]}, "
+          f"{shape} ...", flush=True)
+    r = export_onnx(model, args.out, sample_size=args.size, opset=args.opset, check=not args.no_check,
+                    static=args.static)
+    where = "two fresh inputs" if args.static else "two other input shapes"
+    check = (f"; onnxruntime vs PyTorch on {where}: max |diff| {r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "")
+    print(f"{r['path']}: opset {r['opset']}, {r['bytes'] / 1e6:.1f} MB, {r['isr']}{check}")
+
+
+@_verb("export", cmd_export, "export a checkpoint to ONNX (dynamic batch, height, width), checked by onnxruntime",
+       "Export to ONNX: input `image` [N,3,H,W] normalised with the mean/std in the file's metadata, output\n"
+       "`logits` [N,K,H/s,W/s] at the head's stride. Class names, palette, mean/std, the ISR setting and the test\n"
+       "protocol (how to size the input: keep-ratio resize, size divisor, whole image or sliding windows) are\n"
+       "stored in metadata_props['transeg'] (JSON; the protocol also as one line in metadata_props['test_protocol']).\n"
+       "Needs the onnx extra: pip install 'transeg[onnx]'.")
+def _export_args(p):
+    _add_checkpoint_arg(p)
+    p.add_argument("out", type=Path, help="output .onnx (written only after the check passes)")
+    p.add_argument("--size", type=_size, default=(256, 256), help="input HxW to trace with (default 256x256)")
+    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
+    p.add_argument("--static", action="store_true", help="a graph for one image of exactly --size: traces in "
+                   "seconds where a dynamic SeMask (Swin) trace takes minutes, and some runtimes want fixed shapes")
+    _add_isr_args(p)
+
+
 # ----------------------------------------------------------------------------------------------- parser
 def build_parser():
     parser = argparse.ArgumentParser(
@@ -570,192 +806,15 @@ def build_parser():
                     "Every verb runs without downloads: with no --data, the built-in synthetic dataset is used.")
     parser.add_argument("--version", action="version", version=f"transeg {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-
-    def verb(name, fn, help_, description=None):
-        examples = VERB_EXAMPLES.get(name)
-        p = sub.add_parser(name, help=help_, description=description or help_,
+    for verb in VERBS:
+        examples = VERB_EXAMPLES.get(verb.name)
+        p = sub.add_parser(verb.name, help=verb.help, description=verb.description or verb.help,
                            epilog=f"examples:\n{examples}" if examples else None,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        p.set_defaults(fn=fn)
-        if name in THREADED_VERBS:
+        p.set_defaults(fn=verb.fn)
+        if verb.name in THREADED_VERBS:
             p.add_argument("--threads", type=_count, metavar="N", help=THREADS_HELP)
-        return p
-
-    p = verb("models", cmd_models, "list model variants with the papers' and the measured params / GFLOPs")
-    p.add_argument("--family", help="only this family, e.g. segformer")
-    p.add_argument("--no-flops", action="store_true", help="skip counting GFLOPs (faster)")
-    p.add_argument("--pretrained", action="store_true", help="list the zoo: the checkpoints the authors released, "
-                   "by name (what every verb that takes a checkpoint accepts), with dataset, paper mIoU, source, "
-                   "how the download is checked, size and licence")
-
-    p = verb("pull", cmd_pull, "fetch a released checkpoint ahead of time (a zoo name or a Hugging Face repo id)",
-             "Fetch a released checkpoint once: download (resumable, checked), convert to a transeg .safetensors and\n"
-             "keep it in the cache ($TRANSEG_HOME, default ~/.cache/transeg); every later use reads the cache, offline\n"
-             "too. Releases hosted where a program cannot download from (Google Drive) take the file you downloaded:\n"
-             "--file PATH. Hugging Face repos honour HF_ENDPOINT, HF_HOME, HF_TOKEN and HF_HUB_OFFLINE.")
-    p.add_argument("name", help="a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
-    p.add_argument("--file", type=Path, help="the release's file, downloaded by hand (checked and converted)")
-
-    p = verb("train", cmd_train, "train a model (default: segformer-b0 on the built-in synthetic set)",
-             "Train a model. With no CONFIG and no --data this runs the quick start: segformer-b0 from scratch on the\n"
-             "built-in synthetic set, 2500 iterations of 8 images (bf16 where the CPU/GPU has it), ~9 minutes on 2 CPU cores.\n"
-             "Writes to --out: model.safetensors (latest), best.safetensors, train_state.pt (for --resume),\n"
-             "log.jsonl, config.yaml (the resolved settings), curves.png and val_iou.png.")
-    p.add_argument("config", nargs="?", type=Path, help="YAML recipe (keys of transeg.engine.TrainConfig)")
-    p.add_argument("--model", help="variant name, see `transeg models`")
-    p.add_argument("--data", help="folder with images/, masks/, classes.txt (default: synthetic)")
-    p.add_argument("--out", help="output directory (default runs/train)")
-    p.add_argument("--iters", type=int, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, help="images per step and process (recipes state the paper's total as "
-                   "global_batch, split over the processes)")
-    p.add_argument("--amp", choices=["no", "auto", "bf16", "fp16"],
-                   help="mixed precision; auto = bf16 where the hardware computes it natively (fp16 needs CUDA)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--workers", type=int, help="data-loading processes")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its train_state.pt. Only --iters (longer, or shorter down to "
-                        "where the run is: from there on the poly lr schedule runs over the new length), the "
-                        "eval/ckpt/log intervals, --workers, --device, --amp and the test settings may change")
-    p.add_argument("--pretrained", metavar="CKPT",
-                   help="fine-tune: a new run (its own --out) whose weights start from a transeg .safetensors, e.g. "
-                        "runs/a/model.safetensors of a finished run; optimizer and schedule start afresh; for data "
-                        "with another class count the classifier starts afresh (said in one line). Same as --set "
-                        "pretrained=CKPT")
-    p.add_argument("--auto-resume", action="store_true",
-                   help="continue the run in --out if there is one, else start it (for torchrun --max-restarts)")
-    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
-                   help="override any config key, e.g. --set lr=1e-4 crop_size=[256,256] warmup_iters=0 (may be "
-                        "repeated: all apply; a key given twice takes the last value, with a note)")
-
-    p = verb("eval", cmd_eval, "measure mIoU / mAcc / aAcc of a checkpoint on a dataset")
-    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors, a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
-    p.add_argument("--data", help="dataset folder (default: the data the model was trained on)")
-    p.add_argument("--split", default="val", help="split folder to use (default val)")
-    p.add_argument("--limit", type=int, help="only the first N images")
-    p.add_argument("--out", help="also write here the per-class IoU chart iou.png and predictions.png (image | "
-                   "prediction | ground truth of the first 4 images, with a legend)")
-    _add_protocol_args(p)
-    _add_speed_args(p)
-    _add_isr_args(p)
-
-    p = verb("predict", cmd_predict, "segment images: writes index-PNG masks and colour overlays")
-    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors, a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
-    p.add_argument("inputs", nargs="+", help="image files or folders of images")
-    p.add_argument("--out", required=True, help="output folder (nothing is written outside it; a folder holding "
-                   "one of the inputs is refused, so that no file of yours is replaced)")
-    p.add_argument("--alpha", type=_fraction, default=0.5, help="overlay opacity, 0..1 (default 0.5)")
-    p.add_argument("--no-legend", action="store_true",
-                   help="overlays without their legend (by default a corner box lists the classes present, their "
-                        "colours and shares; images under ~150 px have no room for it)")
-    p.add_argument("--grid", action="store_true",
-                   help=f"also write grid.png: image | prediction (| ground truth with --truth) for the first "
-                        f"{GRID_IMAGES} images, with a legend (the README's picture)")
-    p.add_argument("--truth", metavar="DIR", help="ground-truth masks for the grid, DIR/<image name>.png (index PNGs "
-                   "of class ids, as a dataset's masks/ folder); implies --grid")
-    p.add_argument("--max-megapixels", type=_positive, default=100.0,
-                   help="larger images are refused from their header, before decoding (default 100)")
-    _add_protocol_args(p)
-    _add_speed_args(p)
-    _add_isr_args(p)
-
-    p = verb("convert", cmd_convert, "convert a foreign checkpoint into a transeg .safetensors",
-             "Convert a foreign checkpoint. Files are read without running pickled code.\nformats:\n"
-             + "\n".join(f"  {k:14s}{v}" for k, v in formats().items()))
-    p.add_argument("src", type=Path, help="the foreign checkpoint file or directory")
-    p.add_argument("dst", type=Path, help="output .safetensors")
-    p.add_argument("--from", dest="from_format", required=True, choices=sorted(formats()), help="source format")
-    p.add_argument("--model", help="variant name (default: recognised from the weights)")
-    p.add_argument("--num-classes", type=int, help="expected class count (checked)")
-    p.add_argument("--base", type=Path, metavar="DIR", help="; ".join(f"--from {f.name}: {f.base}" for f in FORMATS.values()
-                                                                    if f.base))
-
-    p = verb("bench", cmd_bench, "params, GFLOPs and latency of a model or checkpoint")
-    p.add_argument("model", help="variant name (fresh weights), a .safetensors checkpoint, a zoo name or a Hugging Face "
-                   "repo id")
-    p.add_argument("--size", type=_size, default=(512, 512), help="input HxW (default 512x512)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--num-classes", type=int, default=150)
-    p.add_argument("--runs", type=int, default=10, help="timed runs (default 10): the median is reported with the "
-                   "quartiles, min and max, and a warning when the IQR exceeds 10%% of the median (bench.NOISY_SPREAD)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    _add_speed_args(p)
-    p.add_argument("--autocast", action="store_true",
-                   help="with --dtype bf16/fp16: keep fp32 weights and run under torch.autocast instead")
-    p.add_argument("--compare", choices=["hf"],
-                   help="also time Hugging Face transformers' SegFormer with the same weights in the same run "
-                        "(SegFormer variants; needs pip install transformers)")
-    p.add_argument("--flops", choices=["mmcv", "fvcore"],
-                   help="GFLOPs convention (default: the paper's: mmcv's counter for SegFormer/EDAFormer, fvcore's "
-                        "for SegViT -- it adds LayerNorm/upsampling terms and no conv bias)")
-    _add_isr_args(p)
-    g = p.add_argument_group("ISR sweep")
-    g.add_argument("--isr-sweep", action="store_true",
-                   help="GFLOPs and latency for each setting of EDAFormer's ISR table (trained, 2,1,1,1 ... 8,4,2,1 / 2,2,2), "
-                        "printed and plotted")
-    g.add_argument("--data", help="with a checkpoint: also mIoU per setting on this dataset (e.g. synthetic, a folder)")
-    g.add_argument("--split", default="val", help="split for --data (default val)")
-    g.add_argument("--limit", type=int, help="only the first N images of --data")
-    g.add_argument("--plot", default="isr_sweep.png", help="where the sweep's chart goes (default ./isr_sweep.png)")
-
-    p = verb("serve", cmd_serve, "serve a model over HTTP, with a page to look through (pip install 'transeg[serve]')",
-             "Serve a model over HTTP: POST /v1/segment (an image in, an index PNG or JSON out), GET /v1/model,\n"
-             "GET /healthz, API docs at /docs, and a page at / to drop an image on, see the overlay and try ISR.\n"
-             "Concurrent requests are batched on the device; overload is answered 503 with Retry-After.\n\n"
-             "examples:\n"
-             "  transeg serve runs/train/model.safetensors                 # then open http://127.0.0.1:8000/\n"
-             "  curl -F image=@photo.jpg 'http://127.0.0.1:8000/v1/segment?format=json'\n"
-             "  curl --data-binary @photo.jpg http://127.0.0.1:8000/v1/segment -o mask.png")
-    p.add_argument("model", help="a transeg .safetensors, a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
-                   "0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="default 8000")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    _add_speed_args(p)
-    g = p.add_argument_group("batching and limits")
-    g.add_argument("--max-batch", type=int, help="images of one size run together, at most this many (default: 8 "
-                   "on a GPU, 1 on a CPU, where batching gains nothing; see BENCHMARKS.md)")
-    g.add_argument("--window-ms", type=float, default=5.0, help="how long the first request of a batch waits for "
-                   "others (5 ms)")
-    g.add_argument("--max-pending", type=int, default=64, help="requests admitted at once; more get 503 (64)")
-    g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB; larger get 413 (20)")
-    g.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels; larger get 413 "
-                   "(40)")
-
-    from .data import prepare as prepare_module
-    p = verb("data", None, "prepare a benchmark dataset, or check a dataset folder",
-             "Datasets: ADE20K, Cityscapes, COCO-Stuff 164k / 10k, Pascal Context and Pascal VOC 2012 (+ SBD: voc-aug)\n"
-             "are read in their official layouts (give the folder to --data, or NAME:PATH, e.g. --data\n"
-             "cityscapes:/data/cityscapes); any other folder with images/, masks/ and classes.txt is a dataset of your\n"
-             "own (classes.txt: `ignore` as first line = 0 is unlabelled; `name R G B` lines read colour masks).")
-    dsub = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
-    d = dsub.add_parser("prepare", help="one-off conversion of a downloaded benchmark",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        description=prepare_module.__doc__)
-    d.set_defaults(fn=cmd_data_prepare)
-    d.add_argument("name", choices=sorted(prepare_module.PREPARE), help="which dataset")
-    d.add_argument("raw", type=Path, help="the downloaded (extracted) dataset folder")
-    d.add_argument("out", type=Path, help="output folder (may be the same as RAW)")
-    d = dsub.add_parser("check", help="scan a dataset: sizes, label values, class frequencies, bad pairs")
-    d.set_defaults(fn=cmd_data_check)
-    d.add_argument("dir", help="dataset folder (or NAME:PATH)")
-    d.add_argument("--split", help="split to scan (default: every split found, e.g. images/train and images/val)")
-    d.add_argument("--fast", action="store_true", help="read image headers only (skip full decoding)")
-
-    p = verb("export", cmd_export, "export a checkpoint to ONNX (dynamic batch, height, width), checked by onnxruntime",
-             "Export to ONNX: input `image` [N,3,H,W] normalised with the mean/std in the file's metadata, output\n"
-             "`logits` [N,K,H/s,W/s] at the head's stride. Class names, palette, mean/std, the ISR setting and the test\n"
-             "protocol (how to size the input: keep-ratio resize, size divisor, whole image or sliding windows) are\n"
-             "stored in metadata_props['transeg'] (JSON; the protocol also as one line in metadata_props['test_protocol']).\n"
-             "Needs the onnx extra: pip install 'transeg[onnx]'.")
-    p.add_argument("checkpoint", type=Path, help="a transeg .safetensors, a zoo name (`transeg models --pretrained`) or a Hugging Face repo id")
-    p.add_argument("out", type=Path, help="output .onnx (written only after the check passes)")
-    p.add_argument("--size", type=_size, default=(256, 256), help="input HxW to trace with (default 256x256)")
-    p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
-    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    p.add_argument("--static", action="store_true", help="a graph for one image of exactly --size: traces in "
-                   "seconds where a dynamic SeMask (Swin) trace takes minutes, and some runtimes want fixed shapes")
-    _add_isr_args(p)
+        verb.declare(p)
     return parser
 
 
