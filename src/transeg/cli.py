@@ -69,7 +69,7 @@ VERB_EXAMPLES = {
   transeg data check my_data/                         # sizes, label values, class frequencies
   transeg data prepare cityscapes /downloads/cityscapes /data/cityscapes""",
     "export": """\
-  transeg export runs/train/model.safetensors model.onnx --static --size 64x64   # one fixed size: seconds
+  transeg export runs/train/model.safetensors model.onnx --static --size 64x64   # one fixed size: the quickest trace
   transeg export runs/train/model.safetensors model.onnx                         # any batch / height / width
   transeg export ckpt.safetensors model.onnx --isr-encoder 2,2,1,1 --isr-decoder 2,2,2""",
 }
@@ -179,7 +179,7 @@ def _add_speed_args(p, default_dtype="fp32"):
                    help="inference precision: bf16/fp16 cast the weights (native low precision, faster than "
                         "autocast on AMX CPUs and tensor-core GPUs; ~3 significant digits). Default fp32")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile with weight freezing: the first image of each size compiles (~30 s on CPU), "
+                   help="torch.compile with weight freezing: the first image of each size compiles (a one-off wait), "
                         "later ones run faster; worth it for many images of one size")
 
 
@@ -339,7 +339,7 @@ def cmd_train(args):
 
 @_verb("train", cmd_train, "train a model (default: segformer-b0 on the built-in synthetic set)",
        "Train a model. With no CONFIG and no --data this runs the quick start: segformer-b0 from scratch on the\n"
-       "built-in synthetic set, 2500 iterations of 8 images (bf16 where the CPU/GPU has it), ~9 minutes on 2 CPU cores.\n"
+       "built-in synthetic set, 2500 iterations of 8 images (bf16 where the CPU/GPU has it; BENCHMARKS.md gives its time).\n"
        "Writes to --out: model.safetensors (latest), best.safetensors, train_state.pt (for --resume),\n"
        "log.jsonl, config.yaml (the resolved settings), curves.png and val_iou.png.")
 def _train_args(p):
@@ -793,8 +793,8 @@ def _export_args(p):
     p.add_argument("--size", type=_size, default=(256, 256), help="input HxW to trace with (default 256x256)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
-    p.add_argument("--static", action="store_true", help="a graph for one image of exactly --size: traces in "
-                   "seconds where a dynamic SeMask (Swin) trace takes minutes, and some runtimes want fixed shapes")
+    p.add_argument("--static", action="store_true", help="a graph for one image of exactly --size: much quicker to "
+                   "trace than a dynamic Swin graph, and some runtimes want fixed shapes")
     _add_isr_args(p)
 
 
