@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import transeg
 from seeded import seeded_input, seeded_state_dict
-from transeg.backbones.vit import MaskAnnealing
+from transeg.families.eomt.encoder import MaskAnnealing
 from transeg.flops import count_gmacs, count_params, meta_model
 from transeg.heads.mask2former_loss import mask2former_loss, semantic_targets
 from transeg.registry import VARIANTS
@@ -198,7 +198,8 @@ def test_mask_annealing_schedule():
     model = transeg.create_model("eomt-dinov2-l16", num_classes=3, embed_dim=32, depth=2, num_heads=2, crop=32,
                                  num_queries=4, query_blocks=1, mask_annealing=[[1], [3]]).train()
     seen = []
-    for _ in range(4):
+    for k in range(4):
+        model.set_iteration(k)  # the engine's call before step k
         model(torch.randn(1, 3, 32, 32))
         seen.append(model.backbone._probs[0])
     assert seen == [1.0, 1.0, pytest.approx(0.5 ** 0.9), 0.0]

@@ -148,7 +148,7 @@ def test_padding_crops_back_and_windows_fit():
                                  crop=64).eval()
     x = torch.randn(1, 3, 50, 70)
     assert model.predict(x).shape == (1, 50, 70)
-    scores = inference.predict(model, x, mode="slide", crop=(64, 64), stride=(32, 32), min_short_side=64)
+    scores = inference.normalised_scores(model, x, mode="slide", crop=(64, 64), stride=(32, 32), min_short_side=64)
     assert scores.shape == (1, 3, 50, 70)
 
 

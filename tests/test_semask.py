@@ -7,6 +7,7 @@ import torch
 
 import transeg
 from seeded import sample_positions, seeded_input, seeded_state_dict
+from transeg.contracts import LossInputs
 from transeg.convert import convert
 from transeg.flops import count_gmacs, count_params, meta_model
 from transeg.families.semask.fpn_head import semantic_decoder
@@ -75,7 +76,7 @@ def test_logits_equal_the_authors_code(index, tmp_path):
     with torch.no_grad():
         features, priors = model.backbone(x)
         head = model.decode_head
-        out = {"seg": head((features, priors)), "cls": semantic_decoder(priors)}
+        out = LossInputs(seg=head((features, priors)), cls=semantic_decoder(priors))  # the training output's type
     assert [list(f.shape[1:]) for f in features] == [list(s[1:]) for s in case["feature_shapes"]]
     assert [list(p.shape) for p in priors] == case["prior_shapes"]
     for key, name in (("seg", "seg"), ("cls", "cls")):
@@ -95,7 +96,7 @@ def test_loss_equals_the_authors(tmp_path):
     with torch.no_grad():  # the authors' loss on their eval-mode outputs (no dropout / drop path)
         features, priors = model.backbone(seeded_input(case["input_shape"], case["input_seed"]))
         head = model.decode_head
-        out = {"seg": head((features, priors)), "cls": semantic_decoder(priors)}
+        out = LossInputs(seg=head((features, priors)), cls=semantic_decoder(priors))  # the training output's type
     label = torch.randint(0, case["num_classes"], ref["label_shape"], generator=torch.Generator().manual_seed(90))
     label[:, :ref["ignored_rows"], :] = 255
     losses = model.loss(out, label)

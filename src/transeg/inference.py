@@ -5,7 +5,7 @@ Two levels, shared by `Segmentor.predict`, the evaluation loop, the CLI and the 
 - `segment(model, inputs)`: image files, PIL images or HxWx3 uint8 arrays -> one `Segmentation` each
   (label map at the image's own size, optionally the class probabilities), and `scores(model, images)`
   for uint8 tensors [N,3,H,W]: the protocol's resize, the model's normalisation, then
-- `predict(model, x)`: a normalised batch [N,3,H,W] -> per-class scores at `out_size` with mmseg's
+- `normalised_scores(model, x)`: a normalised batch [N,3,H,W] -> per-class scores at `out_size` with mmseg's
   test modes (whole image or sliding windows; multi-scale + flip). Scores are logits for a single
   pass and the mean of softmax probabilities when several scales/flips are combined (mmseg's
   aug_test); argmax of either is the prediction.
@@ -37,8 +37,7 @@ def _resize(x, size):
 def logits_whole(model, x):
     """One forward pass; scores at the input size (mmseg encode_decode; see Segmentor.logits: models
     that pad their input crop the padding back off, Mask2Former upsamples its masks first)."""
-    full = getattr(model, "logits", None)
-    return full(x) if full else _resize(model(x), x.shape[-2:])
+    return model.logits(x)
 
 
 def slide_windows(height, width, crop, stride):
@@ -115,7 +114,7 @@ def forward_sizes(image_size, protocol):
     return sizes
 
 
-def predict(model, x, protocol=None, out_size=None, batch_size=8, canvas_device="auto", probabilities=False,
+def normalised_scores(model, x, protocol=None, out_size=None, batch_size=8, canvas_device="auto", probabilities=False,
             **fields):
     """Scores [N, K, *out_size] (default: the input size) of a normalised batch `x` [N,3,H,W].
 
@@ -143,7 +142,7 @@ def predict(model, x, protocol=None, out_size=None, batch_size=8, canvas_device=
             logits = _resize(logits, out_size)
             if not as_probabilities:
                 return logits
-            probs = logits.float() if getattr(model, "outputs_probabilities", False) else logits.float().softmax(1)
+            probs = logits.float() if model.outputs_probabilities else logits.float().softmax(1)
             total = probs if total is None else total.add_(probs)
     return total / (len(protocol.scales) * (2 if protocol.flip else 1))
 
@@ -152,7 +151,7 @@ def is_default_isr(model):
     """True unless an ISR setting is applied (models without pooled attention: always True)."""
     from .isr import is_default
 
-    return is_default(getattr(model, "isr", None) or {})
+    return is_default(model.isr)
 
 
 def model_device(model):
@@ -162,7 +161,7 @@ def model_device(model):
 def scores(model, images, protocol=None, out_size=None, probabilities=False):
     """Scores [N, K, *out_size] (default: the images' size) of uint8 RGB images [N,3,H,W] (or one
     [3,H,W]) under `protocol` (default: the model's own): the protocol's keep-ratio resize and
-    alignment and the model's normalisation, then `predict` on the model's device."""
+    alignment and the model's normalisation, then `normalised_scores` on the model's device."""
     from .data.transforms import TestTransform
 
     protocol = protocol or model.protocol
@@ -170,7 +169,7 @@ def scores(model, images, protocol=None, out_size=None, probabilities=False):
     transform = TestTransform(scale=protocol.scale, size_divisor=protocol.size_divisor,
                               mean=model.meta["mean"], std=model.meta["std"])
     x = torch.stack([transform(image) for image in images.cpu()]).to(model_device(model), non_blocking=True)
-    return predict(model, x, protocol, out_size=out_size or images.shape[-2:], probabilities=probabilities)
+    return normalised_scores(model, x, protocol, out_size=out_size or images.shape[-2:], probabilities=probabilities)
 
 
 @dataclass
@@ -244,7 +243,7 @@ def read_input(item, max_pixels=MAX_PIXELS):
             raise TransegError(f"an image array must be HxWx3 uint8 RGB, got {item.dtype} {tuple(item.shape)}")
         return np.ascontiguousarray(item), None, ""
     raise TransegError(f"cannot segment a {type(item).__name__}: give an image path, a PIL image or an HxWx3 "
-                       "uint8 array (normalised tensors go to Segmentor.predict / inference.predict)")
+                       "uint8 array (normalised tensors go to Segmentor.predict / inference.normalised_scores)")
 
 
 def check_size(size, protocol, name="image"):

@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import inference
+from .contracts import Backbone, DecodeHead, IterationHook, LossInputs, mask_scores
 from . import isr as isr_module
 from .data.palettes import default_palette
 from .device import parse_dtype, resolve_device
@@ -21,7 +22,7 @@ class Segmentor(nn.Module):
     constructor arguments, class names, palette, and the normalisation mean/std (0-255 units).
     """
 
-    def __init__(self, backbone, decode_head, num_classes, meta=None):
+    def __init__(self, backbone: Backbone, decode_head: DecodeHead, num_classes, meta=None):
         super().__init__()
         self.backbone = backbone
         self.decode_head = decode_head
@@ -30,7 +31,17 @@ class Segmentor(nn.Module):
         self.fused = True  # the blocked loss (losses.upsampled_cross_entropy); layers.fusion.unfused turns it off
 
     def forward(self, x):
-        return self.decode_head(self.backbone(self._to_weight_dtype(x)))
+        """Logits (scores, for mask classification) at the head's stride in eval; in training what the
+        loss takes: logits, or the head's `LossInputs`."""
+        out = self.decode_head(self.backbone(self._to_weight_dtype(x)))
+        return mask_scores(out) if self.decode_head.mask_classification and not self.training else out
+
+    def set_iteration(self, iteration):
+        """The training hook (`contracts.IterationHook`): tell every part that declares it that `iteration`
+        optimizer steps are done, before the next one runs."""
+        for module in self.modules():
+            if isinstance(module, IterationHook):
+                module.set_iteration(iteration)
 
     def _to_weight_dtype(self, x):
         """Inputs follow native low-precision weights (optimize_for_inference(torch.bfloat16))."""
@@ -72,7 +83,7 @@ class Segmentor(nn.Module):
 
     def padded_size(self, size):
         """`size` rounded up to the backbone's `pad_multiple` (the size it really runs at)."""
-        m = getattr(self.backbone, "pad_multiple", 1)
+        m = self.backbone.pad_multiple
         return (round_up(size[0], m), round_up(size[1], m))
 
     def upsample_logits(self, logits, size):
@@ -86,18 +97,19 @@ class Segmentor(nn.Module):
 
     @property
     def outputs_probabilities(self):
-        """True when the head's scores are already probabilities (Mask2Former), so multi-scale
-        inference averages them as they are instead of through a softmax."""
-        return getattr(self.decode_head, "outputs_probabilities", False)
+        """True when the head's scores are already probabilities (mask classification: Mask2Former, EoMT),
+        so multi-scale inference averages them as they are instead of through a softmax."""
+        return self.decode_head.mask_classification
 
     def logits(self, x):
         """Scores at the input size: `upsample_logits(self(x))`, or, for heads that decide at full
-        resolution (Mask2Former: mask logits are upsampled before their sigmoid), the head's own
-        `scores` at the padded size, cropped."""
+        resolution (mask classification: mask logits are upsampled before their sigmoid), `mask_scores` at
+        the padded size, cropped."""
         size = x.shape[-2:]
-        if not hasattr(self.decode_head, "scores"):
+        if not self.decode_head.mask_classification:
             return self.upsample_logits(self(x).float(), size)
-        return self.decode_head.scores(self.backbone(self._to_weight_dtype(x)), self.padded_size(size)).float()[..., :size[0], :size[1]]
+        prediction = self.decode_head(self.backbone(self._to_weight_dtype(x)))
+        return mask_scores(prediction, self.padded_size(size)).float()[..., :size[0], :size[1]]
 
     def loss(self, logits, label, ignore_index=255, reduction="all", ohem=None, terms=None):
         """CE on logits upsampled (bilinear, align_corners=False) to the label size, or the head's own
@@ -105,7 +117,7 @@ class Segmentor(nn.Module):
         OHEMPixelSampler settings, e.g. {"thresh": None, "min_kept": 100000}. `terms`: a weighted sum of
         pixel losses instead of CE (`losses.pixel.check_terms`: class-weighted CE, Dice, Focal, Lovász),
         with class weights given as numbers."""
-        if isinstance(logits, dict):
+        if isinstance(logits, LossInputs):
             if not is_plain_ce(terms):
                 raise TransegError(f"{self.meta.get('variant', 'this model')}: its head trains with its own loss "
                                    "(mask classification); the loss setting applies to per-pixel heads only")
@@ -131,11 +143,11 @@ class Segmentor(nn.Module):
         together. Runs on the model's device and precision (`optimize_for_inference`).
 
         A normalised tensor batch [N,3,H,W] -> the label map tensor [N,H,W] at `out_size` (default: its
-        size); `fields` (mode, crop, stride, scales, flip, ...) change the protocol, see `inference.predict`.
+        size); `fields` (mode, crop, stride, scales, flip, ...) change the protocol, see `inference.normalised_scores`.
         """
         with isr_module.isr_setting(self, isr):
             if isinstance(inputs, torch.Tensor):
-                return inference.predict(self, inputs, protocol, out_size=out_size, **fields).argmax(1)
+                return inference.normalised_scores(self, inputs, protocol, out_size=out_size, **fields).argmax(1)
             one = not isinstance(inputs, (list, tuple))
             found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities, batch_size))
             return found[0] if one else found

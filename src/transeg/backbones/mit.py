@@ -31,6 +31,8 @@ class MiTBlock(nn.Module):
 class MixVisionTransformer(nn.Module):
     """Returns [c1, c2, c3, c4]: NCHW maps at strides 4, 8, 16, 32 with `embed_dims` channels."""
 
+    pad_multiple = 1  # no input padding beyond the patch embeddings' own (contracts.Backbone)
+
     def __init__(self, in_chans=3, embed_dims=(64, 128, 320, 512), num_heads=(1, 2, 5, 8), mlp_ratios=(4, 4, 4, 4),
                  depths=(3, 4, 6, 3), sr_ratios=(8, 4, 2, 1), drop_path_rate=0.1, qkv_bias=True):
         super().__init__()

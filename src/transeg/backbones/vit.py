@@ -19,18 +19,9 @@ Position embeddings are stored at the checkpoint grid (crop / P) and resized for
 are). Inputs whose sides are not multiples of P are zero-padded at the bottom/right (after
 normalisation, as Segmenter does); `pad_multiple` tells the segmentor to crop the logits back.
 
-EoMT (Kerssies et al., CVPR 2025) runs DINOv2's ViT with `num_register_tokens` (timm's `reg_token`),
-position embeddings for the patches only (`class_pos_embed=False`, timm's no_embed_class),
-`layer_scale_init` (LayerScale `ls1`/`ls2` in every block), and `num_queries` learned queries that
-join the last `query_blocks` blocks (prepended to the tokens: queries, class, registers, patches).
-Before each of those blocks a `mask_predictor` (set by the model that owns the mask module: EoMT's
-head) predicts masks from the normalised tokens; with probability `attn_mask_probs[j]` per query, that
-query then attends only to the patches inside its mask (the masked attention). The probabilities are
-annealed from 1 to 0 during training (`mask_annealing`, see `MaskAnnealing`); at 0, as the released
-models end (and a new model starts), the masked attention and the intermediate predictions are skipped
-outside training. Such a
-backbone returns [patch map, queries [N, Q, D], intermediate predictions [(mask logits, class logits)]].
-With DINOv3's ViT (Siméoni et al. 2025) EoMT has no position embeddings: `rope_theta` gives every block
+DINOv2's ViT (as EoMT runs it, `families/eomt/encoder.py` adding its queries): `num_register_tokens` (timm's
+`reg_token`), position embeddings for the patches only (`class_pos_embed=False`, timm's no_embed_class),
+`layer_scale_init` (LayerScale `ls1`/`ls2` in every block). With DINOv3's ViT (Siméoni et al. 2025) there are no position embeddings: `rope_theta` gives every block
 rotary position embeddings on the patches' queries and keys (`layers.rope`; class, register and query tokens
 unrotated), `rope_box_jittering` DINOv3's (shift, jitter, rescale) of the coordinates in training, and
 `key_bias=False` DINOv3's attention biases on queries and values only.
@@ -61,28 +52,6 @@ def resize_pos_embed(pos_embed, old_grid, new_grid, num_extra, mode="bilinear"):
     return torch.cat([extra, grid.permute(0, 2, 3, 1).reshape(1, -1, d)], dim=1)
 
 
-class MaskAnnealing:
-    """EoMT's mask annealing: block j's masked-attention probability is 1 before iteration `starts[j]`,
-    0 from `ends[j]` on, and (1 - progress) ** power in between (the authors' polynomial decay, power
-    0.9 as their LR schedule). The iteration is the number of training forward passes so far."""
-
-    def __init__(self, starts, ends, power=0.9):
-        if len(starts) != len(ends) or any(e <= s for s, e in zip(starts, ends)):
-            raise ValueError(f"mask annealing: each start must precede its end, got {list(starts)} / {list(ends)}")
-        self.starts, self.ends, self.power = tuple(int(v) for v in starts), tuple(int(v) for v in ends), float(power)
-
-    def __call__(self, iteration):
-        out = []
-        for start, end in zip(self.starts, self.ends):
-            if iteration < start:
-                out.append(1.0)
-            elif iteration >= end:
-                out.append(0.0)
-            else:
-                out.append((1.0 - (iteration - start) / (end - start)) ** self.power)
-        return out
-
-
 class PatchEmbed(nn.Module):
     def __init__(self, patch_size, in_chans, embed_dim):
         super().__init__()
@@ -95,14 +64,11 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     """Returns [map]: the last layer's normalised patch tokens as an NCHW map at stride `patch_size`."""
 
-    new_parameters = ("queries.",)  # what no pre-trained encoder brings (EoMT's queries): engine/optim.is_encoder
-
     def __init__(self, img_size=(512, 512), patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0,
                  distilled=False, drop_rate=0.0, drop_path_rate=0.1, norm_eps=1e-5, num_classes=1000,
                  pos_interp="bilinear", in_chans=3, out_indices=None, final_norm=True, cls_token_in_blocks=True,
                  drop_path_attn=True, shrink_index=None, logits_follow_padding=True, num_register_tokens=0,
-                 class_pos_embed=True, layer_scale_init=None, num_queries=0, query_blocks=0, mask_annealing=None,
-                 rope_theta=None, rope_box_jittering=None, key_bias=True):
+                 class_pos_embed=True, layer_scale_init=None, rope_theta=None, rope_box_jittering=None, key_bias=True):
         super().__init__()
         self.patch_size = patch_size
         # Segmenter upsamples its logits to the padded size and crops; mmseg resizes to the input size
@@ -134,25 +100,6 @@ class VisionTransformer(nn.Module):
                                                      drop_path_attn=drop_path_attn, layer_scale_init=layer_scale_init,
                                                      key_bias=key_bias)
                                     for i in range(depth))
-        self.num_queries, self.query_blocks = num_queries, query_blocks
-        if num_queries:
-            if not 0 < query_blocks <= depth:
-                raise ValueError(f"queries must join 1..{depth} blocks, got query_blocks={query_blocks}")
-            self.queries = nn.Embedding(num_queries, embed_dim)
-            # The per-block probabilities and the training forward passes so far (the iteration the annealing
-            # reads) are buffers, so checkpoints and resumed runs keep them; forward reads Python copies
-            # (`_probs`, `_iter`, refreshed on load), so no host sync, meta-device counting or export traces them.
-            # A new model starts at 0, the released models' state (no masked attention at inference); the
-            # annealing sets 1 from the first training step, as the authors' schedule starts.
-            self.register_buffer("attn_mask_probs", torch.zeros(query_blocks))
-            self.register_buffer("mask_annealing_iter", torch.zeros((), dtype=torch.long))
-            self._probs, self._iter = [0.0] * query_blocks, 0
-            self.register_load_state_dict_post_hook(VisionTransformer._read_mask_state)
-            self.mask_annealing = MaskAnnealing(*mask_annealing) if mask_annealing else None
-            if self.mask_annealing is not None and len(self.mask_annealing.starts) != query_blocks:
-                raise ValueError(f"mask_annealing gives {len(self.mask_annealing.starts)} blocks' schedules for "
-                                 f"query_blocks={query_blocks}; give one start and end per query block (or null)")
-            self.mask_predictor = None  # (queries, patch map) -> (mask logits, class logits): set by the head's owner
         self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm else None
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else None
         self.head_dist = nn.Linear(embed_dim, num_classes) if num_classes > 0 and distilled else None
@@ -162,8 +109,6 @@ class VisionTransformer(nn.Module):
         for p in (self.cls_token, self.dist_token, self.pos_embed):
             if p is not None:
                 nn.init.trunc_normal_(p, std=0.02)
-        if self.num_queries:
-            nn.init.normal_(self.queries.weight)
         self.apply(init_linear_norm)
         for head in (self.head, self.head_dist):
             if head is not None:
@@ -195,8 +140,6 @@ class VisionTransformer(nn.Module):
         return (self.norm(x) if self.norm is not None else x), grid
 
     def forward(self, x):
-        if self.num_queries:
-            return self._forward_with_queries(x)
         x, grid = self._embed(x)
         rope = self._rope(grid, x.device)
         extra = self.num_extra if self.cls_token_in_blocks else 0
@@ -215,65 +158,9 @@ class VisionTransformer(nn.Module):
                 outs.append(tokens_to_map(y[:, extra:], grid))
         return outs
 
-    def _forward_with_queries(self, x):
-        """EoMT's encoder: the queries join before block depth - query_blocks; masked attention in those
-        blocks wherever it is trained (training) or still on (attn_mask_probs > 0)."""
-        x, grid = self._embed(x)
-        rope = self._rope(grid, x.device)
-        first = len(self.blocks) - self.query_blocks
-        q, skip = self.num_queries, self.num_queries + self.num_extra  # queries, then class/register tokens
-        if self.training and self.mask_annealing is not None:
-            self.set_attn_mask_probs(self.mask_annealing(self._iter))
-            self._iter += 1
-            self.mask_annealing_iter.fill_(self._iter)
-        probs = self._probs
-        predictions = []
-        for i, block in enumerate(self.blocks):
-            attn_mask = None
-            if i == first:
-                x = torch.cat([self.queries.weight[None].expand(x.shape[0], -1, -1).to(x.dtype), x], dim=1)
-            if i >= first and (self.training or probs[i - first] > 0):
-                y = self.norm(x)
-                masks, classes = self.mask_predictor(y[:, :q], tokens_to_map(y[:, skip:], grid))
-                predictions.append((masks, classes))
-                attn_mask = self._attention_mask(x, masks, grid, probs[i - first])
-            x = block(x, attn_mask=attn_mask, rope=rope)
-        x = self.norm(x)
-        return [tokens_to_map(x[:, skip:], grid), x[:, :q], predictions]
-
     def _rope(self, grid, device):
         """(cos, sin) of the rotary position embeddings for the patch grid, or None (absolute positions)."""
         return None if self.rope is None else self.rope(grid, device)
-
-    def set_attn_mask_probs(self, probs):
-        """Set the masked-attention probability of each query block (1: always masked, 0: never; the
-        released models end at 0, so inference runs without masks or intermediate predictions)."""
-        probs = [float(p) for p in probs]
-        if len(probs) != self.query_blocks:
-            raise ValueError(f"{len(probs)} probabilities for {self.query_blocks} query blocks")
-        self._probs = probs
-        if not self.attn_mask_probs.is_meta:
-            self.attn_mask_probs.copy_(torch.tensor(probs, dtype=self.attn_mask_probs.dtype))
-
-    @staticmethod
-    def _read_mask_state(module, incompatible_keys):
-        if not module.attn_mask_probs.is_meta:
-            module._probs = module.attn_mask_probs.tolist()
-            module._iter = int(module.mask_annealing_iter)
-
-    def _attention_mask(self, x, mask_logits, grid, prob):
-        """[N, 1, T, T] bool, True where a token may attend: everything, except that each query sees only
-        the patches where its mask logit (bilinearly resized to the patch grid) is positive. Each query
-        keeps that restriction with probability `prob` (none at 0, all at 1)."""
-        if prob <= 0:
-            return None
-        n, t, q = x.shape[0], x.shape[1], self.num_queries
-        inside = F.interpolate(mask_logits, size=grid, mode="bilinear", align_corners=False).flatten(2) > 0
-        if prob < 1:  # queries drawn free of their masks this iteration
-            inside = inside | (torch.rand(n, q, device=x.device) > prob)[..., None]
-        mask = torch.ones(n, t, t, dtype=torch.bool, device=x.device)
-        mask[:, :q, q + self.num_extra:] = inside
-        return mask[:, None]
 
     def classify(self, x):
         """ImageNet logits from the class token (DeiT: mean of the class and distillation heads)."""

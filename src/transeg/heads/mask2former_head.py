@@ -217,7 +217,7 @@ class MaskedAttentionDecoder(nn.Module):
         self.class_embed = nn.Linear(dim, num_classes + 1)
         self.mask_embed = MaskEmbed(dim, mask_dim)
 
-    def predict(self, x, mask_features, attn_size):
+    def predict_masks(self, x, mask_features, attn_size):
         """Class logits, mask logits, and where the next cross-attention may look (bool [N, 1, Q, h·w])."""
         x = self.decoder_norm(x)
         masks = torch.einsum("bqc,bchw->bqhw", self.mask_embed(x), mask_features)
@@ -234,7 +234,7 @@ class MaskedAttentionDecoder(nn.Module):
                for m, (h, w) in zip(levels, sizes)]
         query_pos = self.query_embed.weight[None].expand(n, -1, -1)
         x = self.query_feat.weight[None].expand(n, -1, -1)
-        logits, masks, allowed = self.predict(x, mask_features, sizes[0])
+        logits, masks, allowed = self.predict_masks(x, mask_features, sizes[0])
         outputs = [(logits, masks)]
         for i, (cross, self_attn, ffn) in enumerate(zip(self.transformer_cross_attention_layers,
                                                         self.transformer_self_attention_layers,
@@ -242,7 +242,7 @@ class MaskedAttentionDecoder(nn.Module):
             lvl = i % self.num_levels
             x = cross(x, memory[lvl], pos[lvl], query_pos, allowed)
             x = ffn(self_attn(x, query_pos))
-            logits, masks, allowed = self.predict(x, mask_features, sizes[(i + 1) % self.num_levels])
+            logits, masks, allowed = self.predict_masks(x, mask_features, sizes[(i + 1) % self.num_levels])
             outputs.append((logits, masks))
         return {"pred_logits": outputs[-1][0], "pred_masks": outputs[-1][1],
                 "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in outputs[:-1]]}

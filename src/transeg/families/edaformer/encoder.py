@@ -20,6 +20,8 @@ from ...backbones.mit import build_stages, run_stages
 class EmbeddingFreeTransformer(nn.Module):
     """Returns [c1, c2, c3, c4]: NCHW maps at strides 4, 8, 16, 32 with `embed_dims` channels."""
 
+    pad_multiple = 1  # no input padding beyond the patch embeddings' own (contracts.Backbone)
+
     def __init__(self, in_chans=3, embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8), mlp_ratios=(3.8,) * 4,
                  depths=(2, 2, 10, 2), pooling_ratios=(8, 4, 2, 1), drop_path_rate=0.2, num_classes=0):
         super().__init__()

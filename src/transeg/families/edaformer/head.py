@@ -27,6 +27,8 @@ _BRANCHES = {
 
 
 class EDAFormerHead(nn.Module):
+    mask_classification = False  # per-pixel logits (contracts.DecodeHead)
+
     def __init__(self, in_channels, embed_dim, num_classes, mlp_ratio=2, dropout=0.1, drop_path=0.1):
         """in_channels: the encoder's four widths (c1 is not used)."""
         super().__init__()

@@ -2,11 +2,11 @@
 whose last blocks also carry the queries, with masked attention annealed away in training, and the mask
 module (`head.py`). Reads the authors' and Hugging Face's files (`convert.py`)."""
 from ... import zoo
-from ...backbones import VisionTransformer
 from ...registry import Family, Format, Paper, Variant, register, register_family, register_format
 from ...segmentor import Segmentor
 from ...zoo import HUB_WEIGHTS, Release
 from . import convert
+from .encoder import EoMTEncoder
 from .head import EoMTHead
 
 register_family(Family("eomt", "EoMT", "Kerssies et al., CVPR 2025",
@@ -31,14 +31,14 @@ def build_eomt(num_classes, embed_dim, depth, num_heads, patch_size=16, crop=512
     training iterations, the authors' schedule; None keeps `attn_mask_probs` as they are.
     DINOv3's ViT: rope_theta (rotary position embeddings instead of absolute ones; the crop then only sets the
     test windows), rope_box_jittering ((shift, jitter, rescale) of the RoPE coordinates in training), key_bias=False."""
-    backbone = VisionTransformer(img_size=(crop, crop), patch_size=patch_size, embed_dim=embed_dim, depth=depth,
-                                 num_heads=num_heads, drop_path_rate=drop_path_rate, norm_eps=norm_eps, num_classes=0,
-                                 pos_interp="bicubic", num_register_tokens=num_register_tokens, class_pos_embed=False,
-                                 layer_scale_init=layer_scale_init, num_queries=num_queries, query_blocks=query_blocks,
-                                 mask_annealing=mask_annealing, rope_theta=rope_theta,
-                                 rope_box_jittering=rope_box_jittering, key_bias=key_bias)
     head = EoMTHead(embed_dim, num_classes, patch_size, num_points=num_points)
-    backbone.mask_predictor = head.predict  # the masked attention asks the head for masks (a reference, not a submodule)
+    # the encoder asks the head for the masks of its masked attention (a typed reference, not a submodule)
+    backbone = EoMTEncoder(head, num_queries=num_queries, query_blocks=query_blocks, mask_annealing=mask_annealing,
+                           img_size=(crop, crop), patch_size=patch_size, embed_dim=embed_dim, depth=depth,
+                           num_heads=num_heads, drop_path_rate=drop_path_rate, norm_eps=norm_eps, num_classes=0,
+                           pos_interp="bicubic", num_register_tokens=num_register_tokens, class_pos_embed=False,
+                           layer_scale_init=layer_scale_init, rope_theta=rope_theta,
+                           rope_box_jittering=rope_box_jittering, key_bias=key_bias)
     return Segmentor(backbone, head, num_classes)
 
 

@@ -1,6 +1,6 @@
 """EoMT's mask module (Kerssies et al., "Your ViT is Secretly an Image Segmentation Model", CVPR 2025).
 
-EoMT has no decoder: learned queries join the ViT's last blocks (`backbones/vit.py`, `num_queries`,
+EoMT has no decoder: learned queries join the ViT's last blocks (`encoder.py`, `num_queries`,
 `query_blocks`) and this small module reads them out, after the encoder's final norm:
 - class head: a Linear on each query -> K + 1 logits (the last one is "no object");
 - mask MLP: three Linears with GELU between, on each query -> a mask embedding;
@@ -8,12 +8,13 @@ EoMT has no decoder: learned queries join the ViT's last blocks (`backbones/vit.
   depth-wise conv -> LayerNorm2d), log2(patch) - 2 of them (2 for patch 16: stride 4);
 - mask logits = mask embedding . upscaled map, per query and pixel.
 
-The same module predicts before each of the last blocks while masked attention is on (the backbone
-calls `predict` through its `mask_predictor`); those predictions are the deep supervision of the loss.
+The same module predicts before each of the last blocks while masked attention is on (the encoder calls
+`predict_masks`, the `contracts.MaskPredictor` the builder hands it); those predictions are the deep
+supervision of the loss.
 
 Semantic output, as the authors' semantic inference forms it: scores[k] = sum_q softmax(class)_q[k] *
-sigmoid(mask_q), "no object" dropped. These are probabilities, not logits (`outputs_probabilities`);
-at full resolution the mask logits are upsampled (bilinear) before the sigmoid (`scores`).
+sigmoid(mask_q), "no object" dropped (`contracts.mask_scores`). These are probabilities, not logits
+(`mask_classification`); at full resolution the mask logits are upsampled (bilinear) before the sigmoid.
 
 Names follow the authors' code (`class_head`, `mask_head.0/2/4`, `upscale.i.conv1/conv2/norm`), so their
 checkpoints map with a prefix change only.
@@ -23,7 +24,7 @@ import math
 import torch.nn.functional as F
 from torch import nn
 
-from ...heads.mask2former_head import semantic_scores
+from ...contracts import LossInputs, MaskPrediction, QueryFeatures
 from ...heads.mask2former_loss import mask2former_loss, semantic_targets
 
 
@@ -58,15 +59,15 @@ def num_upscale_blocks(patch_size):
 
 
 class EoMTHead(nn.Module):
-    """forward([patch map, queries, intermediate predictions]) from the EoMT backbone: in eval the
-    semantic scores at stride `stride`; in training a dict for `loss` with the final prediction
-    ("pred_logits" [N, Q, K+1], "pred_masks" [N, Q, h, w]) and the intermediate ones ("aux_outputs").
+    """forward(QueryFeatures) from the EoMT encoder: in eval the final `MaskPrediction` at stride `stride`;
+    in training `LossInputs` for `loss` with the final prediction ("pred_logits" [N, Q, K+1], "pred_masks"
+    [N, Q, h, w]) and the intermediate ones ("aux_outputs").
 
     Loss (the authors' weights): 2 * CE (no object 0.1) + 5 * mask BCE + 5 * dice on 12,544 points
     sampled as Mask2Former does, for the final and every intermediate prediction, each matched on its own.
     """
 
-    outputs_probabilities = True
+    mask_classification = True
 
     def __init__(self, embed_dim, num_classes, patch_size=16, num_points=12544, oversample_ratio=3.0,
                  importance_sample_ratio=0.75, class_weight=2.0, mask_weight=5.0, dice_weight=5.0,
@@ -83,30 +84,23 @@ class EoMTHead(nn.Module):
                              importance_sample_ratio=importance_sample_ratio, class_weight=class_weight,
                              mask_weight=mask_weight, dice_weight=dice_weight, no_object_weight=no_object_weight)
 
-    def predict(self, queries, patch_map):
+    def predict_masks(self, queries, patch_map) -> MaskPrediction:
         """queries [N, Q, D], patch map [N, D, h, w] (both after the encoder's norm) -> mask logits
         [N, Q, h * 2^b, w * 2^b] and class logits [N, Q, K + 1]."""
         masks = _einsum_masks(self.mask_head(queries), self.upscale(patch_map))
-        return masks, self.class_head(queries)
+        return MaskPrediction(masks, self.class_head(queries))
 
-    def decode(self, features):
-        patch_map, queries, intermediate = features
-        masks, logits = self.predict(queries, patch_map)
-        return {"pred_logits": logits, "pred_masks": masks,
-                "aux_outputs": [{"pred_logits": c, "pred_masks": m} for m, c in intermediate]}
+    def decode(self, features: QueryFeatures) -> LossInputs:
+        """The final and intermediate predictions in Mask2Former's layout, which its set loss reads."""
+        final = self.predict_masks(features.queries, features.patch_map)
+        return LossInputs(pred_logits=final.class_logits, pred_masks=final.mask_logits,
+                          aux_outputs=[{"pred_logits": p.class_logits, "pred_masks": p.mask_logits}
+                                       for p in features.predictions])
 
-    def forward(self, features):
-        out = self.decode(features)
+    def forward(self, features: QueryFeatures):
         if not self.training:
-            return semantic_scores(out["pred_logits"], out["pred_masks"])
-        return out
-
-    def scores(self, features, size):
-        """Semantic scores at `size` (the padded input size): mask logits upsampled (bilinear,
-        align_corners=False) before the sigmoid, as the authors' semantic inference does."""
-        out = self.decode(features)
-        masks = F.interpolate(out["pred_masks"].float(), size=tuple(size), mode="bilinear", align_corners=False)
-        return semantic_scores(out["pred_logits"], masks)
+            return self.predict_masks(features.queries, features.patch_map)
+        return self.decode(features)
 
     def loss(self, outputs, label, ignore_index=255, reduction="valid", ohem=None):
         """Mask2Former's set loss against the label map's per-class masks (zero-padded to the padded

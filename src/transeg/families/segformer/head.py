@@ -29,6 +29,8 @@ class MLP(nn.Module):
 
 
 class SegFormerHead(nn.Module):
+    mask_classification = False  # per-pixel logits (contracts.DecodeHead)
+
     def __init__(self, in_channels, embed_dim, num_classes, dropout=0.1):
         super().__init__()
         self.num_classes = num_classes

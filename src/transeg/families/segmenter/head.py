@@ -17,6 +17,8 @@ from ...layers.init import init_linear_norm
 
 
 class LinearDecoder(nn.Module):
+    mask_classification = False  # per-pixel logits (contracts.DecodeHead)
+
     def __init__(self, in_dim, num_classes, stride):
         super().__init__()
         self.num_classes = num_classes
@@ -30,6 +32,8 @@ class LinearDecoder(nn.Module):
 
 
 class MaskTransformer(nn.Module):
+    mask_classification = False  # per-pixel logits (contracts.DecodeHead)
+
     def __init__(self, in_dim, num_classes, stride, depth=2, embed_dim=None, num_heads=None, mlp_ratio=4.0,
                  drop=0.1, drop_path_rate=0.0, norm_eps=1e-5):
         super().__init__()

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...contracts import LossInputs
 from ...layers.init import init_linear_norm
 from .loss import atm_loss
 
@@ -88,6 +89,8 @@ class ATMHead(nn.Module):
     """`single=True` is the authors' ATMSingleHead (inside the Shrunk head): one level, no input
     projection, a mask from every layer, not accumulated."""
 
+    mask_classification = False  # per-pixel logits (contracts.DecodeHead)
+
     def __init__(self, in_channels, num_classes, img_size, embed_dim, num_heads, num_layers=3, use_stages=3,
                  use_proj=True, single=False, stride=16):
         super().__init__()
@@ -127,8 +130,8 @@ class ATMHead(nn.Module):
         pred = semantic_scores(logits[-1], pred_masks)
         if not self.training:
             return pred
-        return {"pred": pred, "pred_logits": logits[-1], "pred_masks": pred_masks,
-                "aux_outputs": [{"pred_logits": c, "pred_masks": m} for c, m in zip(logits[:-1], masks[:-1])]}
+        return LossInputs(pred=pred, pred_logits=logits[-1], pred_masks=pred_masks,
+                          aux_outputs=[{"pred_logits": c, "pred_masks": m} for c, m in zip(logits[:-1], masks[:-1])])
 
     def loss(self, outputs, label, ignore_index=255, reduction=None, ohem=None):
         """The ATM loss (its own normalisations; `reduction` and `ohem` do not apply)."""
@@ -139,6 +142,8 @@ class ATMHead(nn.Module):
 
 class TPNATMHead(nn.Module):
     """Shrunk SegViT's head: QU queries at stride 16, then an ATM decoder on them."""
+
+    mask_classification = False  # per-pixel logits (contracts.DecodeHead)
 
     def __init__(self, in_channels, num_classes, img_size, embed_dim, num_heads, num_layers=3, patch_size=16):
         super().__init__()

@@ -11,12 +11,13 @@ weights do not tell the two apart, so the rule is applied here from the variant 
 SeMask-Mask2Former (detectron2 code) has its own rule: only stage 4 global with 150 classes, windows
 everywhere otherwise (`global_stages_mask2former`).
 
-The backbone returns (features, priors): the four normalised maps and the four [N, K, h, w] prior maps.
+The backbone returns `contracts.SemanticFeatures`: the four normalised maps and the four [N, K, h, w] prior maps.
 """
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...contracts import SemanticFeatures
 from ...layers.init import init_linear_norm
 from ...backbones.swin import SwinTransformer, pad_to_windows, window_partition, window_reverse
 
@@ -94,5 +95,5 @@ class SeMaskSwinTransformer(SwinTransformer):
         prior, x = self.layers[stage].semantic_layer(self.layers[stage].run_blocks(x, hw), hw)
         return x, prior.transpose(1, 2).reshape(x.shape[0], -1, *hw)
 
-    def forward(self, x):
-        return self.stages(x)
+    def forward(self, x) -> SemanticFeatures:
+        return SemanticFeatures(*self.stages(x))

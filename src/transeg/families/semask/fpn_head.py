@@ -10,6 +10,7 @@ for the loss: CE on the main logits (optionally OHEM) + 0.4 × CE on the semanti
 import torch.nn.functional as F
 from torch import nn
 
+from ...contracts import LossInputs, SemanticFeatures
 from ...layers import ConvBNReLU
 from ...losses import ohem_cross_entropy, upsampled_cross_entropy
 
@@ -34,6 +35,8 @@ def semantic_decoder(priors, align_corners=False, size=None):
 
 
 class SeMaskFPNHead(nn.Module):
+    mask_classification = False  # per-pixel logits (contracts.DecodeHead)
+
     def __init__(self, in_channels, num_classes, channels=256, dropout=0.1, cate_weight=0.4):
         super().__init__()
         self.num_classes = num_classes
@@ -63,12 +66,12 @@ class SeMaskFPNHead(nn.Module):
             out = out + F.interpolate(head(x), size=out.shape[-2:], mode="bilinear", align_corners=False)
         return out
 
-    def forward(self, inputs):
+    def forward(self, inputs: SemanticFeatures):
         features, priors = inputs
         seg = self.conv_seg(self.dropout(self._merge(features, self.scale_heads)))
         if not self.training:
             return seg
-        return {"seg": seg, "cls": semantic_decoder(priors)}
+        return LossInputs(seg=seg, cls=semantic_decoder(priors))
 
     def loss(self, outputs, label, ignore_index=255, reduction="all", ohem=None):
         """loss_ce (OHEM when `ohem` = dict(thresh=None, min_kept=100000)) + 0.4 · loss_cate, both on logits

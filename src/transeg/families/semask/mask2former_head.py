@@ -3,7 +3,8 @@ beside SeMask's semantic decoder on the class priors, trained with Mask2Former's
 import torch.nn.functional as F
 from torch import nn
 
-from ...heads.mask2former_head import MaskedAttentionDecoder, MSDeformAttnPixelDecoder, semantic_scores
+from ...contracts import LossInputs, MaskPrediction, SemanticFeatures
+from ...heads.mask2former_head import MaskedAttentionDecoder, MSDeformAttnPixelDecoder
 from ...heads.mask2former_loss import mask2former_loss, semantic_targets
 from .fpn_head import semantic_decoder
 
@@ -12,15 +13,16 @@ class SeMaskMask2FormerHead(nn.Module):
     """The authors' `BranchMaskFormerHead` (pixel decoder + masked-attention decoder + semantic
     decoder) with their criterion as `loss`.
 
-    forward((features, priors)): in eval, the semantic scores at stride 4; in training a dict with
-    the decoder outputs and "sem" (the summed prior maps at the input size) for `loss`.
+    forward(SemanticFeatures): in eval, the final `MaskPrediction` at stride 4 (`contracts.mask_scores` forms
+    the scores); in training `LossInputs` with the decoder outputs and "sem" (the summed prior maps at the
+    input size) for `loss`.
     Loss (weights as the authors' config): 2 · CE + 5 · mask BCE + 5 · dice on 12,544 sampled points
     for the final and each of the 9 auxiliary predictions, plus 0.4 · CE of the semantic decoder
     (mean over non-ignored pixels) on the final one.
     """
 
     stride = 4
-    outputs_probabilities = True
+    mask_classification = True
 
     def __init__(self, in_channels, num_classes, conv_dim=256, mask_dim=256, enc_layers=6, enc_ffn_dim=1024,
                  num_heads=8, num_queries=100, dec_layers=9, dec_ffn_dim=2048, num_points=12544,
@@ -41,22 +43,14 @@ class SeMaskMask2FormerHead(nn.Module):
         mask_features, levels = self.pixel_decoder(features)
         return self.predictor(levels, mask_features)
 
-    def forward(self, inputs):
+    def forward(self, inputs: SemanticFeatures):
         features, priors = inputs
         out = self.decode(features)
         if not self.training:
-            return semantic_scores(out["pred_logits"], out["pred_masks"])
+            return MaskPrediction(out["pred_masks"], out["pred_logits"])
         h, w = features[0].shape[-2:]
         out["sem"] = semantic_decoder(priors, align_corners=True, size=(h * self.stride, w * self.stride))
-        return out
-
-    def scores(self, inputs, size):
-        """Semantic scores at `size` (the padded input size): mask logits upsampled (bilinear,
-        align_corners=False) before the sigmoid, as the authors' inference does."""
-        out = self.decode(inputs[0])
-        # fp32 from here on whatever the weights' dtype: these scores are sums over all queries
-        masks = F.interpolate(out["pred_masks"].float(), size=tuple(size), mode="bilinear", align_corners=False)
-        return semantic_scores(out["pred_logits"], masks)
+        return LossInputs(out)
 
     def loss(self, outputs, label, ignore_index=255, reduction="valid", ohem=None):
         """Set loss against the label map's per-class masks (zero-padded to the padded input size) plus
