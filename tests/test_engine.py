@@ -111,6 +111,7 @@ def test_slide_windows_match_mmseg_grid():
 class PixelModel(torch.nn.Module):
     """A per-pixel 1x1 conv 'segmentor': translation-equivariant, so slide == whole exactly."""
     num_classes = 3
+    outputs_probabilities = False  # what inference reads of a model beside `logits`
 
     def __init__(self):
         super().__init__()
@@ -119,13 +120,16 @@ class PixelModel(torch.nn.Module):
     def forward(self, x):
         return self.conv(x)
 
+    def logits(self, x):
+        return self(x)
+
 
 def test_slide_equals_whole_for_a_pixelwise_model():
     torch.manual_seed(0)
     model, x = PixelModel().eval(), torch.randn(2, 3, 50, 70)
     with torch.no_grad():
-        whole = inference.predict(model, x)
-        slide = inference.predict(model, x, mode="slide", crop=(32, 32), stride=(20, 24), batch_size=3)
+        whole = inference.normalised_scores(model, x)
+        slide = inference.normalised_scores(model, x, mode="slide", crop=(32, 32), stride=(20, 24), batch_size=3)
         on_cpu = inference.logits_slide(model, x, (32, 32), (20, 24), canvas_device="cpu")
     assert (whole - slide).abs().max().item() < 1e-5
     assert (whole - on_cpu).abs().max().item() < 1e-5
@@ -135,12 +139,12 @@ def test_flip_averages_softmax_of_both_directions():
     torch.manual_seed(0)
     model, x = PixelModel().eval(), torch.randn(1, 3, 8, 8)
     with torch.no_grad():
-        got = inference.predict(model, x, flip=True)
+        got = inference.normalised_scores(model, x, flip=True)
         # a pixel-wise model gives the same logits flipped back, so the average is one softmax
         expected = model(x).softmax(1)
     assert (got - expected).abs().max().item() < 1e-6
     with torch.no_grad():
-        multi = inference.predict(model, x, scales=[0.5, 1.0], out_size=(8, 8))
+        multi = inference.normalised_scores(model, x, scales=[0.5, 1.0], out_size=(8, 8))
     assert multi.shape == (1, 3, 8, 8) and torch.allclose(multi.sum(1), torch.ones(1, 8, 8))
 
 
