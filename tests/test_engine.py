@@ -238,6 +238,7 @@ def test_global_batch_splits_over_processes():
         per_process_batch(cfg, 3)
 
 
+@pytest.mark.integration
 def test_auto_resume_starts_or_continues(tmp_path):
     """resume="auto" (--auto-resume, what torchrun --max-restarts needs): a fresh --out starts the run,
     an interrupted one continues it to the same weights as an uninterrupted run."""

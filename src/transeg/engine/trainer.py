@@ -228,6 +228,7 @@ class _Training:
         for it in range(self.start, self.end):
             image, label = next(self.batches)
             with interrupts.step():
+                self.model.set_iteration(it)  # contracts.IterationHook: parts that follow the schedule (it: steps done)
                 self._step(image, label)
                 done = self.completed = it + 1
                 self.begin()
