@@ -74,8 +74,11 @@ from transeg.segmentor import Segmentor
 
 
 class ToyEncoder(nn.Module):
+    pad_multiple = 1  # no padding of its own (transeg.contracts.Backbone)
+
     def __init__(self, width):
         super().__init__()
+        self.out_channels = [width]
         self.stem = nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(),
                                   nn.Conv2d(width, width, 3, stride=2, padding=1), nn.ReLU())
 
@@ -84,8 +87,11 @@ class ToyEncoder(nn.Module):
 
 
 class ToyHead(nn.Module):
+    mask_classification = False  # per-pixel logits (transeg.contracts.DecodeHead)
+
     def __init__(self, width, num_classes):
         super().__init__()
+        self.num_classes, self.stride = num_classes, 4
         self.classifier = nn.Conv2d(width, num_classes, 1)
 
     def forward(self, features):

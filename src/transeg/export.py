@@ -51,7 +51,7 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
     _require("onnx", "onnxscript")
     path = output_file(path, example="model.onnx")  # a folder, or a folder that cannot be written: said now
     model = model.eval().float()
-    stride = getattr(model.decode_head, "stride", None)
+    stride = model.decode_head.stride
     protocol = model.protocol
     meta = {"variant": model.meta.get("variant"), "num_classes": model.num_classes, "classes": model.classes,
             "palette": model.meta.get("palette"), "mean": model.meta.get("mean"), "std": model.meta.get("std"),

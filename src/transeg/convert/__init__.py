@@ -113,7 +113,7 @@ def load_backbone_weights(model, src):
     if any(re.match(r"layers\.\d+\.ln1\.", k) for k in state):
         # mmseg's ViT layout (SegViT's ImageNet files, e.g. vit_large_p16_384_20220308-d4efb41d.pth): timm's
         # names; its top-level `ln1` is the final norm, which SegViT's encoder does not have
-        final_norm = getattr(model.backbone, "norm", None) is not None
+        final_norm = isinstance(model.backbone, VisionTransformer) and model.backbone.norm is not None
         state = {("norm." + k[4:] if k.startswith("ln1.") else vit.rename_mmseg(k)): v for k, v in state.items()
                  if final_norm or not k.startswith("ln1.")}
     if isinstance(model.backbone, VisionTransformer):

@@ -169,7 +169,7 @@ def fit_to(backbone, state, source):
 
     pe = state.get("pos_embed")
     if pe is not None and pe.shape != backbone.pos_embed.shape:
-        extra = backbone.num_extra if getattr(backbone, "class_pos_embed", True) else 0  # DINOv2: patches only
+        extra = backbone.num_extra if backbone.class_pos_embed else 0  # DINOv2: patches only
         tokens = pe.shape[1] - extra
         side = math.isqrt(tokens)
         if side * side != tokens:
