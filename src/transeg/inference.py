@@ -24,7 +24,7 @@ from .protocol import Protocol
 
 # The largest image `segment` decodes from a file unless told otherwise (max_pixels): 100 megapixels,
 # 0.3 GB as RGB and about 1.2 GB per float copy of it in the model; larger files are refused from
-# their header (a 20 kB PNG can declare 13000x13000, which made predict peak at 18.7 GB).
+# their header (a 20 kB PNG can declare 13000x13000 pixels).
 MAX_PIXELS = 100_000_000
 
 

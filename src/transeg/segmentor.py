@@ -66,7 +66,7 @@ class Segmentor(nn.Module):
         fp32 either way.)
         compile: torch.compile the backbone and head with inductor's weight freezing (constant
         folding, prepacked weights, fused element-wise kernels). The first call at each input size
-        compiles (tens of seconds on CPU); later calls are faster. Weights must not change after.
+        compiles (a one-off wait); later calls reuse the compiled graph. Weights must not change after.
 
         fp32 needs no call to be fast: the decoders' algebraic fusion (layers/fusion.py) always runs,
         as it computes the same function from the weights as they are. Returns self."""

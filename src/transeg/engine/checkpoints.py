@@ -45,8 +45,8 @@ def resume_command(out):
 def save_checkpoint(out, model, optimizer, scheduler, scaler, *, done, best, stale, cfg, loss_window, eval_pending,
                     device):
     """model.safetensors, then train_state.pt (atomically) of the run at iteration `done`. best: the best
-    value of cfg.best_metric so far (stored as "best_miou", its name when mIoU was the only choice, so that
-    older states resume); stale: evaluations since it last improved (for early_stop); loss_window: (sum,
+    value of cfg.best_metric so far (stored under "best_miou", the key every train state
+    uses, whichever metric it holds); stale: evaluations since it last improved (for early_stop); loss_window: (sum,
     count) of the log window in progress; eval_pending: an evaluation due at `done` was cut short."""
     save(model, out / "model.safetensors")
     running, running_n = loss_window

@@ -76,7 +76,8 @@ def fused_concat_conv_bn(inputs, projections, conv, bn, size):
             up = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
             # In place for inference (a full-size buffer less); not under autograd, where `out` is a
             # view of the linear's output and an in-place add makes backward rebuild the whole base
-            # (CopySlices) and hand the upsampling a non-channels-last gradient: ~0.5 s per B0 step.
+            # (CopySlices) and hand the upsampling a non-channels-last gradient, which costs far more than the
+            # buffer saved.
             out = out + up if out.requires_grad else out.add_(up)
     return out if shift is not None else bn(out)
 
@@ -107,7 +108,7 @@ def upsample_sum_gemm(acc, maps):
     """`acc + sum_i up(maps_i)` (bilinear, align_corners=False, to acc's size) as matrix products:
     each map is resampled along W by one batched GEMM, then all of them along H by a single GEMM
     that accumulates into `acc` (their H-matrices side by side, K = sum of the heights). Used for
-    bf16/fp16 on CPU, where the interpolation kernel runs ~6x slower than this (and rounds to bf16
+    bf16/fp16 on CPU, where the interpolation kernel runs several times slower than this (and rounds to bf16
     after every level, where the GEMM accumulates in fp32); equal to interpolate + add otherwise."""
     n, c, height, width = acc.shape
     rows, resampled = [], []
