@@ -1,12 +1,16 @@
-"""The command line end to end on tiny models: train -> eval -> predict, bench, models, and bad input."""
+"""transeg.cli: the verbs end to end on tiny models, --help and its examples, --threads, --device, bad input."""
 import json
+import shlex
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import TINY, TINY_DATA
-from transeg.cli import main
+from helpers import _ckpt, _error, _image, _png, _segmenter_train_args, run
+from transeg import cli
+from transeg.cli import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +126,124 @@ def test_corrupt_checkpoint_is_named(tmp_path, capsys):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00garbage")
     assert main(["eval", str(tmp_path / "bad.safetensors")]) == 2
     assert "bad.safetensors: not a safetensors file" in capsys.readouterr().err
+
+
+def test_threads_option_sets_torchs_threads_and_help_names_omp(work, capsys):
+    """--threads 1 after any computing verb: bench then reports "1 threads" and torch runs 1 thread."""
+    assert run(["bench", "runs/train/model.safetensors", "--size", "64x64", "--runs", "3", "--warmup", "0",
+                "--threads", "1"], work) == 0
+    assert torch.get_num_threads() == 1
+    assert ", 1 threads," in capsys.readouterr().out
+    for verb in ("train", "eval", "predict", "bench", "export", "serve"):
+        sub = build_parser()._subparsers._group_actions[0].choices[verb]
+        assert "OMP_NUM_THREADS" in " ".join(sub.format_help().split()), verb
+
+
+def _examples():
+    for verb, text in cli.VERB_EXAMPLES.items():
+        for line in text.splitlines():
+            yield verb, shlex.split(line.split("  #")[0])[1:]
+
+
+def test_every_verb_help_ends_with_examples_that_parse():
+    """Each verb's --help has an "examples:" section (serve's is in its description), and every example
+    parses with the real parser (no usage error)."""
+    choices = build_parser()._subparsers._group_actions[0].choices
+    assert len(choices) >= 9  # models train eval predict convert bench serve data export
+    for verb, sub in choices.items():
+        assert "\nexamples:\n" in sub.format_help(), verb
+    parser = build_parser()
+    for verb, argv in _examples():
+        assert argv[0] == verb
+        parser.parse_args(argv)
+
+
+CHEAP = ["models --family segformer --no-flops", "models --pretrained --family segmenter", "predict runs/train/model.safetensors photo.jpg --out preds/",
+         "predict runs/train/model.safetensors photo.jpg --out preds/ --grid",
+         "predict runs/train/model.safetensors data/images/val/ --out preds/ --grid --truth data/masks/val/",
+         "bench runs/train/model.safetensors --size 128x128"]
+
+
+def test_the_cheap_examples_run(work, capsys):
+    """The examples that take a second on the tiny model run as written, from the folder they assume."""
+    examples = {" ".join(argv) for _, argv in _examples()}
+    for line in CHEAP:
+        assert line in examples, line
+        assert run(shlex.split(line), work) == 0, line
+    assert (work / "preds" / "grid.png").is_file() and (work / "preds" / "photo_overlay.jpg").is_file()
+
+
+def test_unknown_family_is_one_line_with_did_you_mean(capsys):
+    """`models --family segfromer` printed an empty table and exited 0; now exit 2, one line."""
+    assert main(["models", "--family", "segfromer"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("transeg: error: unknown family 'segfromer'; did you mean 'segformer'?")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("verb", ["predict", "bench"])
+def test_device_cuda_without_cuda_is_one_line(ckpt, tmp_path, capsys, verb):
+    args = [str(_png(tmp_path / "x.png")), "--out", str(tmp_path / "o")] if verb == "predict" else ["--runs", "1"]
+    line = _error(capsys, main([verb, str(ckpt), *args, "--device", "cuda"]))
+    assert "device 'cuda': CUDA is not available on this machine" in line and "use --device cpu" in line
+
+
+# Bad input: one line naming the file and the problem, exit status 2, nothing half-written. The
+# README's robustness table lists these same cases.
+def _folder(tmp, image_size=(12, 16), mask_size=(12, 16), value=1, masks=True, images=True):
+    root = tmp / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("a\nb\nc\n")
+    if images:
+        Image.fromarray(np.zeros((*image_size, 3), np.uint8)).save(root / "images" / "x.png")
+    if masks:
+        Image.fromarray(np.full(mask_size, value, np.uint8)).save(root / "masks" / "x.png")
+    return root
+
+
+def _truncated(path):
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(path.with_suffix(".full.jpg"))
+    data = path.with_suffix(".full.jpg").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _bomb(path):
+    # 15000 x 12000 = 180M pixels of one bit: a 3 kB PNG that would decode to half a gigabyte of RGB
+    Image.new("1", (15000, 12000)).save(path, optimize=True)
+
+
+BAD = [
+    ("truncated image", lambda t: ["predict", str(_ckpt(t)), str(_image(t, "cut.jpg", _truncated)), "--out", str(t / "o")],
+     "cut.jpg: cannot read the image (image file is truncated"),
+    ("not an image", lambda t: ["predict", str(_ckpt(t)), str(_image(t, "junk.png", lambda p: p.write_bytes(b"\x89PNG junk"))),
+                                "--out", str(t / "o")], "junk.png: cannot read the image"),
+    ("decompression bomb", lambda t: ["predict", str(_ckpt(t)), str(_image(t, "bomb.png", _bomb)), "--out", str(t / "o")],
+     "bomb.png: cannot read the image (Image size (180000000 pixels) exceeds limit"),
+    ("mask size differs from its image", lambda t: ["data", "check", str(_folder(t, mask_size=(10, 20)))],
+     "x.png: mask is 20x10 (WxH) but its image x.png is 16x12"),
+    ("label value outside the classes", lambda t: ["data", "check", str(_folder(t, value=9))],
+     "x.png: label value 9 is outside the 3 classes of classes.txt (allowed 0..2 and 255=ignore)"),
+    ("empty dataset folder", lambda t: ["data", "check", str(_folder(t, masks=False, images=False))],
+     "images: no images"),
+    ("image without a mask", lambda t: ["data", "check", str(_folder(t, masks=False))],
+     "masks: no mask for 1 image(s) (x.png); each images/NAME.ext needs masks/NAME.png"),
+    ("checkpoint with another class count", lambda t: ["eval", str(_ckpt(t)), "--data", "synthetic"],
+     "tiny.safetensors: a 3-class model cannot be evaluated on synthetic with 6 classes"),
+    ("YAML with an unknown key", lambda t: ["train", str(_image(t, "r.yaml", lambda p: p.write_text("learning_rate: 0.1\n")))],
+     "r.yaml: unknown key 'learning_rate'; did you mean 'lr'?"),
+    ("loss becomes NaN", lambda t: _segmenter_train_args(t / "nan", 4, batch_size=2, lr=1e30, ckpt_interval=1, eval_interval=4),
+     "loss became nan by iteration 2; the last checkpoint, iteration 1, is"),
+]
+
+
+@pytest.mark.parametrize("case,argv,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_one_line(tmp_path, capsys, case, argv, message):
+    args = argv(tmp_path)
+    capsys.readouterr()
+    assert main(args) == 2
+    err = [line for line in capsys.readouterr().err.strip().splitlines() if line.startswith("transeg: error:")]
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing half-written
+

@@ -1,13 +1,17 @@
-"""Data: transforms (SegFormer / mmseg pipeline math), synthetic set, folder datasets, build_dataset."""
+"""transeg.data: transforms (SegFormer / mmseg pipeline math), synthetic set, folder datasets, build_dataset, prepare."""
 import hashlib
+import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from helpers import _error
+from transeg.cli import main
 from transeg.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -524,3 +528,88 @@ def test_augmentation_statistics_match_the_specification():
         passed.append(share < 0.75)
     p = 8 / 51
     assert abs(np.mean(passed) - (1 - (1 - p) ** 11)) < 0.03
+
+
+def test_summarize_reads_a_generated_dataset_like_a_folder_check():
+    """transeg.data.summarize: FolderDataset.check's summary for data that has no files: 4 images of
+    32x32 = 4096 pixels, the synthetic set's 6 classes, nothing ignored, sky and ground in every image."""
+    from transeg.data import summarize
+
+    s = summarize(SyntheticDataset("val", num_samples=4, size=32), progress=False)
+    assert (s["num_images"], s["total_pixels"], s["ignore_pixels"]) == (4, 4096, 0)
+    assert s["classes"] == ["sky", "ground", "disc", "box", "triangle", "ring"] and sum(s["class_pixels"]) == 4096
+    assert s["class_images"][:2] == [4, 4] and s["min_size"] == s["max_size"] == (32, 32)
+
+
+def test_data_check_on_the_synthetic_set_gives_its_summary(capsys):
+    """`transeg data check synthetic:...` ended in AttributeError; it now summarises the generated split
+    like a folder's (6 classes, every pixel labelled)."""
+    assert main(["data", "check", "synthetic:size=32,n=4"]) == 0
+    out = capsys.readouterr().out
+    assert "4 image/mask pairs, sizes 32x32 .. 32x32" in out and "ignored: 0.0% of pixels" in out and "sky" in out
+
+
+def _cityscapes(root):
+    for i in range(3):
+        mask = root / "gtFine" / "train" / "aachen" / f"aachen_{i:06d}_000019_gtFine_labelIds.png"
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((8, 12), 7, np.uint8)).save(mask)
+    (root / "leftImg8bit" / "train" / "aachen").mkdir(parents=True)
+    return root
+
+
+@pytest.mark.integration
+def test_a_killed_prepare_leaves_nothing_a_reader_takes_and_the_next_run_cleans_up(tmp_path):
+    """SIGKILL between writing a label map and renaming it into place (the worst moment) used to leave
+    tmpXXXXXXXX.png beside the masks, forever. The temporary is now a hidden .tmp file no reader
+    globs, and the next run removes it, and the old tmp*.png ones too."""
+    raw, out = _cityscapes(tmp_path / "raw"), tmp_path / "out"
+    folder = out / "gtFine" / "train" / "aachen"
+    folder.mkdir(parents=True)
+    (folder / "tmpab12cd_3.png").write_bytes(b"left by an older version")
+    script = textwrap.dedent(f"""
+        import os, signal
+        from transeg.data import prepare
+        calls = []
+        def replace(src, dst):
+            calls.append(dst)
+            if len(calls) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            os.rename(src, dst)
+        prepare.os.replace = replace
+        prepare.prepare("cityscapes", {str(raw)!r}, {str(out)!r}, progress=False)
+    """)
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    left = sorted(p.name for p in folder.iterdir())
+    assert any(n.endswith(".tmp") and n.startswith(".") for n in left), left  # the kill did leave a temporary
+    assert [n for n in left if n.endswith(".png") and not n.startswith("tmp")] == \
+        ["aachen_000000_000019_gtFine_labelTrainIds.png"], left  # one finished label map, no half-written .png
+    assert main(["data", "prepare", "cityscapes", str(raw), str(out)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == [f"aachen_{i:06d}_000019_gtFine_labelTrainIds.png"
+                                                        for i in range(3)]
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.startswith("tmp")]
+    assert os.listdir(out / "gtFine" / "train") == ["aachen"]
+
+
+@pytest.mark.parametrize("line,message", [
+    ("road 128 64", "classes.txt:2: 'road 128 64' has 2 numbers after the name; expected `name` or `name R G B`"),
+    ("road, 128, 64, 32, 255", "classes.txt:2: 'road, 128, 64, 32, 255' has 4 numbers after the name"),
+])
+def test_a_colour_written_wrongly_in_classes_txt_is_one_line(tmp_path, capsys, line, message):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True), (root / "masks").mkdir()
+    (root / "classes.txt").write_text(f"sky\n{line}\ncar 0 0 142\n")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(root / "images" / "x.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / "masks" / "x.png")
+    assert message in _error(capsys, main(["data", "check", str(root)]))
+
+
+def test_classes_txt_still_reads_names_and_colours(tmp_path):
+    """One trailing number belongs to the name ("lane 2"); three are a colour."""
+    from transeg.data.folder import read_classes
+
+    (tmp_path / "classes.txt").write_text("lane 2\nroad 128 64 128\nsky,70,130,180\n")
+    names, palette = read_classes(tmp_path / "classes.txt")
+    assert names == ["lane 2", "road", "sky"] and palette[1:] == [(128, 64, 128), (70, 130, 180)]
+

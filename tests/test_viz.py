@@ -1,5 +1,4 @@
-"""Pictures: exact colours and blend math of the Pillow label pictures; matplotlib charts whose geometry follows
-the numbers, measured on the rendered figure (every text inside the canvas, no two texts overlapping)."""
+"""transeg.viz and transeg.charts: exact colours, blends and legends of the label pictures; charts measured as drawn."""
 import math
 from unittest import mock
 
@@ -10,7 +9,9 @@ from matplotlib.font_manager import FontProperties, findfont, get_font
 from matplotlib.text import Text
 from PIL import Image
 
+from conftest import CLASSES, PALETTE
 from transeg import charts, viz
+from transeg.cli import main
 from transeg.errors import TransegError
 
 PAL = [(10, 20, 30), (40, 50, 60), (70, 80, 90)]
@@ -265,3 +266,104 @@ def test_iteration_ticks_read_in_thousands():
     _, texts = assert_clean(charts.curves_figure([{"iter": i, "loss": 1 / (1 + i)} for i in range(0, 16001, 1000)]))
     drawn = [t for t, _ in texts]
     assert "10k" in drawn and not any(t.endswith("000") for t in drawn)
+
+
+def test_overlay_has_a_legend_in_the_class_colours(work, tmp_path):
+    """With --alpha 0 the overlay is the grey photo itself, so pixels in a class colour can only be the
+    legend's swatches: each class of the mask has a swatch (13 px at this size, 11x11 inside the
+    outline; >= 49 pixels within the JPEG's error of its colour), absent classes none; the overlay keeps
+    the photo's size (256x200). --no-legend leaves none."""
+    Image.new("RGB", (256, 200), (128, 128, 128)).save(tmp_path / "grey.png")
+    ckpt = str(work / "runs" / "train" / "model.safetensors")
+    for flag, out in (([], "with"), (["--no-legend"], "without")):
+        assert main(["predict", ckpt, str(tmp_path / "grey.png"), "--out", str(tmp_path / out), "--alpha", "0"]
+                    + flag) == 0
+    present = set(np.unique(np.asarray(Image.open(tmp_path / "with" / "grey_mask.png"))).tolist())
+    for out, expect in (("with", present), ("without", set())):
+        img = np.asarray(Image.open(tmp_path / out / "grey_overlay.jpg")).astype(int)
+        assert img.shape == (200, 256, 3)
+        near = {c for c in range(6) if (np.abs(img - np.array(PALETTE[c])).max(-1) <= 12).sum() >= 49}
+        assert near == expect, out
+
+
+def test_overlay_legend_swatches_are_the_exact_palette_colours():
+    """In memory (before JPEG): a 240x320 label map of classes 0 (60 %) and 4 (40 %) over a black image at
+    alpha 0: the swatches are exactly PALETTE[0] and PALETTE[4] (>= 11x11 = 121 pixels each), in the
+    order of their shares, and no other class colour appears."""
+    label = np.zeros((240, 320), np.int64)
+    label[:, 192:] = 4
+    out = np.asarray(viz.add_legend(viz.overlay(np.zeros((240, 320, 3), np.uint8), label, PALETTE, 0.0), label,
+                                    CLASSES, PALETTE))
+    rows = {c: np.argwhere(np.all(out == PALETTE[c], -1)) for c in range(6)}
+    assert len(rows[0]) >= 121 and len(rows[4]) >= 121
+    assert all(len(rows[c]) == 0 for c in (1, 2, 3, 5))
+    assert rows[0][:, 0].mean() < rows[4][:, 0].mean()  # sky 60 % listed above triangle 40 %
+
+
+def test_predict_truth_writes_the_readme_grid(work, tmp_path):
+    """--truth DIR: grid.png holds image | prediction | ground truth. The truth panel is the 128x96 mask
+    scaled 2x to 256 px: runs of 128 px of sky and of box colour (exact: PNG); the legend below has
+    both swatches. A missing truth mask is one line before any work."""
+    ckpt = str(work / "runs" / "train" / "model.safetensors")
+    assert main(["predict", ckpt, str(work / "data" / "images" / "val"), "--out", str(tmp_path / "p"),
+                 "--truth", str(work / "data" / "masks" / "val")]) == 0
+    grid = np.asarray(Image.open(tmp_path / "p" / "grid.png"))
+    for c in (0, 3):
+        hit = np.all(grid == PALETTE[c], -1)
+        runs = [np.diff(np.flatnonzero(np.diff(np.concatenate([[0], r.astype(int), [0]])))) for r in hit if r.any()]
+        assert max(r.max() for r in runs) == 128
+    Image.new("RGB", (40, 40)).save(tmp_path / "other.png")
+    assert main(["predict", ckpt, str(tmp_path / "other.png"), "--out", str(tmp_path / "q"),
+                 "--truth", str(work / "data" / "masks" / "val")]) == 2
+    assert not (tmp_path / "q").exists()
+
+
+def test_iou_chart_title_has_no_missing_glyph_box_and_is_not_cut():
+    """The eval --out title "segformer-b0 — whole, resize ...", here with a multi-scale protocol (150 characters,
+    twice the 760-px chart's width at 13 pt) and a character matplotlib's font lacks (道): the title is wrapped,
+    not cut (its 2 drawn lines join to the whole title), it lies inside the canvas with no text overlapping
+    it, and every drawn character has a glyph (the em dash is DejaVu's own; 道 becomes "?", never a box)."""
+    title = ("segformer-b0 — whole, resize keep-ratio to (512, 128), align 32, scales [0.5, 0.75, 1.0, 1.25, 1.5, "
+             "1.75], flip, on the val split of 道 roads")
+    result = {"IoU": [0.9, 0.5, 0.3, 0.7, 0.2, 0.4], "mIoU": 0.5, "mAcc": 0.6, "aAcc": 0.9}
+    _, texts = assert_clean(charts.iou_figure(result, CLASSES, PALETTE, title=title))
+    assert missing_glyphs(texts) == []
+    drawn = [t for t, _ in texts if t.startswith("segformer-b0")]
+    assert len(drawn) == 1 and drawn[0].replace("\n", " ") == title.replace("道", "?")
+    assert drawn[0].count("\n") == 1
+
+
+SWEEP = [("1,1,1,1 / 1,1,1", .2347, 20.4, 77.7), ("2,1,1,1 / 1,1,1", .2331, 18.5, 77.7),
+         ("2,2,1,1 / 1,1,1", .2322, 19.5, 77.6), ("1,1,1,1 / 2,2,2", .2307, 21.6, 77.7),
+         ("2,2,1,1 / 2,2,2", .2283, 20.5, 77.0), ("4,2,1,1 / 2,2,2", .2279, 18.6, 77.6),
+         ("2,2,2,1 / 2,2,2", .2243, 19.6, 77.6), ("4,4,2,1 / 2,2,2", .2237, 17.9, 72.2),
+         ("4,4,2,2 / 2,2,2", .2219, 19.6, 72.2), ("8,4,2,1 / 2,2,2", .2237, 17.0, 72.2)]
+
+
+def test_isr_sweep_chart_labels_do_not_overlap_and_legend_marks_the_papers_setting():
+    """The README's EDAFormer-T sweep (docs/edaformer_isr_sweep.png), where 4,4,2,1 and 8,4,2,1 share a
+    GFLOPs value and, in the mIoU panel, a point: all 20 point labels (10 per panel) are drawn, inside the
+    canvas, none overlapping another text or covering any of the 20 markers; one legend below the panels
+    names the red baseline, the paper's setting, the other settings and the quartile bars; the paper's point
+    is a green diamond (its inside in the exact green: ~50 px in each panel and in the legend)."""
+    rows = [dict(label=l, GFLOPs=g, **{"latency ms": t, "mIoU": m, "p25 ms": t - .3, "p75 ms": t + .4})
+            for l, g, t, m in SWEEP]
+    fig = charts.tradeoff_figure(rows, title="edaformer-t: ISR", names=("trained setting (no ISR)", "ISR setting"),
+                                 marked=[4], marked_name="the paper's setting (2,2,1,1 / 2,2,2)",
+                                 whiskers={"latency ms": ("p25 ms", "p75 ms")})
+    img, texts = assert_clean(fig)
+    labels = [e for t, e in texts if t in {r["label"] for r in rows}]
+    assert len(labels) == 20
+    renderer = fig.canvas.get_renderer()
+    points = [line for ax in fig.axes for line in ax.lines if line.get_marker() in ("o", "D")]
+    markers = [line.get_window_extent(renderer) for line in points]  # the marker, its white edge included
+    assert len(markers) == 20
+    assert [(m.bounds, e.bounds) for m in markers for e in labels if overlap(m, e)] == []
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    paper = "the paper's setting (2,2,1,1 / 2,2,2)"
+    assert legend == ["trained setting (no ISR)", paper, "ISR setting", "bars: quartiles of the runs"]
+    diamonds = [line for line in points if line.get_marker() == "D"]
+    assert len(diamonds) == 2 and all(line.get_color() == charts.MARKED for line in diamonds)
+    green = np.all(np.asarray(img) == (44, 160, 44), -1).sum()  # charts.MARKED, #2ca02c
+    assert green >= 3 * 30
+

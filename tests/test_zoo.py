@@ -187,7 +187,7 @@ def test_an_imagenet_mit_from_the_hub_becomes_backbone_weights(server, monkeypat
 
 
 def _official_b0(tmp_path):
-    from test_reliability_io import _official_segformer
+    from helpers import _official_segformer
 
     return _official_segformer(tmp_path / "b0.pth").read_bytes()
 
