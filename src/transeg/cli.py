@@ -28,7 +28,7 @@ Every verb's --help ends with examples. Verbs that compute take --threads N (tor
 default: OMP_NUM_THREADS when set, else one per core).
 """
 
-# The examples at the end of each verb's --help (tests/test_newcomer_cli.py parses every one and runs
+# The examples at the end of each verb's --help (tests/test_cli.py parses every one and runs
 # the cheap ones on a tiny model at runs/train/model.safetensors).
 VERB_EXAMPLES = {
     "models": """\
