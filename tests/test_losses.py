@@ -162,6 +162,7 @@ def test_only_one_unweighted_ce_takes_the_row_blocked_path():
 def test_the_segmentor_sums_the_terms_on_upsampled_logits_and_keeps_its_blocked_ce_for_plain_ce():
     import transeg
     from conftest import TINY
+    from transeg.contracts import LossInputs
 
     model = transeg.create_model("segformer-b0", num_classes=K, **TINY)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(5))
@@ -174,8 +175,8 @@ def test_the_segmentor_sums_the_terms_on_upsampled_logits_and_keeps_its_blocked_
     plain = model.loss(logits, label, terms=check_terms([{"type": "ce"}]))["loss"]
     # the row-blocked CE (no full-size logits) against the published computation: same value
     assert plain.item() == pytest.approx(F.cross_entropy(full, label).item(), rel=1e-5)
-    with pytest.raises(TransegError, match="trains with its own loss"):
-        model.loss({"pred": logits}, label, terms=terms)
+    with pytest.raises(TransegError, match="trains with its own loss"):  # a head's own training outputs
+        model.loss(LossInputs(pred=logits), label, terms=terms)
 
 
 def _run_cfg(tmp_path, **kw):
