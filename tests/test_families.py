@@ -140,6 +140,7 @@ def test_a_new_family_is_one_module(toy_env, tmp_path):
     listed = _transeg(env, "models", "--family", "toyseg")
     row = next(line for line in listed.splitlines() if line.startswith("toyseg-s"))
     assert row.split()[1] == f"{2246 / 1e6:.1f}"  # params M column
+    assert row.split()[3:5] == ["64x64@150", "0.0"]  # GFLOPs counted at the paper's size (0.0007: "-" if not)
     assert "ToySeg: params of this module" in listed
 
     run = tmp_path / "run"
