@@ -24,7 +24,7 @@ LAYERS = [
     ("shared model code", ("transeg.heads", "transeg.backbones", "transeg.losses")),
     ("layers", ("transeg.layers",)),
     ("foundations", ("transeg.data", "transeg.viz", "transeg.images", "transeg.files", "transeg.hub", "transeg.isr",
-                     "transeg.device", "transeg.protocol", "transeg.errors", "transeg.version")),
+                     "transeg.device", "transeg.protocol", "transeg.errors", "transeg.version", "transeg.text")),
 ]
 
 

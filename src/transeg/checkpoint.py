@@ -10,12 +10,18 @@ arguments that build exactly the tensors the file holds; the build is stopped be
 more than the file could hold, so a file asking for a model of terabytes allocates nothing), and its
 weights must be finite (a NaN weight would otherwise evaluate, predict and export as if nothing were
 wrong).
+
+A foreign .pth is a zip archive whose central directory declares each entry's unpacked size; before
+`torch.load` unpacks anything, those sizes together may be at most `UNPACKED_RATIO` (2) times the file's size
+plus `UNPACKED_SLACK` (64 MiB). `torch.save` stores its entries uncompressed (unpacked = packed), so every
+real checkpoint fits; a small file that would unpack to gigabytes (a zip bomb) is refused from its header.
 """
 import inspect
 import json
 import math
 import pickle
 import re
+import zipfile
 from pathlib import Path
 
 import torch
@@ -114,7 +120,7 @@ def check_metadata(meta, path):
         raise bad(f"model_args.num_classes must be a whole number of classes, got {_describe(k)}")
     classes = meta.get("classes")
     if classes is not None and (not isinstance(classes, list) or len(classes) != k
-                                or not all(isinstance(c, str) for c in classes)):
+                                or not all(isinstance(c, str) and c.strip() for c in classes)):
         raise bad(f"'classes' must be a list of {k} class names, got {_describe(classes)}")
     palette = meta.get("palette")
     if palette is not None:
@@ -283,16 +289,23 @@ def load(path, map_location="cpu"):
 
 
 def load_state_dict_checked(model, state, source="checkpoint", target=None):
-    """Strict load whose error lists missing, unexpected and misshapen keys in one line each.
+    """Strict load whose error lists missing, unexpected, misshapen and wrongly typed (whole numbers for
+    floating-point weights) keys in one line each.
     `target` names what is loaded into in that error (default: the model's variant and classes)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     misshapen = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
                  for k in own if k in state and state[k].shape != own[k].shape]
-    if missing or unexpected or misshapen:
+    # whole-number (or bool) tensors for floating-point weights: copying would silently turn them into weights
+    # of whole numbers (a quantised or damaged file), which run and predict as if nothing were wrong
+    mistyped = [f"{k} ({str(state[k].dtype).removeprefix('torch.')}, not floating-point)"
+                for k in own if k in state and own[k].is_floating_point()
+                and isinstance(state[k], torch.Tensor) and not state[k].is_floating_point()]
+    if missing or unexpected or misshapen or mistyped:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)):
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen),
+                            ("of the wrong type", mistyped)):
             if keys:
                 more = f" (+{len(keys) - 5} more)" if len(keys) > 5 else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:5])}{more}")
@@ -319,8 +332,29 @@ def _numpy_safe_globals():
     return allowed
 
 
+UNPACKED_RATIO = 2
+UNPACKED_SLACK = 64 * 2**20
+
+
+def _check_unpacked_size(path, size):
+    """Refuse a zip-format .pth whose entries declare more unpacked bytes than the module docstring's bound."""
+    if not zipfile.is_zipfile(path):
+        return  # the legacy pickle format (torch < 1.6): its tensors are stored as they are
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return  # torch.load says what is wrong with it
+    limit = UNPACKED_RATIO * size + UNPACKED_SLACK
+    if declared > limit:
+        raise TransegError(f"{path}: refused: its {size:,} bytes declare {declared:,} bytes unpacked, more than "
+                           f"{UNPACKED_RATIO}x the file + {UNPACKED_SLACK // 2**20} MiB ({limit:,}); a checkpoint "
+                           "saved by torch.save is not compressed, so this one is damaged or a zip bomb")
+
+
 def load_foreign(path):
-    """Read a foreign .pth/.pt/.bin (weights_only, numpy meta allowed) or .safetensors file."""
+    """Read a foreign .pth/.pt/.bin (weights_only, numpy meta allowed) or .safetensors file. A zip-format .pth
+    that declares more unpacked bytes than the bound in the module docstring is refused before it is read."""
     path = Path(path)
     if not path.exists():
         raise TransegError(f"{path}: no such file")
@@ -329,8 +363,10 @@ def load_foreign(path):
             return load_file(str(path))
         except (SafetensorError, OSError) as e:
             raise TransegError(f"{path}: unreadable safetensors file ({e})") from None
-    if path.stat().st_size == 0:
+    size = path.stat().st_size
+    if size == 0:
         raise TransegError(f"{path}: empty file")
+    _check_unpacked_size(path, size)
     try:
         with torch.serialization.safe_globals(_numpy_safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .convert import formats
 from .registry import FAMILIES, FORMATS
+from .text import printable
 from .version import __version__
 
 EXAMPLES = """\
@@ -82,8 +83,11 @@ THREADS_HELP = ("CPU threads for torch's operators (torch.set_num_threads, and i
                 "--threads 1, or OMP_NUM_THREADS=1 for every program")
 
 
+MAX_SIDE = 65535  # HxW arguments: no image format stores a side longer (PNG's and JPEG's limits are 2^31 / 65535)
+
+
 def _size(text):
-    """'512x1024' or '512' -> (512, 1024) / (512, 512)."""
+    """'512x1024' or '512' -> (512, 1024) / (512, 512); each side 1..MAX_SIDE."""
     try:
         parts = [int(p) for p in text.lower().split("x")]
     except ValueError:
@@ -92,6 +96,8 @@ def _size(text):
         parts *= 2
     if len(parts) != 2 or min(parts) <= 0:
         raise argparse.ArgumentTypeError(f"expected HxW like 512x1024, got {text!r}")
+    if max(parts) > MAX_SIDE:
+        raise argparse.ArgumentTypeError(f"{text!r}: at most {MAX_SIDE} pixels per side")
     return tuple(parts)
 
 
@@ -257,6 +263,7 @@ def cmd_models(args):
              " ".join(f"{d} {m}" for d, m in r["miou"].items())]
             for r in variant_table(args.family, count_flops=not args.no_flops, progress=sys.stderr.isatty())]
     header = ["model", "params M", "paper", "GFLOPs at", "GFLOPs", "reported", "paper mIoU (single-scale)"]
+    rows = [[printable(c) for c in r] for r in rows]  # names and numbers that families registered
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -280,7 +287,7 @@ def _models_args(p):
 def _print_zoo(family):
     from . import zoo
 
-    rows = zoo.table(family)
+    rows = [[printable(c) for c in r] for r in zoo.table(family)]
     widths = [max(len(r[i]) for r in rows + [zoo.COLUMNS]) for i in range(len(zoo.COLUMNS))]
     for r in [zoo.COLUMNS] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
@@ -386,9 +393,9 @@ def cmd_eval(args):
     result = evaluate(model, dataset, _protocol(args, model), max_samples=args.limit)
     spec = args.data if args.data is not None else model.meta.get("dataset")
     count = len(dataset) if args.limit is None else min(args.limit, len(dataset))
-    print(f"{args.checkpoint} on {spec or 'synthetic'} ({args.split}, {count} images)")
+    print(printable(f"{args.checkpoint} on {spec or 'synthetic'} ({args.split}, {count} images)"))
     print(f"protocol: {result['protocol']}")
-    print(format_table(result, list(dataset.classes)))
+    print(format_table(result, [printable(c) for c in dataset.classes]))
     if out:
         palette = model.meta.get("palette") or dataset.palette
         save_image(iou_chart(result, list(dataset.classes), palette,
@@ -427,7 +434,7 @@ def cmd_predict(args):
     skipped = []
     files = image_files(args.inputs, skipped)  # listed once, before anything is written
     for path, what in skipped:
-        print(f"transeg: skipped {path}: {what}, not an image file", file=sys.stderr)
+        print(printable(f"transeg: skipped {path}: {what}, not an image file"), file=sys.stderr)
     # refused when it holds an input (nothing of the user's is replaced); checked before the model loads,
     # created after it did, so a bad checkpoint leaves no empty folder behind
     output_folder(args.out, inputs=files, create=False)
@@ -448,8 +455,9 @@ def cmd_predict(args):
         mask, overlay = out / f"{stem}_mask.png", out / f"{stem}_overlay.jpg"
         save_image(seg.mask(), mask)  # atomic: a full disk leaves no half-written file
         save_image(seg.overlay(alpha=args.alpha, legend=not args.no_legend), overlay, quality=92)
-        top = ", ".join(f"{name} {100 * share:.0f}%" for name, share in list(seg.shares().items())[:3])
-        tqdm.write(f"{Path(seg.source).name}{f' ({seg.note})' if seg.note else ''}: {top} -> {mask}, {overlay}")
+        top = ", ".join(f"{printable(name)} {100 * share:.0f}%" for name, share in list(seg.shares().items())[:3])
+        tqdm.write(printable(f"{Path(seg.source).name}{f' ({seg.note})' if seg.note else ''}: ") + top
+                   + printable(f" -> {mask}, {overlay}"))
         if grid and len(samples) < GRID_IMAGES:
             truth = read_truth(truths[seg.source], model.num_classes) if truths else None
             samples.append({"image": seg.image, "prediction": seg.labels, "truth": truth, "title": Path(seg.source).name})
@@ -507,8 +515,8 @@ def cmd_convert(args):
         raise TransegError(f"{args.dst}: the output must be a .safetensors file")
     model = convert(args.src, args.from_format, model=args.model, num_classes=args.num_classes, base=args.base)
     save(model, args.dst)
-    print(f"{args.src} -> {args.dst}: {model.meta['variant']}, {model.num_classes} classes, "
-          f"{count_params(model):,} params" + (", class names from the source" if model.meta.get("classes") else ""))
+    print(printable(f"{args.src} -> {args.dst}: {model.meta['variant']}, {model.num_classes} classes, ")
+          + f"{count_params(model):,} params" + (", class names from the source" if model.meta.get("classes") else ""))
 
 
 @_verb("convert", cmd_convert, "convert a foreign checkpoint into a transeg .safetensors")
@@ -709,7 +717,7 @@ def cmd_data_check(args):
     for index, (split, dataset) in enumerate(splits):
         s = dataset.check(progress=True, decode_images=not args.fast)
         total = max(s["total_pixels"], 1)
-        print(("\n" if index else "") + f"{dataset!r}")
+        print(("\n" if index else "") + printable(repr(dataset)))
         print(f"{s['num_images']} image/mask pairs, sizes {s['min_size'][1]}x{s['min_size'][0]} .. "
               f"{s['max_size'][1]}x{s['max_size'][0]} (WxH); raw label values: {_ranges(s['label_values'])}")
         print(f"ignored: {100 * s['ignore_pixels'] / total:.1f}% of pixels")
@@ -717,13 +725,13 @@ def cmd_data_check(args):
         print(f"{'class':24s} {'pixels %':>9s} {'images':>7s}")
         for i in order:
             if s["class_pixels"][i]:
-                print(f"{s['classes'][i][:24]:24s} {100 * s['class_pixels'][i] / total:9.3f} {s['class_images'][i]:7d}")
+                print(f"{printable(s['classes'][i])[:24]:24s} {100 * s['class_pixels'][i] / total:9.3f} {s['class_images'][i]:7d}")
         if s["absent_classes"]:
-            print(f"classes with no pixel in this split: {', '.join(s['absent_classes'])}")
+            print(f"classes with no pixel in this split: {', '.join(map(printable, s['absent_classes']))}")
         # the weights come from the training pixels: shown for train (or a flat folder, or the split asked for)
         if any(s["class_pixels"]) and (split in ("train", None) or args.split):
             print("class weights of `loss: [{type: ce, class_weight: auto}]` (ENet's 1/ln(1.02 + share), mean 1 over "
-                  "the pixels): " + ", ".join(f"{n} {w:.3g}" for n, w in zip(s["classes"], class_weights(s["class_pixels"]))))
+                  "the pixels): " + ", ".join(f"{printable(n)} {w:.3g}" for n, w in zip(s["classes"], class_weights(s["class_pixels"]))))
     checked = ", ".join(str(split) for split, _ in splits) if splits[0][0] is not None else "none (a flat folder)"
     print(f"all masks match their images and hold only allowed values (split{'s' if len(splits) > 1 else ''} "
           f"checked: {checked})")
@@ -763,8 +771,9 @@ def _data_args(p):
 def cmd_export(args):
     from .files import output_file
     from .errors import TransegError
-    from .export import export_onnx, slow_to_trace
+    from .export import check_trace_size, export_onnx, slow_to_trace
 
+    check_trace_size(args.size)
     output_file(args.out, example="model.onnx")  # said before the trace (export_onnx checks it too)
     if args.out.suffix != ".onnx":
         raise TransegError(f"{args.out}: the output must be an .onnx file")
@@ -790,7 +799,8 @@ def cmd_export(args):
 def _export_args(p):
     _add_checkpoint_arg(p)
     p.add_argument("out", type=Path, help="output .onnx (written only after the check passes)")
-    p.add_argument("--size", type=_size, default=(256, 256), help="input HxW to trace with (default 256x256)")
+    p.add_argument("--size", type=_size, default=(256, 256), help="input HxW to trace with (default 256x256; at most "
+                   "4096x4096: export.MAX_TRACE_SIDE)")
     p.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--static", action="store_true", help="a graph for one image of exactly --size: much quicker to "
@@ -835,7 +845,7 @@ def main(argv=None):
     try:
         args.fn(args)
     except TransegError as e:
-        print(f"transeg: error: {e}", file=sys.stderr)
+        print(f"transeg: error: {printable(e)}", file=sys.stderr)  # file names and text from files, escaped
         return 2
     except KeyboardInterrupt:
         print("transeg: interrupted", file=sys.stderr)

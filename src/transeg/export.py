@@ -8,6 +8,10 @@ class names, palette, mean/std (0-255 units), stride, the ISR setting the graph 
 and the test protocol (the input-size rule: keep-ratio resize, size divisor, whole / sliding
 window; `protocol`, `Protocol.to_meta`'s form, and `protocol_text`) — is stored in the file's
 metadata_props under "transeg" (JSON); "test_protocol" holds the protocol as one readable line.
+
+The trace size (`sample_size`, the CLI's --size) is at most `MAX_TRACE_SIDE` (4096) pixels per side: the
+graph is traced and checked on a few random images of about that size, and a dynamic graph runs at any
+size afterwards, so nothing is gained by tracing larger; a larger size is refused before the model is traced.
 """
 import contextlib
 import io
@@ -21,6 +25,8 @@ import torch
 from .files import atomic_write
 from .errors import TransegError
 from .isr import describe
+
+MAX_TRACE_SIDE = 4096
 
 
 def _require(*modules):
@@ -41,6 +47,14 @@ def slow_to_trace(model):
     return isinstance(model.backbone, SwinTransformer)
 
 
+def check_trace_size(sample_size):
+    """TransegError (one line) unless `sample_size` is (H, W) of whole numbers 1..MAX_TRACE_SIDE."""
+    h, w = sample_size
+    if not all(isinstance(v, int) and 1 <= v <= MAX_TRACE_SIDE for v in (h, w)):
+        raise TransegError(f"--size {h}x{w}: the trace size is at most {MAX_TRACE_SIDE}x{MAX_TRACE_SIDE} (the graph "
+                           f"runs at any size afterwards; 256x256 is the default)")
+
+
 def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, atol=1e-4, static=False):
     """Export `model` (a Segmentor, in eval mode, with its current ISR) to `path`; with `check`, run
     onnxruntime and PyTorch on inputs of two other shapes and compare. Returns a report dict.
@@ -48,6 +62,7 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
     with no symbolic shape reasoning, which a dynamic Swin (SeMask) trace spends most of its time on."""
     from .files import output_file, plain_permissions
 
+    check_trace_size(sample_size)
     _require("onnx", "onnxscript")
     path = output_file(path, example="model.onnx")  # a folder, or a folder that cannot be written: said now
     model = model.eval().float()

@@ -4,7 +4,11 @@ Inputs are read only when they are regular files (a FIFO would wait for a writer
 never ends). Outputs are checked before any work is done (`output_folder`, `output_file`: writable,
 never one of the inputs) and written atomically (`atomic_write`: a temporary beside the target, fsync,
 rename), so a reader sees the old file or the new one and a full disk leaves the previous file intact.
-Every problem is one `TransegError` line naming the file.
+Every problem is one `TransegError` line naming the file. A name longer than the file system takes (each
+part of the path at most its NAME_MAX bytes, 255 on common file systems; the whole path at most
+PATH_MAX, 4096) is refused by `output_file` / `output_folder` / `atomic_write` before any work, and the
+temporary file beside an output uses at most `TMP_STEM` characters of its name, so any name the file
+system takes can be written atomically.
 """
 import os
 import re
@@ -13,6 +17,41 @@ import tempfile
 from pathlib import Path
 
 from .errors import TransegError
+
+TMP_STEM = 64  # characters of the output's name in its temporary's name (".NAME.XXXXXXXX.tmp")
+
+
+def _short(path, keep=48):
+    """`path` for a message, each part cut to `keep` characters (a 4,000-character name is no use to read)."""
+    parts = [p if len(p) <= keep else p[:keep] + "..." for p in str(path).split(os.sep)]
+    return os.sep.join(parts)
+
+
+def check_name_length(path):
+    """TransegError (one line) when `path`, or one of its parts, is longer than the file system allows
+    (ENAMETOOLONG): NAME_MAX bytes per part of the nearest existing folder's file system, PATH_MAX in all."""
+    path = Path(path)
+    existing = next((p for p in (path.parent, *path.parent.parents) if _exists(p)), Path("."))
+    try:
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    too_long = next((part for part in path.parts if len(os.fsencode(part)) > name_max), None)
+    if too_long is not None:
+        raise TransegError(f"{_short(path)}: a name of {len(os.fsencode(too_long)):,} bytes; this file system takes "
+                           f"at most {name_max} per name (file name too long): choose a shorter one")
+    if len(os.fsencode(str(path.absolute()))) >= path_max:
+        raise TransegError(f"{_short(path)}: a path of {len(os.fsencode(str(path.absolute()))):,} bytes; at most "
+                           f"{path_max - 1} (file name too long): choose a shorter one")
+    return path
+
+
+def _exists(path):
+    try:
+        return os.path.exists(path)
+    except (OSError, ValueError):
+        return False
+
 
 def _kind(mode):
     """What a non-regular file is, for messages: "a FIFO (named pipe)", "a character device", ..."""
@@ -61,7 +100,7 @@ def output_folder(path, inputs=(), create=True):
     created), and holding none of `inputs`: outputs written beside the inputs could replace the user's
     own files of the same names (a_mask.png) and would be read back as inputs by the next run, so such
     a folder is refused rather than written into. Returns it as a Path; raises TransegError (one line)."""
-    path = Path(path)
+    path = check_name_length(path)
     if path.exists() and not path.is_dir():
         raise TransegError(f"{path}: is a file, not a folder; outputs go to a folder (created if missing)")
     where = path.resolve()
@@ -103,7 +142,7 @@ def replaceable(path):
     kept). Raises TransegError when that is something other than a regular file (a FIFO, a device, a socket):
     an output only ever creates a file or replaces a regular one, so a node such as /dev/full is never
     turned into a file."""
-    path = Path(path)
+    path = check_name_length(path)
     target = Path(os.path.realpath(path)) if path.is_symlink() else path
     try:
         mode = os.stat(target).st_mode
@@ -124,7 +163,7 @@ def output_file(path, example=None, inputs=()):
     its folder writable (created if missing), and neither one of `inputs` nor inside an input folder (a
     converted model written into the Hugging Face folder it came from would replace its weights). `example`
     names a file for the message when `path` is a folder. Returns a Path."""
-    path = Path(path)
+    path = check_name_length(path)
     if path.is_dir():
         raise TransegError(f"{path}: is a folder; give the file to write, e.g. {path / (example or 'output')}")
     replaceable(path)
@@ -175,7 +214,7 @@ def atomic_write(path, write):
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name[:TMP_STEM]}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         write(tmp)
         plain_permissions(tmp)  # mkstemp makes it 0600; the file gets what a plain open() would give it

@@ -8,6 +8,12 @@ this module reads the source, calls the format's converter, builds the variant i
 the weights. `read_backbone_state` / `load_backbone_weights` fit ImageNet encoder weights (timm,
 DeiT, AugReg, mmseg, Hugging Face ViT / DINOv3 and the layouts families add with
 `register_backbone_layout`) to a model's backbone.
+
+What `convert` returns, `save` writes and `load` accepts: before a model is handed back, its metadata goes
+through `checkpoint.check_metadata` (a class count >= 1, class names that are non-empty strings, one per
+class, a palette of [r, g, b]) and its weights through the checks `load` runs (every tensor present and
+of its shape, floating-point weights not given whole numbers, all finite), each failure one line naming
+the source. A Hugging Face config.json is read by `hf_config.read_config` (bounded size and depth).
 """
 import re
 from pathlib import Path
@@ -15,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backbones import SwinTransformer, VisionTransformer
-from ..checkpoint import load_foreign, load_state_dict_checked
+from ..checkpoint import check_metadata, first_nonfinite, load_foreign, load_state_dict_checked, model_metadata
 from ..data.classes import by_count
 from ..errors import TransegError
 from ..registry import FORMATS, create_model, get_format
@@ -39,19 +45,36 @@ def convert(src, fmt, model=None, num_classes=None, base=None):
         raise TransegError(f"--base: only {takers or 'no format'} reads delta files, not --from {fmt}")
     obj = src if found_format.reads_path else load_foreign(src)
     found = found_format.convert(obj, src, model, **({"base": base} if base else {}))
-    if num_classes is not None and num_classes != found["num_classes"]:
-        raise TransegError(f"{src}: holds a {found['num_classes']}-class head, not {num_classes}")
+    k = found["num_classes"]
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise TransegError(f"{src}: its head has {k} classes; a segmentation model needs at least 1")
+    if num_classes is not None and num_classes != k:
+        raise TransegError(f"{src}: holds a {k}-class head, not {num_classes}")
     classes, palette = found["classes"], found["palette"]
-    known = by_count(found["num_classes"]) if classes is None else None
+    known = by_count(k) if classes is None else None
     if known:  # no names in the file: the benchmark with this class count (ADE20K 150, Cityscapes 19, ...)
         classes, palette = list(known[1]), palette or (known[2] and [list(c) for c in known[2]])
-    net = create_model(found["variant"], num_classes=found["num_classes"], classes=classes,
+    net = create_model(found["variant"], num_classes=k, classes=classes,
                        palette=palette, **found.get("overrides", {}))
     load_state_dict_checked(net, found["state"], source=src)
     net.meta["converted_from"] = f"{fmt}:{src.name}"
     if found.get("test"):
         net.protocol = found["test"]
+    _check_loadable(net, src)
     return net.eval()
+
+
+def _check_loadable(net, src):
+    """Refuse (one line naming `src`) a converted model that `save` would write and `load` refuse."""
+    try:
+        check_metadata(model_metadata(net), src)
+    except TransegError as e:
+        raise TransegError(str(e).replace("bad transeg metadata", "cannot be converted", 1)
+                           .replace("; re-save the model or convert the original again", "")) from None
+    bad = first_nonfinite(net.state_dict())
+    if bad:
+        raise TransegError(f"{src}: cannot be converted: tensor {bad[0]} holds {bad[1]} NaN/inf value(s); the source's "
+                           "weights are damaged")
 
 
 # Backbone layouts families add: (is_layout(state) -> bool, to_transeg(state, source) -> state), tried in order

@@ -5,6 +5,7 @@ of the released mmseg configs that SegFormer and EDAFormer have in common.
 SegFormer and EDAFormer also share the MiT / EFT key layout (`backbone.patch_embed{s}`,
 `backbone.block{s}.{j}`, `decode_head.linear_pred`): `stage_shapes` and `head_shape` read it.
 """
+import numbers
 import re
 
 from ..errors import TransegError
@@ -26,11 +27,24 @@ def read_mmseg_state(obj, source, what):
     return state, meta.get("CLASSES"), meta.get("PALETTE")
 
 
+def _colour(c):
+    """An [r, g, b] of plain ints from meta's (numpy ints, tuples); anything else as it is, for
+    `convert`'s check to name."""
+    if not isinstance(c, (list, tuple)) and not hasattr(c, "tolist"):
+        return c
+    c = c.tolist() if hasattr(c, "tolist") else list(c)
+    return [int(x) if isinstance(x, numbers.Real) and not isinstance(x, bool) and float(x).is_integer() else x
+            for x in c] if isinstance(c, list) else c
+
+
 def class_info(classes, palette, num_classes):
-    """Class names and palette from checkpoint meta, when they fit the head."""
-    return dict(classes=[str(c) for c in classes] if classes is not None and len(classes) == num_classes else None,
-                palette=[[int(x) for x in c] for c in palette]
-                if palette is not None and len(palette) == num_classes else None)
+    """Class names and palette from checkpoint meta, when they fit the head. Names that are not strings are
+    kept as they are (not turned into "5" or "None"), so `convert` refuses them in one line."""
+    fits = classes is not None and not isinstance(classes, str) and hasattr(classes, "__len__") \
+        and len(classes) == num_classes
+    return dict(classes=[str(c) if isinstance(c, str) else c for c in classes] if fits else None,
+                palette=[_colour(c) for c in palette]
+                if palette is not None and hasattr(palette, "__len__") and len(palette) == num_classes else None)
 
 
 def match_variant(family, source, what=None, hint="", suffix="", **wanted):

@@ -25,6 +25,12 @@ lines name colours to ignore (several may). No colour is special, black included
 line lists is an error naming the file, the colour and the nearest listed colours. Single-channel
 masks (mode L or P) are always read as values, colours in classes.txt or not.
 
+classes.txt is read within stated bounds, refused before any image is looked at: at most
+`MAX_CLASSES_BYTES` (1 MiB, checked from the file's size), at most `MAX_CLASS_LINES` (255) class lines,
+`ignore` lines included (8-bit masks hold the values 0..254 beside 255 = ignore), each at most
+`MAX_CLASS_LINE_CHARS` (1000) characters; reading stops at the first line past a limit, so a file of
+100,000 names is refused from its first 256.
+
 Anything wrong with the files raises `TransegError` with one line naming the file.
 """
 import re
@@ -50,6 +56,9 @@ def _few(names, k=3):
 
 
 IGNORE = "ignore"  # a classes.txt line with this name (any case) is an ignored mask value, not a class
+MAX_CLASSES_BYTES = 2**20
+MAX_CLASS_LINES = 255
+MAX_CLASS_LINE_CHARS = 1000
 
 
 def is_ignore(name):
@@ -62,16 +71,27 @@ def read_class_lines(path):
     commas between the numbers); blank lines and lines starting with # are skipped."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_CLASSES_BYTES:
+            raise TransegError(f"{path}: {size:,} bytes; a classes.txt of at most {MAX_CLASS_LINES} class names "
+                               f"is far smaller (at most {MAX_CLASSES_BYTES:,} bytes are read): is it the right file?")
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise TransegError(f"{path}: not a UTF-8 text file (expected one class name per line)") from None
     except OSError as e:
         raise TransegError(f"{path}: cannot read ({e.strerror or e})") from None
-    out = []
+    out, seen = [], set()
     for lineno, raw in enumerate(lines, 1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if len(out) == MAX_CLASS_LINES:  # refused at the first line past the limit, before parsing the rest
+            rest = sum(1 for r in lines[lineno - 1:] if r.strip() and not r.strip().startswith("#"))
+            raise TransegError(f"{path}: lists {len(out) + rest} classes; at most {MAX_CLASS_LINES} fit in 8-bit "
+                               f"masks (value 255 means ignore)")
+        if len(line) > MAX_CLASS_LINE_CHARS:
+            raise TransegError(f"{path}:{lineno}: a line of {len(line):,} characters; a class line (`name` or "
+                               f"`name R G B`) has at most {MAX_CLASS_LINE_CHARS}")
         # the numbers after the name: three are its colour, one belongs to the name ("lane 2"); two or
         # four and more are a colour written wrongly, which would otherwise become part of the name
         m = re.fullmatch(r"(.*?)((?:[\s,]+-?\d+)+)", line)
@@ -87,14 +107,12 @@ def read_class_lines(path):
                                f"`name` or `name R G B` (a colour is three numbers 0..255)")
         else:
             name, rgb = line, None
-        if not is_ignore(name) and any(n == name for n, _ in out):
+        if not is_ignore(name) and name in seen:
             raise TransegError(f"{path}:{lineno}: class {name!r} is listed twice")
+        seen.add(name)
         out.append((name, rgb))
     if not any(not is_ignore(n) for n, _ in out):
         raise TransegError(f"{path}: lists no classes (expected one class name per line)")
-    if len(out) > 255:
-        raise TransegError(f"{path}: lists {len(out)} classes; at most 255 fit in 8-bit masks "
-                           f"(value 255 means ignore)")
     return out
 
 

@@ -27,7 +27,6 @@ Without it the converter says what to fetch in one line.
 The variant is found from shapes: width, depth, patch size, and the training crop (the position
 embeddings' grid times the patch; DINOv3: the config's image size), and RoPE or not.
 """
-import json
 import math
 import re
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from ...checkpoint import load_foreign
 from ...convert import read_backbone_state, vit
+from ...convert.hf_config import class_names, read_config
 from ...convert.mmseg import match_variant
 from ...errors import TransegError
 from ...protocol import Protocol
@@ -161,7 +161,7 @@ def _read(src):
         if not files:
             raise TransegError(f"{src}: a directory without model.safetensors or pytorch_model.bin")
         if (src / "config.json").is_file():
-            config = json.loads((src / "config.json").read_text())
+            config = read_config(src / "config.json")
         src = files[0]
     obj = load_foreign(src)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
@@ -218,18 +218,14 @@ def _base_config(base):
     """config.json beside Meta's DINOv3 weights (heads, RoPE theta, LayerNorm eps), if there is one."""
     base = Path(base)
     path = base / "config.json" if base.is_dir() else base.with_name("config.json")
-    try:
-        config = json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TransegError(f"--base {base}: its {path.name} cannot be read ({e})") from None
-    if not isinstance(config, dict):
-        raise TransegError(f"--base {base}: its {path.name} is not a JSON object")
+    config = read_config(path, name=f"--base {base}: its {path.name}") if path.is_file() else {}
     return {"model_type": "eomt_dinov3", **{k: config[k] for k in ("num_attention_heads", "layer_norm_eps", "rope_theta")
                                              if k in config}}
 
 
 def convert(obj, source, model=None, base=None):
     state, config = _read(obj) if isinstance(obj, (str, Path)) else (obj, {})
+    names_from = Path(obj) / "config.json" if config else None  # the HF folder's class names, not --base's
     state = {k.removeprefix("eomt."): v for k, v in state.items()}
     authors_dinov3 = _ENCODER + "patch_embed.patch_embeddings.weight" in state
     if base is not None and not authors_dinov3:
@@ -271,5 +267,6 @@ def convert(obj, source, model=None, base=None):
     overrides = {k: v for k, v in found.items() if k in arguments and arguments[k] != v}
     if "query_blocks" in overrides:  # the variant's annealing schedule is per block of its own count
         overrides["mask_annealing"] = None
-    return dict(variant=model, num_classes=num_classes, state=state, classes=None, palette=None,
+    classes = class_names(config, num_classes, names_from) if names_from else None
+    return dict(variant=model, num_classes=num_classes, state=state, classes=classes, palette=None,
                 overrides=overrides, test=semantic_protocol(found["crop"]))

@@ -7,13 +7,13 @@ names, and HF's separate key/value projections are fused into the authors' singl
 Note: HF builds its block LayerNorms with eps 1e-5 where the authors used 1e-6; transeg keeps the
 authors' value, so converted HF models differ from HF by ~1e-5 in the logits.
 """
-import json
 import re
 from pathlib import Path
 
 import torch
 
 from ...checkpoint import load_foreign
+from ...convert.hf_config import class_names, read_config
 from ...errors import TransegError
 from ...registry import create_model, get_variant
 from .convert import infer_segformer_variant
@@ -96,12 +96,13 @@ def _map_key(key):
 
 
 def read_hf(path):
-    """(state dict, config dict or None) from a save_pretrained directory or a weights file."""
+    """(state dict, config dict or None) from a save_pretrained directory or a weights file. The config is
+    read (and checked: `convert.hf_config`) before the weights."""
     path = Path(path)
     config = None
     if path.is_dir():
         if (path / "config.json").is_file():
-            config = json.loads((path / "config.json").read_text())
+            config = read_config(path / "config.json")
         for name in ("model.safetensors", "pytorch_model.bin"):
             if (path / name).is_file():
                 return load_foreign(path / name), config
@@ -114,9 +115,7 @@ def convert(path, source, model=None):
     hf_state, config = read_hf(path)
     state = hf_to_official(hf_state, source)
     variant, num_classes = infer_segformer_variant(state, source)
-    classes = None
-    if config and config.get("id2label") and len(config["id2label"]) == num_classes:
-        classes = [config["id2label"][str(i)] for i in range(num_classes)]
+    classes = class_names(config, num_classes, Path(path) / "config.json") if config else None
     return dict(variant=model or variant, num_classes=num_classes, state=state, classes=classes, palette=None)
 
 
