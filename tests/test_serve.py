@@ -83,7 +83,8 @@ def model_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(model_file):
-    s = Server(model_file, "--max-upload-mb", "1", "--max-megapixels", "0.5", "--max-batch", "8")
+    s = Server(model_file, "--max-upload-mb", "1", "--max-megapixels", "0.5", "--max-batch", "8",
+               "--max-inflight-megapixels", "4")  # 16 clients of 256x256 fit: test_load... expects no 503
     yield s
     s.stop()
 
@@ -105,7 +106,8 @@ def test_model_metadata_and_openapi(server):
     assert info["isr"]["supported"] and (info["isr"]["encoder_stages"], info["isr"]["decoder_branches"]) == (4, 3)
     assert info["isr"]["paper"] == {"encoder": [2, 2, 1, 1], "decoder": [2, 2, 2]}
     assert info["isr"]["settings"][0]["label"] == "no ISR" and len(info["isr"]["settings"]) == 10  # isr.SWEEP
-    assert info["limits"] == {"max_upload_bytes": 1_000_000, "max_pixels": 500_000}
+    assert info["limits"] == {"max_upload_bytes": 1_000_000, "max_pixels": 500_000, "max_inflight_pixels": 4_000_000,
+                              "max_inflight_upload_bytes": 8_000_000}
     schema = server.get("/openapi.json")
     assert {"/healthz", "/v1/model", "/v1/segment"} <= set(schema["paths"])
     segment = schema["paths"]["/v1/segment"]["post"]

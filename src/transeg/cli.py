@@ -657,7 +657,10 @@ def cmd_serve(args):
 
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, compile=args.compile,
           max_batch=args.max_batch, window_ms=args.window_ms, max_pending=args.max_pending,
-          max_upload_bytes=int(args.max_upload_mb * 1e6), max_pixels=int(args.max_megapixels * 1e6))
+          max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels,
+          max_inflight_megapixels=args.max_inflight_megapixels, max_inflight_upload_mb=args.max_inflight_upload_mb,
+          header_timeout=args.header_timeout, body_timeout=args.body_timeout, max_connections=args.max_connections,
+          allowed_hosts=args.allowed_hosts, allowed_origins=args.allowed_origins)
 
 
 @_verb("serve", cmd_serve, "serve a model over HTTP, with a page to look through (pip install 'transeg[serve]')",
@@ -682,8 +685,23 @@ def _serve_args(p):
                    "others (5 ms)")
     g.add_argument("--max-pending", type=int, default=64, help="requests admitted at once; more get 503 (64)")
     g.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB; larger get 413 (20)")
-    g.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels; larger get 413 "
-                   "(40)")
+    g.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels, read from its "
+                   "header before decoding; larger get 413 (40)")
+    g.add_argument("--max-inflight-megapixels", type=float, help="megapixels of all requests being decoded and run "
+                   "at once; more get 503 with Retry-After (default: 2x --max-megapixels)")
+    g.add_argument("--max-inflight-upload-mb", type=float, help="MB of request bodies held at once; more get 503 "
+                   "(default: 8x --max-upload-mb)")
+    g.add_argument("--header-timeout", type=float, default=10.0, help="seconds a connection may take to send a "
+                   "request head; then 408 and closed (10)")
+    g.add_argument("--body-timeout", type=float, default=60.0, help="seconds the whole body may take after its "
+                   "head; then 408 and closed (60)")
+    g.add_argument("--max-connections", type=int, help="open connections at once; beyond it the one waiting longest "
+                   "for its client is closed, else 503 (default: 512, or the open-file limit less 64 if lower)")
+    g.add_argument("--allowed-hosts", type=lambda s: [h for h in s.split(",") if h.strip()], help="comma-separated "
+                   "Host names answered, '*' for any; others get 400 (default: localhost, 127.0.0.1, ::1 and --host)")
+    g.add_argument("--allowed-origins", type=lambda s: [o for o in s.split(",") if o.strip()], default=[],
+                   help="comma-separated origins of pages that may POST, e.g. https://app.example.com, '*' for "
+                   "any; others get 403 (default: none, same origin only)")
 
 
 def cmd_data_prepare(args):
