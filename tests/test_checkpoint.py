@@ -156,3 +156,157 @@ def test_a_malicious_pickle_is_refused_and_never_runs(tmp_path, capsys):
         torch.load(f, weights_only=False)
     assert marker.exists()
 
+
+
+# -- issue 30: what `convert` writes, `load` accepts; config.json and zip .pth files read within bounds ----------
+
+def _official_with(path, change):
+    """The official SegFormer-B0 .pth (tests/helpers) with `change(obj)` applied to its {"state_dict", "meta"}."""
+    from helpers import _official_segformer
+
+    _official_segformer(path)
+    obj = torch.load(path, weights_only=True)
+    change(obj)
+    torch.save(obj, path)
+    return path
+
+
+def _whole_numbers(obj):
+    obj["state_dict"] = {k: v.round().to(torch.int32) if v.is_floating_point() else v for k, v in obj["state_dict"].items()}
+
+
+def _no_classes(obj):
+    obj["state_dict"]["decode_head.linear_pred.weight"] = obj["state_dict"]["decode_head.linear_pred.weight"][:0]
+    obj["state_dict"]["decode_head.linear_pred.bias"] = obj["state_dict"]["decode_head.linear_pred.bias"][:0]
+
+
+def _nan(obj):
+    obj["state_dict"]["decode_head.linear_fuse.conv.weight"][0, 0] = float("nan")
+
+
+@pytest.mark.parametrize("change,fragment", [
+    (_whole_numbers, "(int32, not floating-point)"),                                       # the issue's case
+    (lambda o: o["state_dict"].update({k: v.to(torch.bool) for k, v in o["state_dict"].items() if k.endswith(".bias")}),
+     "(bool, not floating-point)"),
+    (_no_classes, "its head has 0 classes"),                                               # the issue's case
+    (lambda o: o.update(meta={"CLASSES": list(range(150))}), "class names"),              # numbers, not names
+    (lambda o: o.update(meta={"CLASSES": [None] * 150}), "class names"),
+    (lambda o: o.update(meta={"CLASSES": [""] * 150}), "class names"),                    # empty names
+    (lambda o: o.update(meta={"CLASSES": ["a"] * 150, "PALETTE": [["red"]] * 150}), "'palette' entry 0"),
+    (_nan, "NaN/inf"),
+], ids=["int32-weights", "bool-biases", "zero-classes", "numeric-names", "null-names", "empty-names", "palette-words",
+        "nan-weight"])
+def test_convert_refuses_what_load_would_refuse(tmp_path, capsys, change, fragment):
+    """`transeg convert` runs load's checks before it writes: one line naming the source, exit 2, nothing written."""
+    src, dst = _official_with(tmp_path / "seg.pth", change), tmp_path / "out.safetensors"
+    line = _error(capsys, main(["convert", str(src), str(dst), "--from", "segformer"]))
+    assert str(src) in line and fragment in line, line
+    assert not dst.exists()
+
+
+def test_load_refuses_whole_number_weights(tmp_path, capsys):
+    """A transeg file whose floating-point weights were stored as integers is refused by `load` too."""
+    path = tmp_path / "m.safetensors"
+    transeg.save(transeg.create_model("segformer-b0", num_classes=3, **TINY), path)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    state = load_file(str(path))
+    state["decode_head.linear_pred.weight"] = state["decode_head.linear_pred.weight"].to(torch.int64)
+    save_file(state, path, metadata=meta)
+    with pytest.raises(transeg.TransegError, match=r"linear_pred\.weight \(int64, not floating-point\)"):
+        transeg.load(path)
+
+
+def _deep(n):
+    return "[" * n + "]" * n
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("{not json", "not valid JSON"),                                                        # the issue's cases
+    ("[1, 2]", "expected a JSON object"),
+    (_deep(100_000), "nested 100000 levels deep"),
+    ('{"id2label": {"1": "a", "2": "b"}}', "0 is missing"),
+    # cases of our own
+    ('{"a": ' + _deep(40) + "}", "nested 41 levels deep"),
+    ('{"s": "' + "[" * 5000 + '"}', "id2label"),   # brackets inside a string are no nesting: read, then the id2label check
+    ("\xff\xfe{}", "not a UTF-8"),
+    ("null", "expected a JSON object"),
+    ('{"id2label": ["a", "b"]}', "must map class ids to names"),
+    ('{"id2label": {"zero": "a"}}', "is not a class id"),
+    ('{"id2label": {"-1": "a"}}', "is not a class id"),
+    ('{"id2label": {"0": "a", "00": "b"}}', "is not a class id"),
+    ('{"id2label": {"0": 7}}', "must be a class name"),
+    ('{"id2label": {"0": ""}}', "must be a class name"),
+    ('{"id2label": {"0": {"name": "a"}}}', "must be a class name"),
+])
+@pytest.mark.parametrize("fmt", ["segformer-hf", "eomt"])
+def test_convert_reads_config_json_within_bounds(tmp_path, capsys, text, fragment, fmt):
+    """A damaged or hostile config.json beside Hugging Face weights is one line naming it (exit 2), before the
+    weights are read (here: a weights file that is not even one)."""
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(text.encode("latin-1") if text.startswith("\xff") else text.encode())
+    (folder / "model.safetensors").write_bytes(b"not weights")
+    if fragment == "id2label":  # the config is fine: what fails is the weights file, read after it
+        fragment = "model.safetensors"
+    line = _error(capsys, main(["convert", str(folder), str(tmp_path / "o.safetensors"), "--from", fmt]))
+    assert fragment in line and ("config.json" in line or fragment == "model.safetensors"), line
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_config_json_larger_than_its_bound_is_refused_from_its_size(tmp_path):
+    """A config.json over 4 MiB (made sparse here: small on disk) is refused from its size, unread."""
+    from transeg.convert.hf_config import MAX_CONFIG_BYTES, read_config
+
+    path = tmp_path / "config.json"
+    with open(path, "wb") as f:
+        f.truncate(MAX_CONFIG_BYTES + 1)
+    with pytest.raises(transeg.TransegError, match="more than a config.json holds"):
+        read_config(path)
+
+
+def test_id2label_must_fit_the_head():
+    from transeg.convert.hf_config import class_names
+
+    assert class_names({"id2label": {"1": "b", "0": "a"}}, 2, "c") == ["a", "b"]
+    assert class_names({}, 2, "c") is None
+    with pytest.raises(transeg.TransegError, match="names 3 classes but the weights' head has 2"):
+        class_names({"id2label": {"0": "a", "1": "b", "2": "c"}}, 2, "c")
+
+
+def _zip_pth(path, entries):
+    """A zip in torch.save's layout whose entries [(name, unpacked bytes)] are zeros, deflated (small on disk)."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("archive/data.pkl", b"\x80\x02}q\x00.")
+        for name, size in entries:
+            with archive.open(name, "w", force_zip64=True) as f:
+                chunk = bytes(2**20)
+                for start in range(0, size, len(chunk)):
+                    f.write(chunk[:min(len(chunk), size - start)])
+    return path
+
+
+@pytest.mark.parametrize("entries", [
+    [("archive/data/0", 80 * 2**20)],                                  # one tensor's storage unpacking to 80 MB
+    [(f"archive/data/{i}", 2**20) for i in range(70)],                 # many small ones adding up
+], ids=["one-entry", "many-entries"])
+def test_zip_bomb_pth_is_refused_from_its_header(tmp_path, monkeypatch, entries):
+    """A .pth of a few hundred KB declaring more unpacked bytes than 2x its size + 64 MiB is refused before
+    torch.load reads anything (torch.load is made to fail the test if it is reached)."""
+    from transeg import checkpoint
+
+    path = _zip_pth(tmp_path / "bomb.pth", entries)
+    assert path.stat().st_size < 2**20
+    monkeypatch.setattr(checkpoint.torch, "load", lambda *a, **k: pytest.fail("torch.load reached"))
+    with pytest.raises(transeg.TransegError, match="zip bomb"):
+        checkpoint.load_foreign(path)
+
+
+def test_real_pth_files_fit_the_unpacked_bound(tmp_path):
+    """torch.save's own files (stored, not compressed) pass the bound, large tensors included."""
+    from transeg.checkpoint import load_foreign
+
+    torch.save({"w": torch.zeros(3 * 2**20), "meta": {"CLASSES": ["a"]}}, tmp_path / "ok.pth")
+    assert load_foreign(tmp_path / "ok.pth")["w"].numel() == 3 * 2**20

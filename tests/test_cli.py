@@ -247,3 +247,63 @@ def test_bad_input_gets_one_line(tmp_path, capsys, case, argv, message):
     assert len(err) == 1 and message in err[0], err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())  # nothing half-written
 
+
+
+# -- issue 30: text from files reaches the terminal escaped ------------------------------------------------------
+
+HOSTILE = ["\x1b[31mred\x1b[0m", "nul\x00byte", "two\nlines", "bell\x07\r", "\u202eevil", "del\x7f\x9b"]
+
+
+@pytest.mark.parametrize("text,shown", [
+    ("road", "road"), ("café 日本 ok", "café 日本 ok"),          # printable text, accents and CJK included, as it is
+    ("\x1b[2J", "\\x1b[2J"), ("a\x00b", "a\\x00b"), ("x\ny", "x\\ny"), ("x\r\ty", "x\\r\\ty"),
+    ("\u202eabc", "\\u202eabc"), ("z\u200bw", "z\\u200bw"), ("\x9b31m", "\\x9b31m"), ("\x7f", "\\x7f"),
+])
+def test_printable_escapes_control_and_format_characters(text, shown):
+    from transeg.text import printable
+
+    assert printable(text) == shown
+
+
+def _raw_control(text):
+    """The control characters in terminal output (newlines between lines allowed)."""
+    return [c for c in text if (ord(c) < 32 and c != "\n") or 0x7f <= ord(c) < 0xa0 or c in "\u202e\u200b"]
+
+
+def test_class_names_from_files_are_printed_escaped(tmp_path, capsys):
+    """Class names with ANSI escapes, NUL, newlines, bidi overrides (from classes.txt or a checkpoint's classes) are
+    printed escaped by `data check`, `predict` and `eval`: no raw control character reaches the terminal."""
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("".join(n.replace("\n", "\\n") + "\n" for n in HOSTILE[:2] + HOSTILE[3:]) +
+                                      "plain\n")
+    names = HOSTILE[:2] + HOSTILE[3:] + ["plain"]
+    mask = np.arange(16 * 20, dtype=np.uint8).reshape(16, 20) % len(names)
+    Image.fromarray(np.zeros((16, 20, 3), np.uint8)).save(root / "images" / "x.png")
+    Image.fromarray(mask).save(root / "masks" / "x.png")
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert not _raw_control(out) and "\\x1b[31mred" in out and "nul\\x00byte" in out, out
+
+    import transeg
+
+    ckpt = tmp_path / "hostile.safetensors"
+    transeg.save(transeg.create_model("segformer-b0", num_classes=len(HOSTILE), classes=HOSTILE, **TINY), ckpt)
+    assert main(["predict", str(ckpt), str(root / "images" / "x.png"), "--out", str(tmp_path / "preds"),
+                 "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert not _raw_control(out) and "%" in out, out
+    assert main(["eval", str(ckpt), "--data", str(root), "--device", "cpu"]) == 0  # the per-class table
+    out = capsys.readouterr().out
+    assert not _raw_control(out) and "\\x1b[31mred" in out, out
+
+
+def test_error_lines_escape_text_from_files(tmp_path, capsys):
+    """The one error line stays one line whatever the file held: a name with a newline and an escape is escaped."""
+    (tmp_path / "classes.txt").write_text("a\n")
+    bad = tmp_path / "x\x1b[2J\ny"
+    bad.mkdir()
+    (bad / "classes.txt").write_text("a\na\n")
+    line = _error(capsys, main(["data", "check", str(bad)]))
+    assert "\\x1b[2J\\ny" in line and not _raw_control(line), line

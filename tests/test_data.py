@@ -613,3 +613,39 @@ def test_classes_txt_still_reads_names_and_colours(tmp_path):
     names, palette = read_classes(tmp_path / "classes.txt")
     assert names == ["lane 2", "road", "sky"] and palette[1:] == [(128, 64, 128), (70, 130, 180)]
 
+
+
+# -- issue 30: classes.txt is refused from its size or its first lines, before the work --------------------------
+
+def _sparse(path, size):
+    with open(path, "wb") as f:
+        f.truncate(size)
+
+
+@pytest.mark.parametrize("write,fragment", [
+    (lambda p: p.write_text("".join(f"c{i}\n" for i in range(100_000))), "lists 100000 classes; at most 255"),  # the issue's
+    (lambda p: p.write_text("".join(f"c{i}\n" for i in range(256))), "lists 256 classes; at most 255"),
+    (lambda p: p.write_text("ignore\n" + "".join(f"c{i}\n" for i in range(255))), "lists 256 classes"),
+    (lambda p: p.write_text("a" + " 1" * 300_000 + "\n"), "a line of 600,001 characters"),     # no regex blow-up
+    (lambda p: _sparse(p, 2**20 + 1), "1,048,577 bytes"),                                     # sparse: small on disk
+    (lambda p: p.write_text("".join(f"same{i % 2}\n" for i in range(50_000))), "listed twice"),
+], ids=["100k-lines", "256-lines", "ignore-plus-255", "long-line", "over-1MiB", "duplicates"])
+def test_data_check_refuses_large_classes_txt_quickly(tmp_path, capsys, write, fragment):
+    """`transeg data check` refuses a classes.txt past its bounds (1 MiB, 255 lines, 1000 characters a line) from
+    its size or first lines: one line, exit 2, within a second or two, before any image is read."""
+    import time
+
+    folder = _folder(tmp_path)
+    write(folder / "classes.txt")
+    start = time.perf_counter()
+    line = _error(capsys, main(["data", "check", str(folder)]))
+    assert time.perf_counter() - start < 5 and fragment in line and "classes.txt" in line, line
+
+
+def test_classes_txt_at_its_bounds_is_read(tmp_path):
+    """255 class lines (with `ignore` first: 254 classes) of up to 1000 characters are a dataset."""
+    from transeg.data.folder import read_class_lines
+
+    path = tmp_path / "classes.txt"
+    path.write_text("ignore\n" + "".join(f"c{i} {'x' * 990}\n" for i in range(254)))
+    assert len(read_class_lines(path)) == 255

@@ -528,3 +528,15 @@ def test_rope_rotates_planes_by_the_dinov3_angles():
     a, b = x[0, 0, 2, 2], x[0, 0, 2, 6]  # plane 2 of the right patch: angle π
     assert torch.allclose(y[0, 0, 2, [2, 6]], torch.stack([-a, -b]), atol=1e-6)
     assert torch.allclose(y[..., :4].pow(2) + y[..., 4:].pow(2), x[..., :4].pow(2) + x[..., 4:].pow(2), atol=1e-5)
+
+
+def test_hugging_face_class_names_are_carried(tmp_path):
+    """`convert --from eomt` keeps a Hugging Face config.json's id2label as the class names (issue 33)."""
+    from transeg.cli import main
+
+    names = [f"class {i}" for i in range(TINY["num_labels"])]
+    hf = EomtForUniversalSegmentation(EomtConfig(**TINY, id2label=dict(enumerate(names))))
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.safetensors"), "--from", "eomt",
+                 "--model", "eomt-dinov2-l16"]) == 0
+    assert transeg.load(tmp_path / "m.safetensors").classes == names

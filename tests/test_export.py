@@ -148,3 +148,26 @@ def test_eomt_static_export_matches_pytorch(name, tmp_path):
     got = session.run(None, {"image": x.numpy()})[0]
     assert got.shape == expected.shape == (1, 5, 16, 16)
     assert np.abs(got - expected).max() <= 1e-4
+
+
+@pytest.mark.parametrize("size,fragment", [
+    ("99999999x99999999", "at most 65535 pixels per side"),   # the issue's case: refused by the argument parser
+    ("70000", "at most 65535 pixels per side"),
+    ("4097x64", "at most 4096x4096"),                          # export's own bound: refused before the trace
+    ("64x5000", "at most 4096x4096"),
+])
+def test_export_size_past_its_bound_is_one_line(tiny_ckpt, tmp_path, capsys, size, fragment):
+    """`export --size` beyond its stated bound (4096 per side; 65535 for any HxW argument) is one line, exit 2, no
+    file written, no trace."""
+    with pytest.raises(SystemExit) if "65535" in fragment else _no_exit():
+        code = main(["export", str(tiny_ckpt), str(tmp_path / "m.onnx"), "--size", size])
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+    assert "65535" in fragment or code == 2
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def _no_exit():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -384,3 +384,38 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         atomic_write(target, fill_disk)
     assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["train_state.pt"]
 
+
+
+# -- issue 30: a name longer than the file system takes is one line, before any work --------------------------
+
+@pytest.mark.parametrize("make", [
+    lambda t: t / ("a" * 300 + ".safetensors"),                       # the issue's case: one name too long
+    lambda t: t / ("b" * 256),                                         # one byte past NAME_MAX
+    lambda t: t / ("é" * 128 + ".safetensors"),                        # 128 characters, 268 bytes in UTF-8
+    lambda t: t / ("d" * 300) / "model.safetensors",                   # a folder's name too long
+    lambda t: t.joinpath(*["e" * 200] * 25, "model.safetensors"),      # every part fits, the path does not
+], ids=["300-chars", "256-bytes", "multibyte", "folder", "path-max"])
+def test_names_too_long_are_one_line(tmp_path, capsys, make):
+    """`convert`'s output, `output_file`, `output_folder` and `transeg.save` refuse a name the file system
+    cannot hold (ENAMETOOLONG) in one line, exit 2 through the CLI, nothing written."""
+    from helpers import _official_segformer
+    from transeg.files import output_folder
+
+    dst = make(tmp_path)
+    src = _official_segformer(tmp_path / "seg.pth")
+    line = _error(capsys, main(["convert", str(src), str(dst), "--from", "segformer"]))
+    assert "file name too long" in line and len(line) < 2000, line
+    for call in (lambda: output_file(dst), lambda: output_folder(dst),
+                 lambda: transeg.save(transeg.create_model("segformer-b0", num_classes=2, **TINY), dst)):
+        with pytest.raises(TransegError, match="file name too long"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["seg.pth"]
+
+
+def test_longest_name_the_file_system_takes_is_written(tmp_path):
+    """A 255-byte name is written atomically: the temporary beside it uses a shortened stem."""
+    path = tmp_path / ("m" * 243 + ".safetensors")
+    assert len(path.name) == 255
+    transeg.save(transeg.create_model("segformer-b0", num_classes=2, **TINY), path)
+    assert transeg.load(path).num_classes == 2
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]

@@ -182,3 +182,14 @@ def test_odd_input_sizes_use_ceil_grids():
     # ceil(67/4)=17, ceil(17/2)=9, 5, 3 and ceil(93/4)=24, 12, 6, 3 (the overlapping patch embeddings' output sizes)
     assert [tuple(f.shape[-2:]) for f in feats] == [(17, 24), (9, 12), (5, 6), (3, 3)]
     assert model.predict(torch.randn(1, 3, 67, 93)).shape == (1, 67, 93)
+
+
+def test_hugging_face_class_names_are_carried(tmp_path):
+    """`convert --from segformer-hf` keeps config.json's id2label as the model's class names, in id order."""
+    from transeg.cli import main
+
+    names = ["sky", "road", "\x1b[31mcar"]  # any string is a name (printed escaped)
+    hf = _random_hf(3, id2label={i: n for i, n in enumerate(names)}, label2id={n: i for i, n in enumerate(names)})
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["convert", str(tmp_path / "hf"), str(tmp_path / "m.safetensors"), "--from", "segformer-hf"]) == 0
+    assert transeg.load(tmp_path / "m.safetensors").classes == names

@@ -9,8 +9,9 @@ one line naming the file, before any weight is read:
 - nested at most `MAX_CONFIG_DEPTH` (32) levels, counted before parsing (a 100,000-deep array would
   otherwise exhaust the parser's recursion).
 
-`class_names` turns its `id2label` into the class list: keys are the whole numbers 0..K-1, each once,
-values non-empty strings, K the number of classes the weights' head has.
+Its `id2label`, when there is one, is checked there too: keys are the whole numbers 0..K-1 written plainly
+("0", not "00"), each once, values non-empty strings. `class_names` turns it into the class list, K the
+number of classes the weights' head has.
 """
 import json
 import re
@@ -58,34 +59,41 @@ def read_config(path, name=None):
         raise TransegError(f"{name}: not valid JSON ({str(e).splitlines()[0][:120]})") from None
     if not isinstance(config, dict):
         raise TransegError(f"{name}: expected a JSON object (the model's settings), got a {type(config).__name__}")
+    _check_id2label(config, name)
     return config
 
 
-def class_names(config, num_classes, name):
-    """The class names in `config`'s `id2label` (None when it has none), checked against the weights' head of
-    `num_classes` classes; TransegError naming `name` (the config.json) when it is not a list of names 0..K-1."""
+def _check_id2label(config, name):
+    """`config`'s id2label checked as class names 0..K-1 (K its entries): TransegError naming `name` otherwise."""
     id2label = config.get("id2label")
     if id2label is None or id2label == {}:
-        return None
+        return
     if not isinstance(id2label, dict):
         raise TransegError(f"{name}: id2label must map class ids to names, got a {type(id2label).__name__}")
-    ids = {}
+    ids = set()
     for key, value in id2label.items():
         try:
             i = int(key)
         except ValueError:
             i = None
-        if i is None or str(i) != key.strip() or i < 0:
+        if i is None or str(i) != key or i < 0:
             raise TransegError(f"{name}: id2label key {key[:40]!r} is not a class id (a whole number 0, 1, 2, ...)")
-        if i in ids:
-            raise TransegError(f"{name}: id2label gives class {i} twice")
         if not isinstance(value, str) or not value.strip():
             raise TransegError(f"{name}: id2label[{key!r}] must be a class name, got {json.dumps(value)[:60]}")
-        ids[i] = value
-    if len(ids) != num_classes:
-        raise TransegError(f"{name}: id2label names {len(ids)} classes but the weights' head has {num_classes}")
-    missing = [i for i in range(num_classes) if i not in ids]
-    if missing:
-        raise TransegError(f"{name}: id2label's ids must be 0..{num_classes - 1}; {missing[0]} is missing "
+        ids.add(i)
+    missing = next(i for i in range(len(ids) + 1) if i not in ids)
+    if missing < len(ids):
+        raise TransegError(f"{name}: id2label's {len(ids)} ids must be 0..{len(ids) - 1}; {missing} is missing "
                            f"(ids given: {min(ids)}..{max(ids)})")
-    return [ids[i] for i in range(num_classes)]
+
+
+def class_names(config, num_classes, name):
+    """The class names in `config`'s `id2label` (checked by `read_config`; None when it has none), which must
+    name as many classes as the weights' head has (`num_classes`); TransegError naming `name` otherwise."""
+    _check_id2label(config, name)
+    id2label = config.get("id2label") or {}
+    if not id2label:
+        return None
+    if len(id2label) != num_classes:
+        raise TransegError(f"{name}: id2label names {len(id2label)} classes but the weights' head has {num_classes}")
+    return [id2label[str(i)] for i in range(num_classes)]
