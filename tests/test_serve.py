@@ -311,3 +311,156 @@ def test_overload_answers_503_with_retry_after(model_file):
         assert "overloaded" in json.loads(refused.value.read())["error"]
     finally:
         s.stop()
+
+
+# ---------------------------------------------------------------------------------------------- bounds (issue 30)
+def _call(app, method, path, headers=(), body=b""):
+    """(status, headers, body) of one request to the ASGI app in this process, the body in one message."""
+    path, _, query = path.partition("?")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": query.encode(), "root_path": "",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers], "client": ("127.0.0.1", 1),
+             "server": ("127.0.0.1", 80)}
+    messages, sent = [{"type": "http.request", "body": body, "more_body": False}], []
+
+    async def receive():
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], dict(sent[0]["headers"]), b"".join(m.get("body", b"") for m in sent[1:])
+
+
+@pytest.fixture(scope="module")
+def app(model_file):
+    return create_app(transeg.load(model_file), max_upload_bytes=1_000_000, max_pixels=500_000)
+
+
+_LOCAL = [("Host", "127.0.0.1:8000")]
+_PNG = _png(_image(20, 30, 9))
+_OCTET = [("Content-Type", "application/octet-stream")]
+
+
+@pytest.mark.parametrize("method,path,headers,body,status,message", [
+    # item 11: Starlette's own refusals in the service's format
+    ("GET", "/nope", _LOCAL, b"", 404, "no such path: /nope"),
+    ("GET", "/v1/segment", _LOCAL, b"", 405, "GET is not allowed on /v1/segment (allowed: POST)"),
+    ("DELETE", "/healthz", _LOCAL, b"", 405, "DELETE is not allowed on /healthz"),
+    ("POST", "/v1/model", _LOCAL + _OCTET, _PNG, 405, "POST is not allowed on /v1/model"),
+    # item 6: a Host that is not this machine's name (DNS rebinding) and cross-origin writes
+    ("GET", "/v1/model", [("Host", "evil.example.com")], b"", 400, "Host 'evil.example.com' is not a name"),
+    ("GET", "/healthz", [("Host", "evil.example.com:8000")], b"", 400, "is not a name this service answers to"),
+    ("GET", "/", [("Host", "127.0.0.1.nip.io")], b"", 400, "--allowed-hosts adds names"),
+    ("POST", "/v1/segment", [("Host", "localhost.evil.example")] + _OCTET, _PNG, 400, "is not a name"),
+    ("POST", "/v1/segment", _LOCAL + _OCTET + [("Origin", "http://evil.example.com")], _PNG, 403,
+     "from the page at 'http://evil.example.com' is refused"),
+    ("POST", "/v1/segment", _LOCAL + _OCTET + [("Origin", "null")], _PNG, 403, "cross-origin writes need"),
+    ("POST", "/v1/segment", _LOCAL + _OCTET + [("Origin", "http://127.0.0.1:9999")], _PNG, 403, "is refused"),
+    ("POST", "/v1/segment", _LOCAL + [("Content-Type", "text/plain")], _PNG, 415, "text/plain is not an image upload"),
+    ("POST", "/v1/segment", _LOCAL + [("Content-Type", "text/html; charset=utf-8")], _PNG, 415, "text/html is not"),
+    ("POST", "/v1/segment", _LOCAL + [("Content-Type", "application/x-www-form-urlencoded"),
+                                      ("Origin", "http://127.0.0.1:8000")], _PNG, 415, "not an image upload"),
+    # item 11: malformed multipart
+    ("POST", "/v1/segment", _LOCAL + [("Content-Type", "multipart/form-data")], _PNG, 400, "names no boundary"),
+    ("POST", "/v1/segment", _LOCAL + [("Content-Type", _form(("image", "a.png", _PNG))[1])],
+     _form(("image", "a.png", _PNG))[0][:-40], 400, "cut short, the closing boundary never came"),
+    ("POST", "/v1/segment", _LOCAL + [("Content-Type", _form(("image", "a.png", _PNG))[1])],
+     b"--transegboundary--\r\n", 422, "multipart upload without a file"),
+    ("POST", "/v1/segment", _LOCAL + [("Content-Type", _form(("image", "a.png", _PNG))[1])],
+     b"--transegboundary\r\nno header here\r\n\r\nx\r\n--transegboundary--\r\n", 400, "malformed multipart upload"),
+    ("POST", "/v1/segment?format=xml", _LOCAL + _OCTET, _PNG, 422, "format: String should match pattern"),
+])
+def test_refusals_are_one_json_error_line(app, method, path, headers, body, status, message):
+    """Every refusal, the framework's included, is {"error": one line} naming the input and the fix."""
+    got, _, answer = _call(app, method, path, headers, body)
+    assert got == status, answer
+    parsed = json.loads(answer)
+    assert list(parsed) == ["error"] and message in parsed["error"] and "\n" not in parsed["error"]
+
+
+@pytest.mark.parametrize("method,path,headers,body", [
+    ("HEAD", "/healthz", _LOCAL, b""),
+    ("HEAD", "/v1/model", [("Host", "localhost")], b""),
+    ("GET", "/healthz", [("Host", "[::1]:8000")], b""),
+    ("GET", "/healthz", [], b""),                                                   # HTTP/1.0: no Host
+    ("POST", "/v1/segment", _LOCAL + _OCTET + [("Origin", "http://127.0.0.1:8000")], _PNG),  # the page itself
+    ("POST", "/v1/segment", _LOCAL + [("Content-Type", "application/x-www-form-urlencoded")], _PNG),  # curl -d
+    ("POST", "/v1/segment", _LOCAL + [("Content-Type", "image/png")], _PNG),
+])
+def test_what_is_still_answered(app, method, path, headers, body):
+    assert _call(app, method, path, headers, body)[0] == 200
+
+
+def test_allowed_hosts_and_origins_are_settable(model_file):
+    app = create_app(transeg.load(model_file), allowed_hosts=("seg.example.com",),
+                     allowed_origins=("https://app.example.com",))
+    cross = [("Host", "seg.example.com"), ("Origin", "https://app.example.com")] + _OCTET
+    status, headers, _ = _call(app, "POST", "/v1/segment", cross, _PNG)
+    assert status == 200 and headers[b"access-control-allow-origin"] == b"https://app.example.com"
+    assert _call(app, "GET", "/healthz", _LOCAL)[0] == 400  # the loopback names are replaced, not added to
+    anyone = create_app(transeg.load(model_file), allowed_hosts=("*",))
+    assert _call(anyone, "GET", "/healthz", [("Host", "whatever.example")])[0] == 200
+
+
+def test_admission_counts_pixels_and_bytes_in_flight(app):
+    """A request holds its body bytes and decoded pixels until its answer is built; what does not fit
+    beside the others is 503 with Retry-After at once, and everything is given back afterwards."""
+    from transeg.serve.app import Refused, Ticket
+
+    service = app.state.service  # 0.5 MP per image, 1 MP in flight; 1 MB per body, 8 MB in flight
+    first, second, third = Ticket(service), Ticket(service), Ticket(service)
+    first.take_pixels(700, 700, "a.png")
+    second.take_pixels(700, 700, "b.png")
+    with pytest.raises(Refused) as busy:
+        third.take_pixels(700, 700, "c.png")
+    assert busy.value.status == 503 and busy.value.headers["Retry-After"] == "1"
+    assert "c.png (700x700) does not fit beside the 980,000 pixels in flight" in busy.value.message
+    third.take_pixels(100, 200, "d.png")
+    for _ in range(8):
+        first.take_bytes(1_000_000)
+    with pytest.raises(Refused, match="--max-inflight-upload-mb"):
+        second.take_bytes(1)
+    asyncio.run(_leave(first, second, third))
+    assert (service.pixels.used, service.uploads.used) == (0, 0)
+
+
+async def _leave(*tickets):
+    for ticket in tickets:
+        ticket.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--port", "70000"], "--port 70000: a port is 1 to 65535"),
+    (["--port", "0"], "--port 0: must be a whole number at least 1"),
+    (["--max-megapixels", "nan"], "--max-megapixels nan: must be a number above 0"),
+    (["--max-megapixels", "0"], "--max-megapixels 0.0: must be a number above 0"),
+    (["--max-upload-mb", "-1"], "--max-upload-mb -1.0: must be a number above 0"),
+    (["--max-upload-mb", "inf"], "--max-upload-mb inf: must be"),
+    (["--header-timeout", "0"], "--header-timeout 0.0: must be a number above 0"),
+    (["--body-timeout", "nan"], "--body-timeout nan: must be"),
+    (["--max-connections", "0"], "--max-connections 0: must be a whole number above 0"),
+    (["--max-connections", "100000000"], "--max-connections 100000000: this process may open"),
+    (["--max-inflight-megapixels", "10"], "--max-inflight-megapixels 10 is below --max-megapixels 40"),
+    (["--max-inflight-upload-mb", "1"], "--max-inflight-upload-mb 1 is below --max-upload-mb 20"),
+    (["--window-ms", "-5"], "--window-ms -5.0: must be a number at least 0"),
+    (["--max-pending", "0"], "--max-pending 0: must be a whole number above 0"),
+    (["--host", "203.0.113.7"], "cannot listen on 203.0.113.7:"),
+    (["--port", "IN_USE"], "in use (another server?); choose another --port"),
+])
+def test_bad_serve_settings_are_one_line_before_serving(model_file, capsys, monkeypatch, args, message):
+    """Item 9: each bad setting, a port in use or an address not on this machine: one line, exit 2,
+    nothing printed as serving (checked before the model loads and the port is announced)."""
+    from transeg.cli import main
+
+    monkeypatch.setenv("TRANSEG_MALLOC", "system")  # main() would otherwise change this process's malloc
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        args = [str(taken.getsockname()[1]) if a == "IN_USE" else a for a in args]
+        if "--port" not in args:
+            args += ["--port", str(_free_port())]
+        assert main(["serve", str(model_file), "--device", "cpu", *args]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and message in err, err
