@@ -464,3 +464,78 @@ def test_bad_serve_settings_are_one_line_before_serving(model_file, capsys, monk
         assert main(["serve", str(model_file), "--device", "cpu", *args]) == 2
     out, err = capsys.readouterr()
     assert out == "" and err.count("\n") == 1 and message in err, err
+
+
+def _slow(port, parts, gap, limit=8.0):
+    """Send `parts` one every `gap` seconds (stopping when the server closes), then read; returns
+    (seconds until the connection ended, what came back)."""
+    start, answer = time.monotonic(), b""
+    with socket.create_connection(("127.0.0.1", port), timeout=limit) as s:
+        try:
+            for part in parts:
+                s.sendall(part)
+                time.sleep(gap)
+            while chunk := s.recv(65536):
+                answer += chunk
+        except OSError:  # reset or timed out: the server closed while we were still sending
+            pass
+        try:
+            while chunk := s.recv(65536):
+                answer += chunk
+        except OSError:
+            pass
+    return time.monotonic() - start, answer
+
+
+def _status(answer):
+    return int(answer.split(b" ", 2)[1]) if answer.startswith(b"HTTP/1.1 ") else None
+
+
+def _fds(pid):
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.integration
+def test_slow_clients_are_cut_off_and_healthz_answers(model_file):
+    """Item 4 on loopback, with a 1 s head deadline, a 2 s body deadline and 40 connections: a head sent
+    one line every 0.4 s, a body one byte every 0.4 s, a chunked body with no end and an idle connection
+    are each ended within their deadline (+1 s), with a 408 where a request had begun; 150 half-sent
+    requests (more than the connection limit) leave the descriptors bounded and /healthz answering."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    s = Server(model_file, "--header-timeout", "1", "--body-timeout", "2", "--max-connections", "40")
+    try:
+        head = [b"GET /healthz HTTP/1.1\r\n", b"Host: 127.0.0.1\r\n"] + [b"X-Slow: 1\r\n"] * 30
+        body = [b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\n"]
+        chunked = [b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n", b"1\r\nx\r\n"]
+        cases = [("head", head, 0.4, 408, 1.0), ("body", body + [b"x"] * 30, 0.4, 408, 2.0),
+                 ("chunked", chunked, 0.1, 408, 2.0), ("idle", [], 0, None, 1.0),
+                 ("healthz body", [b"POST /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n"]
+                  + [b"x"] * 30, 0.4, 405, 3.0)]
+        with ThreadPoolExecutor(len(cases)) as pool:
+            runs = list(pool.map(lambda c: _slow(s.port, c[1], c[2]), cases))
+        for (name, _, _, status, deadline), (seconds, answer) in zip(cases, runs):
+            print(f"{name}: ended after {seconds:.2f} s with {answer[:12]!r}")
+            assert seconds < deadline + 1.5 and _status(answer) == status, (name, seconds, answer[:200])
+            if status == 408:
+                assert b'"error":' in answer and b'the request ' in answer
+        flood = [socket.create_connection(("127.0.0.1", s.port)) for _ in range(150)]
+        try:
+            for sock in flood:
+                sock.sendall(b"POST /v1/segment HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Le")
+            time.sleep(1.2)  # the flood has now waited longer than a newcomer that may push it out
+            assert _fds(s.proc.pid) < 40 + 30  # the connections and the process's own files
+            for _ in range(5):
+                assert s.get("/healthz")["status"] == "ok"
+        finally:
+            for sock in flood:
+                sock.close()
+        request = urllib.request.Request(f"{s.url}/healthz", method="HEAD")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 200 and r.read() == b""
+        evil = urllib.request.Request(f"{s.url}/v1/model", headers={"Host": "evil.example.com"})
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(evil, timeout=10)
+        assert refused.value.code == 400 and "evil.example.com" in json.loads(refused.value.read())["error"]
+    finally:
+        s.stop()
