@@ -189,3 +189,69 @@ def test_the_cli_holds_no_model_code():
               "transeg.families", "transeg.inference.normalised_scores", "transeg.inference.scores", "transeg.data.transforms")
     found = sorted(n for n in _imports(SRC / "cli.py") if n.startswith(banned))
     assert found == []
+
+
+# --------------------------------------------------------------------------------------------- memory bound
+def _tiny_model(name, num_classes):
+    from transeg.registry import FAMILIES, VARIANTS
+
+    variant = VARIANTS[name]
+    torch.manual_seed(0)
+    return transeg.create_model(name, num_classes=num_classes, **FAMILIES[variant.family].tiny(variant.arguments())).eval()
+
+
+@pytest.mark.parametrize("per_block", [1, 3])
+@pytest.mark.parametrize("name", ["segformer-b0", "eomt-dinov2-l16", "semask-swin-l-mask2former"])
+def test_labels_a_class_at_a_time_equal_the_full_argmax(name, per_block):
+    """`inference.labels` upsamples 1 (or 3: 13 blocks of 3, then 1) classes' planes at a time here and keeps a
+    running maximum: its labels equal the argmax of all 40 classes upsampled at once on every one of the
+    2 x 97 x 131 pixels (0 differ: each plane is upsampled exactly as in the full call; ties keep the first
+    class), for a logit head (SegFormer) and two mask-classification heads (probabilities); the confidence
+    equals the full scores' softmax (or score) maximum to 1e-6."""
+    from transeg import inference
+
+    model = _tiny_model(name, 40)
+    images = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (2, 3, 97, 131), dtype=np.uint8))
+    protocol = Protocol(scale=(256, 64))  # runs at 64 x 86: the upsampling factor is not an integer
+    with torch.no_grad():
+        full = inference.scores(model, images, protocol, probabilities=True)
+        found, confidence = inference.labels(model, images, protocol, confidence=True,
+                                             block_bytes=per_block * 4 * 2 * 97 * 131)
+    assert found.shape == (2, 97, 131)
+    assert int((found != full.argmax(1)).sum()) == 0
+    assert (confidence - full.max(1).values).abs().max().item() < 1e-6
+
+
+def test_predict_memory_does_not_grow_with_the_class_count():
+    """A 2000 x 1500 image on a 150-class model: the full-size scores would be 150 x 3 MP x 4 B = 1.8 GB; the
+    label map and confidence are made within SCORE_BLOCK_BYTES (64 MiB) of upsampled scores plus about 45 bytes
+    per output pixel (0.14 GB here), so the peak of the tensors allocated stays under 0.25 GB. With 20 classes
+    it is within 20 MB of that: only the scores at the size the model ran at (150 x 128 x 192 x 4 B = 14.7 MB)
+    grow with K."""
+    from transeg import inference
+    from transeg.bench import peak_tensor_memory
+
+    image = np.random.default_rng(2).integers(0, 256, (1500, 2000, 3), dtype=np.uint8)
+    peaks = {}
+    for k in (20, 150):
+        model = _tiny_model("segformer-b0", k)
+        model.protocol = Protocol(scale=(512, 128))
+        with torch.no_grad():
+            peaks[k] = peak_tensor_memory(lambda: model.predict(image, confidence=True))
+    assert 4 * 150 * 1500 * 2000 > 1.7e9  # what the old path allocated for K = 150
+    assert max(peaks.values()) < 0.25e9, peaks
+    assert abs(peaks[150] - peaks[20]) < 20e6, peaks
+    assert inference.SCORE_BLOCK_BYTES == 64 * 2**20
+
+
+def test_full_size_probabilities_are_refused_above_the_limit_before_any_work():
+    """probabilities=True asks for K x H x W floats at the image's size: 150 classes on 8000 x 6000 would be
+    28.6 GiB, above MAX_SCORE_BYTES (2 GiB): one line saying what to ask for instead, before the model runs."""
+    from transeg.errors import TransegError
+
+    model = _tiny_model("segformer-b0", 150)
+    image = np.zeros((6000, 8000, 3), dtype=np.uint8)
+    with pytest.raises(TransegError, match=r"need 26\.8 GiB .*above the 2\.0 GiB limit: ask for labels and confidence"):
+        model.predict(image, probabilities=True)
+    seg = model.predict(np.zeros((60, 80, 3), dtype=np.uint8), probabilities=True)  # small: allowed
+    assert seg.probabilities.shape == (150, 60, 80)

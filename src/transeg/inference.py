@@ -26,6 +26,14 @@ from .protocol import Protocol
 # 0.3 GB as RGB and about 1.2 GB per float copy of it in the model; larger files are refused from
 # their header (a 20 kB PNG can declare 13000x13000 pixels).
 MAX_PIXELS = 100_000_000
+# The most bytes of scores at the image's size a prediction holds at once: single-pass label maps (and
+# confidences) are upsampled and reduced a few classes at a time within it, so their peak memory does not grow
+# with the class count: this block plus about 45 bytes per output pixel (a 12 MP photo: about 0.6 GB, where
+# all 150 classes of an ADE20K model at once would be 7.2 GB).
+SCORE_BLOCK_BYTES = 64 * 2**20
+# Scores at the image's size for all K classes at once ([N,K,H,W] float32), which class probabilities and
+# multi-scale / flip averaging need, are made only up to this size; above it, one line says what to change.
+MAX_SCORE_BYTES = 2 * 2**30
 
 
 def _resize(x, size):
@@ -158,18 +166,100 @@ def model_device(model):
     return next(model.parameters()).device
 
 
-def scores(model, images, protocol=None, out_size=None, probabilities=False):
-    """Scores [N, K, *out_size] (default: the images' size) of uint8 RGB images [N,3,H,W] (or one
-    [3,H,W]) under `protocol` (default: the model's own): the protocol's keep-ratio resize and
-    alignment and the model's normalisation, then `normalised_scores` on the model's device."""
+def prepare(model, images, protocol):
+    """uint8 RGB images [N,3,H,W] (or one [3,H,W]) -> the normalised batch the model runs on: the protocol's
+    keep-ratio resize and alignment and the model's normalisation, on the model's device."""
     from .data.transforms import TestTransform
 
-    protocol = protocol or model.protocol
     images = images[None] if images.dim() == 3 else images
     transform = TestTransform(scale=protocol.scale, size_divisor=protocol.size_divisor,
                               mean=model.meta["mean"], std=model.meta["std"])
-    x = torch.stack([transform(image) for image in images.cpu()]).to(model_device(model), non_blocking=True)
-    return normalised_scores(model, x, protocol, out_size=out_size or images.shape[-2:], probabilities=probabilities)
+    return torch.stack([transform(image) for image in images.cpu()]).to(model_device(model), non_blocking=True)
+
+
+def scores(model, images, protocol=None, out_size=None, probabilities=False):
+    """Scores [N, K, *out_size] (default: the images' size) of uint8 RGB images [N,3,H,W] (or one
+    [3,H,W]) under `protocol` (default: the model's own): `prepare`, then `normalised_scores`. They are
+    K x H x W at the size asked for: refused above MAX_SCORE_BYTES (`labels` needs no such size)."""
+    protocol = protocol or model.protocol
+    out_size = tuple(out_size or images.shape[-2:])
+    check_score_bytes(model.num_classes, out_size, 1 if images.dim() == 3 else images.shape[0])
+    return normalised_scores(model, prepare(model, images, protocol), protocol, out_size=out_size,
+                             probabilities=probabilities)
+
+
+def check_score_bytes(num_classes, size, batch=1, limit=None):
+    """Refuse, in one line, scores of `num_classes` x `size` (h, w) x `batch` in float32 above `limit` bytes
+    (default MAX_SCORE_BYTES), before any is allocated."""
+    limit = MAX_SCORE_BYTES if limit is None else limit
+    need = 4 * num_classes * size[0] * size[1] * batch
+    if need > limit:
+        raise TransegError(f"class scores at the image's size need {need / 2**30:.1f} GiB ({num_classes} classes x "
+                           f"{size[1]}x{size[0]} pixels x {batch} image(s)), above the {limit / 2**30:.1f} GiB limit: "
+                           "ask for labels and confidence instead of probabilities, use a single-scale protocol "
+                           "without flip, or a smaller image")
+
+
+def labels(model, images, protocol=None, out_size=None, confidence=False, block_bytes=None):
+    """(labels [N,*out_size] int64, confidence [N,*out_size] float32 or None) of uint8 RGB images [N,3,H,W]
+    (or one [3,H,W]) under `protocol` (default: the model's own) at `out_size` (default: the images' size):
+    `prepare`, then `normalised_labels`."""
+    protocol = protocol or model.protocol
+    out_size = tuple(out_size or images.shape[-2:])
+    return normalised_labels(model, prepare(model, images, protocol), protocol, out_size, confidence, block_bytes)
+
+
+def normalised_labels(model, x, protocol=None, out_size=None, confidence=False, block_bytes=None, **fields):
+    """(labels, confidence or None) [N,*out_size] of a normalised batch `x`: the argmax of `normalised_scores`
+    and the winning class's probability. A single-pass protocol never holds K x H x W at `out_size`
+    (`upsampled_labels`); multi-scale / flip average probabilities at `out_size` (the authors' test), so they
+    hold them, within MAX_SCORE_BYTES. protocol / fields: as `normalised_scores`."""
+    protocol = (protocol or Protocol(size_divisor=None)).replace(**fields)
+    out_size = tuple(out_size or x.shape[-2:])
+    if protocol.single:
+        s = normalised_scores(model, x, protocol)  # at the size the model ran at
+        return upsampled_labels(s, out_size, model.outputs_probabilities, confidence, block_bytes)
+    check_score_bytes(model.num_classes, out_size, x.shape[0])
+    best, found = normalised_scores(model, x, protocol, out_size=out_size).max(1)
+    return found, (best.float() if confidence else None)
+
+
+def upsampled_labels(scores, size, probabilities=False, confidence=False, block_bytes=None):
+    """(argmax over classes, the winning class's probability or None) of `scores` [N,K,h,w] upsampled to
+    `size` (bilinear, align_corners=False), equal to upsampling all K planes and reducing them, while holding
+    at most `block_bytes` of upsampled scores (and two [N,H,W] maps) at a time: each class's plane is upsampled
+    on its own exactly as a call on all of them does it, and a running maximum keeps the first class on ties,
+    as argmax does. confidence: with logits (`probabilities` False) the softmax of the winner, from a running
+    log-sum-exp; with probabilities, the winner's score. Peak: `block_bytes` plus about 45 bytes per output
+    pixel (the running maximum and class, one block's maximum and class), whatever K."""
+    n, k = scores.shape[:2]
+    per_block = max(1, (block_bytes or SCORE_BLOCK_BYTES) // (4 * n * size[0] * size[1]))
+    best = found = total = None
+    for start in range(0, k, per_block):
+        up = _resize(scores[:, start:start + per_block], size).float()
+        if up.shape[1] == 1:  # one class (large images): its plane is the block's maximum, its index `start`
+            block_best, block_found = up[:, 0], None
+        else:
+            block_best, block_found = up.max(1)
+        if best is None:
+            best = block_best.clone()
+            found = torch.zeros_like(best, dtype=torch.long) if block_found is None else block_found
+        else:  # in place: the running maps are the only [N,H,W] tensors kept
+            better = block_best > best
+            if block_found is None:
+                found.masked_fill_(better, start)
+            else:
+                torch.where(better, block_found.add_(start), found, out=found)
+            if confidence and not probabilities:  # rescale the running sum of exp to the new maximum
+                total.mul_(torch.exp(best - torch.maximum(best, block_best)))
+            torch.maximum(best, block_best, out=best)
+        if confidence and not probabilities:
+            part = up.sub_(best[:, None]).exp_().sum(1)  # in place: no second block
+            total = part if total is None else total.add_(part)
+        del up
+    if not confidence:
+        return found, None
+    return found, (best if probabilities else 1.0 / total)
 
 
 @dataclass
@@ -177,7 +267,8 @@ class Segmentation:
     """One image's prediction. `labels`: class indices [H,W] at the image's own size (uint8 up to
     256 classes); `image`: the RGB pixels [H,W,3] uint8 the model saw, before resizing;
     `probabilities`: [K,H,W] float32 when asked for; `source`: the file it came from;
-    `note`: what reading it did beyond decoding ("greyscale converted to RGB", ...)."""
+    `note`: what reading it did beyond decoding ("greyscale converted to RGB", ...);
+    `confidence_map`: [H,W] float32, the winning class's probability, when asked for."""
 
     labels: np.ndarray
     image: np.ndarray
@@ -186,15 +277,19 @@ class Segmentation:
     probabilities: Optional[np.ndarray] = None
     source: Optional[str] = None
     note: str = ""
+    confidence_map: Optional[np.ndarray] = None
 
     def __array__(self, dtype=None, copy=None):
         return self.labels if dtype is None else self.labels.astype(dtype)
 
     @property
     def confidence(self):
-        """[H,W]: the probability of the predicted class (needs probabilities=True)."""
+        """[H,W]: the probability of the predicted class (predict(..., confidence=True), or from the
+        probabilities when they were asked for)."""
+        if self.confidence_map is not None:
+            return self.confidence_map
         if self.probabilities is None:
-            raise TransegError("confidence needs the probabilities: predict(..., probabilities=True)")
+            raise TransegError("confidence needs predict(..., confidence=True) (or probabilities=True)")
         return self.probabilities.max(0)
 
     def pixel_counts(self):
@@ -268,22 +363,32 @@ _TOO_SMALL = ("Kernel size can't be greater than actual input size", "Output siz
               "Input and output sizes should be greater than 0", "Expected more than 1 value per channel")
 
 
-def segment(model, inputs, protocol=None, probabilities=False, batch_size=1, max_pixels=MAX_PIXELS):
+def segment(model, inputs, protocol=None, probabilities=False, batch_size=1, max_pixels=MAX_PIXELS,
+            confidence=False):
     """Yield one `Segmentation` per input (paths, PIL images or HxWx3 uint8 arrays), in order, under
     `protocol` (default: the model's own). Consecutive images of the same size run `batch_size` at
     a time on the model's device; inputs are read as they are needed. Files larger than `max_pixels`
     (None: no bound) are refused before decoding; an image too small or thin for the model after the
-    protocol's resize is refused with its size."""
+    protocol's resize is refused with its size. Label maps and confidence (`confidence`) are made without
+    K x H x W at the image's size (`labels`); probabilities (`probabilities`) are that size, within
+    MAX_SCORE_BYTES."""
     protocol = protocol or model.protocol
     classes, palette = list(model.classes), list(model.palette)
     labels_dtype = np.uint8 if model.num_classes <= 256 else np.int32
     pending = []
 
+    def run(batch):
+        if not probabilities:
+            return labels(model, batch, protocol, confidence=confidence) + (None,)
+        s = scores(model, batch, protocol, probabilities=True)
+        best, found = s.max(1)
+        return found, best, s
+
     def flush():
         batch = torch.from_numpy(np.stack([rgb.transpose(2, 0, 1) for rgb, _, _ in pending]))
         try:
             with torch.no_grad():
-                s = scores(model, batch, protocol, probabilities=probabilities)
+                found, best, s = run(batch)
         except (RuntimeError, ValueError) as e:
             if not any(text in str(e) for text in _TOO_SMALL):
                 raise
@@ -294,9 +399,10 @@ def segment(model, inputs, protocol=None, probabilities=False, batch_size=1, max
                                f"{' with its ISR setting' if isr else ''}: it runs at {runs} under its test protocol "
                                f"({protocol.describe()}), smaller than a layer's window; use a larger image or scale"
                                f"{', or less ISR' if isr else ''}") from None
-        labels = s.argmax(1).cpu().numpy().astype(labels_dtype)
+        found = found.cpu().numpy().astype(labels_dtype)
         probs = s.float().cpu().numpy() if probabilities else [None] * len(pending)
-        out = [Segmentation(labels[i], rgb, classes, palette, probs[i], source, note)
+        best = best.float().cpu().numpy() if confidence or probabilities else [None] * len(pending)
+        out = [Segmentation(found[i], rgb, classes, palette, probs[i], source, note, best[i])
                for i, (rgb, source, note) in enumerate(pending)]
         pending.clear()
         return out

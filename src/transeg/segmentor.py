@@ -133,23 +133,26 @@ class Segmentor(nn.Module):
         return {"loss": ce, "loss_ce": ce}
 
     @torch.no_grad()
-    def predict(self, inputs, protocol=None, probabilities=False, isr=None, batch_size=1, out_size=None, **fields):
+    def predict(self, inputs, protocol=None, probabilities=False, isr=None, batch_size=1, out_size=None,
+                confidence=False, **fields):
         """Segment images, under the checkpoint's test protocol unless `protocol` is given.
 
         inputs: an image path, a PIL image or an HxWx3 uint8 RGB array -> a `Segmentation` (label map
         at the image's own size, `.overlay()`, `.mask()`, `.shares()`); a list of them -> a list.
-        probabilities: also return the class probabilities [K,H,W]. isr: an ISR setting for this call
-        only, e.g. {"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}. batch_size: images of one size run
-        together. Runs on the model's device and precision (`optimize_for_inference`).
+        confidence: also the winning class's probability per pixel (`.confidence`). probabilities: also
+        the class probabilities [K,H,W] (K x H x W floats: within inference.MAX_SCORE_BYTES). isr: an ISR
+        setting for this call only, e.g. {"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}. batch_size: images
+        of one size run together. Runs on the model's device and precision (`optimize_for_inference`).
 
         A normalised tensor batch [N,3,H,W] -> the label map tensor [N,H,W] at `out_size` (default: its
         size); `fields` (mode, crop, stride, scales, flip, ...) change the protocol, see `inference.normalised_scores`.
         """
         with isr_module.isr_setting(self, isr):
             if isinstance(inputs, torch.Tensor):
-                return inference.normalised_scores(self, inputs, protocol, out_size=out_size, **fields).argmax(1)
+                return inference.normalised_labels(self, inputs, protocol, out_size=out_size, **fields)[0]
             one = not isinstance(inputs, (list, tuple))
-            found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities, batch_size))
+            found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities, batch_size,
+                                           confidence=confidence))
             return found[0] if one else found
 
     def set_isr(self, encoder=None, decoder=None):

@@ -39,8 +39,8 @@ def evaluate(model, dataset, protocol=None, device=None, amp_dtype=None, progres
         sample = dataset[i]
         label = sample["label"].to(device, non_blocking=True)
         with autocast:
-            scores = inference.scores(model, sample["image"], protocol, out_size=label.shape[-2:])
-        cm.update(scores.argmax(1)[0], label)
+            found, _ = inference.labels(model, sample["image"], protocol, out_size=label.shape[-2:])
+        cm.update(found[0], label)
     cm.all_reduce()
     model.train(was_training)
     result = cm.compute()
