@@ -1,11 +1,18 @@
 """The zoo: a name or a Hub repo id to a ready model, with no internet. A local HTTP server on 127.0.0.1
 serves fixture repos in the Hub's layout (HF_ENDPOINT points at it) and plain URLs, and can corrupt,
-truncate or die halfway. Logits are checked against the fixture's own model (HF's SegFormer)."""
+truncate or die halfway, drip, stall, lie about its length, send without end or redirect anywhere: every
+such download ends, within small limits set per test, in one line naming the URL. Logits are checked
+against the fixture's own model (HF's SegFormer)."""
 import hashlib
 import io
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -23,7 +30,9 @@ COMMIT = "a" * 40
 class Files(BaseHTTPRequestHandler):
     """GET/HEAD of `server.files[path]`. Hub paths (/ORG/REPO/resolve/REV/FILE) answer with the headers
     huggingface_hub reads (X-Repo-Commit; a .safetensors file as LFS: X-Linked-Etag = its sha256).
-    `server.cut[path] = n`: the next GET sends the full Content-Length but only n bytes, then closes."""
+    `server.cut[path] = n`: the next GET sends the full Content-Length but only n bytes, then closes.
+    `server.hostile[path] = fn`: every GET (and HEAD, where fn takes `head`) is answered by fn(handler, data,
+    start) instead: the hostile servers below."""
 
     protocol_version = "HTTP/1.1"
 
@@ -44,6 +53,15 @@ class Files(BaseHTTPRequestHandler):
     def _answer(self, body):
         key, data, on_hub = self._find()
         self.server.requests.append((self.command, key, self.headers.get("Range")))
+        hostile = self.server.hostile.get(key)
+        if hostile is not None and (body or getattr(hostile, "head", False)):
+            rng = re.match(r"bytes=(\d+)-", self.headers.get("Range") or "")
+            try:
+                hostile(self, data, int(rng.group(1)) if rng else 0)
+            except OSError:  # the client hung up: what a limit does
+                pass
+            self.close_connection = True
+            return
         if data is None:
             self.send_response(404)
             if on_hub:
@@ -60,6 +78,7 @@ class Files(BaseHTTPRequestHandler):
         else:
             self.send_response(200)
         self.send_header("Content-Length", str(len(data) - start))
+        self.send_header("Accept-Ranges", "bytes")
         if on_hub:
             self.send_header("X-Repo-Commit", COMMIT)
             sha = hashlib.sha256(data).hexdigest()
@@ -80,11 +99,14 @@ class Files(BaseHTTPRequestHandler):
 @pytest.fixture
 def server():
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Files)
-    httpd.files, httpd.cut, httpd.requests = {}, {}, []
+    httpd.daemon_threads, httpd.block_on_close = True, False
+    httpd.files, httpd.cut, httpd.requests, httpd.hostile = {}, {}, [], {}
+    httpd.stop = threading.Event()  # ends every stall and drip at teardown
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}"
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
     yield httpd
+    httpd.stop.set()
     httpd.shutdown()
     httpd.server_close()
 
@@ -206,8 +228,8 @@ def test_a_plain_url_is_checked_converted_once_and_not_kept_twice(server, tmp_pa
     assert path == cache / "models" / "segformer-b0-url.safetensors"
     assert transeg.load(row.name).meta["variant"] == "segformer-b0"
     # the raw .pth is gone once converted; no .part, no temporary left anywhere in the cache
-    left = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock"))
-    assert left == ["models/segformer-b0-url.safetensors"], left
+    left = sorted(str(p.relative_to(cache)) for p in cache.rglob("*") if p.is_file())
+    assert left == ["models/segformer-b0-url.safetensors"], left  # (no .lock beside any file either)
     assert row.checksum == "publisher"
 
 
@@ -222,21 +244,36 @@ def test_a_corrupted_download_is_refused_and_nothing_is_left_under_its_name(serv
     assert not [p for p in cache.rglob("*") if p.suffix in (".pth", ".part", ".safetensors")]
 
 
-def test_a_server_that_dies_halfway_is_resumed_from_where_it_stopped(server, tmp_path, monkeypatch, cache):
-    """The first GET sends 40% of the file and closes: one line, the partial file kept. The next fetch
-    asks for `Range: bytes=<that many>-` and completes; the sha256 of the whole matches."""
+def test_a_server_that_dies_halfway_is_resumed_from_where_it_stopped(server, tmp_path, monkeypatch, cache, capsys):
+    """The first GET sends 40% of the file and closes. With one attempt allowed: one line, the partial file
+    kept; the next fetch asks for `Range: bytes=<that many>-` and completes; the sha256 of the whole matches.
+    With the default attempts the same fetch resumes by itself, saying so in one line."""
     data = _official_b0(tmp_path)
     server.files["/weights/b0.pth"] = data
     server.cut["/weights/b0.pth"] = cut = int(len(data) * 0.4)
     row = _url_row(server, data, sha256=hashlib.sha256(data).hexdigest())
     monkeypatch.setitem(zoo.RELEASES, row.name, row)
-    with pytest.raises(TransegError, match=rf"closed after {cut:,} of {len(data):,} bytes .*next try resumes"):
+    monkeypatch.setenv("TRANSEG_DOWNLOAD_ATTEMPTS", "1")
+    with pytest.raises(TransegError, match=rf"closed after {cut:,} of {len(data):,} bytes; gave up after 1 attempt "
+                                           r"\(TRANSEG_DOWNLOAD_ATTEMPTS\) .*next try resumes"):
         zoo.fetch(row.name, progress=False)
     assert (cache / "downloads" / row.name / "b0.pth.part").stat().st_size == cut
     server.requests.clear()
     zoo.fetch(row.name, progress=False, log=lambda *a: None)
     assert [r for r in server.requests if r[0] == "GET"] == [("GET", "/weights/b0.pth", f"bytes={cut}-")]
     assert transeg.load(row.name).meta["variant"] == "segformer-b0"
+    # within one fetch: attempt 2 resumes, one line says so
+    monkeypatch.delenv("TRANSEG_DOWNLOAD_ATTEMPTS")
+    monkeypatch.setattr(hub, "RETRY_PAUSE_S", 0.05)
+    zoo.target(row.name).unlink()
+    server.cut["/weights/b0.pth"] = cut
+    server.requests.clear()
+    capsys.readouterr()
+    zoo.fetch(row.name, progress=False, log=lambda *a: None)
+    assert [r for r in server.requests if r[0] == "GET"] == [("GET", "/weights/b0.pth", None),
+                                                             ("GET", "/weights/b0.pth", f"bytes={cut}-")]
+    assert capsys.readouterr().err.splitlines() == [
+        f"transeg: {row.location}: the connection closed after {cut:,} of {len(data):,} bytes; retrying (2 of 3)"]
 
 
 def test_an_unreachable_server_keeps_the_partial_file_and_says_how_to_give_it_by_hand(server, tmp_path, monkeypatch):
@@ -244,7 +281,7 @@ def test_an_unreachable_server_keeps_the_partial_file_and_says_how_to_give_it_by
     row = zoo.Release("segformer-b0-gone", "segformer-b0", "segformer", "ade20k", "512x512", "url",
                       "http://127.0.0.1:9/weights/b0.pth")  # port 9 (discard): nothing listens
     monkeypatch.setitem(zoo.RELEASES, row.name, row)
-    with pytest.raises(TransegError, match=r"127\.0\.0\.1:9/weights/b0\.pth: download failed \(.*refused.*\); or "
+    with pytest.raises(TransegError, match=r"127\.0\.0\.1:9/weights/b0\.pth: cannot connect \(.*refused.*\); or "
                                            r"download .* by hand and run `transeg pull segformer-b0-gone --file PATH`"):
         zoo.fetch(row.name, progress=False)
     # given by hand: converted, its checksum recorded for any later copy
@@ -324,8 +361,8 @@ def test_two_processes_fetching_one_file_download_it_once(server, tmp_path, monk
 @pytest.mark.parametrize("spec,message", [
     ("runs/a/model.safetensors", r"runs/a/model\.safetensors: no such checkpoint file$"),
     ("tests/model", r"tests/model: no such checkpoint file$"),  # tests/ is a folder here: a path, not a repo id
-    ("segfromer-b0-ade20k", r"'segfromer-b0-ade20k': no such checkpoint file, zoo name or Hugging Face repo id "
-                            r"\(did you mean segformer-b0-ade20k"),
+    ("segfromer-b0-ade20k", (r"'segfromer-b0-ade20k': no such checkpoint file, zoo name or Hugging Face repo id "
+                            r"\(did you mean segformer-b0-ade20k")),
 ])
 def test_a_mistyped_name_or_path_is_one_line_and_never_a_download(server, spec, message):
     with pytest.raises(TransegError, match=message):
@@ -398,6 +435,333 @@ def test_fine_tuning_starts_from_a_zoo_name_with_a_new_classifier(server, tmp_pa
     with pytest.raises(TransegError, match=r"backbone_weights=mit-b9-imagenet: no such file \(give .*, an ImageNet "
                                            r"release of the zoo"):
         validate(TrainConfig(model="segformer-b0", backbone_weights="mit-b9-imagenet"), machine=True)
+
+
+# ----------------------------------------------------------------------------- bounded downloads
+def _head(h, status=200, length=None, *extra):
+    h.send_response(status)
+    if length is not None:
+        h.send_header("Content-Length", str(length))
+    for name, value in extra:
+        h.send_header(name, value)
+    h.end_headers()
+
+
+def _ranged(h, data, start):
+    _head(h, 206 if start else 200, len(data) - start, ("Accept-Ranges", "bytes"))
+
+
+def drip(every, step=1):
+    """`step` bytes every `every` seconds, with an honest Content-Length."""
+    def answer(h, data, start):
+        _ranged(h, data, start)
+        for i in range(start, len(data), step):
+            h.wfile.write(data[i:i + step])
+            h.wfile.flush()
+            if h.server.stop.wait(every):
+                return
+    return answer
+
+
+def stall_after(n):
+    """n bytes, then silence (until the test ends)."""
+    def answer(h, data, start):
+        _ranged(h, data, start)
+        h.wfile.write(data[start:start + n])
+        h.wfile.flush()
+        h.server.stop.wait(30)
+    return answer
+
+
+def silent(h, data, start):
+    """Accepts the connection and never answers."""
+    h.server.stop.wait(30)
+
+
+def lying_length(h, data, start):
+    """Announces the whole rest of the file and sends half of it, every time."""
+    _ranged(h, data, start)
+    h.wfile.write(data[start:start + (len(data) - start) // 2])
+
+
+def endless(h, data, start):
+    """No Content-Length and no end."""
+    _head(h, 200, None, ("Connection", "close"))
+    while not h.server.stop.is_set():
+        h.wfile.write(b"\0" * 65536)
+
+
+def claims(n):
+    def answer(h, data, start):
+        _head(h, 200, n)
+    return answer
+
+
+def status(code):
+    def answer(h, data, start):
+        _head(h, code, 0)
+    answer.head = True
+    return answer
+
+
+def redirect(location):
+    """A 302 to `location`, HEAD included (with the headers huggingface_hub takes its metadata from)."""
+    def answer(h, data, start):
+        _head(h, 302, 0, ("Location", location.replace("CLOSED", str(_closed_port()))), ("X-Repo-Commit", COMMIT),
+              ("ETag", '"e"'), ("X-Linked-Size", "200000"))
+    answer.head = True
+    return answer
+
+
+def _closed_port():
+    """A port on 127.0.0.1 where nothing listens (a connection is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def small_limits(monkeypatch):
+    """Limits small enough that every hostile server is stopped within a few seconds."""
+    for name, value in {"TRANSEG_DOWNLOAD_TIMEOUT": "0.5", "TRANSEG_DOWNLOAD_MIN_RATE": "1",
+                        "TRANSEG_DOWNLOAD_DEADLINE": "6", "TRANSEG_DOWNLOAD_ATTEMPTS": "2",
+                        "HF_HUB_DISABLE_PROGRESS_BARS": "1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(hub, "RETRY_PAUSE_S", 0.05)
+
+
+def _pull_fails(argv, capsys, seconds):
+    """`transeg pull ...`: exit 2 within `seconds`, its error one line; the only other lines say it retries.
+    Returns the error line."""
+    from transeg.cli import main
+
+    capsys.readouterr()
+    began = time.monotonic()
+    assert main(["pull", *argv]) == 2
+    took = time.monotonic() - began
+    err = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.strip() and not re.search(r"%\||B/s\]", line)]
+    errors = [line for line in err if line.startswith("transeg: error: ")]  # ("%|": a progress bar)
+    assert len(errors) == 1 and all(line.startswith("transeg: ") and "; retrying (" in line
+                                    for line in err if line not in errors), err
+    assert took < seconds, (took, errors)
+    return errors[0].removeprefix("transeg: error: ")
+
+
+DATA = bytes(range(256)) * 782  # 200,192 bytes
+
+
+# name: (hostile GET answer, extra settings, stated size MB, the line after "URL: ", the .part kept, seconds)
+PLAIN = {
+    "drips": (drip(0.05), {}, None, (r"[\d.]+ KB/s over the last [\d.]+ s, below the minimum of 1 KB/s "
+                                    r"\(TRANSEG_DOWNLOAD_MIN_RATE\) \(\d+ bytes kept in .*b0\.pth\.part; the next try "
+                                    r"resumes\)"), True, 4),
+    "slow past the deadline": (drip(0.05, 2000), {"TRANSEG_DOWNLOAD_DEADLINE": "1.5"}, None,
+                               (r"not done within the deadline of 1\.5 s \(TRANSEG_DOWNLOAD_DEADLINE\) \([\d,]+ bytes "
+                               r"kept"), True, 4),
+    "stalls after 1000 bytes": (stall_after(1000), {}, None,
+                                (r"no data for 0\.5 s after 2,000 bytes \(TRANSEG_DOWNLOAD_TIMEOUT\); gave up after 2 "
+                                r"attempts \(TRANSEG_DOWNLOAD_ATTEMPTS\) \(2,000 bytes kept"), True, 4),
+    "never answers": (silent, {}, None, r"cannot connect \(no answer within 0\.5 s \(TRANSEG_DOWNLOAD_TIMEOUT\)\); or download",
+                      False, 3),
+    "lies about its length": (lying_length, {}, None, (r"the connection closed after 150,144 of 200,192 bytes; gave up "
+                                                     r"after 2 attempts .*150,144 bytes kept"), True, 4),
+    "sends without end": (endless, {"TRANSEG_DOWNLOAD_MAX_MB": "0.5"}, None,
+                          r"more than 500,000 bytes arrived, over the limit \(TRANSEG_DOWNLOAD_MAX_MB=0\.5\); or download", False, 4),
+    "announces more than the release states": (claims(50_000_000), {}, 1.0,
+                                               (r"the server announces 50\.0 MB, over the limit of 11\.2 MB "
+                                               r"\(segformer-b0-url states 1 MB; the limit is that plus 25% and 10 MB\); or"),
+                                               False, 3),
+    "sends more than the global limit": (endless, {"TRANSEG_DOWNLOAD_MAX_MB": "0.3"}, 100.0,
+                                         r"more than 300,000 bytes arrived", False, 4),
+    "answers 503": (status(503), {}, None, r"the server answered HTTP 503 .*; gave up after 2 attempts", False, 3),
+    "answers 404": (status(404), {}, None, r"the server answered HTTP 404 Not Found; or download", False, 3),
+    "redirects to file://": (redirect("file:///etc/passwd"), {}, None, (r"the server answered HTTP 302 Found - "
+                                                                       r"Redirection to url 'file:///etc/passwd' is not"), False, 3),
+    "redirects to a closed port": (redirect("http://127.0.0.1:CLOSED/b0.pth"), {}, None,
+                                   r"cannot connect \(.*[Rr]efused", False, 3),
+}
+
+
+@pytest.mark.parametrize("case", list(PLAIN))
+def test_a_hostile_plain_url_ends_in_one_line_within_its_limits(case, server, monkeypatch, small_limits, cache, capsys):
+    """Each hostile server: `transeg pull` exits 2 within seconds with one line naming the URL and what
+    happened; the partial file is kept only where the server resumes (and never over the size limit);
+    no checksum is recorded and no lock file is left."""
+    answer, settings, size_mb, line, kept, seconds = PLAIN[case]
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    server.files["/weights/b0.pth"] = DATA
+    server.hostile["/weights/b0.pth"] = answer
+    row = zoo.Release("segformer-b0-url", "segformer-b0", "segformer", "ade20k", "512x512", "url",
+                      f"{server.url}/weights/b0.pth", size_mb=size_mb)
+    monkeypatch.setitem(zoo.RELEASES, row.name, row)
+    error = _pull_fails([row.name], capsys, seconds)
+    assert re.match(re.escape(row.location) + ": " + line, error), error
+    parts = list(cache.rglob("*.part"))
+    assert bool(parts) == kept and not list(cache.rglob("*.lock")) and not (cache / "checksums.json").exists()
+
+
+def test_a_refused_connection_fails_at_once_without_retrying(monkeypatch, small_limits, capsys):
+    monkeypatch.setenv("TRANSEG_DOWNLOAD_ATTEMPTS", "5")
+    row = zoo.Release("segformer-b0-refused", "segformer-b0", "segformer", "ade20k", "512x512", "url",
+                      f"http://127.0.0.1:{_closed_port()}/b0.pth")
+    monkeypatch.setitem(zoo.RELEASES, row.name, row)
+    error = _pull_fails([row.name], capsys, 1.5)
+    assert re.match(re.escape(row.location) + r": cannot connect \(.*[Rr]efused.*\); or download", error), error
+
+
+HUB = {
+    "drips": ("model.safetensors", drip(0.05), {}, r"[\d.]+ KB/s over the last [\d.]+ s, below the minimum of 1 KB/s", 4),
+    "stalls after 1000 bytes": ("model.safetensors", stall_after(1000), {},
+                                (r"no data for 0\.5 s after [\d,]+ bytes \(TRANSEG_DOWNLOAD_TIMEOUT\); gave up after 2 "
+                                r"attempts"), 6),
+    "lies about its length": ("model.safetensors", lying_length, {},
+                              r"the connection closed after [\d,]+ bytes; gave up after 2 attempts", 6),
+    "announces more than the limit": ("model.safetensors", claims(50_000_000), {"TRANSEG_DOWNLOAD_MAX_MB": "1"},
+                                      (r"the server announces 50\.0 MB, over the limit of 1\.0 MB "
+                                      r"\(TRANSEG_DOWNLOAD_MAX_MB=1\)$"), 3),
+    "sends without end": ("model.safetensors", endless, {"TRANSEG_DOWNLOAD_MAX_MB": "0.1"},
+                          r"more than 100,000 bytes arrived, over the limit \(TRANSEG_DOWNLOAD_MAX_MB=0\.1\)$", 4),
+    "slow past the deadline": ("model.safetensors", drip(0.05, 2000), {"TRANSEG_DOWNLOAD_DEADLINE": "1.5"},
+                               r"not done within the deadline of 1\.5 s", 4),
+    "answers 503": ("config.json", status(503), {}, r"the server answered HTTP 503; gave up after 2 attempts", 4),
+    "redirects to file://": ("config.json", redirect("file:///etc/passwd"), {},
+                             r"redirected to \S*/etc/passwd, not an http\(s\) URL$", 3),
+    "redirects to a closed port": ("config.json", redirect("http://127.0.0.1:CLOSED/config.json"), {},
+                                   r"cannot connect to 127\.0\.0\.1 \(.*[Rr]efused", 4),
+}
+
+
+@pytest.mark.parametrize("case", list(HUB))
+def test_a_hostile_hub_ends_in_one_line_within_its_limits(case, server, hf_segformer, monkeypatch, small_limits,
+                                                          tmp_path, capsys):
+    """The same through huggingface_hub (`transeg pull org/repo`): its retries replaced by the bounded ones,
+    its log lines by one retry line, and its temporary `.incomplete` file gone."""
+    filename, answer, settings, line, seconds = HUB[case]
+    for name, value in settings.items():
+        monkeypatch.setenv(name, value)
+    _publish(server, "someone/hostile", {"config.json": hf_segformer[1]["config.json"], "model.safetensors": DATA})
+    server.hostile[f"someone/hostile/{filename}"] = answer
+    error = _pull_fails(["someone/hostile"], capsys, seconds)
+    url = f"{server.url}/someone/hostile/resolve/main/{filename}"
+    assert re.match(re.escape(url) + ": " + line, error), error
+    assert not [p for p in (tmp_path / "hf").rglob("*") if p.name.endswith(".incomplete")]
+
+
+@pytest.mark.parametrize("endpoint,line", [
+    ("http://127.0.0.1:CLOSED", (r"http://127\.0\.0\.1:\d+/someone/repo/resolve/main/config\.json: cannot connect to "
+                                r"127\.0\.0\.1 \(.*[Rr]efused")),
+    ("huggingface.co", r"HF_ENDPOINT='huggingface\.co': not an http\(s\) URL"),
+    ("ftp://mirror.example", r"HF_ENDPOINT='ftp://mirror\.example': not an http\(s\) URL"),
+    ("http://", r"HF_ENDPOINT='http://': not an http\(s\) URL"),
+])
+def test_an_unreachable_or_malformed_hub_endpoint_is_one_line_at_once(endpoint, line, monkeypatch, small_limits,
+                                                                       capsys):
+    monkeypatch.setenv("HF_ENDPOINT", endpoint.replace("CLOSED", str(_closed_port())))
+    monkeypatch.setenv("TRANSEG_DOWNLOAD_ATTEMPTS", "5")
+    assert re.match(line, _pull_fails(["someone/repo"], capsys, 1.5))
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_pull_from_an_unreachable_hub_prints_one_line_and_exits_2(tmp_path):
+    """In a process of its own, default limits and huggingface_hub's own logging: a refused connection is
+    one line on stderr, at once (no retry lines, no traceback)."""
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}", "TRANSEG_HOME": str(tmp_path / "t"),
+           "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0"}
+    began = time.monotonic()
+    run = subprocess.run([sys.executable, "-c", "import sys; from transeg.cli import main; sys.exit(main())",
+                          "pull", "someone/repo"], check=False, env=env, capture_output=True, text=True, timeout=50)
+    assert run.returncode == 2, run.stderr
+    assert re.fullmatch(r"transeg: error: http://127\.0\.0\.1:\d+/someone/repo/resolve/main/config\.json: cannot "
+                        r"connect to 127\.0\.0\.1 \(.*\)\n", run.stderr), run.stderr
+    assert time.monotonic() - began < 30
+
+
+@pytest.mark.parametrize("name,value", [
+    ("TRANSEG_DOWNLOAD_DEADLINE", "soon"), ("TRANSEG_DOWNLOAD_DEADLINE", "-1"), ("TRANSEG_DOWNLOAD_TIMEOUT", "nan"),
+    ("TRANSEG_DOWNLOAD_MIN_RATE", "-5"), ("TRANSEG_DOWNLOAD_ATTEMPTS", "0"), ("TRANSEG_DOWNLOAD_ATTEMPTS", "1.5"),
+    ("TRANSEG_DOWNLOAD_MAX_MB", "inf"),
+])
+def test_a_bad_limit_setting_is_one_line_naming_it(name, value, server, monkeypatch, capsys):
+    monkeypatch.setenv(name, value)
+    server.files["/weights/b0.pth"] = DATA
+    row = zoo.Release("segformer-b0-url", "segformer-b0", "segformer", "ade20k", "512x512", "url",
+                      f"{server.url}/weights/b0.pth")
+    monkeypatch.setitem(zoo.RELEASES, row.name, row)
+    assert _pull_fails([row.name], capsys, 5).startswith(f"{name}={value!r}: not a ")
+    assert server.requests == []
+
+
+def _home_file(tmp_path):
+    (tmp_path / "home").write_text("x")
+    return tmp_path / "home"
+
+
+def _home_dangling(tmp_path):
+    (tmp_path / "home").symlink_to(tmp_path / "gone")
+    return tmp_path / "home"
+
+
+@pytest.mark.parametrize("make,line", [
+    (_home_file, r"TRANSEG_HOME=.*/home: a file, not a folder; set TRANSEG_HOME to a folder you can write$"),
+    (_home_dangling, r"TRANSEG_HOME=.*/home: a link to .*/gone, which does not exist; set TRANSEG_HOME"),
+    (lambda tmp: _home_file(tmp) / "sub", r"TRANSEG_HOME=.*/home/sub: cannot be made \(Not a directory\)"),
+])
+def test_a_cache_that_cannot_be_written_is_one_line_naming_transeg_home(make, line, tmp_path, monkeypatch, capsys,
+                                                                          hf_segformer, server):
+    _publish(server, "someone/repo", hf_segformer[1])
+    monkeypatch.setenv("TRANSEG_HOME", str(make(tmp_path)))
+    assert re.match(line, _pull_fails(["someone/repo"], capsys, 10))
+
+
+def test_a_missing_transeg_home_is_made(tmp_path, monkeypatch, hf_segformer, server):
+    _publish(server, "someone/repo", hf_segformer[1])
+    monkeypatch.setenv("TRANSEG_HOME", str(tmp_path / "not" / "yet"))
+    assert transeg.load("someone/repo", progress=False).meta["zoo"] == "someone/repo"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_transeg_home_is_one_line(tmp_path, monkeypatch, capsys, hf_segformer, server):
+    _publish(server, "someone/repo", hf_segformer[1])
+    (tmp_path / "ro").mkdir(mode=0o555)
+    monkeypatch.setenv("TRANSEG_HOME", str(tmp_path / "ro"))
+    assert re.match(r"TRANSEG_HOME=.*/ro: not writable", _pull_fails(["someone/repo"], capsys, 10))
+
+
+@pytest.mark.parametrize("config,line", [
+    (b"{not json", r"unreadable config\.json \(Expecting property name"),
+    (b"[1, 2]", r"config\.json holds a JSON list, not an object$"),
+    (b"[" * 100_000 + b"]" * 100_000, r"config\.json is nested too deep to read$"),
+    (b'"segformer"', r"config\.json holds a JSON str, not an object$"),
+    (json.dumps({"model_type": "segformer", "id2label": {"1": "a", "2": "b"}}).encode(),
+     r"config\.json's id2label keys \(1, 2\) are not the class indices 0\.\.1$"),
+    (json.dumps({"model_type": "segformer", "id2label": {"0": "a", "x": "b"}}).encode(),
+     r"config\.json's id2label keys \(0, x\) are not the class indices 0\.\.1$"),
+    (json.dumps({"model_type": "segformer", "id2label": ["a", "b"]}).encode(),
+     r"config\.json's id2label is not a table of class index -> name$"),
+    (json.dumps({"model_type": ["segformer"]}).encode(), r"a None model; transeg reads Hub repos of"),
+])
+def test_a_broken_config_json_is_one_line_at_pull(config, line, server, capsys):
+    server.files["someone/broken/config.json"] = config
+    assert re.match(r"someone/broken: " + line, _pull_fails(["someone/broken"], capsys, 10))
+
+
+@pytest.mark.parametrize("spec", ["https://host.example/x.safetensors", "http://127.0.0.1:9/models/b0.pth",
+                                  "s3://bucket/key.safetensors", "https://host.example/org/repo"])
+def test_a_url_given_as_a_checkpoint_is_named_as_given(spec, server):
+    with pytest.raises(TransegError, match=rf"^{re.escape(spec)}: a URL; transeg takes a checkpoint file here"):
+        transeg.load(spec)
+    assert server.requests == []
+
+
+def test_no_lock_file_is_left_beside_a_download_or_the_checksums(server, tmp_path, monkeypatch, cache):
+    server.files["/weights/b0.pth"] = data = _official_b0(tmp_path)
+    row = _url_row(server, data)  # no publisher hash: the checksum is recorded (checksums.json locked too)
+    monkeypatch.setitem(zoo.RELEASES, row.name, row)
+    zoo.fetch(row.name, progress=False, log=lambda *a: None)
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == ["checksums.json",
+                                                                       "segformer-b0-url.safetensors"]
 
 
 # ----------------------------------------------------------------------------- the table itself

@@ -105,6 +105,7 @@ def get(name) -> Release:
 
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".onnx")
 
 
@@ -113,6 +114,9 @@ def resolve(spec, progress=True) -> Path:
     An existing file is returned as it is; a name that looks like a file (a checkpoint suffix) and does
     not exist is an error, never a download."""
     text = str(spec)
+    if _URL.match(text):  # (before Path(), which would fold its // into one /)
+        raise TransegError(f"{text}: a URL; transeg takes a checkpoint file here, a zoo name or a Hugging Face repo id "
+                           "(download the file first, or give the release's zoo name)")
     path = Path(text).expanduser()
     if _looks_local(text):
         if not path.is_file():
@@ -161,6 +165,7 @@ def fetch(name, file=None, progress=True, log=print) -> Path:
     out = target(name)
     if out.is_file() and file is None:
         return out
+    hub.writable_cache()
     with hub.file_lock(out):
         if out.is_file() and file is None:  # another process converted it while this one waited
             return out
@@ -177,14 +182,17 @@ def _download(release, progress):
     if release.host == "manual":
         raise TransegError(f"{release.name}: the authors host it where a program cannot download from ({release.location}); "
                            f"download it there and give the file: `transeg pull {release.name} --file PATH`")
+    bounds = hub.limits(release.size_mb, release.name)  # the stated size caps each of its files
     if release.host == "hub":
         for filename in release.files:
             give = (f"or download {hub.endpoint()}/{release.location}/resolve/main/{filename} by hand and run "
                     f"`transeg pull {release.name} --file PATH`")
-            path = hub.hub_file(release.location, filename, progress=progress, give_by_hand=give)
+            path = hub.hub_file(release.location, filename, progress=progress, give_by_hand=give, bounds=bounds)
             if path is not None:
                 if not release.backbone and get_format(release.fmt).reads_path:  # it reads the folder: config.json too
-                    hub.hub_file(release.location, "config.json", progress=progress)
+                    config = hub.hub_file(release.location, "config.json", progress=progress, bounds=bounds)
+                    if config is not None:
+                        read_config(config, release.location)
                     return [path.parent]
                 return [path]
         raise TransegError(f"{release.location}: holds none of {', '.join(release.files)}")
@@ -196,7 +204,7 @@ def _download(release, progress):
         expected = release.sha256 if url == release.location and release.sha256 else checksums.get(key)
         give = f"or download {url} by hand and run `transeg pull {release.name} --file PATH`"
         path = hub.download_url(url, folder / url.rsplit("/", 1)[-1], sha256=expected, progress=progress,
-                                give_by_hand=give if url == release.location else "")
+                                give_by_hand=give if url == release.location else "", bounds=bounds)
         if expected is None:
             checksums.record(key, hub.sha256_of(path))
         paths.append(path)
@@ -245,6 +253,7 @@ def fetch_repo(repo_id, progress=True, log=print) -> Path:
     out = hub.cache_dir() / "models" / "hub" / (repo_id.replace("/", "--") + ".safetensors")
     if out.is_file():
         return out
+    hub.writable_cache()
     with hub.file_lock(out):
         if out.is_file():
             return out
@@ -263,12 +272,36 @@ def fetch_repo(repo_id, progress=True, log=print) -> Path:
     return out
 
 
+def read_config(config, repo_id) -> dict:
+    """A Hub repo's config.json as a dict, checked as far as transeg reads it: a JSON object, and an
+    `id2label` (where there is one) whose keys are the class indices 0..n-1. Anything else is one line."""
+    try:
+        table = json.loads(Path(config).read_text())
+    except RecursionError:
+        raise TransegError(f"{repo_id}: config.json is nested too deep to read") from None
+    except (OSError, ValueError) as e:
+        raise TransegError(f"{repo_id}: unreadable config.json ({str(e)[:200]})") from None
+    if not isinstance(table, dict):
+        raise TransegError(f"{repo_id}: config.json holds a JSON {type(table).__name__}, not an object")
+    labels = table.get("id2label")
+    if labels is not None:
+        if not isinstance(labels, dict) or not labels:
+            raise TransegError(f"{repo_id}: config.json's id2label is not a table of class index -> name")
+        try:
+            keys = sorted(int(k) for k in labels)
+        except (TypeError, ValueError):
+            keys = None
+        if keys != list(range(len(labels))):
+            shown = ", ".join(list(map(str, labels))[:4])
+            raise TransegError(f"{repo_id}: config.json's id2label keys ({shown}{', ...' if len(labels) > 4 else ''}) "
+                               f"are not the class indices 0..{len(labels) - 1}")
+    return table
+
+
 def _hub_format(config, repo_id):
     """The format that reads a Hub repo, from its config.json's `model_type`."""
-    try:
-        model_type = json.loads(Path(config).read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError) as e:
-        raise TransegError(f"{repo_id}: unreadable config.json ({e})") from None
+    model_type = read_config(config, repo_id).get("model_type")
+    model_type = model_type if isinstance(model_type, str) else None
     fmt = hub_format(model_type)
     if fmt is None:
         readable = sorted(t for f in FORMATS.values() for t in f.hub_model_types)
