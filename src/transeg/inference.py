@@ -28,9 +28,10 @@ from .protocol import Protocol
 MAX_PIXELS = 100_000_000
 # The most bytes of scores at the image's size a prediction holds at once: single-pass label maps (and
 # confidences) are upsampled and reduced a few classes at a time within it, so their peak memory does not grow
-# with the class count: this block plus about 45 bytes per output pixel (a 12 MP photo: about 0.6 GB, where
-# all 150 classes of an ADE20K model at once would be 7.2 GB).
-SCORE_BLOCK_BYTES = 64 * 2**20
+# with the class count: this block plus about 45 bytes per output pixel (a 12 MP photo: about 0.8 GB, where
+# all 150 classes of an ADE20K model at once would be 7.2 GB). 256 MiB holds all classes of an ADE20K or
+# Cityscapes validation image (150 x 683 x 512, 19 x 2048 x 1024), which are then reduced in one call as before.
+SCORE_BLOCK_BYTES = 256 * 2**20
 # Scores at the image's size for all K classes at once ([N,K,H,W] float32), which class probabilities and
 # multi-scale / flip averaging need, are made only up to this size; above it, one line says what to change.
 MAX_SCORE_BYTES = 2 * 2**30
@@ -231,9 +232,16 @@ def upsampled_labels(scores, size, probabilities=False, confidence=False, block_
     on its own exactly as a call on all of them does it, and a running maximum keeps the first class on ties,
     as argmax does. confidence: with logits (`probabilities` False) the softmax of the winner, from a running
     log-sum-exp; with probabilities, the winner's score. Peak: `block_bytes` plus about 45 bytes per output
-    pixel (the running maximum and class, one block's maximum and class), whatever K."""
+    pixel (the running maximum and class, one block's maximum and class), whatever K.
+
+    Scores in channels-last layout (SegFormer's, EDAFormer's heads) are made NCHW-contiguous before they are
+    split: a class's plane cut from a channels-last tensor would go through another upsampling kernel than the
+    whole tensor does, whose rounding differs in the last bit, and near-ties would then flip. All K planes in
+    one block run on the tensor as it is."""
     n, k = scores.shape[:2]
     per_block = max(1, (block_bytes or SCORE_BLOCK_BYTES) // (4 * n * size[0] * size[1]))
+    if per_block < k:
+        scores = scores.contiguous()
     best = found = total = None
     for start in range(0, k, per_block):
         up = _resize(scores[:, start:start + per_block], size).float()
@@ -364,14 +372,14 @@ _TOO_SMALL = ("Kernel size can't be greater than actual input size", "Output siz
 
 
 def segment(model, inputs, protocol=None, probabilities=False, batch_size=1, max_pixels=MAX_PIXELS,
-            confidence=False):
+            confidence=False, block_bytes=None):
     """Yield one `Segmentation` per input (paths, PIL images or HxWx3 uint8 arrays), in order, under
     `protocol` (default: the model's own). Consecutive images of the same size run `batch_size` at
     a time on the model's device; inputs are read as they are needed. Files larger than `max_pixels`
     (None: no bound) are refused before decoding; an image too small or thin for the model after the
     protocol's resize is refused with its size. Label maps and confidence (`confidence`) are made without
-    K x H x W at the image's size (`labels`); probabilities (`probabilities`) are that size, within
-    MAX_SCORE_BYTES."""
+    K x H x W at the image's size (`labels`, in blocks of `block_bytes`, default SCORE_BLOCK_BYTES);
+    probabilities (`probabilities`) are that size, within MAX_SCORE_BYTES."""
     protocol = protocol or model.protocol
     classes, palette = list(model.classes), list(model.palette)
     labels_dtype = np.uint8 if model.num_classes <= 256 else np.int32
@@ -379,7 +387,7 @@ def segment(model, inputs, protocol=None, probabilities=False, batch_size=1, max
 
     def run(batch):
         if not probabilities:
-            return labels(model, batch, protocol, confidence=confidence) + (None,)
+            return labels(model, batch, protocol, confidence=confidence, block_bytes=block_bytes) + (None,)
         s = scores(model, batch, protocol, probabilities=True)
         best, found = s.max(1)
         return found, best, s
