@@ -59,7 +59,7 @@ class Service:
         setting = dict(jobs[0].isr) or None
         start = time.perf_counter()
         segs = self.model.predict([j.image for j in jobs], batch_size=len(jobs), isr=setting,
-                                  probabilities=jobs[0].probabilities)
+                                  confidence=jobs[0].confidence)
         ms = (time.perf_counter() - start) * 1e3
         isr.set_isr(self.twin, **(setting or {}))
         gflops = image_gmacs(self.twin, jobs[0].image.shape[:2], self.model.protocol, self.convention,
@@ -123,9 +123,9 @@ class Service:
             raise Refused(422, str(e)) from None
         return () if isr.is_default(checked) else tuple(checked.items())
 
-    async def segment(self, image, setting, probabilities):
+    async def segment(self, image, setting, confidence):
         try:
-            future = self.batcher.submit(Job(image, isr=setting, probabilities=probabilities))
+            future = self.batcher.submit(Job(image, isr=setting, confidence=confidence))
         except Overloaded as e:
             raise Refused(503, f"overloaded ({e}); retry in a second", {"Retry-After": "1"}) from None
         try:

@@ -1,7 +1,7 @@
 """Dynamic batching on the device: concurrent requests that can share a forward pass run together.
 
 One worker thread owns the model. A request is a `Job` (decoded image + how to run it); jobs with
-the same key (image size, ISR setting, whether probabilities are wanted) that arrive within
+the same key (image size, ISR setting, whether the confidence is wanted) that arrive within
 `window_s` of the first one form a batch of at most `max_batch`. At most `max_pending` jobs are
 admitted at once (queued or running): beyond that `submit` raises `Overloaded`, so overload is
 answered at once instead of growing memory.
@@ -22,12 +22,12 @@ class Overloaded(Exception):
 class Job:
     image: object                       # HxWx3 uint8 array
     isr: tuple = ()                     # ((part, ratios), ...): hashable ISR setting, () = as trained
-    probabilities: bool = False
+    confidence: bool = False
     future: Future = field(default_factory=Future)
 
     @property
     def key(self):
-        return self.image.shape, self.isr, self.probabilities
+        return self.image.shape, self.isr, self.confidence
 
 
 class Batcher:
