@@ -312,8 +312,8 @@ def cmd_pull(args):
         print(f"{args.name} -> {path} (ImageNet weights: train with --set backbone_weights={args.name})")
         return
     model = zoo.load(path)
-    print(f"{args.name} -> {path}: {model.meta['variant']}, {model.num_classes} classes, {count_params(model):,} params; "
-          f"test: {model.protocol.describe()}")
+    print(printable(f"{args.name} -> {path}: {model.meta['variant']}, {model.num_classes} classes, "
+                    f"{count_params(model):,} params; test: {model.protocol.describe()}"))
 
 
 @_verb("pull", cmd_pull, "fetch a released checkpoint ahead of time (a zoo name or a Hugging Face repo id)",
