@@ -262,3 +262,38 @@ def test_full_size_probabilities_are_refused_above_the_limit_before_any_work():
         model.predict(image, probabilities=True)
     seg = model.predict(np.zeros((60, 80, 3), dtype=np.uint8), probabilities=True)  # small: allowed
     assert seg.probabilities.shape == (150, 60, 80)
+
+
+_API_MISTAKES = [
+    ("an empty image", lambda m: m.predict(np.zeros((0, 0, 3), np.uint8)), r"0x0 \(WxH\) has no pixels"),
+    ("a 0-pixel-high image", lambda m: m.predict(np.zeros((0, 9, 3), np.uint8)), r"9x0 \(WxH\) has no pixels"),
+    ("an unknown ISR key", lambda m: m.predict(np.zeros((32, 32, 3), np.uint8), isr={"encdoer": (2, 2, 1, 1)}),
+     "'encdoer' is not an ISR setting"),
+    ("an ISR setting that is not a dict", lambda m: m.predict(np.zeros((32, 32, 3), np.uint8), isr=(2, 2, 1, 1)),
+     r"\(2, 2, 1, 1\) is not an ISR setting"),
+    ("0 classes", lambda m: transeg.create_model("segformer-b0", num_classes=0), "num_classes must be a whole number"),
+    ("-3 classes", lambda m: transeg.create_model("segformer-b0", num_classes=-3), "got -3"),
+    ("2.5 classes", lambda m: transeg.create_model("segformer-b0", num_classes=2.5), "got 2.5"),
+    ("True classes", lambda m: transeg.create_model("segformer-b0", num_classes=True), "got True"),
+    ("batch_size 0", lambda m: m.predict([np.zeros((32, 32, 3), np.uint8)], batch_size=0), "batch_size must be"),
+    ("batch_size -1", lambda m: m.predict([np.zeros((32, 32, 3), np.uint8)] * 2, batch_size=-1), "got -1"),
+    ("a uint8 tensor as a normalised batch", lambda m: m.predict(torch.zeros(1, 3, 32, 32, dtype=torch.uint8)),
+     "floating point, got torch.uint8"),
+    ("a [3,H,W] tensor", lambda m: m.predict(torch.zeros(3, 32, 32)), r"\[N,3,H,W\] .* got \[3, 32, 32\]"),
+    ("a 4-channel batch", lambda m: m.predict(torch.zeros(1, 4, 32, 32)), r"got \[1, 4, 32, 32\]"),
+]
+
+
+@pytest.mark.parametrize("mistake,call,message", _API_MISTAKES, ids=[m[0] for m in _API_MISTAKES])
+def test_python_api_mistakes_are_one_line(model, mistake, call, message):
+    """Each mistake a caller of the Python API can make gets a TransegError of one line that says what was given
+    (before: tracebacks from torch, or silent labels from uint8 pixels taken as normalised values); the model is
+    left as it was (its ISR setting and weights unchanged)."""
+    from transeg.errors import TransegError
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    isr_before = model.isr
+    with pytest.raises(TransegError, match=message) as e:
+        call(model)
+    assert "\n" not in str(e.value)
+    assert model.isr == isr_before and all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

@@ -11,6 +11,7 @@ Two levels, shared by `Segmentor.predict`, the evaluation loop, the CLI and the 
   aug_test); argmax of either is the prediction.
 """
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -216,6 +217,7 @@ def normalised_labels(model, x, protocol=None, out_size=None, confidence=False, 
     (`upsampled_labels`); multi-scale / flip average probabilities at `out_size` (the authors' test), so they
     hold them, within MAX_SCORE_BYTES. protocol / fields: as `normalised_scores`."""
     protocol = (protocol or Protocol(size_divisor=None)).replace(**fields)
+    check_normalised(x)
     out_size = tuple(out_size or x.shape[-2:])
     if protocol.single:
         s = normalised_scores(model, x, protocol)  # at the size the model ran at
@@ -223,6 +225,17 @@ def normalised_labels(model, x, protocol=None, out_size=None, confidence=False, 
     check_score_bytes(model.num_classes, out_size, x.shape[0])
     best, found = normalised_scores(model, x, protocol, out_size=out_size).max(1)
     return found, (best.float() if confidence else None)
+
+
+def check_normalised(x):
+    """Refuse, in one line, a tensor that is not a normalised float batch [N,3,H,W] (a uint8 image tensor would
+    run as if its 0..255 values were normalised, and give labels without meaning)."""
+    if x.dim() != 4 or x.shape[1] != 3 or min(x.shape) < 1:
+        raise TransegError(f"a normalised batch is [N,3,H,W] with N, H, W >= 1, got {list(x.shape)}; give one image "
+                           "as a path, a PIL image or an HxWx3 uint8 array instead")
+    if not x.is_floating_point():
+        raise TransegError(f"a normalised batch is floating point, got {x.dtype}: give uint8 images as HxWx3 arrays "
+                           "(predict) or [N,3,H,W] to inference.labels / scores, which normalise them")
 
 
 def upsampled_labels(scores, size, probabilities=False, confidence=False, block_bytes=None):
@@ -356,6 +369,8 @@ def check_size(size, protocol, name="image"):
     from .data.transforms import TestTransform
 
     h, w = size
+    if min(h, w) < 1:
+        raise TransegError(f"{name}: {w}x{h} (WxH) has no pixels to segment")
     resized = TestTransform(scale=protocol.scale, size_divisor=None).output_size(size)
     steps = [(resized, f"its test protocol ({protocol.describe()})", "crop or pad it to a less elongated shape")]
     steps += [((int(resized[0] * s + 0.5), int(resized[1] * s + 0.5)), f"scale {s:g} of its test protocol",
@@ -380,6 +395,8 @@ def segment(model, inputs, protocol=None, probabilities=False, batch_size=1, max
     protocol's resize is refused with its size. Label maps and confidence (`confidence`) are made without
     K x H x W at the image's size (`labels`, in blocks of `block_bytes`, default SCORE_BLOCK_BYTES);
     probabilities (`probabilities`) are that size, within MAX_SCORE_BYTES."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise TransegError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
     protocol = protocol or model.protocol
     classes, palette = list(model.classes), list(model.palette)
     labels_dtype = np.uint8 if model.num_classes <= 256 else np.int32

@@ -92,6 +92,11 @@ def isr_setting(model, setting=None):
     if not setting:
         yield model
         return
+    unknown = sorted(set(setting) - set(PARTS)) if isinstance(setting, dict) else None
+    if unknown is None or unknown:
+        given = ", ".join(map(repr, unknown)) if unknown else repr(setting)
+        raise TransegError(f"isr: {given} is not an ISR setting; give a dict with 'encoder' and/or 'decoder', "
+                           "e.g. {'encoder': (2, 2, 1, 1), 'decoder': (2, 2, 2)}")
     previous = get_isr(model)
     set_isr(model, **setting)
     try:

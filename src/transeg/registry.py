@@ -10,6 +10,7 @@ each variant so tests and `transeg models` show them next to measured numbers.
 """
 import difflib
 import inspect
+import numbers
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -144,6 +145,9 @@ def create_model(name, num_classes=150, classes=None, palette=None, **overrides)
     """Build a variant with fresh weights (a `Segmentor`). `overrides` replace constructor arguments
     (e.g. drop_path_rate)."""
     variant = get_variant(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise TransegError(f"{name}: num_classes must be a whole number >= 1, got {num_classes!r}")
+    num_classes = int(num_classes)
     if classes is not None and len(classes) != num_classes:
         raise TransegError(f"{len(classes)} class names given for a {num_classes}-class model")
     known = set(inspect.signature(variant.build).parameters) - {"num_classes"}
