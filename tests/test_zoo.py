@@ -730,16 +730,16 @@ def test_a_read_only_transeg_home_is_one_line(tmp_path, monkeypatch, capsys, hf_
 
 
 @pytest.mark.parametrize("config,line", [
-    (b"{not json", r"unreadable config\.json \(Expecting property name"),
-    (b"[1, 2]", r"config\.json holds a JSON list, not an object$"),
-    (b"[" * 100_000 + b"]" * 100_000, r"config\.json is nested too deep to read$"),
-    (b'"segformer"', r"config\.json holds a JSON str, not an object$"),
+    (b"{not json", r"config\.json: not valid JSON \(Expecting property name"),
+    (b"[1, 2]", r"config\.json: expected a JSON object \(the model's settings\), got a list$"),
+    (b"[" * 100_000 + b"]" * 100_000, r"config\.json: JSON nested 100000 levels deep; a config\.json nests at most 32$"),
+    (b'"segformer"', r"config\.json: expected a JSON object \(the model's settings\), got a str$"),
     (json.dumps({"model_type": "segformer", "id2label": {"1": "a", "2": "b"}}).encode(),
-     r"config\.json's id2label keys \(1, 2\) are not the class indices 0\.\.1$"),
+     r"config\.json: id2label's 2 ids must be 0\.\.1; 0 is missing \(ids given: 1\.\.2\)$"),
     (json.dumps({"model_type": "segformer", "id2label": {"0": "a", "x": "b"}}).encode(),
-     r"config\.json's id2label keys \(0, x\) are not the class indices 0\.\.1$"),
+     r"config\.json: id2label key 'x' is not a class id"),
     (json.dumps({"model_type": "segformer", "id2label": ["a", "b"]}).encode(),
-     r"config\.json's id2label is not a table of class index -> name$"),
+     r"config\.json: id2label must map class ids to names, got a list$"),
     (json.dumps({"model_type": ["segformer"]}).encode(), r"a None model; transeg reads Hub repos of"),
 ])
 def test_a_broken_config_json_is_one_line_at_pull(config, line, server, capsys):

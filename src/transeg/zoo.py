@@ -17,12 +17,11 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import json
-
 from safetensors.torch import save_file
 
 from . import checkpoint, hub
 from .convert import convert, read_backbone_state
+from .convert.hf_config import read_config
 from .errors import TransegError
 from .files import atomic_write
 from .protocol import Protocol
@@ -192,7 +191,7 @@ def _download(release, progress):
                 if not release.backbone and get_format(release.fmt).reads_path:  # it reads the folder: config.json too
                     config = hub.hub_file(release.location, "config.json", progress=progress, bounds=bounds)
                     if config is not None:
-                        read_config(config, release.location)
+                        read_config(config, f"{release.location}: config.json")
                     return [path.parent]
                 return [path]
         raise TransegError(f"{release.location}: holds none of {', '.join(release.files)}")
@@ -272,35 +271,9 @@ def fetch_repo(repo_id, progress=True, log=print) -> Path:
     return out
 
 
-def read_config(config, repo_id) -> dict:
-    """A Hub repo's config.json as a dict, checked as far as transeg reads it: a JSON object, and an
-    `id2label` (where there is one) whose keys are the class indices 0..n-1. Anything else is one line."""
-    try:
-        table = json.loads(Path(config).read_text())
-    except RecursionError:
-        raise TransegError(f"{repo_id}: config.json is nested too deep to read") from None
-    except (OSError, ValueError) as e:
-        raise TransegError(f"{repo_id}: unreadable config.json ({str(e)[:200]})") from None
-    if not isinstance(table, dict):
-        raise TransegError(f"{repo_id}: config.json holds a JSON {type(table).__name__}, not an object")
-    labels = table.get("id2label")
-    if labels is not None:
-        if not isinstance(labels, dict) or not labels:
-            raise TransegError(f"{repo_id}: config.json's id2label is not a table of class index -> name")
-        try:
-            keys = sorted(int(k) for k in labels)
-        except (TypeError, ValueError):
-            keys = None
-        if keys != list(range(len(labels))):
-            shown = ", ".join(list(map(str, labels))[:4])
-            raise TransegError(f"{repo_id}: config.json's id2label keys ({shown}{', ...' if len(labels) > 4 else ''}) "
-                               f"are not the class indices 0..{len(labels) - 1}")
-    return table
-
-
 def _hub_format(config, repo_id):
     """The format that reads a Hub repo, from its config.json's `model_type`."""
-    model_type = read_config(config, repo_id).get("model_type")
+    model_type = read_config(config, f"{repo_id}: config.json").get("model_type")
     model_type = model_type if isinstance(model_type, str) else None
     fmt = hub_format(model_type)
     if fmt is None:
