@@ -196,7 +196,7 @@ def test_ohem_keeps_hard_pixels_like_mmseg():
 
 
 def test_sample_ids_partition_the_global_batch():
-    from transeg.engine.trainer import _sample_ids
+    from transeg.engine.samples import sample_ids as _sample_ids
 
     # one process, batch 2: micro-batch j takes samples 2j, 2j+1
     assert list(_sample_ids(0, 3, 2, rank=0, world=1)) == [0, 1, 2, 3, 4, 5]

@@ -384,7 +384,7 @@ def test_ctrl_c_inside_a_step_is_deferred_to_its_end_and_a_second_one_later_is_n
     """How the trainer takes SIGINT: between steps at once (the state is an iteration boundary), inside
     one at the step's end (a save from the middle of a step would hold half-updated weights), and a
     second Ctrl-C more than a second after the first stops at once."""
-    from transeg.engine.trainer import _Interrupts
+    from transeg.engine.interrupts import Interrupts as _Interrupts
 
     def ctrl_c():
         os.kill(os.getpid(), signal.SIGINT)

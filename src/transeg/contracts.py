@@ -1,5 +1,5 @@
 """The contracts between a Segmentor's parts: what a backbone returns, what a decode head returns, and the
-training hook a part may declare. The Segmentor and the engine rely on these declarations only; they never
+training hook a part may declare. The Segmentor and inference rely on these declarations only; they never
 look for attributes on a part to find out what it is.
 
 Backbone: `backbone(x)` with x [N,3,H,W] returns its feature maps, a list of [N,C_i,H/s_i,W/s_i]. A backbone

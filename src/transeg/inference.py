@@ -31,7 +31,7 @@ MAX_PIXELS = 100_000_000
 # confidences) are upsampled and reduced a few classes at a time within it, so their peak memory does not grow
 # with the class count: this block plus about 45 bytes per output pixel (a 12 MP photo: about 0.8 GB, where
 # all 150 classes of an ADE20K model at once would be 7.2 GB). 256 MiB holds all classes of an ADE20K or
-# Cityscapes validation image (150 x 683 x 512, 19 x 2048 x 1024), which are then reduced in one call as before.
+# Cityscapes validation image (150 x 683 x 512, 19 x 2048 x 1024), which are then reduced in one call.
 SCORE_BLOCK_BYTES = 256 * 2**20
 # Scores at the image's size for all K classes at once ([N,K,H,W] float32), which class probabilities and
 # multi-scale / flip averaging need, are made only up to this size; above it, one line says what to change.
@@ -190,16 +190,17 @@ def scores(model, images, protocol=None, out_size=None, probabilities=False):
                              probabilities=probabilities)
 
 
-def check_score_bytes(num_classes, size, batch=1, limit=None):
+def check_score_bytes(num_classes, size, batch=1, limit=None,
+                      fix="ask for labels and confidence instead of probabilities, use a single-scale protocol "
+                          "without flip, or a smaller image"):
     """Refuse, in one line, scores of `num_classes` x `size` (h, w) x `batch` in float32 above `limit` bytes
-    (default MAX_SCORE_BYTES), before any is allocated."""
+    (default MAX_SCORE_BYTES), before any is allocated; `fix` says what to change."""
     limit = MAX_SCORE_BYTES if limit is None else limit
     need = 4 * num_classes * size[0] * size[1] * batch
     if need > limit:
         raise TransegError(f"class scores at the image's size need {need / 2**30:.1f} GiB ({num_classes} classes x "
                            f"{size[1]}x{size[0]} pixels x {batch} image(s)), above the {limit / 2**30:.1f} GiB limit: "
-                           "ask for labels and confidence instead of probabilities, use a single-scale protocol "
-                           "without flip, or a smaller image")
+                           f"{fix}")
 
 
 def labels(model, images, protocol=None, out_size=None, confidence=False, block_bytes=None):
@@ -219,10 +220,14 @@ def normalised_labels(model, x, protocol=None, out_size=None, confidence=False, 
     protocol = (protocol or Protocol(size_divisor=None)).replace(**fields)
     check_normalised(x)
     out_size = tuple(out_size or x.shape[-2:])
-    if protocol.single:
-        s = normalised_scores(model, x, protocol)  # at the size the model ran at
+    if protocol.single:  # scores at the size the model runs at: bounded by the protocol's resize, checked here
+        check_score_bytes(model.num_classes, x.shape[-2:], x.shape[0],
+                          fix="give the model a test protocol that resizes large images (scale=...), or segment "
+                              "the image in tiles")
+        s = normalised_scores(model, x, protocol)
         return upsampled_labels(s, out_size, model.outputs_probabilities, confidence, block_bytes)
-    check_score_bytes(model.num_classes, out_size, x.shape[0])
+    check_score_bytes(model.num_classes, out_size, x.shape[0], fix="use a single-scale protocol without flip, or a "
+                      "smaller image")
     best, found = normalised_scores(model, x, protocol, out_size=out_size).max(1)
     return found, (best.float() if confidence else None)
 

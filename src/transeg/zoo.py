@@ -260,7 +260,7 @@ def fetch_repo(repo_id, progress=True, log=print) -> Path:
         if config is None:
             raise TransegError(f"{repo_id}: has no config.json; not a transformers model repository")
         fmt = _hub_format(config, repo_id)
-        weights = next((p for f in ("model.safetensors", "pytorch_model.bin")
+        weights = next((p for f in HUB_WEIGHTS
                         if (p := hub.hub_file(repo_id, f, progress=progress)) is not None), None)
         if weights is None:
             raise TransegError(f"{repo_id}: holds neither model.safetensors nor pytorch_model.bin")

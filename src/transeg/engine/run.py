@@ -15,18 +15,12 @@ import yaml
 from filelock import FileLock, Timeout
 
 from ..errors import TransegError
-from ..files import atomic_write
+from ..files import _strerror, atomic_write
 from .checkpoints import STATE_FILE
 
 LOCK_FILE = ".lock"
 LOG_FILE = "log.jsonl"
 _LOCKED_HERE = set()  # run folders this process trains in (its own second run is refused naming this process)
-
-
-def _reason(e):
-    """"read-only file system": an OSError's strerror, lower case first, as the other verbs say it."""
-    text = e.strerror or str(e) or type(e).__name__
-    return text[:1].lower() + text[1:]
 
 
 class RunLock:
@@ -78,7 +72,7 @@ def _make_folder(out):
     except FileExistsError:
         raise TransegError(f"{out}: is a file, not a folder; choose another --out") from None
     except OSError as e:
-        raise TransegError(f"{out}: cannot write here ({_reason(e)}); choose another --out") from None
+        raise TransegError(f"{out}: cannot write here ({_strerror(e)}); choose another --out") from None
     return created
 
 
@@ -87,7 +81,7 @@ def _lock(path):
     try:
         os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))
     except OSError as e:
-        raise TransegError(f"{path.parent}: cannot write here ({_reason(e)}); choose another --out") from None
+        raise TransegError(f"{path.parent}: cannot write here ({_strerror(e)}); choose another --out") from None
     lock = FileLock(path, timeout=0, fallback_to_soft=False)
     try:
         lock.acquire()

@@ -36,10 +36,9 @@ from .interrupts import Interrupts
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .run import RunFolder, RunLock, tensorboard_class
-from .samples import Batches, check_labelled, class_weights_of, sample_ids, train_loader
+from .samples import Batches, check_labelled, class_weights_of, train_loader
 from .validation import Validation, write_curves
 
-_Interrupts, _sample_ids = Interrupts, sample_ids  # their names before they moved (tests import them from here)
 
 
 def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print):

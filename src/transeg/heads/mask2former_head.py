@@ -18,7 +18,8 @@ level's resolution (all pixels when a query's mask is empty): the masked attenti
 
 Semantic output: softmax over classes without "no object" times the sigmoid masks, summed over
 queries: scores[k] = Σ_q p_q(k) · σ(m_q). These are probabilities, not logits; at full resolution
-the mask logits are upsampled first (`scores(..., size)`), as the authors' inference does.
+the mask logits are upsampled first (`contracts.mask_scores(prediction, size)`), as the authors'
+inference does.
 
 Module and parameter names follow the authors' (`pixel_decoder.input_proj.0.0`,
 `pixel_decoder.transformer.encoder.layers.i.self_attn.sampling_offsets`, `pixel_decoder.adapter_1`,

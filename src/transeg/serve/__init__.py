@@ -42,12 +42,16 @@ def serve(model, host="127.0.0.1", port=8000, device="auto", dtype=None, compile
     if allowed_hosts is None:
         allowed_hosts = LOOPBACK + ((host,) if host not in ("0.0.0.0", "::", "") else ())
     sock = bind(host, port)
-    net = load(model).optimize_for_inference(dtype, compile=compile, device=device)
+    try:
+        net = load(model).optimize_for_inference(dtype, compile=compile, device=device)
+        net.predict(np.zeros((256, 256, 3), np.uint8))  # fail here, not on the first request (and compile once)
+    except BaseException:
+        sock.close()
+        raise
     if settings["max_batch"] is None:
         # Batching pays on a GPU, where batch-1 inference is bound by kernel launches; on a CPU a batch
         # costs the sum of its images, so it gains nothing there (BENCHMARKS.md: Serving under load).
         settings["max_batch"] = 8 if next(net.parameters()).device.type == "cuda" else 1
-    net.predict(np.zeros((256, 256, 3), np.uint8))  # fail here, not on the first request (and compile once)
     protocol = guarded_protocol(settings.pop("header_timeout"), settings["body_timeout"],
                                 settings.pop("max_connections"))
     app = create_app(net, allowed_hosts=tuple(allowed_hosts), allowed_origins=tuple(allowed_origins), **settings)

@@ -92,10 +92,12 @@ class Service:
         line's message (not an image, or more pixels than one image may have)."""
         from PIL import Image, UnidentifiedImageError
 
+        from ..images import _open
+
         if not data:
             raise Refused(422, f"{name}: empty upload")
         try:
-            with Image.open(io.BytesIO(data)) as img:
+            with _open(io.BytesIO(data), max_pixels=self.max_pixels) as img:
                 w, h = img.size
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise Refused(415, f"{name}: not an image transeg can read (PNG, JPEG, BMP, TIFF, WebP ...)") from None
@@ -110,7 +112,7 @@ class Service:
         from ..images import read_image
 
         try:
-            return read_image(io.BytesIO(data), name=name)[0]
+            return read_image(io.BytesIO(data), name=name, max_pixels=self.max_pixels)[0]
         except TransegError as e:
             raise Refused(422, str(e)) from None
 

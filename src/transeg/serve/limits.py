@@ -17,6 +17,7 @@ ASGI call (Host, Origin, body deadline: `Guard`, in front of the app for any ser
 and the in-flight budgets: `Budget`, taken in app.py).
 """
 import asyncio
+import errno
 import json
 import math
 import socket
@@ -139,7 +140,7 @@ def bind(host, port):
         sock.listen(2048)
     except OSError as e:
         sock.close()
-        what = "in use (another server?); choose another --port" if e.errno == 98 else (e.strerror or str(e))
+        what = "in use (another server?); choose another --port" if e.errno == errno.EADDRINUSE else (e.strerror or str(e))
         raise TransegError(f"cannot listen on {host}:{port}: {what}") from None
     sock.setblocking(False)
     return sock
