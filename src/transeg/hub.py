@@ -15,9 +15,10 @@ from the environment on each download:
                                        also the window the minimum rate is averaged over
     TRANSEG_DOWNLOAD_MIN_RATE     10   KB/s (1 KB = 1000 bytes): a transfer slower than this over a window
                                        is stopped (a server dripping bytes never trips the silence timeout)
-    TRANSEG_DOWNLOAD_ATTEMPTS      3   tries of one file; a dropped connection, a stall or an HTTP
-                                       408/429/5xx is retried (resuming where it stopped), with one line
-                                       that names the URL; a refused connection is not retried
+    TRANSEG_DOWNLOAD_ATTEMPTS      3   tries of one file; a connection dropped or stalled after the answer
+                                       began, or an HTTP 408/429/5xx, is retried (resuming where it
+                                       stopped), with one line that names the URL; a plain URL that refuses
+                                       the connection or never begins its answer is not retried
     TRANSEG_DOWNLOAD_MAX_MB    10000   MB (1e6 bytes) one file may hold, checked against the announced
                                        size and again while the bytes arrive; a release that states its
                                        size is held to that size plus 25% (and 10 MB), whichever is lower
@@ -301,7 +302,7 @@ def download_url(url, dest, sha256=None, progress=True, give_by_hand="", bounds:
                     kept = 0
                 resume = f" ({kept:,} bytes kept in {part}; the next try resumes)" if kept else ""
                 raise TransegError(f"{url}: {e}{resume}{hint}") from None
-        found = sha256_of(part)
+        found = sha256_of(part) if sha256 is not None else None  # (without one, the caller records it: hashed once)
         if sha256 is not None and not found.startswith(sha256):  # (a publisher may give a prefix: deit-...-d0272ac0.pth)
             part.unlink()
             raise TransegError(f"{url}: the download's sha256 is {found[:16]}..., not the expected {sha256[:16]}...; "

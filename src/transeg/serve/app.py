@@ -36,6 +36,9 @@ PAPER_ISR = {"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}
 # since the last time: a burst of large images leaves no resident memory behind.
 TRIM_AFTER_PIXELS = 2_000_000
 BUSY = {"Retry-After": "1", "Connection": "close"}
+# GFLOPs counts kept for reuse, one per (ISR setting, forward size): a protocol that does not resize runs every
+# new image size a client sends at that size, so the cache is emptied past this many.
+GMACS_CACHE_SIZES = 256
 
 
 class Service:
@@ -62,6 +65,8 @@ class Service:
                                   confidence=jobs[0].confidence)
         ms = (time.perf_counter() - start) * 1e3
         isr.set_isr(self.twin, **(setting or {}))
+        if len(self._gmacs_cache) > GMACS_CACHE_SIZES:  # one count per (ISR setting, forward size): bounded
+            self._gmacs_cache.clear()
         gflops = image_gmacs(self.twin, jobs[0].image.shape[:2], self.model.protocol, self.convention,
                              self._gmacs_cache)
         return [(seg, ms, len(jobs), gflops) for seg in segs]
