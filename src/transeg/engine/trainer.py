@@ -15,6 +15,7 @@ randomness (dropout, drop path) comes from torch's global generator, saved with 
     interrupts.py   Ctrl-C, deferred to the end of an optimizer step
 """
 import contextlib
+import gc
 import math
 import time
 from pathlib import Path
@@ -59,6 +60,10 @@ def train(cfg: TrainConfig, resume=False, stop_at=None, progress=True, log=print
             return _Training(cfg, resume, stop_at, progress, log).run()
     finally:
         if created:
+            # the run's objects (the DDP model and its reducer) hold on to the group through reference
+            # cycles: free them while the group exists, or their destructors run at interpreter exit against a
+            # destroyed group and abort the process ("terminate called without an active exception")
+            gc.collect()
             dist.destroy_process_group()
 
 
