@@ -60,7 +60,7 @@ def read_image(path, name=None, max_pixels=None):
     max_pixels: refuse larger images from their header, before decoding (a 20 kB 1-bit PNG can hold
     13000x13000 pixels, 0.5 GB as RGB and many GB in a model). With it, this bound replaces Pillow's
     own decompression-bomb warning, and, when it is above Pillow's refusal (2 x Image.MAX_IMAGE_PIXELS),
-    that refusal too, for this call only (see `_open`; Pillow's global is never changed). Raises
+    that refusal too, for this call only (see `open_image`; Pillow's global is never changed). Raises
     TransegError naming the file (`name`, default: the path)."""
     name = name or path
     if isinstance(path, (str, os.PathLike)):
@@ -69,7 +69,7 @@ def read_image(path, name=None, max_pixels=None):
         with warnings.catch_warnings():
             if max_pixels:  # the bound below is checked instead
                 warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = _open(path, max_pixels)
+            img = open_image(path, max_pixels)
         with img:
             w, h = img.size
             if max_pixels and w * h > max_pixels:
@@ -85,7 +85,7 @@ def read_image(path, name=None, max_pixels=None):
 
 
 
-def _open(path, max_pixels=None):
+def open_image(path, max_pixels=None):
     """`Image.open(path)`, except that an image Pillow refuses as a decompression bomb (more than
     2 x Image.MAX_IMAGE_PIXELS) is opened anyway when `max_pixels` allows more than that refusal:
     `read_image` then bounds it by `max_pixels` from the header. Pillow's refusal is a check of its

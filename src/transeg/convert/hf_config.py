@@ -90,7 +90,6 @@ def _check_id2label(config, name):
 def class_names(config, num_classes, name):
     """The class names in `config`'s `id2label` (checked by `read_config`; None when it has none), which must
     name as many classes as the weights' head has (`num_classes`); TransegError naming `name` otherwise."""
-    _check_id2label(config, name)
     id2label = config.get("id2label") or {}
     if not id2label:
         return None

@@ -97,12 +97,12 @@ class Service:
         line's message (not an image, or more pixels than one image may have)."""
         from PIL import Image, UnidentifiedImageError
 
-        from ..images import _open
+        from ..images import open_image
 
         if not data:
             raise Refused(422, f"{name}: empty upload")
         try:
-            with _open(io.BytesIO(data), max_pixels=self.max_pixels) as img:
+            with open_image(io.BytesIO(data), max_pixels=self.max_pixels) as img:
                 w, h = img.size
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
             raise Refused(415, f"{name}: not an image transeg can read (PNG, JPEG, BMP, TIFF, WebP ...)") from None
