@@ -13,17 +13,18 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "transeg"
 LAYERS = [
     ("interfaces", ("transeg.cli", "transeg.serve")),
     ("public API", ("transeg",)),
-    ("workflows", ("transeg.engine", "transeg.bench", "transeg.export", "transeg.charts", "transeg.data.prepare")),
+    ("workflows", ("transeg.engine", "transeg.bench", "transeg.export", "transeg.deploy", "transeg.share", "transeg.charts",
+                   "transeg.data.prepare")),
     ("families", ("transeg.families",)),
     ("zoo", ("transeg.zoo",)),
     ("conversion", ("transeg.convert",)),
     ("checkpoints and counting", ("transeg.checkpoint", "transeg.flops")),
     ("registry", ("transeg.registry",)),
     ("segmentor", ("transeg.segmentor", "transeg.contracts")),
-    ("inference", ("transeg.inference",)),
+    ("inference", ("transeg.inference", "transeg.tiled")),
     ("shared model code", ("transeg.heads", "transeg.backbones", "transeg.losses")),
     ("layers", ("transeg.layers",)),
-    ("foundations", ("transeg.data", "transeg.viz", "transeg.images", "transeg.files", "transeg.hub", "transeg.isr",
+    ("foundations", ("transeg.data", "transeg.viz", "transeg.images", "transeg.rasters", "transeg.files", "transeg.hub", "transeg.isr",
                      "transeg.device", "transeg.protocol", "transeg.errors", "transeg.version", "transeg.text")),
 ]
 
