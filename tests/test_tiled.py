@@ -1,0 +1,157 @@
+"""Tiled, streamed inference (transeg.tiled): the grid covers every pixel, the blend has no seams, memory does
+not grow with the image, and a stopped job resumes to the same file."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import transeg
+from transeg.errors import TransegError
+from transeg.tiled import Axis, Grid, labels_of, predict_array, weight_window
+
+
+class PerPixel(nn.Module):
+    """A segmentor whose receptive field is one pixel (a 1x1 convolution at full resolution), with the
+    interface tiled inference drives: `logits`, `meta`, `num_classes`, `classes`, `palette`. `spread` scales its
+    logits so that near-ties (which float rounding could flip between two summation orders) are rare."""
+
+    def __init__(self, num_classes=5, spread=20.0, position=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, num_classes, 1)
+        with torch.no_grad():
+            self.conv.weight.mul_(spread)
+        self.position = position
+        self.num_classes = num_classes
+        self.meta = {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375], "variant": "per-pixel"}
+        self.classes = [f"c{i}" for i in range(num_classes)]
+        self.palette = [[40 * i, 255 - 40 * i, (90 * i) % 256] for i in range(num_classes)]
+
+    def logits(self, x):
+        out = self.conv(x)
+        if self.position:  # a window-relative term: windows then disagree where they overlap
+            h, w = x.shape[-2:]
+            ramp = torch.linspace(-3, 3, w)[None, None, None, :] * torch.arange(self.num_classes)[None, :, None, None]
+            out = out + ramp * torch.linspace(1, 2, h)[None, None, :, None]
+        return out
+
+
+def _scene(h, w, seed=0):
+    """A smooth synthetic RGB image: a few colour regions with noise, like an aerial scene."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8)
+    big = np.kron(small, np.ones((16, 16, 1), np.uint8))[:h, :w]
+    return np.clip(big.astype(int) + rng.integers(-20, 21, big.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("extent,window,overlap", [(100, 100, 10), (99, 128, 32), (1000, 256, 32), (1001, 256, 128),
+                                                   (257, 256, 0), (5000, 1024, 128)])
+def test_blocks_partition_the_axis_and_each_lies_in_its_window(extent, window, overlap):
+    """Blocks tile [0, extent) with no gap or overlap; window i covers block i whole; window i - 1 reaches at most
+    `overlap` pixels into it and window i + 1 does not reach it: the two-windows-per-pixel property the blender
+    rests on."""
+    axis = Axis.cover(extent, window, overlap)
+    blocks = [axis.block(i) for i in range(axis.count)]
+    assert blocks[0][0] == 0 and blocks[-1][1] == extent
+    assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(blocks, blocks[1:] + [(extent, extent + 1)]))
+    for i, (a, b) in enumerate(blocks):
+        start = i * axis.stride
+        assert start == a and start + axis.window >= b  # window i covers block i
+        if i:
+            assert (i - 1) * axis.stride + axis.window == a + axis.overlap  # window i-1 ends `overlap` into it
+    assert (axis.count - 1) * axis.stride + axis.window >= extent  # the last window reaches the edge
+
+
+def test_overlap_above_half_the_window_is_refused():
+    with pytest.raises(TransegError, match="between 0 and half the window"):
+        Grid.cover((1000, 1000), 256, 129)
+
+
+def test_hann_weights_cross_fade_to_one():
+    """Across a seam the two windows' Hann weights sum to 1 (sin^2 + cos^2) to float32 rounding, 1e-6: the
+    blend is a weighted average wherever windows overlap."""
+    axis = Axis.cover(1000, 256, 64)
+    w = weight_window((1, axis.window), (0, axis.overlap))[0]
+    total = torch.zeros(axis.count * axis.stride + axis.window)
+    for i in range(axis.count):
+        total[i * axis.stride:i * axis.stride + axis.window] += w
+    inner = total[axis.overlap:(axis.count - 1) * axis.stride + axis.overlap]  # away from the outer edges
+    assert torch.allclose(inner, torch.ones_like(inner), atol=1e-6)
+
+
+@pytest.mark.parametrize("blend", ["hann", "gaussian", "mean"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_per_pixel_model_tiles_equal_the_whole_image(blend, batch):
+    """A model that sees one pixel at a time gives every window the same scores at a pixel, so tiled labels
+    equal whole-image labels exactly: 0 of 300 x 250 pixels differ, whatever the blend and batching, on an
+    image whose sides are not multiples of the window (the last windows are padded)."""
+    model = PerPixel()
+    image = _scene(300, 250)
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - torch.tensor(model.meta["mean"])[:, None, None]) \
+        / torch.tensor(model.meta["std"])[:, None, None]
+    whole = model.logits(x)[0].argmax(0).numpy()
+    tiled = labels_of(model, image, window=64, overlap=16, batch_size=batch, blend=blend)
+    assert tiled.shape == (300, 250) and tiled.dtype == np.uint8
+    assert int((tiled != whole).sum()) == 0
+
+
+def _reference(model, image, window, overlap, blend):
+    """Blending done the obvious way, the whole image's weighted scores summed in memory (the padded canvas)."""
+    grid = Grid.cover(image.shape[:2], window, overlap)
+    h, w = image.shape[:2]
+    wh, ww = grid.rows.window, grid.cols.window
+    canvas = torch.zeros(model.num_classes, (grid.rows.count - 1) * grid.rows.stride + wh,
+                         (grid.cols.count - 1) * grid.cols.stride + ww)
+    padded = np.zeros(canvas.shape[1:] + (3,), np.uint8)
+    padded[...] = [round(v) for v in model.meta["mean"]]
+    padded[:h, :w] = image
+    weights = weight_window((wh, ww), (grid.rows.overlap, grid.cols.overlap), blend)
+    from transeg.tiled import window_scores
+    for r in range(grid.rows.count):
+        for c in range(grid.cols.count):
+            y, x = r * grid.rows.stride, c * grid.cols.stride
+            canvas[:, y:y + wh, x:x + ww] += window_scores(model, padded[None, y:y + wh, x:x + ww])[0] * weights
+    return canvas[:, :h, :w].argmax(0).numpy()
+
+
+@pytest.mark.parametrize("blend", ["hann", "gaussian"])
+def test_streamed_blend_equals_the_in_memory_blend(blend):
+    """Windows that disagree (a window-relative term in the logits): the streamed blend, with its strips on disk
+    and its blocks finished one by one, gives the labels of summing every window's weighted scores into one
+    canvas; only the order of the float32 sums differs, so at most 0.1% of the pixels (near-ties) may differ."""
+    model = PerPixel(spread=1.0, position=True)
+    image = _scene(200, 330, seed=1)
+    reference = _reference(model, image, 64, 24, blend)
+    tiled = labels_of(model, image, window=64, overlap=24, batch_size=2, blend=blend)
+    assert (tiled != reference).mean() <= 1e-3
+    assert len(np.unique(reference)) > 1  # the position term makes the labels vary
+
+
+def test_predict_array_reads_windows_from_a_memmap(tmp_path):
+    """A caller's memmap is read window by window and answered block by block: the blocks tile the image
+    (their areas sum to its 180 x 170 pixels) and equal the in-memory result."""
+    model = PerPixel()
+    image = _scene(180, 170, seed=2)
+    stored = np.lib.format.open_memmap(tmp_path / "scene.npy", mode="w+", dtype=np.uint8, shape=image.shape)
+    stored[:] = image
+    blocks = list(predict_array(model, stored, window=64, overlap=8))
+    assert sum(b.size for _, _, b in blocks) == 180 * 170
+    out = np.zeros((180, 170), np.uint8)
+    for top, left, labels in blocks:
+        out[top:top + labels.shape[0], left:left + labels.shape[1]] = labels
+    assert np.array_equal(out, labels_of(model, image, window=64, overlap=8))
+
+
+def test_segformer_tiles_agree_with_the_whole_image():
+    """A SegFormer sees context across windows, so tiles and the whole image may differ near the seams. An
+    untrained tiny one is the worst case (its class scores are near ties everywhere, so any change of context
+    flips some): with an overlap of half a 128 window its labels agree on 98.4% of a 256 x 256 image here
+    (95.4% with a quarter), asserted >= 98%. A trained SegFormer-B0 at 1024 / 128: BENCHMARKS.md."""
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    model = transeg.create_model("segformer-b0", num_classes=4, **TINY).eval()
+    image = _scene(256, 256, seed=3)
+    whole = model.predict(image, protocol=model.protocol.replace(scale=None)).labels
+    tiled = labels_of(model, image, window=128, overlap=64)
+    assert (tiled == whole).mean() >= 0.98
