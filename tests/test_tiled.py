@@ -1,5 +1,6 @@
 """Tiled, streamed inference (transeg.tiled): the grid covers every pixel, the blend has no seams, memory does
 not grow with the image, and a stopped job resumes to the same file."""
+import warnings
 import numpy as np
 import pytest
 import torch
@@ -155,3 +156,126 @@ def test_segformer_tiles_agree_with_the_whole_image():
     whole = model.predict(image, protocol=model.protocol.replace(scale=None)).labels
     tiled = labels_of(model, image, window=128, overlap=64)
     assert (tiled == whole).mean() >= 0.98
+
+
+# ------------------------------------------------------------------------------------ files of any size
+rasterio = pytest.importorskip("rasterio")
+from rasterio.transform import Affine  # noqa: E402
+
+from transeg import rasters  # noqa: E402
+from transeg.tiled import Stopped, predict_file, run_scale  # noqa: E402
+
+UTM = "EPSG:32633"
+GEO = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4200000.0)  # 50 cm pixels, north up
+
+
+def _geotiff(path, image, crs=UTM, transform=GEO, tile=256):
+    """Write `image` as a tiled RGB GeoTIFF (no CRS / transform: a plain TIFF), block by block as a large one is."""
+    h, w = image.shape[:2]
+    geo = {"crs": crs, "transform": transform} if crs else {}
+    with warnings.catch_warnings():  # a plain TIFF is what is meant here
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        _write_tiff(path, image, geo, tile)
+    return path
+
+
+def _write_tiff(path, image, geo, tile):
+    h, w = image.shape[:2]
+    with rasterio.open(path, "w", driver="GTiff", height=h, width=w, count=3, dtype="uint8", tiled=True,
+                       blockxsize=tile, blockysize=tile, compress="deflate", **geo) as ds:
+        for top in range(0, h, tile):
+            window = rasterio.windows.Window(0, top, w, min(tile, h - top))
+            ds.write(image[top:top + tile].transpose(2, 0, 1), window=window)
+
+
+def _whole(model, image):
+    x = (torch.from_numpy(image).permute(2, 0, 1)[None].float() - torch.tensor(model.meta["mean"])[:, None, None]) \
+        / torch.tensor(model.meta["std"])[:, None, None]
+    return model.logits(x)[0].argmax(0).numpy()
+
+
+def test_geotiff_keeps_its_georeferencing_and_labels(tmp_path):
+    """A 700 x 900 GeoTIFF through a per-pixel model in 256 windows: the label GeoTIFF has the input's CRS,
+    transform and size, the model's class names and colours, and labels equal to the whole image's (0 differ)."""
+    model = PerPixel()
+    image = _scene(700, 900, seed=4)
+    src = _geotiff(tmp_path / "scene.tif", image)
+    done = predict_file(model, src, tmp_path / "out" / "scene.tif", window=256, overlap=32, progress=False)
+    labels, meta = rasters.read_labels(done.labels)
+    with rasterio.open(src) as ds:
+        assert meta["crs"] == ds.crs.to_wkt() and meta["transform"] == tuple(ds.transform)[:6]
+    assert labels.shape == (700, 900) and int((labels != _whole(model, image)).sum()) == 0
+    assert meta["class_names"] == model.classes
+    assert meta["palette"].tolist() == model.palette
+    assert done.tiles == 3 * 4 and done.tiles_run == 12  # ceil((700 - 256) / 224) + 1 rows, ceil((900 - 256) / 224) + 1 columns
+    assert not (tmp_path / "out" / ".scene.tif.job").exists()  # the job's scratch is gone once the file is written
+
+
+def test_plain_tiff_gives_a_plain_label_tiff(tmp_path):
+    """No georeferencing in, none out: a plain tiled TIFF (crs and transform None)."""
+    model = PerPixel()
+    src = _geotiff(tmp_path / "photo.tif", _scene(300, 260, seed=5), crs=None)
+    done = predict_file(model, src, tmp_path / "photo_labels.tif", window=128, overlap=16, progress=False)
+    _, meta = rasters.read_labels(done.labels)
+    assert meta["crs"] is None and meta["transform"] is None
+
+
+class Interrupting(PerPixel):
+    """Raises KeyboardInterrupt (a Ctrl-C) at its `stop_at`-th forward pass."""
+
+    def __init__(self, stop_at, **kwargs):
+        super().__init__(**kwargs)
+        self.calls, self.stop_at = 0, stop_at
+
+    def logits(self, x):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        return super().logits(x)
+
+
+def test_stopped_job_resumes_to_the_same_file(tmp_path):
+    """Ctrl-C at the 5th of 9 batches (3 x 6 windows, 2 per batch) leaves a job; without --resume it is refused
+    (the user's work is not thrown away), with it only the 5 batches not done run (10 of 18 windows, counted),
+    and the labels equal an uninterrupted run's, pixel for pixel."""
+    image = _scene(600, 1300, seed=6)
+    src = _geotiff(tmp_path / "scene.tif", image)
+    options = dict(window=256, overlap=32, batch_size=2, blend="hann", progress=False)
+    whole = predict_file(PerPixel(spread=1.0), src, tmp_path / "a" / "labels.tif", **options)
+    out = tmp_path / "b" / "labels.tif"
+    with pytest.raises(Stopped, match=r"8 of 18 tiles done.*--resume"):
+        predict_file(Interrupting(stop_at=5, spread=1.0), src, out, **options)
+    assert not out.exists() and (out.parent / ".labels.tif.job").is_dir()
+    with pytest.raises(TransegError, match="add --resume"):
+        predict_file(PerPixel(spread=1.0), src, out, **options)
+    resumed = PerPixel(spread=1.0)
+    calls = []
+    resumed.logits = lambda x, f=resumed.logits: calls.append(x.shape[0]) or f(x)
+    done = predict_file(resumed, src, out, resume=True, **options)
+    assert sum(calls) == 10 and done.tiles_run == 10
+    assert np.array_equal(rasters.read_labels(out)[0], rasters.read_labels(whole.labels)[0])
+
+
+def test_resume_refuses_another_model(tmp_path):
+    src = _geotiff(tmp_path / "scene.tif", _scene(300, 600, seed=7))
+    out = tmp_path / "o" / "labels.tif"
+    with pytest.raises(Stopped):
+        predict_file(Interrupting(stop_at=2), src, out, window=128, overlap=16, batch_size=1, progress=False)
+    other = PerPixel(num_classes=4)
+    with pytest.raises(TransegError, match="another .*model"):
+        predict_file(other, src, out, window=128, overlap=16, batch_size=1, progress=False, resume=True)
+
+
+def test_scale_gsd_and_level_choose_the_run_resolution(tmp_path):
+    """A 50 cm GeoTIFF asked for at 1 m runs at half size (factor 0.5); a level that does not exist, or a GSD
+    for an image without georeferencing, is one line."""
+    geo = _geotiff(tmp_path / "geo.tif", _scene(200, 300, seed=8))
+    plain = _geotiff(tmp_path / "plain.tif", _scene(200, 300, seed=8), crs=None)
+    with rasters.open_raster(geo) as r:
+        assert run_scale(r, gsd=1.0) == pytest.approx(0.5)
+        with pytest.raises(TransegError, match="level 3 does not exist"):
+            run_scale(r, level=3)
+    with rasters.open_raster(plain) as r, pytest.raises(TransegError, match="no georeferencing"):
+        run_scale(r, gsd=1.0)
+    done = predict_file(PerPixel(), geo, tmp_path / "half.tif", gsd=1.0, window=64, overlap=8, progress=False)
+    assert done.run_size == (100, 150) and rasters.read_labels(done.labels)[0].shape == (200, 300)

@@ -134,7 +134,7 @@ class Segmentor(nn.Module):
 
     @torch.no_grad()
     def predict(self, inputs, protocol=None, probabilities=False, isr=None, batch_size=1, out_size=None,
-                confidence=False, **fields):
+                confidence=False, tile=None, overlap=None, **fields):
         """Segment images, under the checkpoint's test protocol unless `protocol` is given.
 
         inputs: an image path, a PIL image or an HxWx3 uint8 RGB array -> a `Segmentation` (label map
@@ -144,6 +144,11 @@ class Segmentor(nn.Module):
         setting for this call only, e.g. {"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}. batch_size: images
         of one size run together. Runs on the model's device and precision (`optimize_for_inference`).
 
+        tile: segment each image in windows of `tile` pixels overlapping by `overlap` (default tiled.OVERLAP),
+        blended without seams, at the image's own resolution (no protocol resize): for images far larger than
+        the model was trained on, with memory bounded by the window (`transeg.tiled`; files that do not fit in
+        memory: `predict_file`). Labels only.
+
         A normalised tensor batch [N,3,H,W] -> the label map tensor [N,H,W] at `out_size` (default: its
         size); `fields` (mode, crop, stride, scales, flip, ...) change the protocol, see `inference.normalised_scores`.
         """
@@ -151,9 +156,29 @@ class Segmentor(nn.Module):
             if isinstance(inputs, torch.Tensor):
                 return inference.normalised_labels(self, inputs, protocol, out_size=out_size, **fields)[0]
             one = not isinstance(inputs, (list, tuple))
-            found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities, batch_size,
-                                           confidence=confidence))
+            if tile is not None:
+                if probabilities or confidence:
+                    raise TransegError("tiled prediction gives labels only: drop probabilities / confidence, or tile")
+                found = [self._predict_tiled(item, tile, overlap) for item in ([inputs] if one else inputs)]
+            else:
+                found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities,
+                                               batch_size, confidence=confidence))
             return found[0] if one else found
+
+    def _predict_tiled(self, item, tile, overlap):
+        from . import tiled
+
+        rgb, source, note = inference.read_input(item)
+        labels = tiled.labels_of(self, rgb, tile, tiled.OVERLAP if overlap is None else overlap)
+        return inference.Segmentation(labels, rgb, list(self.classes), list(self.palette), source=source, note=note)
+
+    def predict_file(self, source, out, preview=None, **options):
+        """Segment an image file of any size (GeoTIFF, TIFF, OME / SVS slide...) disk to disk, in tiles: a label
+        TIFF at its full resolution keeping its georeferencing, and a preview PNG; see `tiled.predict_file` for
+        the options (window, overlap, scale, gsd, level, resume...). Returns a `tiled.TiledPrediction`."""
+        from . import tiled
+
+        return tiled.predict_file(self, source, out, preview, **options)
 
     def set_isr(self, encoder=None, decoder=None):
         """Inference spatial reduction: pool keys/values `encoder[i]` / `decoder[j]` times harder than

@@ -403,6 +403,23 @@ def read_level(levels, run_size):
     return max(fits, key=lambda i: -levels[i][0] * levels[i][1]) if fits else 0
 
 
+class Stopped(KeyboardInterrupt):
+    """Ctrl-C during `predict_file`: the message says how many tiles are done and how to finish the job."""
+
+
+def needs_tiles(path, max_pixels=None):
+    """Whether `transeg predict` segments this file in tiles: a TIFF-family file (by content) that is
+    georeferenced, has pyramid levels, or holds more than `max_pixels` pixels. Other images run whole, under the
+    model's test protocol."""
+    from . import rasters
+
+    if not rasters.is_raster(path):
+        return False
+    with rasters.open_raster(path) as raster:
+        return (raster.crs is not None or raster.transform is not None or len(raster.levels) > 1
+                or (max_pixels is not None and raster.height * raster.width > max_pixels))
+
+
 class Job:
     """The state of one `predict_file` job, in a folder beside its output (".NAME.job"): what it runs
     (`spec`: the image, the model's weights, the grid and blending), the scratch (`Scratch`) and the next batch
@@ -457,7 +474,11 @@ def predict_file(model, source, out, preview=None, window=WINDOW, overlap=OVERLA
 
     from . import rasters
 
-    out = Path(out)
+    from .files import output_file
+
+    out = output_file(out, example="labels.tif", inputs=[source])  # checked before the work, not after it
+    if preview is not None:
+        preview = output_file(preview, example="preview.png", inputs=[source])
     with rasters.open_raster(source, max_pixels=max_pixels) as full:
         factor = run_scale(full, scale, gsd, level)
         size, levels, crs, transform = (full.height, full.width), full.levels, full.crs, full.transform
@@ -466,15 +487,21 @@ def predict_file(model, source, out, preview=None, window=WINDOW, overlap=OVERLA
         batch_size = batch_size or batch_for(model.num_classes, (grid.rows.window, grid.cols.window))
         spec = _spec(model, source, full, run_size, grid, batch_size, blend)
     job = Job(out, spec, resume)
-    done_before = sum(len(b) for b in grid.batches(batch_size)[:job.next])
+    batches = grid.batches(batch_size)
+    done_before = sum(len(b) for b in batches[:job.next])
     with rasters.open_raster(source, level=read_level(levels, run_size), max_pixels=max_pixels) as raster:
         windows = Source(raster.read, (raster.height, raster.width), run_size, mean_colour(model))
         bar = tqdm(total=grid.count, initial=done_before, unit="tile", desc=out.name, disable=not progress,
                    dynamic_ncols=True)
-        with bar:
-            for _ in stream(model, windows, grid, job.scratch, batch_size, blend, out_size=size, start=job.next,
-                            done=job.done):
-                bar.update(1)
+        try:
+            with bar:
+                for _ in stream(model, windows, grid, job.scratch, batch_size, blend, out_size=size,
+                                start=job.next, done=job.done):
+                    bar.update(1)
+        except KeyboardInterrupt:
+            done = sum(len(b) for b in batches[:job.next])
+            raise Stopped(f"{out.name}: {done} of {grid.count} tiles done, kept in {job.folder}; the same command "
+                          "with --resume finishes it") from None
     counts = np.zeros(max(model.num_classes, 1), np.int64)
 
     def blocks():
@@ -488,7 +515,7 @@ def predict_file(model, source, out, preview=None, window=WINDOW, overlap=OVERLA
     tile = grid.cols.stride if run_size == size and grid.rows.stride == grid.cols.stride \
         and grid.cols.stride % 16 == 0 and grid.cols.count > 1 else 512
     rasters.write_labels_tiff(out, size[0], size[1], blocks(), crs=crs, transform=transform, palette=model.palette,
-                              class_names=list(model.classes), tile=tile)
+                              class_names=list(model.classes), tile=tile, inputs=[source])
     if preview is not None:
         with rasters.open_raster(source, level=read_level(levels, (1, 1)), max_pixels=max_pixels) as raster:
             rasters.preview(raster, out, preview, palette=model.palette)
