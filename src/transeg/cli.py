@@ -429,6 +429,7 @@ def cmd_predict(args):
     from .files import output_folder
     from .images import image_files
     from .inference import read_truth, segment
+    from .tiled import needs_tiles
     from .viz import prediction_grid, save_image
 
     skipped = []
@@ -440,14 +441,17 @@ def cmd_predict(args):
     output_folder(args.out, inputs=files, create=False)
     grid = args.grid or args.truth is not None
     truths = _truth_files(args.truth, files[:GRID_IMAGES]) if args.truth is not None else {}  # all there, first
+    max_pixels = int(args.max_megapixels * 1e6)
+    large = [f for f in files if args.tile or needs_tiles(f, max_pixels)]
     model = _load(args)
     out = output_folder(args.out, inputs=files)
     isr = _isr_line(model)
     if isr:
         print(isr)
     used, samples = set(), []
-    for seg in tqdm(segment(model, files, _protocol(args, model), max_pixels=int(args.max_megapixels * 1e6)),
-                    total=len(files), desc="predict", disable=len(files) < 2):
+    small = [f for f in files if f not in large]
+    for seg in tqdm(segment(model, small, _protocol(args, model), max_pixels=max_pixels),
+                    total=len(small), desc="predict", disable=len(small) < 2):
         stem = Path(seg.source).stem  # outputs are named from the stem only, so they always land inside --out
         while stem in used:
             stem += "_"
@@ -461,10 +465,32 @@ def cmd_predict(args):
         if grid and len(samples) < GRID_IMAGES:
             truth = read_truth(truths[seg.source], model.num_classes) if truths else None
             samples.append({"image": seg.image, "prediction": seg.labels, "truth": truth, "title": Path(seg.source).name})
+    for path in large:
+        _predict_tiled(model, path, out, used, args)
     if samples:
         save_image(prediction_grid(samples, model.classes, model.palette, alpha=args.alpha), out / "grid.png")
         shown = f"first {len(samples)} of {len(files)} images" if len(files) > len(samples) else f"{len(samples)} images"
         print(f"grid ({shown}): {out / 'grid.png'}")
+
+
+def _predict_tiled(model, path, out, used, args):
+    """One large image through `predict_file`: NAME.tif and NAME_preview.png in `out`, and a line saying so."""
+    stem = Path(path).stem
+    while stem in used:
+        stem += "_"
+    used.add(stem)
+    tiles = dict(overlap=args.overlap, blend=args.blend, scale=args.tile_scale, gsd=args.gsd, level=args.level,
+                 batch_size=args.tile_batch, resume=args.resume, max_pixels=int(args.max_megapixels * 1e6))
+    if args.tile:
+        tiles["window"] = args.tile
+    if tiles["overlap"] is None:
+        del tiles["overlap"]
+    done = model.predict_file(path, out / f"{stem}.tif", out / f"{stem}_preview.png", **tiles)
+    top = ", ".join(f"{printable(name)} {100 * share:.0f}%" for name, share in list(done.shares.items())[:3])
+    ran = f"{done.run_size[1]}x{done.run_size[0]}, " if done.run_size != done.size else ""
+    resumed = f", {done.tiles - done.tiles_run} done before" if done.tiles_run < done.tiles else ""
+    print(printable(f"{Path(path).name} ({done.size[1]}x{done.size[0]}, {ran}{done.tiles} tiles{resumed}): ") + top
+          + printable(f" -> {done.labels}, {done.preview}"))
 
 
 @_verb("predict", cmd_predict, "segment images: writes index-PNG masks and colour overlays")
@@ -483,8 +509,39 @@ def _predict_args(p):
     p.add_argument("--truth", metavar="DIR", help="ground-truth masks for the grid, DIR/<image name>.png (index PNGs "
                    "of class ids, as a dataset's masks/ folder); implies --grid")
     p.add_argument("--max-megapixels", type=_positive, default=100.0,
-                   help="larger images are refused from their header, before decoding (default 100)")
+                   help="larger PNG / JPEG images are refused from their header, before decoding (default 100); "
+                        "TIFFs of any size are segmented in tiles")
     _add_inference_args(p)
+    _add_tile_args(p)
+
+
+def _add_tile_args(p):
+    from .tiled import BLENDS, OVERLAP, WINDOW
+
+    g = p.add_argument_group(
+        "large images (tiled)",
+        "GeoTIFFs, pyramidal TIFF / OME / SVS slides and TIFFs over --max-megapixels are segmented in windows read\n"
+        "from disk, blended without seams and written as they finish: NAME.tif (labels at full resolution, tiled\n"
+        "and compressed, with the input's CRS and transform, a colour map and the class names) and\n"
+        "NAME_preview.png (a downsampled overlay). Memory is bounded by the window, not the image (README, Limits).\n"
+        "A stopped job (Ctrl-C, a kill) is finished by the same command with --resume.")
+    g.add_argument("--tile", type=_count, metavar="N", help=f"window side in pixels at the resolution the model runs "
+                   f"at (default {WINDOW} for tiled inputs); given, every input is segmented in tiles")
+    g.add_argument("--overlap", type=int, default=None, metavar="N",
+                   help=f"pixels shared by neighbouring windows, at most half the window (default {OVERLAP})")
+    g.add_argument("--blend", choices=BLENDS, default="hann", help="how overlapping windows are merged: hann (a "
+                   "cross-fade over the overlap, default), gaussian (centre-weighted) or mean (mmseg's slide mode)")
+    res = g.add_mutually_exclusive_group()
+    res.add_argument("--tile-scale", type=_positive, metavar="F", help="run the model on the image resized by F "
+                     "(e.g. 0.5 for imagery twice as fine as the training data); labels stay at full resolution")
+    res.add_argument("--gsd", type=_positive, metavar="METRES", help="run at this ground sample distance "
+                     "(georeferenced inputs, in their CRS units), e.g. 0.3 for a model trained on 30 cm imagery")
+    res.add_argument("--level", type=int, metavar="N", help="run at the resolution of pyramid level N of a slide or "
+                     "a TIFF with overviews (0 = full resolution); windows are read from the best level")
+    g.add_argument("--tile-batch", type=_count, metavar="N", help="windows per forward pass (default: as many as "
+                   "keep their class scores within 1 GiB, at most 8)")
+    g.add_argument("--resume", action="store_true", help="finish a stopped job: only the windows not done run, and "
+                   "the result equals an uninterrupted run's")
 
 
 def _truth_files(folder, files):
@@ -865,8 +922,8 @@ def main(argv=None):
     except TransegError as e:
         print(f"transeg: error: {printable(e)}", file=sys.stderr)  # file names and text from files, escaped
         return 2
-    except KeyboardInterrupt:
-        print("transeg: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a tiled job says how far it got and how to finish it
+        print(f"transeg: interrupted{printable(': ' + str(e)) if str(e) else ''}", file=sys.stderr)
         return 130
     return 0
 
