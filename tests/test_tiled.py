@@ -279,3 +279,77 @@ def test_scale_gsd_and_level_choose_the_run_resolution(tmp_path):
         run_scale(r, gsd=1.0)
     done = predict_file(PerPixel(), geo, tmp_path / "half.tif", gsd=1.0, window=64, overlap=8, progress=False)
     assert done.run_size == (100, 150) and rasters.read_labels(done.labels)[0].shape == (200, 300)
+
+
+def _big_geotiff(path, side, strip=512):
+    """A side x side RGB GeoTIFF written strip by strip (never held whole): blocky colour regions with noise."""
+    rng = np.random.default_rng(side)
+    with rasterio.open(path, "w", driver="GTiff", height=side, width=side, count=3, dtype="uint8", tiled=True,
+                       blockxsize=256, blockysize=256, compress="deflate", crs=UTM, transform=GEO) as ds:
+        for top in range(0, side, strip):
+            h = min(strip, side - top)
+            small = rng.integers(0, 256, (3, h // 32 + 1, side // 32 + 1), dtype=np.uint8)
+            block = np.kron(small, np.ones((1, 32, 32), np.uint8))[:, :h, :side]
+            block += rng.integers(0, 16, block.shape, dtype=np.uint8)
+            ds.write(block, window=rasterio.windows.Window(0, top, side, h))
+    return path
+
+
+def _peak_rss_mb(argv, cwd):
+    """Run `transeg ARGV` in a fresh process; its own peak RSS in MB (ru_maxrss of that process only)."""
+    import subprocess
+    import sys
+
+    code = ("import resource, sys\nfrom transeg.cli import main\ncode = main(sys.argv[1:])\n"
+            "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\nsys.exit(code)")
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", code, *argv], cwd=cwd, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return int(run.stdout.split("PEAK")[-1])
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_peak_memory_does_not_grow_with_the_image(tmp_path):
+    """The same model and window on a 3,000 x 3,000 and a 6,000 x 6,000 GeoTIFF (4x the pixels: 27 MB more of
+    RGB and 27 MB more of labels if either were held whole, far more for the scores): peak RSS differs by less
+    than 40 MB (what GDAL's capped block caches and allocator noise may add)."""
+    from conftest import TINY
+
+    ckpt = tmp_path / "tiny.safetensors"
+    transeg.save(transeg.create_model("segformer-b0", num_classes=3, classes=["a", "b", "c"], **TINY), ckpt)
+    peaks = {}
+    for side in (3000, 6000):
+        src = _big_geotiff(tmp_path / f"scene{side}.tif", side)
+        peaks[side] = _peak_rss_mb(["predict", str(ckpt), str(src), "--out", str(tmp_path / f"out{side}"),
+                                    "--tile", "512", "--overlap", "64", "--device", "cpu"], tmp_path)
+        assert (tmp_path / f"out{side}" / f"scene{side}.tif").is_file()
+    assert peaks[6000] - peaks[3000] < 40, peaks
+
+
+def test_cli_predict_writes_labels_and_preview_for_a_geotiff(tmp_path, capsys):
+    """`transeg predict CKPT scene.tif --out DIR`: a GeoTIFF goes through tiles (no --tile needed) and gives
+    DIR/scene.tif (same size, CRS and transform) and DIR/scene_preview.png (at most 2048 a side, here the image's
+    own 300 x 400 size); a truncated TIFF is one line naming it, exit status 2."""
+    from conftest import TINY
+    from PIL import Image
+
+    from transeg.cli import main
+
+    ckpt = tmp_path / "tiny.safetensors"
+    transeg.save(transeg.create_model("segformer-b0", num_classes=3, classes=["a", "b", "c"], **TINY), ckpt)
+    src = _geotiff(tmp_path / "scene.tif", _scene(300, 400, seed=9))
+    assert main(["predict", str(ckpt), str(src), "--out", str(tmp_path / "out"), "--tile", "128", "--overlap", "16",
+                 "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "scene.tif (400x300, 12 tiles)" in printed  # 3 rows x 4 columns of 128 windows every 112 pixels
+    labels, meta = rasters.read_labels(tmp_path / "out" / "scene.tif")
+    assert labels.shape == (300, 400) and meta["transform"] == tuple(GEO)[:6]
+    with Image.open(tmp_path / "out" / "scene_preview.png") as preview:
+        assert preview.size == (400, 300)
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(src.read_bytes()[:5000])
+    assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out2"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "broken.tif" in err[0]
