@@ -381,3 +381,87 @@ def test_the_missing_extra_is_named_with_its_install_command(scene, monkeypatch)
     with pytest.raises(TransegError, match=r"scene\.tif: reading TIFF images needs the optional extra \(tifffile "
                                            r"is not installed\): pip install 'transeg\[large\]'"):
         open_raster(scene[0])
+
+
+# ------------------------------------------------------------------------------------------ thumbnails, preview
+def test_a_geotiff_thumbnail_is_decimated_to_max_side(scene):
+    """A 200-pixel thumbnail of the 1500x1000 scene is 133x200 (aspect kept), uint8 RGB; a max_side larger
+    than the image gives the image's own size (never enlarged)."""
+    with open_raster(scene[0]) as r:
+        assert r.thumbnail(200).shape == (133, 200, 3) and r.thumbnail(200).dtype == np.uint8
+        np.testing.assert_array_equal(r.thumbnail(5000), scene[1])
+
+
+def test_a_paletted_tiff_reads_in_its_colours(tmp_path):
+    """A one-band uint8 TIFF with a colour map (a label map, say) reads as the colours of its values."""
+    labels = _labels(40, 60).astype(np.uint8)
+    out = write_labels_tiff(tmp_path / "lab.tif", 40, 60, _blocks(labels, 40, 60), palette=PALETTE,
+                            class_names=CLASSES, tile=16)
+    with open_raster(out) as r:
+        np.testing.assert_array_equal(r.read(0, 0, 40, 60), np.asarray(PALETTE, np.uint8)[labels])
+
+
+def test_floats_are_stretched_and_nan_reads_as_black(tmp_path):
+    """float32 reflectance 0..1 with one NaN: the stretch maps the 2nd percentile to 0 and the 98th to 255;
+    the NaN pixel is 0."""
+    values = np.linspace(0.0, 1.0, 50 * 40, dtype=np.float32).reshape(50, 40)
+    values[3, 4] = np.nan
+    with open_raster(_geotiff(tmp_path / "f.tif", values[..., None])) as r:
+        window = r.read(0, 0, 50, 40)[..., 0]
+    assert window[3, 4] == 0 and window[0, 0] == 0 and window[-1, -1] == 255
+    assert 120 <= window[25, 20] <= 135  # the middle of the ramp, near 255 / 2
+
+
+def test_the_preview_overlays_the_labels_on_the_thumbnail(tmp_path, scene):
+    """After write_labels_tiff: a 300-pixel preview of the 1500x1000 scene is 300x200, each pixel the
+    thumbnail blended half-and-half with the colour of the label at the same nearest position (GDAL's
+    decimation picks the pixel centres `_picks` does: every 5th pixel, from the 3rd)."""
+    from PIL import Image
+
+    path = scene[0]
+    labels = _labels(1000, 1500)
+    out = write_labels_tiff(tmp_path / "labels.tif", 1000, 1500, _blocks(labels, 400, 600), crs=UTM,
+                            transform=tuple(TRANSFORM)[:6], palette=PALETTE, class_names=CLASSES, tile=256)
+    with open_raster(path) as r:
+        written = rasters.preview(r, out, tmp_path / "preview.png", max_side=300, alpha=0.5)
+        thumb = r.thumbnail(300)
+    picture = np.asarray(Image.open(written))
+    assert picture.shape == (200, 300, 3)
+    small = labels[np.ix_(rasters._picks(1000, 200), rasters._picks(1500, 300))]
+    expected = np.rint(0.5 * thumb + 0.5 * np.asarray(PALETTE, np.float32)[small]).astype(np.uint8)
+    np.testing.assert_array_equal(picture, expected)
+
+
+def test_the_preview_never_writes_onto_its_inputs(tmp_path, scene):
+    with pytest.raises(TransegError, match="is the input"):
+        rasters.preview(scene[0], np.zeros((10, 10), np.uint8), scene[0], palette=PALETTE)
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_a_write_that_really_fails_leaves_nothing_under_the_final_name(tmp_path):
+    """A real failed write, not a simulated one: in a process whose files may not exceed 100 kB (RLIMIT_FSIZE,
+    the kernel refusing write() as a full disk does), a 2000x2000 label TIFF of noise (about 1 MB compressed)
+    fails: GDAL's error becomes one TransegError line naming the file, and the folder is left empty."""
+    script = textwrap.dedent(f"""
+        import resource, signal, numpy as np
+        from transeg.errors import TransegError
+        from transeg.rasters import write_labels_tiff
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write returns EFBIG instead of killing us
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        rng = np.random.default_rng(0)
+        blocks = ((t, l, rng.integers(0, 5, (500, 500), dtype=np.uint8)) for t in range(0, 2000, 500)
+                  for l in range(0, 2000, 500))
+        try:
+            write_labels_tiff({str(tmp_path / 'out' / 'labels.tif')!r}, 2000, 2000, blocks, palette=[(0, 0, 0)] * 5,
+                              class_names=list("abcde"))
+        except TransegError as e:
+            print("ERROR", e)
+    """)
+    (tmp_path / "out").mkdir()
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, check=False)
+    assert run.returncode == 0, run.stderr[-2000:]
+    line = run.stdout.strip().splitlines()[-1]
+    assert line.startswith(f"ERROR {tmp_path / 'out' / 'labels.tif'}: could not be saved (") and \
+        line.endswith("); nothing was written"), line
+    assert list((tmp_path / "out").iterdir()) == []

@@ -17,7 +17,7 @@ Bands: RGB uint8 as it is; one band (grey) repeated to three; two bands (grey + 
 three or more (RGBA, multispectral) the first three; a one-band uint8 TIFF with a colour map (palette) through
 its colours. Any other type (uint16, int16, int32, float...) is stretched per band: the 2nd and 98th
 percentiles of the band's finite values (nodata excluded) in a thumbnail of at most `STRETCH_SIDE` pixels a
-side, computed once when the file is opened, map linearly to 0 and 255 (clipped; NaN -> 0), so that every
+side, computed once per Raster on its first read, map linearly to 0 and 255 (clipped; NaN -> 0), so that every
 window of a file is scaled identically and neighbouring windows agree.
 
 Limits: a window is decoded tile by tile (GDAL keeps decoded blocks in its block cache, GDAL_CACHEMAX, by
@@ -49,6 +49,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import viz
 from .errors import TransegError
 from .files import atomic_write, output_file, regular_file
 from .images import read_image
@@ -140,7 +141,7 @@ def _compression(path):
     try:
         tifffile = importlib.import_module("tifffile")
         with _quiet_tifffile(), tifffile.TiffFile(path) as tif:
-            code = int(tif.pages.first.tags["Compression"].value)
+            code = int(tif.pages[0].tags["Compression"].value)
     except Exception:  # the file is too damaged to say
         return "unknown", None
     try:
@@ -198,7 +199,7 @@ class Raster:
         self.crs, self.transform = crs, transform
         self.pixel_size = None if transform is None else (math.hypot(transform[0], transform[3]),
                                                           math.hypot(transform[1], transform[4]))
-        self._stretch = None  # (lo, hi) per band for non-uint8 data
+        self._stretch = None  # (lo, hi) per band for non-uint8 data, computed on the first read
         self._lut = None  # [256, 3] colour map of a paletted band
 
     # the readers implement these two, returning raw values [h, w, bands] in the file's type
@@ -231,18 +232,19 @@ class Raster:
         except Exception as e:  # GDAL's, tifffile's, zlib's, zarr's decode errors
             raise _decode_error(self.name, self.path, e) from None
 
-    def _set_stretch(self, dtype):
-        """For non-uint8 data: the per-band 2-98% stretch from a thumbnail, fixed for every later window."""
-        if np.dtype(dtype) == np.uint8:
-            return
-        raw = self._guard(self._raw_thumb, *_thumb_size(self.height, self.width, STRETCH_SIDE))
-        lo, hi = [], []
-        for band in np.moveaxis(raw.astype(np.float64), -1, 0):
-            values = band[np.isfinite(band) & ~self._nodata_mask(band)]
-            a, b = np.percentile(values, STRETCH_PERCENTILES) if values.size else (0.0, 1.0)
-            lo.append(a)
-            hi.append(b if b > a else a + 1.0)
-        self._stretch = (np.asarray(lo), np.asarray(hi))
+    def _stretch_of(self):
+        """For non-uint8 data: the per-band 2-98% stretch (lo, hi) from a thumbnail, computed on the first read
+        (opening a file to look at its size costs no thumbnail) and fixed for every later window."""
+        if self._stretch is None:
+            raw = self._guard(self._raw_thumb, *_thumb_size(self.height, self.width, STRETCH_SIDE))
+            lo, hi = [], []
+            for band in np.moveaxis(raw.astype(np.float64), -1, 0):
+                values = band[np.isfinite(band) & ~self._nodata_mask(band)]
+                a, b = np.percentile(values, STRETCH_PERCENTILES) if values.size else (0.0, 1.0)
+                lo.append(a)
+                hi.append(b if b > a else a + 1.0)
+            self._stretch = (np.asarray(lo), np.asarray(hi))
+        return self._stretch
 
     def _nodata_mask(self, band):
         return np.zeros(band.shape, dtype=bool)
@@ -251,8 +253,8 @@ class Raster:
         """Raw values [h, w, bands] -> uint8 RGB [h, w, 3] by the rules in the module's docstring."""
         if self._lut is not None:
             return self._lut[raw[..., 0]]
-        if self._stretch is not None:
-            lo, hi = self._stretch
+        if raw.dtype != np.uint8:
+            lo, hi = self._stretch_of()
             x = (raw.astype(np.float32) - lo.astype(np.float32)) * (255.0 / (hi - lo)).astype(np.float32)
             raw = np.clip(np.rint(np.nan_to_num(x, nan=0.0)), 0, 255).astype(np.uint8)
         if raw.shape[-1] < 3:
@@ -304,7 +306,6 @@ class _GdalRaster(Raster):
             for i, rgba in ds.colormap(1).items():
                 self._lut[i] = rgba[:3]
         self._guard(self._raw, 0, 0, 1, 1)  # decodes one tile now: a codec GDAL lacks fails at open
-        self._set_stretch(ds.dtypes[0])
 
     def _overview_sizes(self, path, count):
         sizes = []
@@ -352,7 +353,6 @@ class _SlideRaster(Raster):
             self._nbands = 1
         self._band_axis = band_axis
         self._guard(self._raw, 0, 0, 1, 1)  # decodes one tile now: a missing codec fails at open
-        self._set_stretch(series.levels[level].dtype)
 
     def _array(self, level):
         if level not in self._arrays:
@@ -413,7 +413,7 @@ def _is_slide(tif):
     as levels); GDAL for the rest."""
     if any(getattr(tif, flag, False) for flag in SLIDE_FLAGS):
         return True
-    first = tif.pages.first
+    first = tif.pages[0]
     return bool(getattr(first, "subifds", None)) and len(tif.series[0].levels) > 1
 
 
@@ -542,6 +542,19 @@ def _geo(rasterio, crs, transform, where):
     return crs, transform
 
 
+def _write_reason(error, folder):
+    """Why GDAL failed to write: "No space left on device" when the disk is full (GDAL's own message says only
+    "Write error at scanline N"), else GDAL's deepest message."""
+    try:
+        if os.statvfs(folder).f_bavail == 0:
+            return os.strerror(28)
+    except OSError:
+        pass
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    return _reason(error)
+
+
 def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, palette, class_names, tile=512,
                       inputs=()):
     """Write a label image of `height` x `width` from `blocks`, an iterable of (top, left, labels [h, w]) that
@@ -580,13 +593,16 @@ def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, 
     def write(tmp):
         with rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_MB, GDAL_PAM_ENABLED="NO"), warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(tmp, "w", **profile) as ds:
-                ds.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(colours)})
-                ds.update_tags(1, class_names=json.dumps(class_names, ensure_ascii=False))
-                strips = _Strips(ds, rasterio.windows.Window, int(height), int(width), int(tile), dtype)
-                for top, left, labels in blocks:
-                    strips.add(int(top), int(left), labels)
-                strips.finish()
+            try:
+                with rasterio.open(tmp, "w", **profile) as ds:
+                    ds.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(colours)})
+                    ds.update_tags(1, class_names=json.dumps(class_names, ensure_ascii=False))
+                    strips = _Strips(ds, rasterio.windows.Window, int(height), int(width), int(tile), dtype)
+                    for top, left, labels in blocks:
+                        strips.add(int(top), int(left), labels)
+                    strips.finish()
+            except rasterio.errors.RasterioError as e:  # "Write failed. See previous exception": say why
+                raise OSError(_write_reason(e, Path(tmp).parent)) from None
 
     atomic_write(path, write)
     return path
@@ -621,3 +637,52 @@ def read_labels(path) -> tuple[np.ndarray, dict]:
     else:
         meta["palette"] = None
     return labels, meta
+
+
+def _label_thumbnail(labels, height, width):
+    """Labels at height x width, nearest: from a label TIFF read decimated by GDAL (bounded memory: one
+    thumbnail plus GDAL's block cache), or from an in-memory [H, W] array. Also the TIFF's colour map."""
+    if isinstance(labels, (str, os.PathLike)):
+        name = str(labels)
+        regular_file(labels, name)
+        rasterio = _module("rasterio", name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+                with rasterio.open(labels) as ds:
+                    small = ds.read(1, out_shape=(height, width), resampling=rasterio.enums.Resampling.nearest)
+                    try:
+                        cmap = ds.colormap(1)
+                    except ValueError:  # no colour map
+                        cmap = None
+        except (rasterio.errors.RasterioError, OSError) as e:
+            raise _decode_error(name, labels, e) from None
+        if cmap is not None:
+            cmap = np.asarray([cmap.get(i, (0, 0, 0, 255))[:3] for i in range(max(cmap) + 1)], dtype=np.uint8)
+        return small, cmap
+    labels = np.asarray(labels)
+    if labels.ndim != 2:
+        raise ValueError(f"preview: labels must be a label TIFF's path or an [H, W] array, got shape {labels.shape}")
+    return labels[np.ix_(_picks(labels.shape[0], height), _picks(labels.shape[1], width))], None
+
+
+def preview(raster, labels, path, palette=None, max_side=2048, alpha=0.5):
+    """A downsampled overlay PNG (or any format `viz.save_image` writes) at `path`: the image's thumbnail, at most
+    `max_side` pixels a side, with the labels blended over it at `alpha` in `palette`'s colours (default: the
+    label TIFF's colour map). `raster`: a Raster or an image path (opened at level 0; the thumbnail is then read
+    from its smallest adequate level, so prefer level 0 to a small level, which would make a small preview);
+    `labels`: the path of the label TIFF `write_labels_tiff` wrote, read decimated (nearest; classes of the
+    thumbnail pixel's position, not the majority), or an [H, W] array of labels. Memory: about 20 bytes per
+    preview pixel (80 MB at 2048 x 2048), whatever the image's size. Written atomically. Returns the path."""
+    if not isinstance(raster, Raster):
+        with open_raster(raster) as opened:
+            return preview(opened, labels, path, palette, max_side, alpha)
+    sources = [raster.path] + ([labels] if isinstance(labels, (str, os.PathLike)) else [])
+    path = output_file(path, example="preview.png", inputs=sources)  # never onto the image or the labels
+    image = raster.thumbnail(max_side)
+    small, cmap = _label_thumbnail(labels, *image.shape[:2])
+    colours = palette if palette is not None else cmap
+    if colours is None:
+        raise TransegError(f"{path}: the labels carry no colour map: give preview a palette")
+    picture = viz.overlay(image, small, colours, alpha=alpha, ignore_index=-1)  # every label is a class
+    return viz.save_image(picture, path)
