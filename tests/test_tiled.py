@@ -353,3 +353,76 @@ def test_cli_predict_writes_labels_and_preview_for_a_geotiff(tmp_path, capsys):
     assert main(["predict", str(ckpt), str(broken), "--out", str(tmp_path / "out2"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "broken.tif" in err[0]
+
+
+def test_slide_level_runs_at_that_resolution_and_answers_at_full(tmp_path):
+    """A pyramidal OME-TIFF (768 x 1024 with a 384 x 512 level, as slides store them) asked for at level 1 runs the
+    model at 384 x 512, reading its windows from level 1, and writes labels at the full 768 x 1024: on a per-pixel
+    model, the argmax of level 1's whole-image scores upsampled (bilinear) to full size, except within half a
+    level-1 pixel of block edges, where each block's upsampling clamps at its own edge: >= 99% of pixels agree."""
+    tifffile = pytest.importorskip("tifffile")
+    full = _scene(768, 1024, seed=10)
+    half = full.reshape(384, 2, 512, 2, 3).mean((1, 3)).round().astype(np.uint8)
+    src = tmp_path / "slide.ome.tif"
+    with tifffile.TiffWriter(src, ome=True) as tif:
+        tif.write(full, subifds=1, tile=(256, 256), photometric="rgb")
+        tif.write(half, subfiletype=1, tile=(256, 256), photometric="rgb")
+    model = PerPixel()
+    done = predict_file(model, src, tmp_path / "labels.tif", level=1, window=256, overlap=32, progress=False)
+    assert done.run_size == (384, 512)
+    labels = rasters.read_labels(done.labels)[0]
+    x = (torch.from_numpy(half).permute(2, 0, 1)[None].float() - torch.tensor(model.meta["mean"])[:, None, None]) \
+        / torch.tensor(model.meta["std"])[:, None, None]
+    up = torch.nn.functional.interpolate(model.logits(x), size=(768, 1024), mode="bilinear", align_corners=False)
+    expected = up[0].argmax(0).numpy()
+    assert labels.shape == (768, 1024) and (labels == expected).mean() >= 0.99
+
+
+KILL_AT = """
+import os, signal, sys
+import transeg.tiled as tiled
+from transeg.cli import main
+calls, stop = [0], int(os.environ["KILL_AT_WINDOW"])
+scores = tiled.window_scores
+def counted(model, windows):
+    calls[0] += 1
+    if calls[0] == stop:
+        os.kill(os.getpid(), signal.SIGKILL)  # no clean-up of any kind, as a kill -9 or a power cut
+    return scores(model, windows)
+tiled.window_scores = counted
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_killed_job_resumes_to_the_same_file(tmp_path):
+    """`transeg predict` killed (SIGKILL) at its 9th of 16 forward passes, then run again with --resume: exit 0,
+    and the label file equals an uninterrupted run's pixel for pixel."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import TINY
+
+    ckpt = tmp_path / "tiny.safetensors"
+    torch.manual_seed(1)
+    transeg.save(transeg.create_model("segformer-b0", num_classes=3, classes=["a", "b", "c"], **TINY), ckpt)
+    src = _geotiff(tmp_path / "scene.tif", _scene(420, 420, seed=11))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "KILL_AT_WINDOW": "9"}
+
+    def predict(out, *extra, kill=False):
+        argv = ["predict", str(ckpt), str(src), "--out", str(tmp_path / out), "--tile", "128", "--overlap", "32",
+                "--tile-batch", "1", "--device", "cpu", *extra]
+        code = KILL_AT if kill else "import sys\nfrom transeg.cli import main\nsys.exit(main(sys.argv[1:]))"
+        return subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True,
+                              timeout=200)
+
+    assert predict("whole").returncode == 0
+    killed = predict("resumed", kill=True)
+    assert killed.returncode == -9 and not (tmp_path / "resumed" / "scene.tif").exists()
+    resumed = predict("resumed", "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "8 done before" in resumed.stdout  # 4 x 4 windows; the 9th never finished
+    a, b = (rasters.read_labels(tmp_path / d / "scene.tif")[0] for d in ("whole", "resumed"))
+    assert np.array_equal(a, b)

@@ -14,6 +14,8 @@ from .errors import TransegError
 from .files import _kind, regular_file
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# whole-slide images that `transeg predict` finds in a folder beside IMAGE_EXTENSIONS (read by transeg.rasters)
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".scn", ".bif")
 
 _READ_ERRORS = (OSError, ValueError, SyntaxError, UnidentifiedImageError, Image.DecompressionBombError)
 
@@ -31,7 +33,7 @@ def image_files(paths, skipped=None):
     for p in map(Path, paths):
         if p.is_dir():
             for f in sorted(p.iterdir()):
-                if f.suffix.lower() not in IMAGE_EXTENSIONS:
+                if f.suffix.lower() not in IMAGE_EXTENSIONS + SLIDE_EXTENSIONS:
                     continue
                 try:
                     mode = f.stat().st_mode

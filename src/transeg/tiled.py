@@ -196,9 +196,14 @@ class Scratch:
     def _put(self, name, tensor):
         path = self.folder / name
         tmp = path.with_name(f".{path.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, tensor.numpy() if isinstance(tensor, torch.Tensor) else tensor)
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk: the job stays resumable from its last finished batch
+            tmp.unlink(missing_ok=True)
+            raise TransegError(f"{self.folder}: cannot write the job's scratch ({e.strerror or e}); free some space "
+                               "and run the same command with --resume") from None
 
     def _get(self, name):
         return torch.from_numpy(np.load(self.folder / name))
