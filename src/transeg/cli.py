@@ -516,7 +516,7 @@ def _predict_args(p):
 
 
 def _add_tile_args(p):
-    from .tiled import BLENDS, OVERLAP, WINDOW
+    from .tiled import BLENDS, OVERLAP_FRACTION, WINDOW
 
     g = p.add_argument_group(
         "large images (tiled)",
@@ -528,7 +528,8 @@ def _add_tile_args(p):
     g.add_argument("--tile", type=_count, metavar="N", help=f"window side in pixels at the resolution the model runs "
                    f"at (default {WINDOW} for tiled inputs); given, every input is segmented in tiles")
     g.add_argument("--overlap", type=int, default=None, metavar="N",
-                   help=f"pixels shared by neighbouring windows, at most half the window (default {OVERLAP})")
+                   help=f"pixels shared by neighbouring windows, at most half the window (default: 1/{OVERLAP_FRACTION} of "
+                        f"it, {WINDOW // OVERLAP_FRACTION} for {WINDOW})")
     g.add_argument("--blend", choices=BLENDS, default="hann", help="how overlapping windows are merged: hann (a "
                    "cross-fade over the overlap, default), gaussian (centre-weighted) or mean (mmseg's slide mode)")
     res = g.add_mutually_exclusive_group()
