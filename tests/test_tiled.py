@@ -426,3 +426,52 @@ def test_killed_job_resumes_to_the_same_file(tmp_path):
     assert "8 done before" in resumed.stdout  # 4 x 4 windows; the 9th never finished
     a, b = (rasters.read_labels(tmp_path / d / "scene.tif")[0] for d in ("whole", "resumed"))
     assert np.array_equal(a, b)
+
+
+def test_service_segments_large_images_in_tiles(tmp_path):
+    """`transeg serve` runs an image larger than its tile window in tiles when the model's protocol does not
+    resize it (memory bounded by the window): the JSON labels equal `predict(tile=...)`'s, GFLOPs count the 4
+    windows of 64 a 100 x 100 image is cut into (4x one window's), and asking for confidence is a 422 line."""
+    pytest.importorskip("fastapi")
+    import asyncio
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+    from conftest import TINY
+
+    from transeg.serve.app import create_app
+
+    torch.manual_seed(2)
+    model = transeg.create_model("segformer-b0", num_classes=3, classes=["a", "b", "c"], **TINY).eval()
+    app = create_app(model, tile=64)
+    image = _scene(100, 100, seed=12)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+
+    def call(query):
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/segment", "raw_path": b"/v1/segment", "query_string": query.encode(),
+                 "root_path": "", "headers": [(b"host", b"127.0.0.1:8000"), (b"content-type", b"image/png")],
+                 "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+        messages, sent = [{"type": "http.request", "body": buf.getvalue(), "more_body": False}], []
+
+        async def receive():
+            return messages.pop() if messages else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+    status, body = call("format=json&labels=true")
+    assert status == 200
+    labels = np.frombuffer(base64.b64decode(body["labels"]), np.uint8).reshape(100, 100)
+    assert np.array_equal(labels, model.predict(image, tile=64).labels)
+    status, body2 = call("format=json&confidence=true")
+    assert status == 422 and "confidence is not given for images segmented in tiles" in body2["error"]
+    from transeg.flops import count_gmacs, meta_model
+    one = count_gmacs(meta_model("segformer-b0", num_classes=3, **TINY), (64, 64))["total"]
+    assert body["gflops"] == pytest.approx(4 * one)

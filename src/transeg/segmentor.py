@@ -144,7 +144,7 @@ class Segmentor(nn.Module):
         setting for this call only, e.g. {"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}. batch_size: images
         of one size run together. Runs on the model's device and precision (`optimize_for_inference`).
 
-        tile: segment each image in windows of `tile` pixels overlapping by `overlap` (default tiled.OVERLAP),
+        tile: segment each image in windows of `tile` pixels overlapping by `overlap` (default: an eighth of them),
         blended without seams, at the image's own resolution (no protocol resize): for images far larger than
         the model was trained on, with memory bounded by the window (`transeg.tiled`; files that do not fit in
         memory: `predict_file`). Labels only.
@@ -169,7 +169,7 @@ class Segmentor(nn.Module):
         from . import tiled
 
         rgb, source, note = inference.read_input(item)
-        labels = tiled.labels_of(self, rgb, tile, tiled.OVERLAP if overlap is None else overlap)
+        labels = tiled.labels_of(self, rgb, tile, overlap)
         return inference.Segmentation(labels, rgb, list(self.classes), list(self.palette), source=source, note=note)
 
     def predict_file(self, source, out, preview=None, **options):

@@ -52,11 +52,11 @@ from .errors import TransegError
 from .inference import model_device, upsampled_labels
 
 BLENDS = ("hann", "gaussian", "mean")
-# default window and overlap (pixels at the resolution the model runs at): 1024 windows with a 128-pixel overlap
-# are what the SegFormer and EDAFormer Cityscapes tests run on (1024 x 1024 crops), and 1/8 of a window is the
-# overlap that made the seams of a SegFormer-B0 vanish here (BENCHMARKS.md, "Images of any size")
+# default window and overlap (pixels at the resolution the model runs at): 1024 windows are what the SegFormer and
+# EDAFormer Cityscapes tests run on (1024 x 1024 crops), and an eighth of the window (128 of 1024) is the overlap
+# BENCHMARKS.md measures seams at ("Images of any size")
 WINDOW = 1024
-OVERLAP = 128
+OVERLAP_FRACTION = 8  # default overlap: window // 8
 # windows per forward pass by default: as many as keep their full-size scores within this budget (1 to 8)
 SCORE_BATCH_BYTES = 2**30
 MAX_BATCH = 8
@@ -96,8 +96,10 @@ class Grid:
     cols: Axis
 
     @classmethod
-    def cover(cls, size, window, overlap):
-        window, overlap = _pair(window, "window"), _pair(overlap, "overlap")
+    def cover(cls, size, window, overlap=None):
+        """overlap None: an eighth of the window."""
+        window = _pair(window, "window")
+        overlap = tuple(w // OVERLAP_FRACTION for w in window) if overlap is None else _pair(overlap, "overlap")
         for w, o in zip(window, overlap):
             if o < 0 or 2 * o > w:
                 raise TransegError(f"tile overlap {o} must be between 0 and half the window ({w // 2}): a pixel "
@@ -307,12 +309,13 @@ def mean_colour(model):
     return [int(round(v)) for v in model.meta["mean"]]
 
 
-def predict_array(model, image, window=WINDOW, overlap=OVERLAP, batch_size=None, blend="hann", scale=1.0,
+def predict_array(model, image, window=WINDOW, overlap=None, batch_size=None, blend="hann", scale=1.0,
                   scratch=None):
     """Labels of an image that need not fit in memory, block by block: yield (top, left, labels [h, w]) in
     raster order, at the image's full resolution. `image`: anything sliced as image[y0:y1, x0:x1] into
     uint8 RGB [h, w, 3] (a NumPy array or memmap, a zarr array, a `rasters.Raster`'s `read`...). The model runs
-    on windows of `window` pixels (an int or (h, w)) overlapping by `overlap`, `batch_size` at a time (default:
+    on windows of `window` pixels (an int or (h, w)) overlapping by `overlap` (default: an eighth of the window),
+    `batch_size` at a time (default:
     `batch_for`), on `image` resized by `scale`; `scratch`: the folder for what is carried between rows (default:
     a temporary folder, removed at the end)."""
     read = image.read if hasattr(image, "read") and callable(image.read) else \
@@ -340,7 +343,7 @@ def scaled(size, scale):
     return run
 
 
-def labels_of(model, image, window=WINDOW, overlap=OVERLAP, batch_size=None, blend="hann", scale=1.0):
+def labels_of(model, image, window=WINDOW, overlap=None, batch_size=None, blend="hann", scale=1.0):
     """The whole label map [H, W] of an image in memory (an HxWx3 uint8 array), made in tiles: `predict_array`
     assembled (H x W bytes more than the tiles need)."""
     dtype = np.uint8 if model.num_classes <= 256 else np.uint16
@@ -466,7 +469,7 @@ def _spec(model, source, raster, run_size, grid, batch_size, blend):
             "batch": batch_size, "blend": blend}
 
 
-def predict_file(model, source, out, preview=None, window=WINDOW, overlap=OVERLAP, batch_size=None, blend="hann",
+def predict_file(model, source, out, preview=None, window=WINDOW, overlap=None, batch_size=None, blend="hann",
                  scale=None, gsd=None, level=None, resume=False, progress=True, max_pixels=None):
     """Segment an image file of any size, disk to disk: a GeoTIFF, a TIFF, a pyramidal OME / SVS slide (through
     `rasters`), or a PNG / JPEG within `max_pixels`. Writes `out`, a tiled compressed label TIFF at the image's
