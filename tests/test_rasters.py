@@ -20,10 +20,10 @@ from transeg.rasters import is_raster, open_raster, read_labels, write_labels_ti
 rasterio = pytest.importorskip("rasterio")  # the `large` extra (also in the `test` extra)
 tifffile = pytest.importorskip("tifffile")
 pytest.importorskip("zarr")
-Resampling, from_origin = rasterio.enums.Resampling, rasterio.transform.from_origin
+Resampling = rasterio.enums.Resampling
 
 UTM = "EPSG:32631"
-TRANSFORM = from_origin(500000.0, 4000000.0, 0.5, 0.5)  # 0.5 m pixels, north up
+TRANSFORM = rasterio.Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4000000.0)  # 0.5 m pixels, north up, origin 500000 E 4000000 N
 CLASSES = ["background", "building", "road", "tree", "water"]
 PALETTE = [(0, 0, 0), (200, 0, 0), (128, 128, 128), (0, 160, 0), (0, 0, 255)]
 
@@ -437,31 +437,81 @@ def test_the_preview_never_writes_onto_its_inputs(tmp_path, scene):
         rasters.preview(scene[0], np.zeros((10, 10), np.uint8), scene[0], palette=PALETTE)
 
 
-@pytest.mark.integration
-@pytest.mark.timeout(60)
 def test_a_write_that_really_fails_leaves_nothing_under_the_final_name(tmp_path):
-    """A real failed write, not a simulated one: in a process whose files may not exceed 100 kB (RLIMIT_FSIZE,
-    the kernel refusing write() as a full disk does), a 2000x2000 label TIFF of noise (about 1 MB compressed)
-    fails: GDAL's error becomes one TransegError line naming the file, and the folder is left empty."""
-    script = textwrap.dedent(f"""
-        import resource, signal, numpy as np
-        from transeg.errors import TransegError
-        from transeg.rasters import write_labels_tiff
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write returns EFBIG instead of killing us
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-        rng = np.random.default_rng(0)
-        blocks = ((t, l, rng.integers(0, 5, (500, 500), dtype=np.uint8)) for t in range(0, 2000, 500)
-                  for l in range(0, 2000, 500))
-        try:
-            write_labels_tiff({str(tmp_path / 'out' / 'labels.tif')!r}, 2000, 2000, blocks, palette=[(0, 0, 0)] * 5,
-                              class_names=list("abcde"))
-        except TransegError as e:
-            print("ERROR", e)
-    """)
-    (tmp_path / "out").mkdir()
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=50, check=False)
-    assert run.returncode == 0, run.stderr[-2000:]
-    line = run.stdout.strip().splitlines()[-1]
-    assert line.startswith(f"ERROR {tmp_path / 'out' / 'labels.tif'}: could not be saved (") and \
-        line.endswith("); nothing was written"), line
-    assert list((tmp_path / "out").iterdir()) == []
+    """A real failed write, not a simulated one: while this process may not write files past 100 kB
+    (RLIMIT_FSIZE: the kernel refuses write() as a full disk does), a 2000x2000 label TIFF of noise (about
+    1 MB compressed) fails: GDAL's error becomes one TransegError line naming the file, the folder is left
+    empty. The limit and SIGXFSZ's handler are restored whatever happens."""
+    import resource
+    import signal
+
+    rng = np.random.default_rng(0)
+    blocks = ((t, left, rng.integers(0, 5, (500, 500), dtype=np.uint8)) for t in range(0, 2000, 500)
+              for left in range(0, 2000, 500))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a refused write returns EFBIG, no kill
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, hard))
+    try:
+        with pytest.raises(TransegError) as caught:
+            write_labels_tiff(tmp_path / "labels.tif", 2000, 2000, blocks, palette=PALETTE, class_names=CLASSES)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
+    line = str(caught.value)
+    assert line.startswith(f"{tmp_path / 'labels.tif'}: could not be saved (") and \
+        line.endswith("); nothing was written") and "\n" not in line, line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_tile_in_the_middle_is_one_line_when_read(tmp_path, scene):
+    """Tile 8 (rows 256-511, columns 512-767) overwritten with noise: the file opens (its first tile decodes),
+    a window elsewhere reads, and a window over that tile is one TransegError line naming the file."""
+    data = bytearray(Path(scene[0]).read_bytes())
+    with tifffile.TiffFile(scene[0]) as tif:
+        offset, count = tif.pages[0].dataoffsets[8], tif.pages[0].databytecounts[8]
+    data[offset:offset + count] = np.random.default_rng(5).integers(0, 256, count, dtype=np.uint8).tobytes()
+    (tmp_path / "bad.tif").write_bytes(bytes(data))
+    with open_raster(tmp_path / "bad.tif") as r:
+        np.testing.assert_array_equal(r.read(0, 0, 100, 100), scene[1][:100, :100])
+        with pytest.raises(TransegError, match=r"bad\.tif: corrupt or truncated TIFF, cannot read it \("):
+            r.read(300, 600, 10, 10)
+
+
+def test_a_subifd_pyramid_without_ome_goes_to_tifffile(tmp_path):
+    """A plain (not OME) TIFF whose reduced levels are SubIFDs, which GDAL does not list as overviews: read by
+    the tifffile reader, with its 2 levels."""
+    array = _rgb(512, 640, seed=7)
+    with tifffile.TiffWriter(tmp_path / "pyr.tif") as tw:
+        tw.write(array, subifds=1, tile=(128, 128), photometric="rgb", compression="zlib")
+        tw.write(array[::2, ::2], subfiletype=1, tile=(128, 128), photometric="rgb", compression="zlib")
+    with open_raster(tmp_path / "pyr.tif", level=1) as r:
+        assert isinstance(r, rasters._SlideRaster) and r.levels == [(512, 640), (256, 320)]
+        np.testing.assert_array_equal(r.read(10, 20, 100, 90), array[::2, ::2][10:110, 20:110])
+
+
+def test_a_multichannel_uint16_ome_reads_its_first_three_channels_stretched(tmp_path):
+    """A 5-channel uint16 OME-TIFF (axes CYX, fluorescence-like): the first three channels, each stretched
+    from its own 2nd-98th percentiles, so each band spans 0..255."""
+    rng = np.random.default_rng(8)
+    channels = np.stack([rng.integers(100 * (c + 1), 1000 * (c + 1), (96, 128)) for c in range(5)]).astype(np.uint16)
+    tifffile.imwrite(tmp_path / "fluo.ome.tif", channels, ome=True, metadata={"axes": "CYX"}, tile=(64, 64))
+    with open_raster(tmp_path / "fluo.ome.tif") as r:
+        window = r.read(0, 0, 96, 128)
+    for c in range(3):
+        lo, hi = np.percentile(channels[c].astype(np.float64), [2, 98])
+        expected = np.clip(np.rint((channels[c].astype(np.float32) - np.float32(lo)) * np.float32(255 / (hi - lo))),
+                           0, 255)
+        np.testing.assert_array_equal(window[..., c], expected.astype(np.uint8))
+
+
+def test_opening_a_uint16_file_computes_no_stretch_until_it_is_read(tmp_path, monkeypatch):
+    """Opening (to learn the size, as `needs_tiles` does) reads one pixel, not the stretch's thumbnail."""
+    path = _geotiff(tmp_path / "u16.tif", np.arange(64 * 64, dtype=np.uint16).reshape(64, 64, 1))
+    thumbs = []
+    real = rasters._GdalRaster._raw_thumb
+    monkeypatch.setattr(rasters._GdalRaster, "_raw_thumb", lambda self, h, w: thumbs.append((h, w)) or real(self, h, w))
+    with open_raster(path) as r:
+        assert thumbs == []
+        r.read(0, 0, 8, 8)
+        r.read(8, 8, 8, 8)
+    assert thumbs == [(64, 64)]  # once, at the image's size (smaller than STRETCH_SIDE)

@@ -127,7 +127,7 @@ def _reason(e):
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         text = str(e).strip().splitlines()
-        if text and text[0] not in parts:
+        if text and not any(text[0] in p for p in parts) and "See previous exception" not in text[0]:  # rasterio
             parts.append(text[0])
         e = e.__cause__ or e.__context__
     return ": ".join(parts[:2]) or "unknown error"
