@@ -12,6 +12,7 @@
 
     python benchmarks/large_image.py --checkpoint runs/quickstart/best.safetensors
     python benchmarks/large_image.py --side 6000 --window 512 --overlap 64      # a quick look
+    python benchmarks/large_image.py --side 6144 --scene-only --work large      # the README's example input
 
 Prints device, dtype, batch, threads and a markdown table for BENCHMARKS.md.
 """
@@ -118,12 +119,21 @@ def main():
     ap.add_argument("--work", default=None, help="folder for the GeoTIFF and outputs (default: a temporary one; "
                     "the scene is reused when it is there)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--scene-only", action="store_true", help="write WORK/sceneSIDE.tif and stop (the README's "
+                    "example input)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="transeg-large-"))
     work.mkdir(parents=True, exist_ok=True)
+    src = work / f"scene{args.side}.tif"
+    if not src.exists():
+        start = time.perf_counter()
+        write_scene(src, args.side)
+        print(f"wrote {src} ({args.side}x{args.side}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    if args.scene_only:
+        return
     ckpt = args.checkpoint
     if ckpt is None:
         torch.manual_seed(0)
@@ -131,11 +141,6 @@ def main():
         transeg.save(transeg.create_model("segformer-b0", num_classes=150), ckpt)
     model = transeg.load(ckpt).eval()
     env = environment(torch.device("cpu"))
-    src = work / f"scene{args.side}.tif"
-    if not src.exists():
-        start = time.perf_counter()
-        write_scene(src, args.side)
-        print(f"wrote {src} ({args.side}x{args.side}) in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     from transeg.tiled import Grid, batch_for
 
     grid = Grid.cover((args.side, args.side), args.window, args.overlap)
