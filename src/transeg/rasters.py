@@ -9,7 +9,7 @@ image decimated. Which reader opens a file is decided by its content, never by i
 - a TIFF that tifffile flags as a slide or microscopy format (OME-TIFF, Aperio SVS, Hamamatsu NDPI, Leica SCN,
   Philips, Ventana BIF, QPI), or whose resolution levels are stored as SubIFDs (which GDAL does not read as
   overviews): tifffile + `aszarr()` + zarr, each window decoding only the tiles it touches; levels are the
-  first series' levels; no georeferencing;
+  first series' levels; no georeferencing (a GeoTIFF with SubIFDs goes to rasterio, keeping its CRS);
 - any other TIFF (GeoTIFF, Cloud-Optimised GeoTIFF, plain TIFF): rasterio (GDAL) windowed reads; levels are
   the full image followed by the file's internal overviews.
 
@@ -20,8 +20,9 @@ percentiles of the band's finite values (nodata excluded) in a thumbnail of at m
 side, computed once per Raster on its first read, map linearly to 0 and 255 (clipped; NaN -> 0), so that every
 window of a file is scaled identically and neighbouring windows agree.
 
-Limits: a window is decoded tile by tile (GDAL keeps decoded blocks in its block cache, GDAL_CACHEMAX, by
-default 5% of RAM; the tifffile reader keeps no cache); a thumbnail is read decimated (nearest) from the
+Limits: a window is decoded tile by tile; GDAL's block cache is capped while a Raster reads at `READ_CACHE_MB`
+or two rows of the file's tiles at full width, whichever is more (GDAL's own default, 5% of RAM, would let
+memory grow with the image); the tifffile reader keeps no cache; a thumbnail is read decimated (nearest) from the
 smallest level at least its size (GDAL picks an overview itself), so its memory is the thumbnail's plus what
 the decoder holds; a TIFF stored as one compressed strip is decoded whole by its reader on the first read.
 A Raster is used by one thread at a time.
@@ -31,6 +32,7 @@ order, written atomically (`transeg.files.atomic_write`), with the class colours
 names as JSON in band 1's metadata (the TIFF's GDAL_METADATA tag: `rasterio.open(p).tags(1)["class_names"]`),
 and the CRS and transform when given (then a GeoTIFF). Its memory is one strip of `tile` rows at full width
 per strip that a block touches, plus GDAL's block cache, capped at `WRITE_CACHE_MB` while writing.
+(GDAL's cache is one per process: the caps hold while these functions run.)
 
 Every problem the user can fix (a truncated or corrupt TIFF, a compression that cannot be decoded, a level that
 does not exist, the optional extra missing, a full disk) is one `TransegError` line naming the file.
@@ -58,7 +60,8 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIF
 SLIDE_FLAGS = ("is_ome", "is_svs", "is_ndpi", "is_scn", "is_philips", "is_bif", "is_qpi")
 STRETCH_SIDE = 1024  # side of the thumbnail the 2-98% stretch of non-uint8 images is computed from
 STRETCH_PERCENTILES = (2.0, 98.0)
-WRITE_CACHE_MB = 64  # GDAL's block cache while a label TIFF is written
+READ_CACHE_MB = 64  # GDAL's block cache while a Raster reads: at least this, or 2 rows of the file's tiles
+WRITE_CACHE_MB = 16  # GDAL's block cache while a label TIFF is written (whole tiles are written as they come)
 LARGE_EXTRA = "pip install 'transeg[large]'"
 MAX_CLASSES = 65536  # uint16 labels
 
@@ -275,6 +278,16 @@ class Raster:
                 f"levels={len(self.levels)}, georeferenced={self.crs is not None})")
 
 
+def _read_env(rasterio, ds):
+    """GDAL's block cache (process-wide, LRU) capped while we read: READ_CACHE_MB, or two rows of the file's tiles
+    at full width when that is more (a decimated read of a file without overviews visits every tile of a row for
+    each output row: with less cache each tile would be decoded again and again, 50x slower). Without a cap GDAL
+    keeps up to 5% of RAM of decoded tiles, and memory would grow with the image. In bytes: rasterio hands
+    GDAL_CACHEMAX to GDALSetCacheMax64."""
+    tile_rows = 2 * ds.width * ds.block_shapes[0][0] * ds.count * np.dtype(ds.dtypes[0]).itemsize
+    return rasterio.Env(GDAL_CACHEMAX=max(READ_CACHE_MB << 20, tile_rows))
+
+
 def _bands(count):
     """Which bands are read: 1 -> [1]; 2 (grey + alpha) -> [1]; 3 or more -> [1, 2, 3]."""
     return [1, 2, 3] if count >= 3 else [1]
@@ -316,11 +329,13 @@ class _GdalRaster(Raster):
 
     def _raw(self, top, left, height, width):
         window = self._rio.windows.Window(left, top, width, height)
-        return np.moveaxis(self._ds.read(self._indexes, window=window), 0, -1)
+        with _read_env(self._rio, self._ds):
+            return np.moveaxis(self._ds.read(self._indexes, window=window), 0, -1)
 
     def _raw_thumb(self, height, width):
-        out = self._ds.read(self._indexes, out_shape=(len(self._indexes), height, width),
-                            resampling=self._rio.enums.Resampling.nearest)
+        with _read_env(self._rio, self._ds):
+            out = self._ds.read(self._indexes, out_shape=(len(self._indexes), height, width),
+                                resampling=self._rio.enums.Resampling.nearest)
         return np.moveaxis(out, 0, -1)
 
     def _nodata_mask(self, band):
@@ -409,12 +424,13 @@ class _ArrayRaster(Raster):
 
 
 def _is_slide(tif):
-    """tifffile's reader is used for slide / microscopy formats and for pyramids in SubIFDs (GDAL reads neither
-    as levels); GDAL for the rest."""
+    """tifffile's reader is used for slide / microscopy formats and for pyramids in SubIFDs of a TIFF that is not
+    a GeoTIFF (GDAL reads neither as levels); GDAL for the rest."""
     if any(getattr(tif, flag, False) for flag in SLIDE_FLAGS):
         return True
-    first = tif.pages[0]
-    return bool(getattr(first, "subifds", None)) and len(tif.series[0].levels) > 1
+    if tif.is_geotiff:  # its georeferencing matters more than SubIFD levels GDAL would not list
+        return False
+    return bool(getattr(tif.pages[0], "subifds", None)) and len(tif.series[0].levels) > 1
 
 
 def open_raster(path, level=0, max_pixels=None) -> Raster:
@@ -567,7 +583,7 @@ def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, 
     Written atomically: under a temporary name beside `path`, renamed into place only when complete; never onto
     one of `inputs` or onto a non-regular file; a full disk leaves nothing under `path` (TransegError, one line).
     Memory: the strips of `tile` rows at full width that the current block touches (width x (tile + block
-    height) labels at most) plus GDAL's block cache capped at WRITE_CACHE_MB, never the whole image.
+    height) labels at most) plus GDAL's block cache capped at WRITE_CACHE_MB (16 MB), never the whole image.
     Blocks that leave a gap, overlap, lie outside the image or come out of order raise ValueError (the caller's
     bug). Returns the path."""
     rasterio = _module("rasterio", path, "writing label TIFFs")
@@ -591,7 +607,8 @@ def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, 
     profile.update({k: v for k, v in (("crs", crs), ("transform", transform)) if v is not None})
 
     def write(tmp):
-        with rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_MB, GDAL_PAM_ENABLED="NO"), warnings.catch_warnings():
+        # rasterio passes GDAL_CACHEMAX to GDALSetCacheMax64: bytes (a bare 64 would mean 64 bytes)
+        with rasterio.Env(GDAL_CACHEMAX=WRITE_CACHE_MB << 20, GDAL_PAM_ENABLED="NO"), warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
             try:
                 with rasterio.open(tmp, "w", **profile) as ds:
@@ -649,7 +666,7 @@ def _label_thumbnail(labels, height, width):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                with rasterio.open(labels) as ds:
+                with rasterio.open(labels) as ds, _read_env(rasterio, ds):
                     small = ds.read(1, out_shape=(height, width), resampling=rasterio.enums.Resampling.nearest)
                     try:
                         cmap = ds.colormap(1)
@@ -669,13 +686,13 @@ def _label_thumbnail(labels, height, width):
 def preview(raster, labels, path, palette=None, max_side=2048, alpha=0.5):
     """A downsampled overlay PNG (or any format `viz.save_image` writes) at `path`: the image's thumbnail, at most
     `max_side` pixels a side, with the labels blended over it at `alpha` in `palette`'s colours (default: the
-    label TIFF's colour map). `raster`: a Raster or an image path (opened at level 0; the thumbnail is then read
-    from its smallest adequate level, so prefer level 0 to a small level, which would make a small preview);
+    label TIFF's colour map). `raster`: a Raster or an image path (a Raster at another level is opened again at level 0: the
+    thumbnail is read from the smallest level at least its size either way);
     `labels`: the path of the label TIFF `write_labels_tiff` wrote, read decimated (nearest; classes of the
     thumbnail pixel's position, not the majority), or an [H, W] array of labels. Memory: about 20 bytes per
     preview pixel (80 MB at 2048 x 2048), whatever the image's size. Written atomically. Returns the path."""
-    if not isinstance(raster, Raster):
-        with open_raster(raster) as opened:
+    if not isinstance(raster, Raster) or raster.level != 0:  # a small level would make a small preview
+        with open_raster(raster if not isinstance(raster, Raster) else raster.path) as opened:
             return preview(opened, labels, path, palette, max_side, alpha)
     sources = [raster.path] + ([labels] if isinstance(labels, (str, os.PathLike)) else [])
     path = output_file(path, example="preview.png", inputs=sources)  # never onto the image or the labels
