@@ -534,3 +534,36 @@ def test_opening_a_uint16_file_computes_no_stretch_until_it_is_read(tmp_path, mo
         r.read(0, 0, 8, 8)
         r.read(8, 8, 8, 8)
     assert thumbs == [(64, 64)]  # once, at the image's size (smaller than STRETCH_SIDE)
+
+
+@pytest.mark.parametrize(("block", "tile"), [((1, 130), 16), ((17, 33), 16), ((100, 130), 64), ((64, 16), 32),
+                                             ((250, 7), 48)])
+def test_any_block_grid_round_trips(tmp_path, block, tile):
+    """100x130 labels from blocks of one row, of odd sizes, of the whole image, of a tile's size, of columns
+    taller than the image is tiled: read back equal each time."""
+    labels = _labels(100, 130)
+    out = write_labels_tiff(tmp_path / "l.tif", 100, 130, _blocks(labels, *block), palette=PALETTE,
+                            class_names=CLASSES, tile=tile)
+    np.testing.assert_array_equal(read_labels(out)[0], labels)
+
+
+def test_blocks_out_of_raster_order_are_refused(tmp_path):
+    """The second row's first block before the first row's second: rows 0-15 are left incomplete when the blocks
+    move below them, and a block above them comes after: ValueError either way, nothing written."""
+    blocks = list(_blocks(_labels(64, 64), 32, 32))
+    blocks[1], blocks[2] = blocks[2], blocks[1]
+    with pytest.raises(ValueError, match=r"of rows 0-15 before moving below them .*in raster order of a block grid"):
+        write_labels_tiff(tmp_path / "o.tif", 64, 64, blocks, palette=PALETTE, class_names=CLASSES, tile=16)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"tile": 100}, r"l\.tif: the tile size must be a multiple of 16 \(TIFF's rule\), got 100"),
+    ({"palette": PALETTE[:3]}, r"l\.tif: the palette has 3 colours for 5 classes"),
+    ({"crs": "EPSG:99999999"}, r"l\.tif: not a coordinate reference system"),
+])
+def test_bad_writer_arguments_are_one_line_before_any_work(tmp_path, kwargs, message):
+    args = {"palette": PALETTE, "class_names": CLASSES, **kwargs}
+    with pytest.raises(TransegError, match=message):
+        write_labels_tiff(tmp_path / "l.tif", 32, 32, _blocks(_labels(32, 32), 16, 16), **args)
+    assert list(tmp_path.iterdir()) == []

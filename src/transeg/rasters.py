@@ -318,7 +318,11 @@ class _GdalRaster(Raster):
             self._lut = np.zeros((256, 3), dtype=np.uint8)
             for i, rgba in ds.colormap(1).items():
                 self._lut[i] = rgba[:3]
-        self._guard(self._raw, 0, 0, 1, 1)  # decodes one tile now: a codec GDAL lacks fails at open
+        try:
+            self._guard(self._raw, 0, 0, 1, 1)  # decodes one tile now: a codec GDAL lacks fails at open
+        except TransegError:
+            ds.close()
+            raise
 
     def _overview_sizes(self, path, count):
         sizes = []
@@ -469,8 +473,8 @@ class _Strips:
     """Blocks of labels in, tile-aligned strips of `tile` rows at full width out to a GDAL dataset.
 
     Blocks arrive in raster order of a block grid (tops never decrease) and need not be aligned to the tiles;
-    a strip is written once every block that can touch it has arrived (a block starting at or below its
-    bottom), so every tile is written whole, once. Holds the strips the current block touches."""
+    a strip is written as soon as all its pixels are, and must be once a block starts at or below its bottom,
+    so every tile is written whole, once. Holds the strips that the current row of blocks has started."""
 
     def __init__(self, ds, window, height, width, tile, dtype):
         self.ds, self.window, self.height, self.width, self.tile, self.dtype = ds, window, height, width, tile, dtype
@@ -513,7 +517,8 @@ class _Strips:
             raise ValueError(f"no block covered rows {self.done}-{k0 - 1}: the blocks must cover the image")
         if written != array.size:
             raise ValueError(f"the blocks covered {written:,} of the {array.size:,} pixels of rows {k0}-"
-                             f"{k0 + len(array) - 1} (a gap or an overlap): they must tile the image exactly")
+                             f"{k0 + len(array) - 1} before moving below them (a gap, an overlap, or a block out of "
+                             f"order): they must tile the image exactly, in raster order of a block grid")
         _write_strip(self.ds, array, self.window(0, k0, self.width, len(array)))
         self.done = k0 + len(array)
 
