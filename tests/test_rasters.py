@@ -567,3 +567,21 @@ def test_bad_writer_arguments_are_one_line_before_any_work(tmp_path, kwargs, mes
     with pytest.raises(TransegError, match=message):
         write_labels_tiff(tmp_path / "l.tif", 32, 32, _blocks(_labels(32, 32), 16, 16), **args)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_aperio_svs_layout_reads_its_levels_from_the_main_ifd_chain(tmp_path):
+    """An SVS as Aperio lays it out (tiled baseline, a stripped thumbnail, a tiled 4x level, all in the main IFD
+    chain, 'Aperio Image Library' descriptions; zlib here instead of JPEG, which needs imagecodecs): tifffile
+    flags it is_svs, its levels are the baseline and the 4x level (not the thumbnail), each read in windows."""
+    array = _rgb(1024, 1536, seed=2)
+    head = "Aperio Image Library v10.0.50\n1536x1024 "
+    options = {"photometric": "rgb", "compression": "zlib", "metadata": None}
+    with tifffile.TiffWriter(tmp_path / "slide.svs") as tw:
+        tw.write(array, tile=(256, 256), description=head + "[0,0 1536x1024] (256x256) RAW|MPP = 0.499", **options)
+        tw.write(array[::8, ::8], description=head + "-> 192x128 - |MPP = 0.499", **options)
+        tw.write(array[::4, ::4], tile=(256, 256), description=head + "-> 384x256 - |MPP = 0.499", **options)
+    with open_raster(tmp_path / "slide.svs", level=1) as r:
+        assert isinstance(r, rasters._SlideRaster) and r.levels == [(1024, 1536), (256, 384)]
+        np.testing.assert_array_equal(r.read(10, 20, 100, 120), array[::4, ::4][10:110, 20:140])
+    with open_raster(tmp_path / "slide.svs") as r:
+        np.testing.assert_array_equal(r.read(700, 900, 50, 60), array[700:750, 900:960])
