@@ -282,6 +282,7 @@ def test_the_labels_are_never_written_onto_an_input(tmp_path, scene):
 
 @pytest.mark.integration
 @pytest.mark.timeout(120)
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")  # the check at the end
 def test_writing_and_reading_6000x6000_labels_does_not_hold_the_image(tmp_path):
     """In a fresh process, 6000x6000 uint8 labels (36 MB) written from 1000x1000 blocks into 512 tiles, then read
     back as a Raster in 1024 windows overlapping by 128 plus a thumbnail, with GDAL's read cache at 8 MB:
