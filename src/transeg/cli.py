@@ -45,7 +45,8 @@ VERB_EXAMPLES = {
   transeg train --model segformer-b0 --data my_data/ --out runs/mine --iters 8000
   transeg train configs/segformer/segformer-b0_ade20k-512_160k.yaml --data ade20k:/data/ade
   transeg train --out runs/train --resume             # continue an interrupted run
-  transeg train --threads 1 --out runs/small --set iters=500   # one core, leaving the others to other work""",
+  transeg train --threads 1 --out runs/small --set iters=500   # one core, leaving the others to other work
+  transeg train --out runs/watched --report-to tensorboard mlflow   # then: tensorboard --logdir runs/watched/tb""",
     "eval": """\
   transeg eval runs/train/model.safetensors --limit 20           # on the data it was trained on (first 20 images)
   transeg eval runs/train/model.safetensors --limit 20 --out eval/   # + iou.png and predictions.png
@@ -69,6 +70,10 @@ VERB_EXAMPLES = {
     "data": """\
   transeg data check my_data/                         # sizes, label values, class frequencies
   transeg data prepare cityscapes /downloads/cityscapes /data/cityscapes""",
+    "push": """\
+  transeg push runs/train me/segformer-b0-shapes               # model, recipe, card with its metrics and charts
+  transeg push runs/train/best.safetensors me/b0-best --private
+  transeg push runs/train me/segformer-b0-shapes --revision experiment-2 --message 'longer schedule'""",
     "export": """\
   transeg export runs/train/model.safetensors model.onnx --static --size 64x64   # one fixed size: the quickest trace
   transeg export runs/train/model.safetensors model.onnx                         # any batch / height / width
@@ -331,7 +336,8 @@ def cmd_train(args):
     from .engine.config import QUICKSTART
 
     given = dict(model=args.model, data=args.data, out=args.out, iters=args.iters, batch_size=args.batch_size,
-                 amp=args.amp, device=args.device, workers=args.workers, pretrained=args.pretrained)
+                 amp=args.amp, device=args.device, workers=args.workers, pretrained=args.pretrained,
+                 report_to=args.report_to)
     quick = args.config is None and args.data is None and not any(s.startswith("data=") for s in args.set)
     cfg = load_config(args.config, args.set, **{**(QUICKSTART if quick else {}),
                                                 **{k: v for k, v in given.items() if v is not None}})
@@ -372,6 +378,13 @@ def _train_args(p):
                         "pretrained=CKPT")
     p.add_argument("--auto-resume", action="store_true",
                    help="continue the run in --out if there is one, else start it (for torchrun --max-restarts)")
+    p.add_argument("--report-to", nargs="+", choices=["tensorboard", "wandb", "mlflow"], metavar="TRACKER",
+                   help="watch the run in tensorboard, wandb and/or mlflow (each needs its extra, e.g. pip install "
+                        "'transeg[wandb]'): losses, lr and speed at every log_interval, every metric, per-class IoU "
+                        "and the prediction grid at each evaluation; --resume continues the same tracker runs. W&B "
+                        "offline: WANDB_MODE=offline; MLflow: a SQLite store beside --out unless MLFLOW_TRACKING_URI "
+                        "says otherwise. Same as --set report_to=[...]. Push the run while it trains with --set "
+                        "push_to=OWNER/NAME push_every=N")
     p.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set lr=1e-4 crop_size=[256,256] warmup_iters=0 (may be "
                         "repeated: all apply; a key given twice takes the last value, with a note)")
@@ -842,6 +855,33 @@ def _data_args(p):
     actions = p.add_subparsers(dest="data_verb", metavar="ACTION", required=True)
     _data_prepare_parser(actions)
     _data_check_parser(actions)
+
+
+def cmd_push(args):
+    from .share import push_to_hub
+
+    push_to_hub(args.source, args.repo_id, private=args.private, revision=args.revision, message=args.message,
+                force=args.force, license=args.license)
+
+
+@_verb("push", cmd_push, "share a run or checkpoint on the Hugging Face Hub, with a generated model card",
+       "Push to the Hugging Face Hub: model.safetensors (loads back with `transeg.load(REPO_ID)`, nothing\n"
+       "converted), config.yaml (the run's recipe) and README.md, a model card the Hub reads (library transeg,\n"
+       "task image-segmentation, license, datasets, the metrics the run measured, per-class IoU, training\n"
+       "curves and a prediction grid). A run never evaluated gets a card that says so. Uses HF_TOKEN (or the\n"
+       "token `hf auth login` saved) and HF_ENDPOINT; `transeg.save_pretrained` writes the same files to a folder.")
+def _push_args(p):
+    p.add_argument("source", metavar="RUN_OR_CHECKPOINT", type=Path,
+                   help="a training run folder (--out of `transeg train`) or a transeg .safetensors file")
+    p.add_argument("repo_id", metavar="REPO_ID", help="OWNER/NAME on the Hub; created if missing")
+    p.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its "
+                   "visibility)")
+    p.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created from main if missing)")
+    p.add_argument("--message", metavar="TEXT", help="the commit message (default: transeg: VARIANT (RUN))")
+    p.add_argument("--license", metavar="ID", help="the card's license, a Hub license id such as apache-2.0 or mit "
+                   "(default: unknown; yours to choose for weights you trained)")
+    p.add_argument("--force", action="store_true", help="commit even into a repo that holds another library's "
+                   "files (refused without it: the files would mix)")
 
 
 def cmd_export(args):

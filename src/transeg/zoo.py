@@ -252,13 +252,19 @@ def fetch_repo(repo_id, progress=True, log=print) -> Path:
     out = hub.cache_dir() / "models" / "hub" / (repo_id.replace("/", "--") + ".safetensors")
     if out.is_file():
         return out
+    if hub.offline() and (native := _cached_native(repo_id)) is not None:
+        return native
     hub.writable_cache()
     with hub.file_lock(out):
         if out.is_file():
             return out
         config = hub.hub_file(repo_id, "config.json", progress=progress)
         if config is None:
-            raise TransegError(f"{repo_id}: has no config.json; not a transformers model repository")
+            native = _native(repo_id, progress)  # a transeg repo (`transeg push`): its checkpoint as it is
+            if native is not None:
+                return native
+            raise TransegError(f"{repo_id}: has no config.json and no transeg {NATIVE_WEIGHTS}; neither a transformers "
+                               "nor a transeg model repository")
         fmt = _hub_format(config, repo_id)
         weights = next((p for f in HUB_WEIGHTS
                         if (p := hub.hub_file(repo_id, f, progress=progress)) is not None), None)
@@ -269,6 +275,33 @@ def fetch_repo(repo_id, progress=True, log=print) -> Path:
         model.meta["zoo"] = repo_id
         checkpoint.save(model, out)
     return out
+
+
+NATIVE_WEIGHTS = "model.safetensors"  # what `transeg push` commits: a transeg checkpoint, metadata inside
+
+
+def _is_transeg(path) -> bool:
+    """`path` is a transeg checkpoint (its safetensors metadata says so), read from its header only."""
+    try:
+        checkpoint.read_metadata(path)
+    except TransegError:
+        return False
+    return True
+
+
+def _native(repo_id, progress):
+    """A transeg repo's checkpoint from the Hugging Face cache (fetched or refreshed there, so a newer push is
+    seen), or None when the repo holds no transeg checkpoint. Nothing is converted or copied."""
+    path = hub.hub_file(repo_id, NATIVE_WEIGHTS, progress=progress)
+    return path if path is not None and _is_transeg(path) else None
+
+
+def _cached_native(repo_id):
+    """Offline: the transeg checkpoint of `repo_id` the Hugging Face cache holds, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    found = try_to_load_from_cache(repo_id, NATIVE_WEIGHTS)
+    return Path(found) if isinstance(found, str) and _is_transeg(found) else None
 
 
 def _hub_format(config, repo_id):

@@ -19,7 +19,8 @@ STATE_FILE = "train_state.pt"
 # key (model, data, augmentation, optimizer, schedule shape, loss, seed, ...) must be the run's own.
 RESUME_FREE = ("iters", "eval_interval", "ckpt_interval", "log_interval", "workers", "device", "amp", "compile",
                "tensorboard", "out", "global_batch", "test_mode", "test_scale", "test_crop", "test_stride",
-               "size_divisor", "min_short_side", "ms_scales", "ms_flip", "early_stop")
+               "size_divisor", "min_short_side", "ms_scales", "ms_flip", "early_stop", "report_to", "push_to",
+               "push_every")
 RESUME_KEYS = tuple(k for k in FIELDS if k not in RESUME_FREE)  # settings a resumed run must share with its run
 
 

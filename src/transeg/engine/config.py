@@ -148,6 +148,26 @@ def _device(v):
     return True
 
 
+def _report_to(v):
+    names = [v] if isinstance(v, str) else v
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return False
+    unknown = [n for n in names if n not in TRACKERS]
+    return f"{unknown[0]!r} is not a tracker transeg reports to ({', '.join(TRACKERS)})" if unknown else True
+
+
+def _repo_id(v):
+    from ..share import check_repo_id
+
+    try:
+        check_repo_id(v)
+    except TransegError as e:
+        return str(e).split(": ", 1)[1]
+    return True
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")  # engine/trackers.py
+REPORT_TO = Rule(f"a list of trackers among {', '.join(TRACKERS)}, e.g. [wandb, mlflow] ([] for none)", _report_to)
 MODEL = Rule("a model variant of `transeg models`", _model)
 DEVICE = Rule("auto, cpu, cuda or cuda:N", _device)
 
@@ -231,7 +251,14 @@ class TrainConfig:
     eval_interval: int = _f(16_000, whole(1))
     ckpt_interval: int = _f(16_000, whole(1))
     log_interval: int = _f(50, whole(1))
-    tensorboard: bool = _f(False, BOOL)                # also log to out/tb (needs the `tensorboard` extra)
+    tensorboard: bool = _f(False, BOOL)                # also log to out/tb: the same as report_to: [tensorboard]
+    # trackers to report to (engine/trackers.py; each needs its extra): losses, lr and speed at every log_interval,
+    # every metric, per-class IoU and the prediction grid at each evaluation; --resume continues their runs
+    report_to: list = _f(rule=REPORT_TO, factory=list)
+    # push the run to this Hugging Face Hub repo (OWNER/NAME) when it ends (transeg.share: model, recipe, card)
+    push_to: Optional[str] = _f(None, optional(Rule("a Hugging Face repo id OWNER/NAME", _repo_id), "for no push"))
+    # with push_to: also push every N evaluations while training (the model as it is then)
+    push_every: Optional[int] = _f(None, optional(whole(1), "to push only at the end"))
     workers: int = _f(2, whole(0))
     seed: int = _f(0, whole(0, 2**64 - 1, "2**64-1"))
     device: str = _f("auto", DEVICE)

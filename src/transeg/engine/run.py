@@ -3,7 +3,7 @@
     .lock          held while a run trains here (`RunLock`); holds the holder's pid and host
     config.yaml    the run's settings, as `--resume` reads them
     log.jsonl      one record per log window and per evaluation; on --resume cut back to the checkpoint
-    tb/            TensorBoard events (tensorboard: true), the same records
+    eval.json, predictions.png, trackers.json, tb/   written by the trackers' hook (trackers.py)
 """
 import contextlib
 import json
@@ -109,13 +109,12 @@ def _holder(path):
 
 
 class RunFolder:
-    """config.yaml, log.jsonl and TensorBoard's events of the run in `out` (written by rank 0 alone).
-    Nothing is written before `start`."""
+    """config.yaml and log.jsonl of the run in `out` (written by rank 0 alone). Nothing is written before `start`."""
 
-    def __init__(self, out, tensorboard):
-        self.out, self.tensorboard = Path(out), tensorboard
+    def __init__(self, out):
+        self.out = Path(out)
         self.log_path = self.out / LOG_FILE
-        self.started, self.file, self.writer = False, None, None
+        self.started, self.file = False, None
 
     def start(self, cfg, resume, start, redo_eval):
         """Write the run's files. Called once the run really starts (its first finished step, or the
@@ -136,24 +135,17 @@ class RunFolder:
         atomic_write(out / "config.yaml", lambda tmp: Path(tmp).write_text(text))
         with _writing(log_path):
             self.file = log_path.open("a")
-        self.writer = _tensorboard(out) if self.tensorboard else None
 
     def write(self, record):
-        """Append `record` ({"iter": N, key: number, ...}) to log.jsonl and TensorBoard."""
+        """Append `record` ({"iter": N, key: number, ...}) to log.jsonl."""
         with _writing(self.log_path):
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
-            if self.writer is not None:
-                for key, value in record.items():
-                    if key != "iter":
-                        self.writer.add_scalar(key, value, record["iter"])
 
     def close(self):
         with contextlib.suppress(OSError):
             if self.file is not None:
                 self.file.close()
-            if self.writer is not None:
-                self.writer.close()
 
     def records(self):
         return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
@@ -169,19 +161,6 @@ def _writing(path):
         then = ", then continue with --resume" if (path.parent / STATE_FILE).is_file() else ""
         raise TransegError(f"{path}: could not be written ({e.strerror or e}); free some space or choose another "
                            f"--out{then}") from None
-
-
-def tensorboard_class():
-    """TensorBoard's SummaryWriter, or one line saying how to install it."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise TransegError("tensorboard=true needs the tensorboard extra: pip install 'transeg[tensorboard]'") from None
-    return SummaryWriter
-
-
-def _tensorboard(out):
-    return tensorboard_class()(str(out / "tb"))
 
 
 def _record_iter(line):

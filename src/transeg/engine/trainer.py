@@ -6,7 +6,8 @@ data never depends on worker count, process order or where a run was interrupted
 randomness (dropout, drop path) comes from torch's global generator, saved with every checkpoint.
 
 `train` sets a run up and drives it; what it drives lives beside it in the engine package:
-    run.py          the run folder: its lock, config.yaml, log.jsonl (cut back on --resume), TensorBoard
+    run.py          the run folder: its lock, config.yaml, log.jsonl (cut back on --resume)
+    trackers.py     report_to (TensorBoard, W&B, MLflow), eval.json and predictions.png, push_to the Hub
     checkpoints.py  train_state.pt and model.safetensors: saved, read back, resumed
     validation.py   evaluation during training: its record, charts, best.safetensors, early_stop's count
     samples.py      the training samples and their loader, the checks of the data, class_weight auto
@@ -36,8 +37,9 @@ from .distributed import init_distributed, per_process_batch, rank_and_world, wr
 from .interrupts import Interrupts
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
-from .run import RunFolder, RunLock, tensorboard_class
+from .run import RunFolder, RunLock
 from .samples import Batches, check_labelled, class_weights_of, train_loader
+from .trackers import Report
 from .validation import Validation, write_curves
 
 
@@ -101,8 +103,7 @@ class _Training:
         self.resume = check_resume(self.out, resume)  # the cheap refusals first, before any data or model is built
         self.device = resolve_device(cfg.device)
         self.amp_dtype = _amp(cfg, self.device)
-        if self.main and cfg.tensorboard:
-            tensorboard_class()  # a missing extra is refused before any work
+        self.report = Report(cfg, self.out, self.main, self.world)  # a missing tracker is refused before any work
         torch.manual_seed(cfg.seed)
         self.cfg = cfg = self._data(cfg)
         self._build()
@@ -125,7 +126,7 @@ class _Training:
             self._announce()
         self.bar = tqdm(total=self.end, initial=self.start, desc="train", disable=not (progress and self.main),
                         dynamic_ncols=True)
-        self.folder = RunFolder(self.out, cfg.tensorboard)
+        self.folder = RunFolder(self.out)
         self.timed_n, self.t0 = 0, time.perf_counter()
         self.saved_at = self.start if self.resume else None
         self.completed = self.start
@@ -202,11 +203,13 @@ class _Training:
             if self.main:
                 self.folder.close()
                 self._interrupted(interrupts.in_step)
+                self.report.finish()
             raise
         except BaseException:
             self.bar.close()  # so the error prints on its own line, not after the progress bar
             if self.main:
                 self.folder.close()
+                self.report.finish()
             raise
         finally:
             if self.batches is not None:
@@ -308,12 +311,14 @@ class _Training:
         if not self.main:
             return result
         self.folder.close()
+        self.report.finish()  # the tracker runs end here; a push where push_to asks comes after curves.png
         if self.resume and self.start >= self.end and not (self.eval_pending or self.final_eval):
             self.log(f"{self.out}: the run is at iteration {self.start}/{cfg.iters}: nothing left to train"
                      + (f"; to train it longer, --resume with --iters above {self.start}" if self.start == cfg.iters
                         else ""))
             return result
         write_curves(self.out, self.folder.records(), cfg, self.model)
+        self.report.finish(done=self.end if self.end == cfg.iters else None, log=self.log)
         return result
 
     # ------------------------------------------------------- what the steps, evaluations and Ctrl-C share
@@ -321,6 +326,7 @@ class _Training:
         """Write the run folder's files once the run really starts (see `RunFolder.start`)."""
         if self.main and not self.folder.started:
             self.folder.start(self.cfg, self.resume, self.start, redo_eval=self.eval_pending)
+            self.report.start(self.cfg, self.resume, self.start)
 
     def where(self):
         return (f"the last checkpoint, iteration {self.saved_at}, is {self.state_path}" if self.saved_at is not None
@@ -339,6 +345,7 @@ class _Training:
         self.begin()
         self.check_weights(done)  # a broken model must not become best.safetensors
         self.validation(self.model, self.net, done, self.folder, self.bar)
+        self.report.evaluated(done, self.validation.result, self.model, self.val_set, log=self.bar.write)
         self.evaluated = done
 
     def checkpoint(self, done):
@@ -368,3 +375,4 @@ class _Training:
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{record['lr']:.2e}")
         if self.main:
             self.folder.write(record)
+            self.report.log(record)
