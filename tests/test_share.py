@@ -5,7 +5,6 @@ as the Hub does (resolve/, model info). A tiny trained run is pushed, its card r
 another process; each refusal is one line."""
 import base64
 import hashlib
-import io
 import json
 import os
 import re
@@ -13,7 +12,6 @@ import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -342,9 +340,14 @@ def test_save_pretrained_never_writes_over_someone_elses_files(tmp_path, run):
 
 def test_a_card_of_many_classes_keeps_its_table_short():
     """150 classes (ADE20K's count): the IoU table lists MAX_TABLE_ROWS = 60 (the 30 lowest and 30 highest) and
-    says 90 were left out."""
+    says 90 were left out. Trained on --data ade20k:/data/ade, the card lists the dataset by its name (its path
+    stays out) and the model-index names it too."""
     model = transeg.create_model("segformer-b0", num_classes=150, **TINY)
+    model.meta["dataset"] = "ade20k:/data/ade"
     result = {"mIoU": 0.5, "mAcc": 0.6, "aAcc": 0.7, "IoU": [i / 150 for i in range(150)], "Acc": [0.5] * 150}
     card = model_card(model, "me/ade", result=result)
+    front = _front(card)
+    assert front["datasets"] == ["ade20k"] and "/data/ade" not in card
+    assert front["model-index"][0]["results"][0]["dataset"]["type"] == "ade20k"
     rows = [line for line in card.splitlines() if re.match(r"^\| \S.* \| [\d.]+ \| [\d.]+ \|$", line)]
     assert len(rows) == 60 and "90 classes left out" in card

@@ -86,6 +86,7 @@ def _wandb_history(run_dir):
 
 @pytest.mark.integration
 @pytest.mark.timeout(300)
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # (inside mlflow's SQL store)
 def test_wandb_offline_and_mlflow_sqlite_hold_the_run_and_a_resume_appends_to_the_same_runs(tmp_path, monkeypatch):
     """report_to [wandb, mlflow], stopped at iteration 2 and resumed to 4 (evaluations at 2 and 4).
     W&B offline (no network, no telemetry): both offline runs carry the one id kept in trackers.json; their history

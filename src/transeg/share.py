@@ -23,7 +23,6 @@ HF_HUB_OFFLINE behave as Hub users know them. Limits, checked before anything is
 """
 import json
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -134,15 +133,17 @@ class Source:
 
 # ------------------------------------------------------------------------------------------- the card
 def _dataset(meta):
-    """(Hub dataset id or None, the name the card shows). A spec naming a folder or the synthetic set has no
-    Hub dataset: the card names it and `datasets:` is left out."""
+    """(the name `datasets:` lists or None, the name the card shows). A benchmark given as NAME:PATH (ade20k,
+    cityscapes, ...) is listed by its name; a plain folder or the synthetic set is named in the card only."""
     spec = str(meta.get("dataset") or "unknown")
-    name, _, where = spec.partition(":")
+    name, sep, _ = spec.partition(":")
     if spec.startswith("synthetic"):
         return None, "the built-in synthetic shapes (transeg)"
-    if where or "/" in spec or os.sep in spec:
-        return None, (f"{name} (a local copy)" if where else f"a local dataset ({Path(spec).name})")
-    return name, name
+    if sep and re.match(r"^[a-z][\w-]*$", name):
+        return name, name
+    if meta.get("dataset") is None:
+        return None, "an unnamed dataset"
+    return None, f"a local dataset ({Path(spec).name or spec})"
 
 
 def _front_matter(model, repo_name, result, license_):
