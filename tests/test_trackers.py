@@ -163,3 +163,15 @@ def test_an_unknown_tracker_is_refused_by_the_config(capsys):
     """report_to=[comet]: one line naming the trackers transeg knows (exit 2)."""
     line = _error(capsys, main(["train", "--set", "report_to=[comet]", "iters=1"]))
     assert "report_to=[comet]: 'comet' is not a tracker transeg reports to (tensorboard, wandb, mlflow)" in line
+
+
+def test_a_push_that_fails_while_training_is_one_line_and_the_run_goes_on(hub, tmp_path, monkeypatch):  # noqa: F811
+    """push_to with no HF_TOKEN (the stand-in answers 401): the push at the end of a 2-iteration run fails; the run
+    still returns its result and keeps model.safetensors, and one log line says why and how to push later."""
+    monkeypatch.delenv("HF_TOKEN")
+    lines = []
+    out = tmp_path / "run"
+    result = train(_cfg(out, iters=2, push_to="me/live"), progress=False, log=lines.append)
+    failed = [line for line in lines if line.startswith("push to me/live failed")]
+    assert result is not None and (out / "model.safetensors").is_file() and hub.commits == []
+    assert len(failed) == 1 and "needs a token to push" in failed[0] and f"transeg push {out} me/live" in failed[0]
