@@ -51,13 +51,15 @@ VERB_EXAMPLES = {
   transeg eval runs/train/model.safetensors --limit 20           # on the data it was trained on (first 20 images)
   transeg eval runs/train/model.safetensors --limit 20 --out eval/   # + iou.png and predictions.png
   transeg eval runs/train/model.safetensors --data synthetic:size=128,n=50 --flip
-  transeg eval ckpt.safetensors --data cityscapes:/data/cityscapes --mode slide --crop 1024x1024 --stride 768x768""",
+  transeg eval ckpt.safetensors --data cityscapes:/data/cityscapes --mode slide --crop 1024x1024 --stride 768x768
+  transeg eval model-int8.onnx --data synthetic                  # an ONNX export (fp32 or int8) on onnxruntime""",
     "predict": """\
   transeg predict runs/train/model.safetensors photo.jpg --out preds/            # photo_mask.png, photo_overlay.jpg
   transeg predict runs/train/model.safetensors photo.jpg --out preds/ --grid     # + grid.png: image | prediction
   transeg predict runs/train/model.safetensors data/images/val/ --out preds/ --grid --truth data/masks/val/
   transeg predict runs/train/model.safetensors photo.jpg --out preds/ --no-legend --alpha 0.7
-  transeg predict ckpt.safetensors my_images/ --out preds/ --dtype bf16 --isr-encoder 2,2,1,1 --isr-decoder 2,2,2""",
+  transeg predict ckpt.safetensors my_images/ --out preds/ --dtype bf16 --isr-encoder 2,2,1,1 --isr-decoder 2,2,2
+  transeg predict model-int8.onnx photo.jpg --out preds/         # an ONNX export on onnxruntime (CPU)""",
     "convert": """\
   transeg convert segformer.b0.512x512.ade.160k.pth b0-ade.safetensors --from segformer
   transeg convert segformer-b0-hf/ b0.safetensors --from segformer-hf     # a save_pretrained folder
@@ -77,7 +79,9 @@ VERB_EXAMPLES = {
     "export": """\
   transeg export runs/train/model.safetensors model.onnx --static --size 64x64   # one fixed size: the quickest trace
   transeg export runs/train/model.safetensors model.onnx                         # any batch / height / width
-  transeg export ckpt.safetensors model.onnx --isr-encoder 2,2,1,1 --isr-decoder 2,2,2""",
+  transeg export ckpt.safetensors model.onnx --isr-encoder 2,2,1,1 --isr-decoder 2,2,2
+  transeg export runs/train/model.safetensors model-int8.onnx --int8 --calibrate synthetic   # static int8 for CPUs
+  transeg export model.onnx model-int8.onnx --int8 --calibrate my_data/ --calibration-images 100""",
 }
 
 # The verbs whose work runs on torch's CPU threads, so take --threads.
@@ -211,14 +215,22 @@ def _add_inference_args(p):
     _add_protocol_args(p)
     _add_speed_args(p)
     _add_isr_args(p)
+    _add_backend_arg(p)
+
+
+def _add_backend_arg(p):
+    p.add_argument("--backend", choices=["auto", "pytorch", "onnxruntime"], default="auto",
+                   help="what runs the model: auto (default) = onnxruntime for an .onnx file from `transeg export` "
+                        "(fp32 or --int8; its precision and ISR are the export's, CPU only), else PyTorch")
 
 
 def _load(args, device="auto"):
-    """The checkpoint, with the command line's ISR set and --device / --dtype / --compile applied."""
-    from . import load
+    """The checkpoint, with the command line's ISR set and --device / --dtype / --compile applied. An .onnx file
+    (or --backend onnxruntime) runs on onnxruntime through the same inference code (transeg.deploy.backend)."""
+    from .deploy.backend import load_model
     from .isr import parse_setting
 
-    model = load(args.checkpoint)
+    model = load_model(args.checkpoint, getattr(args, "backend", "auto"))
     setting = parse_setting(args.isr_encoder, args.isr_decoder)
     if setting:
         model.set_isr(**setting)
@@ -727,6 +739,7 @@ def cmd_serve(args):
     from .serve import serve
 
     serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, compile=args.compile,
+          backend=args.backend,
           max_batch=args.max_batch, window_ms=args.window_ms, max_pending=args.max_pending,
           max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels,
           max_inflight_megapixels=args.max_inflight_megapixels, max_inflight_upload_mb=args.max_inflight_upload_mb,
@@ -740,10 +753,12 @@ def cmd_serve(args):
        "Concurrent requests are batched on the device; overload is answered 503 with Retry-After.\n\n"
        "examples:\n"
        "  transeg serve runs/train/model.safetensors                 # then open http://127.0.0.1:8000/\n"
+       "  transeg serve model-int8.onnx                              # an ONNX export on onnxruntime (CPU)\n"
        "  curl -F image=@photo.jpg 'http://127.0.0.1:8000/v1/segment?format=json'\n"
        "  curl --data-binary @photo.jpg http://127.0.0.1:8000/v1/segment -o mask.png")
 def _serve_args(p):
-    p.add_argument("model", help=CHECKPOINT_HELP)  # a str, as serve() takes it
+    p.add_argument("model", help=CHECKPOINT_HELP + ", or an .onnx file (`transeg export`)")  # a str, as serve() takes
+    _add_backend_arg(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only; "
                    "0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
@@ -893,6 +908,8 @@ def cmd_export(args):
     output_file(args.out, example="model.onnx")  # said before the trace (export_onnx checks it too)
     if args.out.suffix != ".onnx":
         raise TransegError(f"{args.out}: the output must be an .onnx file")
+    if args.int8 or args.calibrate is not None:
+        return _export_int8(args)
     model = _load(args, device="cpu")
     shape = "one image of exactly that size" if args.static else "dynamic batch/height/width"
     if not args.static and slow_to_trace(model):
@@ -904,6 +921,37 @@ def cmd_export(args):
     where = "two fresh inputs" if args.static else "two other input shapes"
     check = (f"; onnxruntime vs PyTorch on {where}: max |diff| {r['max_abs_diff']:.1e}" if "max_abs_diff" in r else "")
     print(f"{r['path']}: opset {r['opset']}, {r['bytes'] / 1e6:.1f} MB, {r['isr']}{check}")
+
+
+def _export_int8(args):
+    """`export --int8`: static int8 calibrated on --calibrate DATA, else dynamic int8; from a checkpoint (exported
+    to fp32 ONNX first, in a temporary folder) or from an fp32 .onnx file."""
+    from .deploy.quantize import dataset_images, export_int8, quantize_int8
+    from .errors import TransegError
+
+    if args.calibrate is not None and not args.int8:
+        raise TransegError("--calibrate is for int8: add --int8 "
+                           "(`transeg export MODEL out.onnx --int8 --calibrate DATA`)")
+    images = None if args.calibrate is None else dataset_images(args.calibrate, args.calibration_split,
+                                                                args.calibration_images)
+    how = (f"static int8, calibrated on {args.calibration_images} images of {args.calibrate or 'synthetic'} "
+           f"({args.calibration_split})" if images is not None else
+           "dynamic int8 (no --calibrate DATA: weights int8, activations quantized per call; static int8 with "
+           "calibration images is faster)")
+    if str(args.checkpoint).lower().endswith(".onnx"):
+        print(printable(f"quantizing {args.checkpoint} to {args.out}: {how} ..."), flush=True)
+        r = quantize_int8(args.checkpoint, args.out, images, args.calibration_images)
+    else:
+        model = _load(args, device="cpu")
+        print(printable(f"exporting {model.meta['variant']} ({args.checkpoint}) to {args.out}: {how}, traced at "
+                        f"{args.size[0]}x{args.size[1]} ..."), flush=True)
+        exported, r = export_int8(model, args.out, images, args.calibration_images, sample_size=args.size,
+                                  opset=args.opset, check=not args.no_check)
+        if "max_abs_diff" in exported:
+            print(f"fp32 graph: onnxruntime vs PyTorch max |diff| {exported['max_abs_diff']:.1e}")
+    seen = f", {r['images']} calibration images" if "images" in r else ""
+    print(printable(f"{r['path']}: int8 {r['method']}{seen}, {r['bytes'] / 1e6:.1f} MB; int8: {', '.join(r['ops'])} "
+                    f"(the rest fp32); measure it with `transeg eval {r['path']}`"))
 
 
 @_verb("export", cmd_export, "export a checkpoint to ONNX (dynamic batch, height, width), checked by onnxruntime",
@@ -921,6 +969,20 @@ def _export_args(p):
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime comparison")
     p.add_argument("--static", action="store_true", help="a graph for one image of exactly --size: much quicker to "
                    "trace than a dynamic Swin graph, and some runtimes want fixed shapes")
+    g = p.add_argument_group(
+        "int8 for CPUs (onnxruntime)",
+        "Convolutions, weight matrix products and additions in int8 (per-channel weights, QDQ); LayerNorm,\n"
+        "softmax, attention's activation products and the resizes stay fp32, where int8 loses accuracy or speed.\n"
+        "CHECKPOINT may also be an fp32 .onnx from an earlier export. Check the result with `transeg eval out.onnx`\n"
+        "(BENCHMARKS.md: int8 on a CPU).")
+    g.add_argument("--int8", action="store_true", help="write an int8 graph: static with --calibrate, else dynamic "
+                   "(weights only int8 ahead of time: smaller, less faster)")
+    g.add_argument("--calibrate", metavar="DATA", help="images to calibrate static int8 on, through the model's test "
+                   "protocol: any --data value (a dataset folder, ade20k:PATH, synthetic, ...)")
+    g.add_argument("--calibration-images", type=_count, default=64, metavar="N",
+                   help="how many images of --calibrate, spread over the split (default 64)")
+    g.add_argument("--calibration-split", default="train", metavar="SPLIT",
+                   help="the split of --calibrate to read (default train: the val images stay for measuring)")
     _add_isr_args(p)
 
 

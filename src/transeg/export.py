@@ -69,7 +69,11 @@ def export_onnx(model, path, sample_size=(256, 256), opset=None, check=True, ato
     stride = model.decode_head.stride
     protocol = model.protocol
     meta = {"variant": model.meta.get("variant"), "num_classes": model.num_classes, "classes": model.classes,
-            "palette": model.meta.get("palette"), "mean": model.meta.get("mean"), "std": model.meta.get("std"),
+            "palette": [list(c) for c in model.palette], "mean": model.meta.get("mean"), "std": model.meta.get("std"),
+            # what a runtime needs to turn the output into scores at the input size as Segmentor.logits does,
+            # and what the service needs to count GFLOPs and find the evaluation data (transeg.deploy)
+            "pad_multiple": model.backbone.pad_multiple, "mask_classification": model.outputs_probabilities,
+            "model_args": model.meta.get("model_args"), "dataset": model.meta.get("dataset"),
             "stride": stride, "isr": {k: list(v) for k, v in model.isr.items()}, "input": "image [N,3,H,W] normalised",
             "output": "logits [N,K,H/stride,W/stride]", "static_size": list(sample_size) if static else None,
             # how the model's reported numbers were measured, i.e. what to do to an image before the graph:

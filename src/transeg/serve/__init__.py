@@ -3,11 +3,12 @@ pip install "transeg[serve]"). `create_app(model)` is the ASGI app for any serve
 with every bound of limits.py in force."""
 
 
-def serve(model, host="127.0.0.1", port=8000, device="auto", dtype=None, compile=False, max_batch=None,
-          window_ms=5.0, max_pending=64, max_upload_mb=20.0, max_megapixels=40.0, max_inflight_megapixels=None,
-          max_inflight_upload_mb=None, header_timeout=10.0, body_timeout=60.0, max_connections=None,
-          allowed_hosts=None, allowed_origins=()):
-    """Load `model` (anything `transeg.load` takes) once, warm it up, and serve it with uvicorn until
+def serve(model, host="127.0.0.1", port=8000, device="auto", dtype=None, compile=False, backend="auto",
+          max_batch=None, window_ms=5.0, max_pending=64, max_upload_mb=20.0, max_megapixels=40.0,
+          max_inflight_megapixels=None, max_inflight_upload_mb=None, header_timeout=10.0, body_timeout=60.0,
+          max_connections=None, allowed_hosts=None, allowed_origins=()):
+    """Load `model` (anything `transeg.load` takes, or an .onnx file from `transeg export`, run by onnxruntime:
+    `backend`, see transeg.deploy.backend) once, warm it up, and serve it with uvicorn until
     interrupted. Every setting is checked, and host:port bound, before the model loads and before
     "serving ... on" is printed: a bad one is one TransegError naming its flag.
 
@@ -37,13 +38,13 @@ def serve(model, host="127.0.0.1", port=8000, device="auto", dtype=None, compile
                            "pip install 'transeg[serve]'") from None
     import numpy as np
 
-    from .. import load
+    from ..deploy.backend import load_model
 
     if allowed_hosts is None:
         allowed_hosts = LOOPBACK + ((host,) if host not in ("0.0.0.0", "::", "") else ())
     sock = bind(host, port)
     try:
-        net = load(model).optimize_for_inference(dtype, compile=compile, device=device)
+        net = load_model(model, backend).optimize_for_inference(dtype, compile=compile, device=device)
         net.predict(np.zeros((256, 256, 3), np.uint8))  # fail here, not on the first request (and compile once)
     except BaseException:
         sock.close()

@@ -1,0 +1,194 @@
+"""transeg.deploy: int8 quantisation and the ONNX Runtime back-end (predict / eval / serve on an .onnx file), and the
+torch-free runtime. Tiny models exported at 64x64: the whole file takes seconds."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import transeg
+from conftest import TINY, TINY_EDAFORMER
+from helpers import _error
+from transeg.cli import main
+
+ort = pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+pytest.importorskip("onnxscript")
+
+from transeg.deploy.backend import OnnxModel  # noqa: E402
+from transeg.deploy.quantize import quantize_int8  # noqa: E402
+from transeg.deploy.runtime import OnnxSegmenter  # noqa: E402
+from transeg.export import export_onnx  # noqa: E402
+
+CLASSES = ["sky", "ground", "disc", "box", "triangle", "ring"]
+RUNTIME = Path(__file__).resolve().parents[1] / "src" / "transeg" / "deploy" / "runtime.py"
+
+
+def _images(count=6, seed=0):
+    """Synthetic scenes (sky, ground and shapes: structure the model's labels follow), at the sizes of the set."""
+    from transeg.data import build_dataset
+
+    data = build_dataset("synthetic:size=48x64,n=16", "train")
+    return [np.ascontiguousarray(data[i]["image"].permute(1, 2, 0).numpy()) for i in range(seed, seed + count)]
+
+
+def _export(name, folder):
+    """(PyTorch model, its fp32 .onnx) for a tiny `name` under a resizing protocol (keep-ratio into (96, 64),
+    aligned to 32), so the back-ends' resize, alignment and upsampling are all exercised. A dynamic-size export
+    takes 10-30 s of tracing on the 2-core machine, so the file shares one per family."""
+    torch.manual_seed(0)
+    tiny = TINY if name == "segformer-b0" else TINY_EDAFORMER
+    model = transeg.create_model(name, num_classes=6, classes=CLASSES, **tiny).eval()
+    model.protocol = transeg.Protocol(scale=(96, 64), size_divisor=32)
+    export_onnx(model, folder / "m.onnx", sample_size=(64, 64))
+    return model, folder / "m.onnx"
+
+
+@pytest.fixture(scope="module")
+def segformer(tmp_path_factory):
+    return _export("segformer-b0", tmp_path_factory.mktemp("segformer"))
+
+
+@pytest.fixture(scope="module", params=["segformer-b0", pytest.param("edaformer-t", marks=pytest.mark.slow)])
+def exported(request, tmp_path_factory):
+    if request.param == "segformer-b0":
+        return request.getfixturevalue("segformer")
+    return _export(request.param, tmp_path_factory.mktemp("edaformer"))
+
+
+def _agreement(a, b):
+    return float((np.asarray(a) == np.asarray(b)).mean())
+
+
+def test_onnxruntime_labels_equal_pytorch(exported):
+    """fp32 graph: the onnxruntime back-end (OnnxModel through transeg.inference) and the torch-free runtime give
+    PyTorch's labels on >= 99.9% of the pixels (the graph equals PyTorch within 1e-5; only near-ties may flip)
+    of four images of two sizes, whole-image and sliding-window protocols alike."""
+    model, path = exported
+    backend, runtime = OnnxModel(path), OnnxSegmenter(path)
+    images = _images(3) + [np.random.default_rng(1).integers(0, 256, (37, 83, 3), dtype=np.uint8)]
+    for protocol in (model.protocol, model.protocol.replace(mode="slide", crop=(32, 32), stride=(24, 24))):
+        runtime.protocol = protocol.to_meta()
+        for rgb in images:
+            expected = model.predict(rgb, protocol=protocol).labels
+            assert _agreement(backend.predict(rgb, protocol=protocol).labels, expected) >= 0.999
+            assert _agreement(runtime.labels(rgb), expected) >= 0.999
+
+
+def test_int8_static_and_dynamic_agree_with_fp32(segformer, tmp_path):
+    """A static int8 copy (calibrated on 8 synthetic scenes) and a dynamic one of the tiny SegFormer run and give
+    the fp32 graph's labels on >= 97% of the pixels of six other scenes (an untrained tiny model's logits lie close
+    together, so this is harder than a trained model: measured 98-100% here; the quickstart B0's int8 mIoU is within
+    0.2 of fp32, BENCHMARKS.md). The file says what it is."""
+    _, fp32 = segformer
+    static, dynamic = tmp_path / "s.onnx", tmp_path / "d.onnx"
+    report = quantize_int8(fp32, static, calibration=_images(8, seed=8), count=8)
+    assert report["method"] == "static" and report["images"] == 8
+    quantize_int8(fp32, dynamic)
+    reference = OnnxSegmenter(fp32)
+    for path, precision in ((static, "int8 static"), (dynamic, "int8 dynamic")):
+        int8 = OnnxSegmenter(path)
+        assert int8.meta["precision"] == precision and int8.meta["classes"] == CLASSES
+        agree = np.mean([_agreement(int8.labels(rgb), reference.labels(rgb)) for rgb in _images()])
+        assert agree >= 0.97, (precision, agree)
+    ops = {n.op_type for n in onnx.load(static).graph.node}
+    assert "QuantizeLinear" in ops and "LayerNormalization" in ops  # int8 QDQ around fp32 LayerNorm
+
+
+def test_cli_int8_export_eval_and_predict(segformer, tmp_path, capsys):
+    """`export m.onnx --int8 --calibrate` (the fp32 export as input; from a checkpoint the same runs after the
+    fp32 export), then `eval` and `predict` on the int8 .onnx: each exits 0 and says what it did; `export --int8`
+    without --calibrate says it is dynamic."""
+    out = tmp_path / "m-int8.onnx"
+    assert main(["export", str(segformer[1]), str(out), "--int8", "--calibrate", "synthetic:size=32,n=16",
+                 "--calibration-images", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "static int8, calibrated on 4 images" in printed and "int8 static, 4 calibration images" in printed
+    assert main(["eval", str(out), "--data", "synthetic:size=32,n=16"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{out} on synthetic:size=32,n=16 (val, 16 images)" in printed and "mIoU" in printed
+    from PIL import Image
+
+    Image.fromarray(_images(1)[0]).save(tmp_path / "p.png")
+    assert main(["predict", str(out), str(tmp_path / "p.png"), "--out", str(tmp_path / "preds")]) == 0
+    assert (tmp_path / "preds" / "p_mask.png").is_file()
+    assert main(["export", str(segformer[1]), str(tmp_path / "d.onnx"), "--int8"]) == 0
+    assert "dynamic int8 (no --calibrate DATA" in capsys.readouterr().out
+
+
+def test_serve_answers_the_same_api_with_an_onnx_model(segformer):
+    """The service on OnnxModel: /v1/model describes it as for the PyTorch model (variant, classes, protocol), and
+    /v1/segment answers the index PNG of the labels PyTorch gives (>= 99.9% of pixels)."""
+    pytest.importorskip("fastapi")
+    import io
+
+    from PIL import Image
+    from test_serve import _call, _png
+    from transeg.serve.app import create_app
+
+    model, path = segformer
+    app = create_app(OnnxModel(path))
+    status, _, body = _call(app, "GET", "/v1/model", [("Host", "127.0.0.1:8000")], b"")
+    info = json.loads(body)
+    assert status == 200 and info["variant"] == model.meta["variant"] and info["classes"] == CLASSES
+    assert info["protocol"]["scale"] == [96, 64] and info["isr"]["supported"] is False
+    rgb = _images(1)[0]
+    status, _, body = _call(app, "POST", "/v1/segment", [("Host", "127.0.0.1:8000"),
+                                                         ("Content-Type", "image/png")], _png(rgb))
+    assert status == 200
+    assert _agreement(np.asarray(Image.open(io.BytesIO(body))), model.predict(rgb).labels) >= 0.999
+
+
+def test_bad_inputs_are_one_line(segformer, tmp_path, capsys, monkeypatch):
+    """A corrupt .onnx, calibration data without images, an .onnx asked for bf16 or ISR, and a missing onnxruntime:
+    each exits 2 with one `transeg: error:` line naming the file or flag and the fix (4 + 1 cases)."""
+    fp32_file = segformer[1]
+    corrupt = tmp_path / "bad.onnx"
+    corrupt.write_bytes(b"\x08\x07not a model" * 10)
+    (tmp_path / "empty" / "images" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "masks" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "classes.txt").write_text("a\nb\nc\n")
+    cases = [
+        (["eval", str(corrupt)], "bad.onnx: not an ONNX model onnxruntime can load"),
+        (["export", str(fp32_file), str(tmp_path / "q.onnx"), "--int8", "--calibrate", str(tmp_path / "empty")],
+         "empty/images/train: no images"),
+        (["predict", str(fp32_file), str(tmp_path / "x.png"), "--out", str(tmp_path / "o"), "--dtype", "bf16"],
+         "runs in the precision it was exported in"),
+        (["eval", str(fp32_file), "--isr-encoder", "2,2,1,1"], "the ISR setting is fixed in an .onnx graph"),
+    ]
+    from PIL import Image
+
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(tmp_path / "x.png")
+    for argv, message in cases:
+        line = _error(capsys, main(argv))
+        assert message in line, (argv, line)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    line = _error(capsys, main(["eval", str(fp32_file)]))
+    assert "needs onnxruntime: pip install onnxruntime" in line
+    assert not (tmp_path / "q.onnx").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_runtime_runs_without_torch(segformer, tmp_path):
+    """runtime.py, copied on its own and run where `import torch` fails (sys.modules['torch'] = None): it segments an
+    image and writes its index PNG, equal (100% of pixels: the same numpy code) to OnnxSegmenter in this process."""
+    from PIL import Image
+
+    _, path = segformer
+    Image.fromarray(_images(1)[0]).save(tmp_path / "p.png")
+    (tmp_path / "runtime.py").write_text(RUNTIME.read_text())
+    code = ("import sys; sys.modules['torch'] = None; sys.path.insert(0, sys.argv[1]); import runtime; "
+            "assert 'transeg' not in sys.modules; sys.exit(runtime.main(sys.argv[2:]))")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(path), str(tmp_path / "p.png"),
+                           str(tmp_path / "mask.png")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=100)
+    assert done.returncode == 0, done.stderr
+    assert "%" in done.stdout  # the classes' shares
+    expected = OnnxSegmenter(path).labels(str(tmp_path / "p.png"))
+    assert (np.asarray(Image.open(tmp_path / "mask.png")) == expected).all()
