@@ -270,6 +270,19 @@ def test_pretrained_repo_id_fine_tunes_from_the_pushed_weights(hub, run, tmp_pat
     assert len(pushed) > 50 and max((tuned[k] - v).abs().max().item() for k, v in pushed.items()) < 1e-6
 
 
+def test_a_runs_best_checkpoint_reports_the_evaluation_that_made_it_the_best(tmp_path, run):
+    """best.safetensors of the run (evaluated once, at 4): its card's model-index holds that evaluation's mIoU /
+    mAcc / aAcc from log.jsonl, says the per-class IoU was not kept, and shows the curves only (the run's IoU chart
+    and grid are of its last evaluation, not necessarily this one): 1 image."""
+    written = transeg.save_pretrained(run / "best.safetensors", tmp_path / "best", repo_id="me/best")
+    card = (tmp_path / "best" / "README.md").read_text()
+    logged = [r for r in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "mIoU" in r][-1]
+    metrics = {m["name"]: m["value"] for m in _front(card)["model-index"][0]["results"][0]["metrics"]}
+    assert metrics == {k: round(100 * logged[k], 2) for k in ("mIoU", "mAcc", "aAcc")}
+    assert "the per-class IoU of this evaluation was not kept" in card
+    assert [w for w in written if w.startswith("images/")] == [IMAGES["curves"]]
+
+
 def test_a_model_never_evaluated_says_so_and_reports_no_number(tmp_path):
     """A checkpoint with no run: the card has no model-index (0 numbers) and says it was not evaluated; no images."""
     model = transeg.create_model("segformer-b0", num_classes=3, classes=["a", "b", "c"], **TINY)

@@ -38,6 +38,7 @@ from .segmentor import Segmentor
 from .version import __version__
 
 WEIGHTS = "model.safetensors"
+BEST = "best.safetensors"        # a run's best checkpoint: its card reports the evaluation that made it the best
 RECIPE = "config.yaml"
 CARD = "README.md"
 IMAGES = {"curves": "images/curves.png", "iou": "images/val_iou.png", "grid": "images/predictions.png"}
@@ -60,7 +61,7 @@ class Source:
     `weights`: the checkpoint file (None for a model in memory); `run`: the run folder or None."""
 
     def __init__(self, model_or_run, model=None):
-        self.model, self.weights, self.run = model, None, None
+        self.model, self.weights, self.run, self.best = model, None, None, False
         self.in_memory = model is not None or isinstance(model_or_run, Segmentor)  # saved from memory, not copied
         if isinstance(model_or_run, Segmentor):
             self.model = model_or_run
@@ -74,15 +75,19 @@ class Source:
                                    f"train it until ckpt_interval, or give a checkpoint file")
         elif path.is_file():
             self.weights = path
-            if path.name == WEIGHTS and (path.parent / RECIPE).is_file():
-                self.run = path.parent  # a run's own model.safetensors: its figures go with it
+            if path.name in (WEIGHTS, BEST) and (path.parent / RECIPE).is_file():
+                self.run = path.parent  # a run's own model.safetensors or best.safetensors: its figures go with it
+                self.best = path.name == BEST
         else:
             raise TransegError(f"{path}: no such run folder or checkpoint file")
         if self.model is None:
             self.model = checkpoint.load(self.weights)
 
     def evaluation(self):
-        """The run's last evaluation (eval.json), or None: a model never evaluated reports no number."""
+        """The run's last evaluation (eval.json), or None: a model never evaluated reports no number. For a run's
+        best.safetensors, the evaluation that made it the best (its log record: the scalars, no per-class IoU)."""
+        if self.best:
+            return self._best_record()
         path = self.run / EVAL_FILE if self.run else None
         if path is None or not path.is_file():
             return None
@@ -91,6 +96,15 @@ class Source:
         except (OSError, ValueError) as e:
             raise TransegError(f"{path}: unreadable ({e}); delete it and the card reports no evaluation") from None
         return found if isinstance(found, dict) and isinstance(found.get("mIoU"), (int, float)) else None
+
+    def _best_record(self):
+        """The log record of the evaluation with the highest best_metric (the one best.safetensors holds)."""
+        key = self.recipe().get("best_metric") or "mIoU"
+        evaluated = [r for r in self.records() if _finite(r.get(key)) and _finite(r.get("mIoU"))]
+        if not evaluated:
+            return None
+        best = max(evaluated, key=lambda r: r[key])  # (the first of equal ones: best.safetensors is replaced on a gain)
+        return {**best, "protocol": self.model.protocol.describe(), "best_metric": key}
 
     def records(self):
         """log.jsonl's records (the curves), [] without a run."""
@@ -223,6 +237,10 @@ def _evaluation_section(model, result, weights_iter):
              "| metric | value (%) |", "|---|---:|"]
     lines += [f"| {key} | {_pct(result.get(key))} |" for key in ("mIoU", "mAcc", "aAcc", "mDice", "fwIoU")
               if key in result]
+    if result.get("best_metric"):
+        lines += ["", f"These weights are the run's best by {result['best_metric']} (best.safetensors); the per-class "
+                      f"IoU of this evaluation was not kept (`transeg eval` measures it).", ""]
+        return lines
     lines += ["", "### Per-class IoU", ""] + _iou_table(model.classes, result) + [""]
     return lines
 
@@ -286,7 +304,7 @@ def _images(source, model, folder):
         written.append("curves")
     for key, name in (("iou", "val_iou.png"), ("grid", GRID_FILE)):
         found = source.run / name if source.run else None
-        if found is not None and found.is_file() and source.evaluation() is not None:
+        if found is not None and found.is_file() and not source.best and source.evaluation() is not None:
             size = found.stat().st_size
             if size > MAX_IMAGE_BYTES:
                 raise TransegError(f"{found}: {size:,} bytes, over the limit of {MAX_IMAGE_BYTES:,} for a card image "
@@ -355,7 +373,7 @@ def _save(source, folder, repo_id, license_):
         shutil.copyfile(source.run / RECIPE, folder / RECIPE)
     images = _images(source, model, folder)
     text = model_card(model, repo_id, result=source.evaluation(), recipe=source.recipe(), records=source.records(),
-                      images=images, weights_iter=None if source.in_memory else source.iteration(), license_=license_)
+                      images=images, weights_iter=None if source.in_memory or source.best else source.iteration(), license_=license_)
     atomic_write(folder / CARD, lambda tmp: Path(tmp).write_text(text))
     return [name for name in REPO_FILES if (folder / name).is_file()]
 
