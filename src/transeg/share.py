@@ -250,7 +250,7 @@ def _training_section(recipe, records, images):
     if recipe:
         keys = [k for k in ("model", "data", "iters", "batch_size", "global_batch", "optimizer", "lr", "crop_size",
                             "amp", "pretrained") if recipe.get(k) is not None]
-        lines += [f"Recipe: [`{RECIPE}`]({RECIPE}) (train again with `transeg train {RECIPE}`): "
+        lines += [f"Recipe: [`{RECIPE}`]({RECIPE}) (train again with `transeg train {RECIPE} --out runs/again`): "
                   + ", ".join(f"{k} `{_cell(recipe[k])}`" for k in keys) + ".", ""]
     else:
         lines += ["No training run was given: the checkpoint alone was shared.", ""]
@@ -263,16 +263,22 @@ def _training_section(recipe, records, images):
     return lines
 
 
+def _aligned(pairs):
+    """Code lines with their comments in one column."""
+    width = max(len(code) for code, _ in pairs) + 4
+    return [f"{code.ljust(width)}# {comment}" for code, comment in pairs]
+
+
 def model_card(model, repo_id, result=None, recipe=None, records=(), images=(), weights_iter=None, license_=None):
     """The README.md of a transeg repo: front matter, how to use it, the model, its evaluation (or that there
     was none), its training. `images`: which of IMAGES the repo holds (the card shows only those)."""
     repo_name = repo_id.rsplit("/", 1)[-1]
     lines = [_front_matter(model, repo_name, result, license_), f"# {repo_name}", "",
              f"A **{model.meta['variant']}** semantic segmentation model for {model.num_classes} classes, shared with "
-             f"transeg {__version__} (`pip install transeg`).", "",
-             "## Use it", "", "```python", "import transeg",
-             f'model = transeg.load("{repo_id}")    # read as it is: one .safetensors file, nothing converted',
-             'seg = model.predict("photo.jpg")            # seg.labels [H, W], seg.overlay(), seg.shares()', "```", "",
+             f"transeg {__version__}.", "",
+             "## Use it", "", "```python", "import transeg"] + _aligned(
+                 [(f'model = transeg.load("{repo_id}")', "read as it is: one .safetensors file, nothing converted"),
+                  ('seg = model.predict("photo.jpg")', "seg.labels [H, W], seg.overlay(), seg.shares()")]) + ["```", "",
              f"From the command line: `transeg predict {repo_id} photo.jpg --out preds/`; fine-tune it on your data: "
              f"`transeg train --pretrained {repo_id} --data my_data/` (another class count gets a new classifier).", ""]
     lines += _model_section(model) + [""]
