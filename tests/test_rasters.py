@@ -243,7 +243,7 @@ def test_more_than_256_classes_are_written_as_uint16(tmp_path):
 def test_blocks_that_leave_a_gap_are_refused_and_nothing_is_written(tmp_path):
     """A missing block is the caller's bug (ValueError); no file appears under the name, no temporary stays."""
     blocks = [b for b in _blocks(_labels(64, 64), 32, 32) if b[:2] != (0, 32)]
-    with pytest.raises(ValueError, match="they must tile the image exactly"):
+    with pytest.raises(ValueError, match="must (tile|cover) the image"):  # blocks of whole tiles say "cover"
         write_labels_tiff(tmp_path / "gap.tif", 64, 64, blocks, palette=PALETTE, class_names=CLASSES, tile=16)
     assert list(tmp_path.iterdir()) == []
 
@@ -553,7 +553,9 @@ def test_blocks_out_of_raster_order_are_refused(tmp_path):
     move below them, and a block above them comes after: ValueError either way, nothing written."""
     blocks = list(_blocks(_labels(64, 64), 32, 32))
     blocks[1], blocks[2] = blocks[2], blocks[1]
-    with pytest.raises(ValueError, match=r"of rows 0-15 before moving below them .*in raster order of a block grid"):
+    # blocks of whole tiles are written as they come, so the first out of order is refused at once
+    with pytest.raises(ValueError, match=r"of rows 0-15 before moving below them .*in raster order of a block grid"
+                                         r"|came before the tile at top=0 left=32: .*in raster order"):
         write_labels_tiff(tmp_path / "o.tif", 64, 64, blocks, palette=PALETTE, class_names=CLASSES, tile=16)
     assert list(tmp_path.iterdir()) == []
 
@@ -586,3 +588,20 @@ def test_an_aperio_svs_layout_reads_its_levels_from_the_main_ifd_chain(tmp_path)
         np.testing.assert_array_equal(r.read(10, 20, 100, 120), array[::4, ::4][10:110, 20:140])
     with open_raster(tmp_path / "slide.svs") as r:
         np.testing.assert_array_equal(r.read(700, 900, 50, 60), array[700:750, 900:960])
+
+
+def test_blocks_of_whole_tiles_go_straight_through(tmp_path, monkeypatch):
+    """Blocks on the tile grid (96-pixel blocks, 32-pixel tiles, the last ones running to the edge as tiled
+    inference's do) are written one block at a time, never as a strip at the image's width: 3 x 3 writes of
+    at most 96 pixels a side, and the labels read back equal."""
+    import transeg.rasters as rasters_module
+
+    labels = _labels(232, 232)
+    writes = []
+    real = rasters_module._write_strip
+    monkeypatch.setattr(rasters_module, "_write_strip", lambda ds, a, w: writes.append(a.shape) or real(ds, a, w))
+    blocks = [(t, l, labels[t:b, l:r]) for t, b in ((0, 96), (96, 192), (192, 232))
+              for l, r in ((0, 96), (96, 192), (192, 232))]
+    out = write_labels_tiff(tmp_path / "grid.tif", 232, 232, blocks, palette=PALETTE, class_names=CLASSES, tile=32)
+    assert len(writes) == 9 and max(max(s) for s in writes) <= 96
+    np.testing.assert_array_equal(read_labels(out)[0], labels)

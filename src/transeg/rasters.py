@@ -30,8 +30,9 @@ A Raster is used by one thread at a time.
 Writing (`write_labels_tiff`): a tiled, DEFLATE-compressed label TIFF from blocks of labels arriving in raster
 order, written atomically (`transeg.files.atomic_write`), with the class colours as its colour map and the class
 names as JSON in band 1's metadata (the TIFF's GDAL_METADATA tag: `rasterio.open(p).tags(1)["class_names"]`),
-and the CRS and transform when given (then a GeoTIFF). Its memory is one strip of `tile` rows at full width
-per strip that a block touches, plus GDAL's block cache, capped at `WRITE_CACHE_MB` while writing.
+and the CRS and transform when given (then a GeoTIFF). Blocks made of whole tiles of the file (tiled inference's,
+at full resolution) are written as they come; others are gathered into strips of `tile` rows at full width; plus
+GDAL's block cache, capped at `WRITE_CACHE_MB` while writing.
 (GDAL's cache is one per process: the caps hold while these functions run.)
 
 Every problem the user can fix (a truncated or corrupt TIFF, a compression that cannot be decoded, a level that
@@ -60,7 +61,8 @@ TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # TIFF and BigTIF
 SLIDE_FLAGS = ("is_ome", "is_svs", "is_ndpi", "is_scn", "is_philips", "is_bif", "is_qpi")
 STRETCH_SIDE = 1024  # side of the thumbnail the 2-98% stretch of non-uint8 images is computed from
 STRETCH_PERCENTILES = (2.0, 98.0)
-READ_CACHE_MB = 64  # GDAL's block cache while a Raster reads: at least this, or 2 rows of the file's tiles
+READ_CACHE_MB = 16  # GDAL's block cache while a Raster reads: at least this, or 2 rows of the file's tiles (a window
+# of tiled inference touches a few rows of tiles; more cache would only fill up on larger images)
 WRITE_CACHE_MB = 16  # GDAL's block cache while a label TIFF is written (whole tiles are written as they come)
 LARGE_EXTRA = "pip install 'transeg[large]'"
 MAX_CLASSES = 65536  # uint16 labels
@@ -529,6 +531,44 @@ class _Strips:
             raise ValueError(f"the blocks ended at row {self.done} of {self.height}: they must cover the image")
 
 
+class _Tiles(_Strips):
+    """Blocks made of whole tiles of the file (starting on the tile grid, ending on it or at the image's edge), in
+    raster order: each is written straight through, so nothing is held at the image's width. Chosen when the
+    first block is whole tiles (tiled inference's blocks at full resolution are); a block off the tile grid after
+    that is the caller's bug (ValueError)."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.next_left = 0  # where the next tile of row `done` starts
+
+    def on_grid(self, top, left, h, w):
+        """Whether a block is whole tiles: it starts on the tile grid and ends on it or at the image's edge."""
+        return (h > 0 and w > 0 and not top % self.tile and not left % self.tile
+                and (not h % self.tile or top + h == self.height) and (not w % self.tile or left + w == self.width))
+
+    def add(self, top, left, labels):
+        labels = np.asarray(labels)
+        h, w = labels.shape[:2] if labels.ndim == 2 else (0, 0)
+        if not self.on_grid(top, left, h, w):
+            raise ValueError(f"block at top={top} left={left} of {w}x{h} is not whole {self.tile}-pixel tiles of the "
+                             "file, as the first block was: give blocks on one grid")
+        if top < self.done or (top == self.done and left < self.next_left):
+            raise ValueError(f"block at top={top} left={left} arrived out of raster order")
+        if top != self.done or left != self.next_left:
+            raise ValueError(f"block at top={top} left={left} came before the tile at top={self.done} "
+                             f"left={self.next_left}: the blocks must cover the image, in raster order")
+        if labels.size and (labels.min() < 0 or labels.max() > np.iinfo(self.dtype).max):
+            raise ValueError(f"block at top={top} left={left} holds labels outside 0-{np.iinfo(self.dtype).max}")
+        _write_strip(self.ds, labels.astype(self.dtype, copy=False), self.window(left, top, w, h))
+        self.next_left = left + w
+        if self.next_left == self.width:
+            self.done, self.next_left = top + h, 0
+
+    def finish(self):
+        if self.done != self.height:
+            raise ValueError(f"the blocks ended at row {self.done} of {self.height}: they must cover the image")
+
+
 def _write_strip(ds, array, window):
     """One strip of whole tiles into the dataset (a seam for tests that simulate a full disk)."""
     ds.write(array, 1, window=window)
@@ -587,8 +627,10 @@ def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, 
     CRS) and / or `transform` (a, b, c, d, e, f), a GeoTIFF; without them a plain tiled TIFF.
     Written atomically: under a temporary name beside `path`, renamed into place only when complete; never onto
     one of `inputs` or onto a non-regular file; a full disk leaves nothing under `path` (TransegError, one line).
-    Memory: the strips of `tile` rows at full width that the current block touches (width x (tile + block
-    height) labels at most) plus GDAL's block cache capped at WRITE_CACHE_MB (16 MB), never the whole image.
+    Memory: blocks made of whole tiles (as the first block is: tiled inference's blocks at full resolution) are
+    written straight through, holding nothing at the image's width; other block grids go
+    through strips of `tile` rows at full width (width x (tile + block height) labels at most). Plus GDAL's block
+    cache, capped at WRITE_CACHE_MB (16 MB). Never the whole image.
     Blocks that leave a gap, overlap, lie outside the image or come out of order raise ValueError (the caller's
     bug). Returns the path."""
     rasterio = _module("rasterio", path, "writing label TIFFs")
@@ -619,9 +661,16 @@ def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, 
                 with rasterio.open(tmp, "w", **profile) as ds:
                     ds.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(colours)})
                     ds.update_tags(1, class_names=json.dumps(class_names, ensure_ascii=False))
-                    strips = _Strips(ds, rasterio.windows.Window, int(height), int(width), int(tile), dtype)
+                    strips = None
                     for top, left, labels in blocks:
+                        if strips is None:  # blocks that are the file's tiles go straight through
+                            grid = (ds, rasterio.windows.Window, int(height), int(width), int(tile), dtype)
+                            strips = _Tiles(*grid)
+                            if not (top == left == 0 and strips.on_grid(0, 0, *np.shape(labels))):
+                                strips = _Strips(*grid)
                         strips.add(int(top), int(left), labels)
+                    if strips is None:
+                        raise ValueError("no blocks: they must cover the image")
                     strips.finish()
             except rasterio.errors.RasterioError as e:  # "Write failed. See previous exception": say why
                 raise OSError(_write_reason(e, Path(tmp).parent)) from None

@@ -520,8 +520,9 @@ def predict_file(model, source, out, preview=None, window=WINDOW, overlap=None, 
                 yield (_map(*grid.rows.block(r), size[0], run_size[0])[0],
                        _map(*grid.cols.block(c), size[1], run_size[1])[0], labels)
 
+    # the file's tiles are the blocks when they can be (nothing held at the image's width while writing)
     tile = grid.cols.stride if run_size == size and grid.rows.stride == grid.cols.stride \
-        and grid.cols.stride % 16 == 0 and grid.cols.count > 1 else 512
+        and grid.cols.stride % 16 == 0 else 512
     rasters.write_labels_tiff(out, size[0], size[1], blocks(), crs=crs, transform=transform, palette=model.palette,
                               class_names=list(model.classes), tile=tile, inputs=[source])
     if preview is not None:
