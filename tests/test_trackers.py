@@ -30,7 +30,7 @@ def test_tensorboard_holds_the_run_and_push_every_pushes_while_it_trains(hub, tm
     train/loss, train/lr and train/images_per_sec at steps 1..4 (log_interval 1), val/mIoU (eval.json's at 4) and
     val/IoU/<class> at 2 and 4, val/predictions as an image at 2 and 4; the run folder holds eval.json (iteration
     4, 6 class IoUs) and predictions.png. The Hub: 2 commits, "iteration 2" and "iteration 4" (the end of the run
-    does not push iteration 4 twice), the last card holding eval.json's mIoU."""
+    does not push iteration 4 twice), the last card holding eval.json's mIoU, the repo the TensorBoard events."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out = tmp_path / "run"
@@ -47,8 +47,12 @@ def test_tensorboard_holds_the_run_and_push_every_pushes_while_it_trains(hub, tm
     assert [e.step for e in events.Images("val/predictions")] == [2, 4]
     assert (out / "predictions.png").read_bytes().startswith(b"\x89PNG")
     assert [c[2] for c in hub.commits] == ["transeg: iteration 2", "transeg: iteration 4"]
-    card = hub.repos["me/live"]["branches"]["main"]["README.md"].decode()
+    files = hub.repos["me/live"]["branches"]["main"]
+    card = files["README.md"].decode()
     assert f"value: {round(100 * measured['mIoU'], 2)}" in card
+    # the TensorBoard traces go along under runs/ (the Hub's metrics tab reads them): the run's one events file
+    assert [p for p in files if p.startswith("runs/")] == [f"runs/run/{p.name}" for p in (out / "tb").glob("*tfevents*")]
+    assert "TensorBoard traces of the run: `runs/`" in card
 
 
 def _wandb_records(path):

@@ -6,7 +6,8 @@
 
 What a repo holds (REPO_FILES): `model.safetensors` (the one transeg checkpoint, metadata inside),
 `config.yaml` (the run's recipe, where there is a run), `README.md` (the model card) and `images/` (the
-training curves, the per-class IoU chart and the prediction grid the card shows). The card's YAML front
+training curves, the per-class IoU chart and the prediction grid the card shows), and `runs/` (a run's
+TensorBoard traces, where it reported to TensorBoard: the Hub shows them in its metrics tab). The card's YAML front
 matter is what the Hub reads: `library_name: transeg` (how `transeg.load` and `transeg push` recognise a
 transeg repo), `pipeline_tag: image-segmentation`, `license`, `datasets` and a `model-index` of the
 metrics the run measured. A model that was never evaluated says so in its card and reports no number.
@@ -20,6 +21,7 @@ HF_HUB_OFFLINE behave as Hub users know them. Limits, checked before anything is
     MAX_IMAGE_BYTES     10 MB per image of the card (charts are ~100 kB)
     MAX_CARD_BYTES      1 MB of card text; past MAX_TABLE_ROWS classes the IoU table lists the lowest and
                         highest and says how many it left out (the chart and eval.json hold every class)
+    MAX_TRACES_BYTES    100 MB of TensorBoard traces; more are left out, and the card says so
 """
 import json
 import math
@@ -49,6 +51,8 @@ LIBRARY = "transeg"
 MAX_WEIGHTS_BYTES = 50 * 10**9
 MAX_IMAGE_BYTES = 10 * 10**6
 MAX_CARD_BYTES = 1 << 20
+MAX_TRACES_BYTES = 100 * 10**6
+TRACES = "runs"                  # where the Hugging Face Trainer puts them too
 MAX_TABLE_ROWS = 60
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 # the card's metrics under the names the Hub's model-index (and the `evaluate` library) uses
@@ -245,7 +249,7 @@ def _evaluation_section(model, result, weights_iter):
     return lines
 
 
-def _training_section(recipe, records, images):
+def _training_section(recipe, records, images, traces=None):
     lines = ["## Training", ""]
     if recipe:
         keys = [k for k in ("model", "data", "iters", "batch_size", "global_batch", "optimizer", "lr", "crop_size",
@@ -260,6 +264,8 @@ def _training_section(recipe, records, images):
     for key, alt in (("curves", "training curves"), ("iou", "per-class IoU"), ("grid", "predictions on validation images")):
         if key in images:
             lines += [f"![{alt}]({IMAGES[key]})", ""]
+    if traces:
+        lines += [traces, ""]
     return lines
 
 
@@ -269,9 +275,11 @@ def _aligned(pairs):
     return [f"{code.ljust(width)}# {comment}" for code, comment in pairs]
 
 
-def model_card(model, repo_id, result=None, recipe=None, records=(), images=(), weights_iter=None, license_=None):
+def model_card(model, repo_id, result=None, recipe=None, records=(), images=(), weights_iter=None, license_=None,
+               traces=None):
     """The README.md of a transeg repo: front matter, how to use it, the model, its evaluation (or that there
-    was none), its training. `images`: which of IMAGES the repo holds (the card shows only those)."""
+    was none), its training. `images`: which of IMAGES the repo holds (the card shows only those); `traces`: the
+    sentence about the run's TensorBoard traces, if any."""
     repo_name = repo_id.rsplit("/", 1)[-1]
     lines = [_front_matter(model, repo_name, result, license_), f"# {repo_name}", "",
              f"A **{model.meta['variant']}** semantic segmentation model for {model.num_classes} classes, shared with "
@@ -283,7 +291,7 @@ def model_card(model, repo_id, result=None, recipe=None, records=(), images=(), 
              f"`transeg train --pretrained {repo_id} --data my_data/` (another class count gets a new classifier).", ""]
     lines += _model_section(model) + [""]
     lines += _evaluation_section(model, result, weights_iter)
-    lines += _training_section(recipe or {}, list(records), set(images))
+    lines += _training_section(recipe or {}, list(records), set(images), traces)
     lines += ["## Classes", "", ", ".join(_cell(c) for c in model.classes[:MAX_TABLE_ROWS * 4])
               + (" ..." if model.num_classes > MAX_TABLE_ROWS * 4 else ""), ""]
     text = "\n".join(lines)
@@ -347,7 +355,7 @@ def _check_folder(folder, source):
     if source.run is not None and folder.resolve() == source.run.resolve():
         raise TransegError(f"{folder}: the run folder itself; save the shareable copy to a folder of its own, "
                            f"e.g. {folder / 'hub'}")
-    clash = [name for name in REPO_FILES if (folder / name).exists()]
+    clash = [name for name in (*REPO_FILES, TRACES) if (folder / name).exists()]
     if clash and not _is_transeg_card(folder / CARD):
         raise TransegError(f"{folder}: holds {', '.join(clash)}, which are not from transeg's save_pretrained; "
                            f"nothing was written: choose an empty folder")
@@ -378,10 +386,32 @@ def _save(source, folder, repo_id, license_):
     if source.run is not None and (source.run / RECIPE).is_file():
         shutil.copyfile(source.run / RECIPE, folder / RECIPE)
     images = _images(source, model, folder)
+    traces, said = _traces(source, folder)
+    weights_iter = None if source.in_memory or source.best else source.iteration()
     text = model_card(model, repo_id, result=source.evaluation(), recipe=source.recipe(), records=source.records(),
-                      images=images, weights_iter=None if source.in_memory or source.best else source.iteration(), license_=license_)
+                      images=images, weights_iter=weights_iter, license_=license_, traces=said)
     atomic_write(folder / CARD, lambda tmp: Path(tmp).write_text(text))
-    return [name for name in REPO_FILES if (folder / name).is_file()]
+    return [name for name in REPO_FILES if (folder / name).is_file()] + traces
+
+
+def _traces(source, folder):
+    """The run's TensorBoard traces (RUN/tb/**/*tfevents*) copied under `folder`/runs/: (their repo paths, the
+    card's sentence about them). Over MAX_TRACES_BYTES they are left out and the sentence says so."""
+    tb = source.run / "tb" if source.run is not None else None
+    found = sorted(p for p in tb.rglob("*tfevents*") if p.is_file()) if tb is not None and tb.is_dir() else []
+    if not found:
+        return [], None
+    total = sum(p.stat().st_size for p in found)
+    if total > MAX_TRACES_BYTES:
+        return [], (f"The run's TensorBoard traces ({total / 1e6:.0f} MB) are not in this repo: over the limit of "
+                    f"{MAX_TRACES_BYTES / 1e6:.0f} MB (share.MAX_TRACES_BYTES).")
+    names = []
+    for p in found:
+        name = f"{TRACES}/{source.run.name}/{p.relative_to(tb).as_posix()}"
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, folder / name)
+        names.append(name)
+    return names, f"TensorBoard traces of the run: `{TRACES}/` (the Hub's Training metrics tab shows them)."
 
 
 # ------------------------------------------------------------------------------------------------ push
