@@ -126,9 +126,9 @@ class WandB(Tracker):
         import wandb
 
         self.wandb = wandb
+        # (the user's WANDB_* settings apply: WANDB_MODE=offline, WANDB_ENTITY, WANDB_DISABLE_GIT, ...)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or "transeg", dir=str(out), name=out.name,
-                              id=run_id, resume="allow", config=config,
-                              settings=wandb.Settings(save_code=False, disable_git=True))
+                              id=run_id, resume="allow", config=config)
         return self.run.id
 
     def scalars(self, values, step):
