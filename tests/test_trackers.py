@@ -163,6 +163,16 @@ def test_a_tracker_not_installed_is_one_line_before_any_work(tmp_path, monkeypat
     assert not out.exists()
 
 
+def test_mlflows_file_store_is_refused_before_any_work(tmp_path, monkeypatch, capsys):
+    """MLFLOW_TRACKING_URI=./mlruns (MLflow's deprecated file store): exit 2, one line giving a SQLite URI, and no run
+    folder made."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "./mlruns")
+    out = tmp_path / "run"
+    line = _error(capsys, main(["train", "--data", TINY_DATA, "--out", str(out), "--iters", "1", "--device", "cpu",
+                                "--report-to", "mlflow", "--set", f"model_args={json.dumps(TINY)}"]))
+    assert "MLflow's plain file store is deprecated" in line and "sqlite:///" in line and not out.exists()
+
+
 def test_an_unknown_tracker_is_refused_by_the_config(capsys):
     """report_to=[comet]: one line naming the trackers transeg knows (exit 2)."""
     line = _error(capsys, main(["train", "--set", "report_to=[comet]", "iters=1"]))

@@ -53,8 +53,9 @@ class Tracker:
     name = ""
     extra = ""
 
-    def available(self):
-        """Import the back-end's package; one line naming the extra when it is missing."""
+    def available(self, out: Path):
+        """Import the back-end's package and check what can be checked before the run (one line naming the extra
+        when it is missing, or the setting to change)."""
 
     def start(self, out: Path, config: dict, run_id, start_iter: int):
         raise NotImplementedError
@@ -83,7 +84,7 @@ def _missing(name, package, extra):
 class TensorBoard(Tracker):
     name, extra = "tensorboard", "tensorboard"
 
-    def available(self):
+    def available(self, out):
         try:
             from torch.utils.tensorboard import SummaryWriter  # noqa: F401
         except ImportError:
@@ -116,7 +117,7 @@ class TensorBoard(Tracker):
 class WandB(Tracker):
     name, extra = "wandb", "wandb"
 
-    def available(self):
+    def available(self, out):
         try:
             import wandb  # noqa: F401
         except ImportError:
@@ -144,12 +145,17 @@ class WandB(Tracker):
 class MLflow(Tracker):
     name, extra = "mlflow", "mlflow"
 
-    def available(self):
+    def available(self, out):
         try:
             import mlflow  # noqa: F401
             import sqlalchemy  # noqa: F401 (the SQLite store)
         except ImportError:
             raise _missing(self.name, "mlflow", self.extra) from None
+        uri = self.uri(out)
+        if "://" not in uri or uri.startswith("file:"):
+            raise TransegError(f"MLFLOW_TRACKING_URI={uri}: MLflow's plain file store is deprecated and refuses by "
+                               f"default; use a database, e.g. sqlite:///runs/mlflow.db (unset it: transeg uses "
+                               f"sqlite:///{Path(out).resolve().parent / 'mlflow.db'})")
 
     def start(self, out, config, run_id, start_iter):
         import logging
@@ -216,7 +222,7 @@ class Report:
         self.cfg, self.out, self.main, self.world = cfg, Path(out), main, world
         self.trackers = [BACKENDS[n]() for n in tracker_names(cfg)] if main else []
         for tracker in self.trackers:
-            tracker.available()
+            tracker.available(self.out)
         if main and cfg.push_to:
             from ..share import check_repo_id
 
@@ -237,7 +243,7 @@ class Report:
             except (OSError, ValueError):
                 ids = {}
         config = self.cfg.to_dict()
-        kept = {t.name: t.start(self.out, config, ids.get(t.name), start_iter) for t in self.trackers}
+        kept = {t.name: _started(t, self.out, config, ids.get(t.name), start_iter) for t in self.trackers}
         if kept:
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({**ids, **kept}, indent=1) + "\n"))
 
@@ -288,6 +294,18 @@ class Report:
             tracker.finish()
         if self.main and done is not None and self.cfg.push_to and self.pushed_at != done:
             self.push(None, done, log)
+
+
+def _started(tracker, out, config, run_id, start_iter):
+    """tracker.start, its failure (no login, a store that cannot be reached or written) as one line."""
+    try:
+        return tracker.start(out, config, run_id, start_iter)
+    except TransegError:
+        raise
+    except Exception as e:  # each back-end fails in types of its own (wandb.Error, MlflowException, OSError ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise TransegError(f"report_to: {tracker.name} could not start ({first}); fix it, or drop {tracker.name} "
+                           f"from report_to, then --resume") from None
 
 
 def prediction_grid(model, dataset, count=GRID_SAMPLES):
