@@ -303,16 +303,21 @@ def test_push_revision_and_message_reach_the_hub_and_a_transeg_repo_takes_a_seco
 
 @pytest.mark.parametrize("case,message", [
     ("no token", "needs a token to push: set HF_TOKEN"),
+    ("no token for the Hub itself", "https://huggingface.co needs a token to push: set HF_TOKEN"),
     ("bad repo id", "not a Hugging Face repo id; give OWNER/NAME"),
     ("no model", "a run with no model"),
     ("foreign repo", "already holds a transformers model (config.json"),
     ("offline", "HF_HUB_OFFLINE is set; pushing needs the network"),
 ])
 def test_push_refusals_are_one_line(hub, run, tmp_path, monkeypatch, capsys, case, message):
-    """Each refusal: exit 2, one `transeg: error:` line, and no commit reaches the stand-in (0 commits)."""
+    """Each refusal: exit 2, one `transeg: error:` line, and no commit reaches the stand-in (0 commits). Without a
+    token the official endpoint is refused before any request; another endpoint is asked and its 401 said."""
     repo, source = "me/tiny-shapes", run
-    if case == "no token":
+    if case == "no token":  # the stand-in answers 401, as the Hub does
         monkeypatch.delenv("HF_TOKEN")
+    elif case == "no token for the Hub itself":  # refused before any request: nothing reaches the network
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
     elif case == "bad repo id":
         repo = "not a repo"
     elif case == "no model":

@@ -429,13 +429,16 @@ def _token():
     return get_token()
 
 
+HUB = "https://huggingface.co"
+_NO_TOKEN = "{repo_id}: {endpoint} needs a token to push: set HF_TOKEN to a write token (or run `hf auth login`)"
+
+
 def _http_failure(e, repo_id, endpoint, token):
     """One line for an HTTP error of the Hub."""
     status = getattr(getattr(e, "response", None), "status_code", None)
     if status == 401:
         if token is None:
-            return (f"{repo_id}: {endpoint} needs a token to push: set HF_TOKEN to a write token "
-                    f"(or run `hf auth login`)")
+            return _NO_TOKEN.format(repo_id=repo_id, endpoint=endpoint)
         return f"{repo_id}: {endpoint} refused the token (HTTP 401); set HF_TOKEN to a valid write token"
     if status == 403:
         return (f"{repo_id}: the token may not write to {repo_id.split('/')[0]} (HTTP 403); use a write token of "
@@ -476,6 +479,8 @@ def push_to_hub(model_or_run, repo_id, private=False, revision=None, message=Non
         raise TransegError(f"{repo_id}: HF_HUB_OFFLINE is set; pushing needs the network (unset it, or use "
                            f"save_pretrained to write the repo's files to a folder)")
     endpoint, token = hub.endpoint(), _token()
+    if token is None and endpoint == HUB:  # (the Hub always asks for one; another endpoint is asked, below)
+        raise TransegError(_NO_TOKEN.format(repo_id=repo_id, endpoint=endpoint))
     source = Source(model_or_run, model=model)  # a run without a model: refused before the network
     with tempfile.TemporaryDirectory(prefix="transeg-push-") as tmp:
         _save(source, Path(tmp), repo_id, license)
