@@ -173,10 +173,15 @@ def test_mlflows_file_store_is_refused_before_any_work(tmp_path, monkeypatch, ca
     assert "MLflow's plain file store is deprecated" in line and "sqlite:///" in line and not out.exists()
 
 
-def test_an_unknown_tracker_is_refused_by_the_config(capsys):
-    """report_to=[comet]: one line naming the trackers transeg knows (exit 2)."""
-    line = _error(capsys, main(["train", "--set", "report_to=[comet]", "iters=1"]))
-    assert "report_to=[comet]: 'comet' is not a tracker transeg reports to (tensorboard, wandb, mlflow)" in line
+@pytest.mark.parametrize("sets,message", [
+    (["report_to=[comet]"], "report_to=[comet]: 'comet' is not a tracker transeg reports to (tensorboard, wandb, mlflow)"),
+    (["push_every=2"], "push_every pushes the run to push_to: set push_to=OWNER/NAME too"),
+    (["push_to=not-a-repo"], "push_to=not-a-repo: not a Hugging Face repo id; give OWNER/NAME"),
+])
+def test_tracker_and_push_settings_are_checked_by_the_config(capsys, sets, message):
+    """Each is one line (exit 2) from the config's rules, before any data or model."""
+    line = _error(capsys, main(["train", "--set", *sets, "iters=1"]))
+    assert message in line, line
 
 
 def test_a_push_that_fails_while_training_is_one_line_and_the_run_goes_on(hub, tmp_path, monkeypatch):  # noqa: F811

@@ -281,6 +281,8 @@ CROSS_RULES = [
      "nesterov=true applies to optimizer=sgd only"),
     (("ohem", "loss"), lambda c: c["ohem"] is None or c["loss"] is None,
      "ohem samples pixels for the default cross-entropy; drop ohem (or the loss list)"),
+    (("push_every", "push_to"), lambda c: c["push_every"] is None or c["push_to"] is not None,
+     "push_every pushes the run to push_to: set push_to=OWNER/NAME too (a Hugging Face repo id)"),
 ]
 
 
