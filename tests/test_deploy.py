@@ -136,6 +136,7 @@ def test_serve_answers_the_same_api_with_an_onnx_model(segformer):
     info = json.loads(body)
     assert status == 200 and info["variant"] == model.meta["variant"] and info["classes"] == CLASSES
     assert info["protocol"]["scale"] == [96, 64] and info["isr"]["supported"] is False
+    assert info["dtype"] == "onnxruntime fp32" and info["device"] == "cpu"
     rgb = _images(1)[0]
     status, _, body = _call(app, "POST", "/v1/segment", [("Host", "127.0.0.1:8000"),
                                                          ("Content-Type", "image/png")], _png(rgb))

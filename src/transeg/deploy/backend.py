@@ -73,7 +73,9 @@ class OnnxModel(nn.Module):
 
     @property
     def dtype(self):
-        return torch.float32
+        """What runs, for display (the service's /v1/model): e.g. "onnxruntime int8 static". Not a torch dtype:
+        inputs and scores are float32 whatever the graph computes in."""
+        return f"onnxruntime {self.precision}"
 
     @property
     def classes(self):
