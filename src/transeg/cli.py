@@ -454,6 +454,7 @@ def cmd_predict(args):
     from .files import output_folder
     from .images import image_files
     from .inference import read_truth, segment
+    from .device import return_freed_memory
     from .tiled import needs_tiles
     from .viz import prediction_grid, save_image
 
@@ -468,6 +469,8 @@ def cmd_predict(args):
     truths = _truth_files(args.truth, files[:GRID_IMAGES]) if args.truth is not None else {}  # all there, first
     max_pixels = int(args.max_megapixels * 1e6)
     large = [f for f in files if args.tile or needs_tiles(f, max_pixels)]
+    if large:  # a tiled job's memory must not creep with its length (device.return_freed_memory)
+        return_freed_memory()
     model = _load(args)
     out = output_folder(args.out, inputs=files)
     isr = _isr_line(model)
