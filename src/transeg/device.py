@@ -72,3 +72,29 @@ def keep_freed_memory():
         return False
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # malloc.h; mallopt returns 1 on success
     return libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
+def return_freed_memory():
+    """Have glibc's malloc hand large freed blocks back to the kernel as soon as they are freed: blocks over
+    1 MiB are mapped and unmapped (a fixed threshold, where glibc's default rises with use), and the heap is
+    trimmed once 1 MiB at its top is free. This undoes `keep_freed_memory` for a long streaming job whose memory
+    must not creep with its length: tiled inference allocates and frees the same few sizes thousands of times,
+    and with either of glibc's other settings the heap's fragmentation let a 9,000-pixel-square image peak about
+    150-250 MB above a 3,000-pixel one with constant live memory; with this one they are 24 MB apart (GDAL's read
+    cache filling). The price is page faults on large allocations (BENCHMARKS.md, "Images of any size"). A
+    program's choice, like keep_freed_memory: `transeg predict` makes it for images it segments in tiles.
+    Returns True when applied (Linux, glibc)."""
+    import ctypes
+    import os
+    import sys
+
+    if os.environ.get("TRANSEG_MALLOC", "").lower() == "system" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4  # malloc.h
+    return (libc.mallopt(M_MMAP_MAX, 65536) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1
+            and libc.mallopt(M_TRIM_THRESHOLD, 1 << 20) == 1)
+
