@@ -146,7 +146,8 @@ def test_serve_answers_the_same_api_with_an_onnx_model(segformer):
 
 def test_bad_inputs_are_one_line(segformer, tmp_path, capsys, monkeypatch):
     """A corrupt .onnx, calibration data without images, an .onnx asked for bf16 or ISR, and a missing onnxruntime:
-    each exits 2 with one `transeg: error:` line naming the file or flag and the fix (4 + 1 cases)."""
+    each exits 2 with one `transeg: error:` line naming the file or flag and the fix (4 + 1 cases); an empty
+    calibration list given to quantize_int8 is a TransegError, and nothing is written."""
     fp32_file = segformer[1]
     corrupt = tmp_path / "bad.onnx"
     corrupt.write_bytes(b"\x08\x07not a model" * 10)
@@ -167,6 +168,8 @@ def test_bad_inputs_are_one_line(segformer, tmp_path, capsys, monkeypatch):
     for argv, message in cases:
         line = _error(capsys, main(argv))
         assert message in line, (argv, line)
+    with pytest.raises(transeg.TransegError, match="no calibration images were given"):  # the Python API's form
+        quantize_int8(fp32_file, tmp_path / "q.onnx", calibration=[])
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     line = _error(capsys, main(["eval", str(fp32_file)]))
     assert "needs onnxruntime: pip install onnxruntime" in line

@@ -148,14 +148,18 @@ def quantize_int8(onnx_in, onnx_out, calibration=None, count=DEFAULT_COUNT, op_t
         excluded = [] if attention_int8 else activation_matmuls(prepared)
         common = dict(op_types_to_quantize=ops, weight_type=q.QuantType.QInt8, nodes_to_exclude=excluded)
         if static:
-            reader = _reader(name, calibration_inputs(calibration, meta, count), count)
+            import itertools
+
+            batches = calibration_inputs(calibration, meta, count)
+            first = next(batches, None)  # before onnxruntime's calibrator, whose own message is "No data is collected"
+            if first is None:
+                raise TransegError(f"{onnx_out}: no calibration images were given; give --calibrate DATA with images, "
+                                   "or leave --calibrate out for dynamic int8")
+            reader = _reader(name, itertools.chain([first], batches), count)
             q.quantize_static(str(prepared), str(quantized), reader, quant_format=q.QuantFormat.QDQ,
                               activation_type=q.QuantType.QUInt8, calibrate_method=q.CalibrationMethod.MinMax,
                               per_channel=True, extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
                               **common)
-            if reader.seen == 0:
-                raise TransegError(f"{onnx_out}: no calibration images were read; give --calibrate DATA with images, "
-                                   "or leave --calibrate out for dynamic int8")
             report["images"] = min(reader.seen, count)
         else:
             # per tensor: onnxruntime's MatMulInteger takes one zero point per weight, not one per channel

@@ -41,6 +41,9 @@ except ImportError:  # this file on its own, in a deployment without torch
 MAX_PIXELS = 100_000_000
 # The most bytes of upsampled scores held at once while labels are made (as transeg.inference.SCORE_BLOCK_BYTES).
 BLOCK_BYTES = 256 * 2**20
+# Several scales or flips average K x H x W probabilities at the image's size; above this many bytes of them an
+# image is refused in one line (as transeg.inference.MAX_SCORE_BYTES).
+MAX_SCORE_BYTES = 2 * 2**30
 # Windows of a sliding-window protocol run this many at a time (as transeg.inference.logits_slide).
 WINDOW_BATCH = 8
 
@@ -258,11 +261,16 @@ class OnnxSegmenter:
 
     def labels(self, image, max_pixels=MAX_PIXELS):
         """Class indices [H, W] (uint8 up to 256 classes) of one image (path, PIL image or HxWx3 uint8 array)
-        at its own size, under the protocol."""
+        at its own size, under the protocol. A single pass holds at most BLOCK_BYTES of upsampled scores; several
+        scales or flips hold K x H x W, within MAX_SCORE_BYTES."""
         rgb = read_rgb(image, max_pixels)
         size = rgb.shape[:2]
         x = self.prepare(rgb)
         single = tuple(self.protocol.get("scales") or (1.0,)) == (1.0,) and not self.protocol.get("flip")
+        if not single and 4 * self.num_classes * size[0] * size[1] > MAX_SCORE_BYTES:
+            raise TransegError(f"{image if isinstance(image, (str, os.PathLike)) else 'image'}: averaging scales or "
+                               f"flips holds {self.num_classes} x {size[1]}x{size[0]} scores, above "
+                               f"{MAX_SCORE_BYTES / 2**30:.0f} GiB: use a single-scale protocol or a smaller image")
         found = _blocked_argmax(self.scores(x), size) if single else self.scores(x, size).argmax(1)[0]
         return found.astype(np.uint8 if self.num_classes <= 256 else np.int32)
 
