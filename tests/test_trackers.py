@@ -194,3 +194,21 @@ def test_a_push_that_fails_while_training_is_one_line_and_the_run_goes_on(hub, t
     failed = [line for line in lines if line.startswith("push to me/live failed")]
     assert result is not None and (out / "model.safetensors").is_file() and hub.commits == []
     assert len(failed) == 1 and "needs a token to push" in failed[0] and f"transeg push {out} me/live" in failed[0]
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # (inside mlflow's SQL store)
+def test_a_tracker_that_cannot_start_is_one_line_and_the_others_are_closed(tmp_path, monkeypatch, capsys):
+    """report_to [tensorboard, mlflow] with an MLflow store inside a file (no folder there): exit 2 with one line
+    naming mlflow and the way on (--resume), no traceback; TensorBoard, started first, was closed (its events
+    file is there and complete enough to read: the config text at step 0)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (tmp_path / "a-file").write_text("not a folder\n")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}")
+    out = tmp_path / "run"
+    line = _error(capsys, main(["train", "--data", TINY_DATA, "--out", str(out), "--iters", "1", "--device", "cpu",
+                                "--workers", "0", "--report-to", "tensorboard", "mlflow", "--set",
+                                f"model_args={json.dumps(TINY)}", "batch_size=2", "eval_interval=100"]))
+    assert "report_to: mlflow could not start" in line and "--resume" in line
+    events = EventAccumulator(str(out / "tb")).Reload()
+    assert "config/text_summary" in events.Tags()["tensors"]

@@ -243,7 +243,10 @@ class Report:
             except (OSError, ValueError):
                 ids = {}
         config = self.cfg.to_dict()
-        kept = {t.name: _started(t, self.out, config, ids.get(t.name), start_iter) for t in self.trackers}
+        kept, wanted, self.trackers = {}, self.trackers, []
+        for tracker in wanted:  # (those started before one that fails are finished by `finish`)
+            kept[tracker.name] = _started(tracker, self.out, config, ids.get(tracker.name), start_iter)
+            self.trackers.append(tracker)
         if kept:
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({**ids, **kept}, indent=1) + "\n"))
 
@@ -290,7 +293,7 @@ class Report:
         """Close the tracker runs; `done`: the run finished at that iteration: push it where push_to asks (unless
         pushed at `done` already). None: the run stopped on an error or Ctrl-C (nothing is pushed)."""
         trackers, self.trackers = (self.trackers if self.started else []), []
-        for tracker in trackers:
+        for tracker in trackers:  # (only those that started)
             tracker.finish()
         if self.main and done is not None and self.cfg.push_to and self.pushed_at != done:
             self.push(None, done, log)
