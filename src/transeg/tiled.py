@@ -281,8 +281,9 @@ def window_scores(model, windows):
 
 
 def stream(model, source, grid, scratch, batch_size, blend="hann", out_size=None, start=0, done=None):
-    """Yield (row, col, labels) for every block of `grid`, in raster order, from batch `start` on; `done(k)`
-    is called once batch k's blocks and carried strips are all in `scratch` (the resume point)."""
+    """Yield (row, col, labels) for every block of `grid`, in raster order, from batch `start` on. With `done`,
+    a resumable job: each block's labels are kept in `scratch` too, and `done(k)` is called once batch k's blocks
+    and carried strips are all there (the resume point)."""
     weights = weight_window((grid.rows.window, grid.cols.window), (grid.rows.overlap, grid.cols.overlap), blend)
     labels_dtype = np.uint8 if model.num_classes <= 256 else np.uint16
     blender = Blender(grid, scratch, out_size or source.size, labels_dtype)
@@ -297,7 +298,8 @@ def stream(model, source, grid, scratch, batch_size, blend="hann", out_size=None
         scores = window_scores(model, windows).mul_(weights)
         for i, (r, c) in enumerate(batch):
             labels = blender.merge(r, c, scores[i])
-            scratch.put_block(r, c, labels)
+            if done is not None:
+                scratch.put_block(r, c, labels)
             yield r, c, labels
         if blender.carry is not None:
             scratch.put_carry(k, blender.carry, blender.corner)
@@ -477,7 +479,9 @@ def predict_file(model, source, out, preview=None, window=WINDOW, overlap=None, 
     and `preview` (if given), a downsampled overlay PNG. The model runs on windows (`predict_array`'s window,
     overlap, batch_size, blend) at `scale`, or at ground sample distance `gsd`, or at pyramid `level`'s resolution,
     reading each window from the smallest level that holds it. Stopped (Ctrl-C, a kill), it leaves a job that
-    the same call with resume=True finishes, with the same result. Returns a `TiledPrediction`."""
+    the same call with resume=True finishes, with the same result. Returns a `TiledPrediction`. Memory: bounded
+    by the window, batch and classes (module docstring); in a process that also calls
+    `device.return_freed_memory()`, as `transeg predict` does, it does not creep with the job's length either."""
     from tqdm import tqdm
 
     from . import rasters
