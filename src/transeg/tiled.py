@@ -529,8 +529,8 @@ def predict_file(model, source, out, preview=None, window=WINDOW, overlap=None, 
         and grid.cols.stride % 16 == 0 else 512
     rasters.write_labels_tiff(out, size[0], size[1], blocks(), crs=crs, transform=transform, palette=model.palette,
                               class_names=list(model.classes), tile=tile, inputs=[source])
-    if preview is not None:
-        with rasters.open_raster(source, level=read_level(levels, (1, 1)), max_pixels=max_pixels) as raster:
+    if preview is not None:  # the image's thumbnail comes from its smallest adequate level
+        with rasters.open_raster(source, max_pixels=max_pixels) as raster:
             rasters.preview(raster, out, preview, palette=model.palette)
     clear(job.folder)
     shares = {model.classes[i]: float(counts[i] / counts.sum()) for i in np.argsort(-counts) if counts[i]}
