@@ -482,3 +482,31 @@ def test_service_segments_large_images_in_tiles(tmp_path):
     from transeg.flops import count_gmacs, meta_model
     one = count_gmacs(meta_model("segformer-b0", num_classes=3, **TINY), (64, 64))["total"]
     assert body["gflops"] == pytest.approx(4 * one)
+
+
+def test_full_disk_under_the_scratch_is_one_line_and_the_job_resumes(tmp_path, monkeypatch):
+    """The scratch's disk fills (ENOSPC) at the 7th file written: one TransegError line naming the job's folder and
+    --resume, nothing under the output's name; once there is room again, resume finishes it with the labels of
+    an uninterrupted run."""
+    import errno
+
+    image = _scene(300, 500, seed=13)
+    src = _geotiff(tmp_path / "scene.tif", image)
+    options = dict(window=128, overlap=16, batch_size=1, progress=False)
+    out = tmp_path / "o" / "labels.tif"
+    real, calls = np.save, []
+
+    def full(file, array, *a, **k):
+        calls.append(1)
+        if len(calls) == 7:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(file, array, *a, **k)
+
+    monkeypatch.setattr(np, "save", full)
+    with pytest.raises(TransegError, match=r"\.labels\.tif\.job: cannot write the job's scratch \(No space left on "
+                                           r"device\); free some space and run the same command with --resume"):
+        predict_file(PerPixel(), src, out, **options)
+    monkeypatch.setattr(np, "save", real)
+    assert not out.exists()
+    predict_file(PerPixel(), src, out, resume=True, **options)
+    assert np.array_equal(rasters.read_labels(out)[0], _whole(PerPixel(), image))
