@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
+import transeg
 from conftest import CLASSES, TINY, TINY_DATA
 from helpers import _error
 from test_share import hub  # noqa: F401 (the loopback Hub fixture)
 from transeg.cli import main
 from transeg.engine import TrainConfig, train
+from transeg.errors import TransegError
 
 QUIET = dict(progress=False, log=lambda *_: None)
 
@@ -185,30 +187,36 @@ def test_tracker_and_push_settings_are_checked_by_the_config(capsys, sets, messa
 
 
 def test_a_push_that_fails_while_training_is_one_line_and_the_run_goes_on(hub, tmp_path, monkeypatch):  # noqa: F811
-    """push_to with no HF_TOKEN (the stand-in answers 401): the push at the end of a 2-iteration run fails; the run
-    still returns its result and keeps model.safetensors, and one log line says why and how to push later."""
+    """push_to with no HF_TOKEN (the stand-in answers 401): the push the end of a run makes (Report.finish, what the
+    trainer calls) fails without raising, so the run ends as it would; one log line says why and how to push later;
+    0 commits."""
+    from transeg.engine.trackers import Report
+
     monkeypatch.delenv("HF_TOKEN")
-    lines = []
     out = tmp_path / "run"
-    result = train(_cfg(out, iters=2, push_to="me/live"), progress=False, log=lines.append)
-    failed = [line for line in lines if line.startswith("push to me/live failed")]
-    assert result is not None and (out / "model.safetensors").is_file() and hub.commits == []
-    assert len(failed) == 1 and "needs a token to push" in failed[0] and f"transeg push {out} me/live" in failed[0]
+    transeg.save(transeg.create_model("segformer-b0", num_classes=6, classes=CLASSES, **TINY), out / "model.safetensors")
+    (out / "config.yaml").write_text("model: segformer-b0\n")
+    lines = []
+    Report(_cfg(out, push_to="me/live"), out, main=True).finish(done=4, log=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("push to me/live failed, training goes on")
+    assert "needs a token to push" in lines[0] and f"transeg push {out} me/live" in lines[0] and hub.commits == []
 
 
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # (inside mlflow's SQL store)
-def test_a_tracker_that_cannot_start_is_one_line_and_the_others_are_closed(tmp_path, monkeypatch, capsys):
-    """report_to [tensorboard, mlflow] with an MLflow store inside a file (no folder there): exit 2 with one line
-    naming mlflow and the way on (--resume), no traceback; TensorBoard, started first, was closed (its events
-    file is there and complete enough to read: the config text at step 0)."""
+def test_a_tracker_that_cannot_start_is_one_line_and_the_others_are_closed(tmp_path, monkeypatch):
+    """report_to [tensorboard, mlflow] with an MLflow store inside a file (no folder can be made there): starting the
+    trackers (what the run's first step does) is one line naming mlflow and the way on (--resume), not a traceback;
+    TensorBoard, started first, is closed by finish (its events file reads back: the config text at step 0)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from transeg.engine.trackers import Report
 
     (tmp_path / "a-file").write_text("not a folder\n")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'a-file' / 'mlflow.db'}")
     out = tmp_path / "run"
-    line = _error(capsys, main(["train", "--data", TINY_DATA, "--out", str(out), "--iters", "1", "--device", "cpu",
-                                "--workers", "0", "--report-to", "tensorboard", "mlflow", "--set",
-                                f"model_args={json.dumps(TINY)}", "batch_size=2", "eval_interval=100"]))
-    assert "report_to: mlflow could not start" in line and "--resume" in line
-    events = EventAccumulator(str(out / "tb")).Reload()
-    assert "config/text_summary" in events.Tags()["tensors"]
+    cfg = _cfg(out, report_to=["tensorboard", "mlflow"])
+    report = Report(cfg, out, main=True)
+    with pytest.raises(TransegError, match=r"report_to: mlflow could not start .*then --resume"):
+        report.start(cfg, resume=False, start_iter=0)
+    report.finish()
+    assert "config/text_summary" in EventAccumulator(str(out / "tb")).Reload().Tags()["tensors"]
