@@ -3,8 +3,11 @@ the losses, learning rates and speed at every log_interval, every metric and per
 at each evaluation; a resumed run appends to the same tracker run; push_every pushes while training. Each test reads
 back what the tracker wrote, with the tracker's own reader where it has one."""
 import json
+import os
+import shutil
 import struct
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -90,10 +93,25 @@ def _wandb_history(run_dir):
     return run_id, rows
 
 
+@pytest.fixture
+def memory_tmp(tmp_path):
+    """A temporary folder in memory (/dev/shm) where there is one, else tmp_path: creating MLflow's SQLite store
+    runs some 50 schema migrations, each synced to disk; 10.8 s on this machine's disk, 5.8 s in memory."""
+    shm = Path("/dev/shm")
+    if not (shm.is_dir() and os.access(shm, os.W_OK)):
+        yield tmp_path
+        return
+    folder = Path(tempfile.mkdtemp(prefix="transeg-test-", dir=shm))
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @pytest.mark.integration
 @pytest.mark.timeout(300)
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # (inside mlflow's SQL store)
-def test_wandb_offline_and_mlflow_sqlite_hold_the_run_and_a_resume_appends_to_the_same_runs(tmp_path, monkeypatch):
+def test_wandb_offline_and_mlflow_sqlite_hold_the_run_and_a_resume_appends_to_the_same_runs(memory_tmp, monkeypatch):
     """report_to [wandb, mlflow], stopped at iteration 2 and resumed to 4 (evaluations at 2 and 4).
     W&B offline (no network, no telemetry): both offline runs carry the one id kept in trackers.json; their history
     rows hold train/loss at steps 1, 2 then 3, 4, val/mIoU and val/IoU/<class> at 2 and 4, and the prediction grid
@@ -104,17 +122,17 @@ def test_wandb_offline_and_mlflow_sqlite_hold_the_run_and_a_resume_appends_to_th
     params; the run FINISHED."""
     for key, value in {"WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DISABLE_GIT": "true",
                        "WANDB_DISABLE_CODE": "true", "WANDB_ERROR_REPORTING": "false", "WANDB_X_DISABLE_STATS": "true",
-                       "WANDB_X_DISABLE_META": "true", "WANDB_CONSOLE": "off", "WANDB_CONFIG_DIR": str(tmp_path / "cfg"),
-                       "WANDB_CACHE_DIR": str(tmp_path / "cache")}.items():
+                       "WANDB_X_DISABLE_META": "true", "WANDB_CONSOLE": "off", "WANDB_CONFIG_DIR": str(memory_tmp / "cfg"),
+                       "WANDB_CACHE_DIR": str(memory_tmp / "cache")}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    out = tmp_path / "runs" / "run"
+    out = memory_tmp / "runs" / "run"
     train(_cfg(out, report_to=["wandb", "mlflow"]), stop_at=2, **QUIET)
     train(_cfg(out, report_to=["wandb", "mlflow"]), resume=True, **QUIET)
     kept = json.loads((out / "trackers.json").read_text())
     measured = json.loads((out / "eval.json").read_text())
     _check_wandb(out, kept["wandb"])
-    _check_mlflow(tmp_path, out, kept["mlflow"], measured)
+    _check_mlflow(memory_tmp, out, kept["mlflow"], measured)
 
 
 def _check_wandb(out, kept):

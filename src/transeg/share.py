@@ -261,7 +261,8 @@ def _training_section(recipe, records, images, traces=None):
     losses = [r for r in records if _finite(r.get("loss"))]
     if losses:
         lines += [f"Final training loss {losses[-1]['loss']:.4f} at iteration {losses[-1]['iter']}.", ""]
-    for key, alt in (("curves", "training curves"), ("iou", "per-class IoU"), ("grid", "predictions on validation images")):
+    shown = (("curves", "training curves"), ("iou", "per-class IoU"), ("grid", "predictions on validation images"))
+    for key, alt in shown:
         if key in images:
             lines += [f"![{alt}]({IMAGES[key]})", ""]
     if traces:
@@ -496,8 +497,8 @@ def push_to_hub(model_or_run, repo_id, private=False, revision=None, message=Non
         except errors.HfHubHTTPError as e:
             raise TransegError(_http_failure(e, repo_id, endpoint, token)) from None
         except (httpx2.HTTPError, OSError) as e:
-            raise TransegError(f"{repo_id}: cannot reach {endpoint} ({str(e).splitlines()[0][:160] if str(e) else type(e).__name__})"
-                               ) from None
+            why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+            raise TransegError(f"{repo_id}: cannot reach {endpoint} ({why})") from None
     log(f"pushed {variant} to {endpoint}/{repo_id}" + (f" (branch {revision})" if revision else "")
         + f": {info.commit_url}")
     return info.commit_url

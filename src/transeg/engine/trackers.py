@@ -256,7 +256,8 @@ class Report:
             return
         values = {f"train/{k}": v for k, v in record.items() if k != "iter"}
         if record.get("sec_per_iter"):
-            values["train/images_per_sec"] = self.cfg.batch_size * self.cfg.accum_steps * self.world / record["sec_per_iter"]
+            images = self.cfg.batch_size * self.cfg.accum_steps * self.world  # per optimizer step, all processes
+            values["train/images_per_sec"] = images / record["sec_per_iter"]
         for tracker in self.trackers:
             tracker.scalars(values, record["iter"])
 
