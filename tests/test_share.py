@@ -110,6 +110,8 @@ class Hub(BaseHTTPRequestHandler):
         front = re.match(r"^---\n(.*?)\n---\n", content, re.S)
         try:
             yaml.safe_load(front.group(1))
+            if self.server.refuse_cards:
+                raise yaml.YAMLError("model-index: refused by this test")
         except (AttributeError, yaml.YAMLError) as e:
             return self._send(400, {"errors": [{"message": f"invalid metadata: {e}"}]})
         self._send(200, {"errors": [], "warnings": []})
@@ -169,7 +171,7 @@ def hub(tmp_path, monkeypatch):
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
     server.daemon_threads, server.block_on_close = True, False
-    server.repos, server.log, server.commits = {}, [], []
+    server.repos, server.log, server.commits, server.refuse_cards = {}, [], [], False
     server.url = f"http://127.0.0.1:{server.server_address[1]}"
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     monkeypatch.setenv("HF_ENDPOINT", server.url)
@@ -311,6 +313,7 @@ def test_push_revision_and_message_reach_the_hub_and_a_transeg_repo_takes_a_seco
     ("no model", "a run with no model"),
     ("foreign repo", "already holds a transformers model (config.json"),
     ("offline", "HF_HUB_OFFLINE is set; pushing needs the network"),
+    ("card refused", "the push was refused before any upload (Invalid metadata in README.md. - invalid metadata"),
 ])
 def test_push_refusals_are_one_line(hub, run, tmp_path, monkeypatch, capsys, case, message):
     """Each refusal: exit 2, one `transeg: error:` line, and no commit reaches the stand-in (0 commits). Without a
@@ -333,6 +336,8 @@ def test_push_refusals_are_one_line(hub, run, tmp_path, monkeypatch, capsys, cas
             "README.md": b"---\nlibrary_name: transformers\n---\n# a SegFormer\n"}}}
     elif case == "offline":
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    elif case == "card refused":  # the Hub's /api/validate-yaml answers 400 with its errors
+        hub.refuse_cards = True
     line = _error(capsys, main(["push", str(source), repo]))
     assert message in line, line
     assert hub.commits == []

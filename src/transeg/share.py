@@ -499,6 +499,9 @@ def push_to_hub(model_or_run, repo_id, private=False, revision=None, message=Non
         except (httpx2.HTTPError, OSError) as e:
             why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
             raise TransegError(f"{repo_id}: cannot reach {endpoint} ({why})") from None
+        except ValueError as e:  # huggingface_hub's own checks, e.g. the Hub's verdict on the card's metadata
+            why = " ".join(str(e).split())[:300] or type(e).__name__
+            raise TransegError(f"{repo_id}: the push was refused before any upload ({why})") from None
     log(f"pushed {variant} to {endpoint}/{repo_id}" + (f" (branch {revision})" if revision else "")
         + f": {info.commit_url}")
     return info.commit_url
