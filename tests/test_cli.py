@@ -139,6 +139,20 @@ def test_threads_option_sets_torchs_threads_and_help_names_omp(work, capsys):
         assert "OMP_NUM_THREADS" in " ".join(sub.format_help().split()), verb
 
 
+def test_threads_is_taken_where_users_put_it(capsys):
+    """`transeg models --threads 1` (refused before: models had no --threads) and `transeg --threads 1 VERB`
+    (before the verb) both set torch's threads; after the verb it wins over before it."""
+    for argv, threads in ((["models", "--threads", "1"], 1), (["--threads", "2", "models"], 2),
+                          (["--threads", "2", "models", "--threads", "1"], 1)):
+        torch.set_num_threads(3)
+        assert main(argv + ["--family", "segformer", "--no-flops"]) == 0, argv
+        assert torch.get_num_threads() == threads, argv
+    capsys.readouterr()
+    for verb in cli.THREADED_VERBS:
+        assert "--threads" in build_parser()._subparsers._group_actions[0].choices[verb].format_help(), verb
+    assert {"models", "pull"} <= set(cli.THREADED_VERBS)
+
+
 def _examples():
     for verb, text in cli.VERB_EXAMPLES.items():
         for line in text.splitlines():

@@ -91,8 +91,8 @@ def test_cityscapes_label_ids_where_train_ids_are_expected_are_named(tmp_path, c
     expected = (f"{root / 'masks' / 'aachen.png'}: label values 26, 33 are outside the 19 classes of classes.txt "
                 f"(allowed 0..18 and 255=ignore); values up to 33 for 19 classes look like Cityscapes labelIds "
                 f"(*_gtFine_labelIds.png) where trainIds are expected: use the *_gtFine_labelTrainIds.png files "
-                f"(`transeg data prepare cityscapes RAW OUT` writes them), or give the Cityscapes folder as "
-                f"--data cityscapes:PATH, which maps labelIds")
+                f"(`transeg data prepare cityscapes RAW OUT` writes them), or name the Cityscapes folder as the "
+                f"benchmark, cityscapes:PATH, which maps labelIds")
     assert _error(capsys, ["data", "check", str(root)]) == f"transeg: error: {expected}"
     # a value beyond 33 is no labelId: the plain message, no guess
     Image.fromarray(_bands([7, 40])).save(root / "masks" / "aachen.png")

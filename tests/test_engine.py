@@ -249,3 +249,83 @@ def test_auto_resume_starts_or_continues(tmp_path):
     full = transeg.load(tmp_path / "full" / "model.safetensors").state_dict()
     auto = transeg.load(tmp_path / "auto" / "model.safetensors").state_dict()
     assert all(torch.equal(full[k], auto[k]) for k in full)
+
+
+# ------------------------------------------------------------------------------- the run's lock and pace
+def test_the_lock_file_is_held_while_a_run_trains_and_removed_when_it_ends(tmp_path):
+    """runs/train/.lock exists (and is locked) while the run trains, and is gone when it ends, finished or
+    failed; the folder can be trained into again at once."""
+    from filelock import FileLock, Timeout
+
+    out = tmp_path / "run"
+    seen = []
+
+    def log(line):  # (the run's first line comes once the folder is locked)
+        if not seen:
+            seen.append((out / ".lock").is_file())
+            with pytest.raises(Timeout):
+                FileLock(out / ".lock", timeout=0).acquire()
+
+    train(_cfg(tmp_path, "run", iters=2), progress=False, log=log)
+    assert seen == [True] and not (out / ".lock").exists() and (out / "model.safetensors").is_file()
+    with pytest.raises(transeg.TransegError):  # a run that fails (here: at its start) removes it too
+        train(_cfg(tmp_path, "run", iters=2), progress=False, log=lambda *_: None)
+    assert not (out / ".lock").exists()
+    train(_cfg(tmp_path, "run", iters=4), resume=True, progress=False, log=lambda *_: None)
+    assert not (out / ".lock").exists()
+
+
+def _paced(steps, load=5.0, cores=2):
+    """A Pace fed steps of the given durations (seconds) on a fake clock; the lines it logged."""
+    from transeg.engine.pace import Pace
+
+    now, lines = [0.0], []
+    pace = Pace(lines.append, threads=2, clock=lambda: now[0], load=lambda: load, cores=cores)
+    for seconds in steps:
+        pace.begin()
+        now[0] += seconds
+        pace.end()
+        now[0] += 7.0  # an evaluation between steps is not timed
+    return lines
+
+
+def test_a_run_that_slows_down_says_so_once_with_the_cause_and_the_threads_advice():
+    """Steps of 1 s for a while (the calibration: the fastest 30-s window), then of 2.5 s: one line, once,
+    naming the slow-down, the load average against the cores and --threads; steps 1.5x slower say nothing."""
+    lines = _paced([1.0] * 60 + [2.5] * 60)
+    assert len(lines) == 1
+    assert lines[0].startswith("transeg: warning: training slowed to 2.5 s per iteration, 2.5x its fastest in this "
+                               "run (1 s): other processes are using the cores (load average 5.0 on 2 cores, this "
+                               "run's 2 threads included)")
+    assert "give each fewer threads, e.g. --threads 1, or OMP_NUM_THREADS=1 for every program" in lines[0]
+    assert _paced([1.0] * 60 + [1.5] * 60) == []
+    quiet = _paced([1.0] * 60 + [3.0] * 30, load=1.2)
+    assert len(quiet) == 1 and "the load average (1.2 on 2 cores) shows no other process on them" in quiet[0]
+    # a slow start is warm-up, not a slow-down: the first window is never judged against anything
+    assert _paced([5.0] * 10 + [1.0] * 60) == []
+    # short runs are never judged (a window holds 30 s of steps)
+    assert _paced([0.1] * 200 + [1.0] * 20) == []
+
+
+def test_training_with_a_slow_step_warns_in_its_log(tmp_path, monkeypatch):
+    """A real run whose fourth step is made slow (other work on the cores, simulated by a sleep): its log says
+    so, once; windows of one step here, so that a tiny run has several."""
+    import time
+
+    from transeg.engine import pace, trainer
+
+    monkeypatch.setattr(pace, "WINDOW_SECONDS", 0.0)
+    monkeypatch.setattr(pace, "WINDOW_STEPS", 1)
+    step = trainer._Training._step
+
+    def slow(self, image, label):
+        started = time.perf_counter()
+        step(self, image, label)
+        if self.completed == 3:
+            time.sleep(max(1.0, 20 * (time.perf_counter() - started)))
+
+    monkeypatch.setattr(trainer._Training, "_step", slow)
+    lines = []
+    train(_cfg(tmp_path, "slow", iters=6, ckpt_interval=100), progress=False, log=lines.append)
+    warned = [line for line in lines if "training slowed to" in line]
+    assert len(warned) == 1 and "--threads" in warned[0], lines

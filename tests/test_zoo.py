@@ -174,7 +174,7 @@ def test_a_zoo_name_gets_its_rows_protocol_and_a_repo_without_safetensors_its_bi
     torch.save(hf.state_dict(), weights)  # (transformers 5 writes safetensors only)
     _publish(server, "vendor/b0-city", {"config.json": files["config.json"], "pytorch_model.bin": weights.getvalue()})
     protocol = Protocol(mode="slide", crop=(1024, 1024), stride=(768, 768), scale=(2048, 1024))
-    row = zoo.Release("segformer-b0-demo", "segformer-b0", "segformer-hf", "cityscapes", "1024x1024", "hub",
+    row = zoo.Release("segformer-b0-demo", "segformer-b0", "segformer-hf", "ade20k", "1024x1024", "hub",
                       "vendor/b0-city", ("model.safetensors", "pytorch_model.bin"), protocol=protocol)
     monkeypatch.setitem(zoo.RELEASES, row.name, row)
     model = transeg.load("segformer-b0-demo", progress=False)
@@ -398,9 +398,76 @@ def test_pull_fetches_once_and_predict_takes_the_name(server, tmp_path, monkeypa
     assert "did you mean segformer-b0-url" in capsys.readouterr().err
 
 
-def test_models_pretrained_lists_the_zoo_with_its_columns(capsys):
+def test_pull_names_the_repo_and_the_file_it_converts(server, hf_segformer, tmp_path, monkeypatch, capsys):
+    """`transeg pull` says what it converts: the Hub repo and file of a zoo row (not the snapshot folder, which
+    is named by a commit hash), the repo and file of a repo id, a plain URL's file, the file given by hand."""
     from transeg.cli import main
 
+    hf, files = hf_segformer
+    weights = io.BytesIO()
+    torch.save(hf.state_dict(), weights)
+    _publish(server, "vendor/b0", {"config.json": files["config.json"], "pytorch_model.bin": weights.getvalue()})
+    _publish(server, "someone/b0", files)
+    row = zoo.Release("segformer-b0-demo", "segformer-b0", "segformer-hf", "ade20k", "512x512", "hub", "vendor/b0",
+                      ("model.safetensors", "pytorch_model.bin"))
+    monkeypatch.setitem(zoo.RELEASES, row.name, row)
+    data = _official_b0(tmp_path)
+    server.files["/weights/b0.pth"] = data
+    url = _url_row(server, data, sha256=hashlib.sha256(data).hexdigest())
+    monkeypatch.setitem(zoo.RELEASES, url.name, url)
+    manual = zoo.Release("segformer-b0-drive", "segformer-b0", "segformer", "ade20k", "512x512", "manual",
+                         "https://drive.google.com/drive/folders/EXAMPLE")
+    monkeypatch.setitem(zoo.RELEASES, manual.name, manual)
+    lines = []
+    for argv in ([row.name], ["someone/b0"], [url.name], [manual.name, "--file", str(tmp_path / "b0.pth")]):
+        assert main(["pull", *argv]) == 0, argv
+        lines += [line for line in capsys.readouterr().out.splitlines() if "converting" in line]
+    assert lines == [("segformer-b0-demo: converting vendor/b0/pytorch_model.bin and its config.json to a transeg "
+                      "checkpoint"),
+                     "someone/b0: converting someone/b0/model.safetensors and its config.json to a transeg checkpoint",
+                     "segformer-b0-url: converting b0.pth to a transeg checkpoint",
+                     f"segformer-b0-drive: converting {tmp_path / 'b0.pth'} to a transeg checkpoint"]
+    assert not any(COMMIT[:16] in line for line in lines)
+
+
+def test_models_pretrained_fits_the_terminal(monkeypatch, capsys):
+    """`transeg models --pretrained` (250 columns in full) within COLUMNS: at 200 the model and checksum
+    columns are left out, at 80 all but name, mIoU and from, whose cells wrap; each time the footer says
+    which. Without a terminal or COLUMNS (a file, a pipe) the rows stay whole."""
+    from transeg.cli import ZOO_DROP, main
+
+    def table(columns):
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", str(columns))
+        assert main(["models", "--pretrained"]) == 0
+        return capsys.readouterr().out.splitlines()
+
+    full = table(None)
+    assert max(map(len, full)) > 200 and full[0].split() == list(zoo.COLUMNS)
+    for columns, kept in ((200, ["name", "dataset", "crop", "mIoU", "from", "size", "licence"]),
+                          (80, ["name", "mIoU", "from"])):
+        lines = table(columns)
+        assert max(map(len, lines)) <= columns, (columns, max(lines, key=len))
+        assert lines[0].split() == kept
+        names = [line.split()[0] for line in lines[1:lines.index("")] if not line.startswith(" ")]
+        assert names == list(zoo.RELEASES)  # one row per release, in order; wrapped cells continue below it
+        left = [c for c in ZOO_DROP if c not in kept]  # in the order they are left out
+        assert f"Left out to fit {columns} columns: {', '.join(left)}" in " ".join(lines)
+    # a wrapped cell reads back whole: the longest source of the zoo
+    lines = table(80)
+    start = next(i for i, line in enumerate(lines) if line.startswith("eomt-dinov2-l16-cityscapes "))
+    column = lines[0].index("from")
+    cell = lines[start][column:] + "".join(line[column:] for line in lines[start + 1:start + 3]
+                                             if line.startswith(" " * column))
+    assert cell == "hf.co/tue-mps/cityscapes_semantic_eomt_large_1024"
+
+
+def test_models_pretrained_lists_the_zoo_with_its_columns(capsys, monkeypatch):
+    from transeg.cli import main
+
+    monkeypatch.delenv("COLUMNS", raising=False)  # (rows whole: stdout is no terminal here)
     assert main(["models", "--pretrained", "--family", "semask"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == list(zoo.COLUMNS)
@@ -809,6 +876,50 @@ def test_every_release_tests_as_its_recipe_says():
             assert (r.protocol.crop, r.protocol.stride) == (tuple(cfg.test_crop), tuple(cfg.test_stride)), r.name
         checked += 1
     assert checked == 15  # SegFormer: B0-B5 on ADE20K and Cityscapes, and B0 at three smaller Cityscapes crops
+
+
+def test_every_release_has_its_datasets_class_count():
+    """A segmentation release predicts its dataset's classes, as transeg.data's tables count them: ADE20K 150,
+    Cityscapes 19, COCO-Stuff 171, Pascal Context 60 (background counted) or 59. Where a variant is the
+    release's own (EoMT's Cityscapes model, SegViT's COCO-Stuff and Pascal Context ones), its paper's class
+    count and the count `transeg models` shows its params and GFLOPs at are that count too (the Cityscapes
+    EoMT row said 150)."""
+    from transeg.data import DATASETS
+    from transeg.flops import variant_table
+    from transeg.registry import VARIANTS
+
+    expected = {"ade20k": 150, "cityscapes": 19, "coco_stuff164k": 171, "coco_stuff10k": 171, "pascal_context": 60}
+    rows = {r["model"]: r for r in variant_table(count_flops=False)}
+    own = 0
+    for r in zoo.RELEASES.values():
+        if r.backbone:
+            assert zoo.release_classes(r) is None, r.name
+            continue
+        k = zoo.release_classes(r)
+        assert k == expected[r.dataset] == len(DATASETS[zoo.DATASET_TABLES[r.dataset]].class_names), r.name
+        paper = VARIANTS[r.variant].paper
+        counted = {int(key.split("@")[1]) for key in paper.gflops}
+        stated = paper.official_classes is not None or counted - {150}  # a variant stated at its dataset's count
+        datasets = {x.dataset for x in zoo.RELEASES.values() if x.variant == r.variant and not x.backbone}
+        if stated and datasets == {r.dataset}:
+            assert paper.official_classes in (None, k) and rows[r.variant]["classes"] == k, r.name
+            own += 1
+    assert own >= 3  # eomt-dinov2-l16-cityscapes, segvit-vit-l16-coco10k, -pc, ...
+    city = rows["eomt-dinov2-l16-cityscapes"]
+    assert city["classes"] == 19 and round(city["params_m"] * 1e6) == VARIANTS[city["model"]].paper.official_params
+
+
+def test_a_release_whose_head_has_another_class_count_is_refused(server, hf_segformer, monkeypatch):
+    """A Cityscapes row whose file holds a 150-class head is not the release: one line, nothing cached."""
+    _, files = hf_segformer
+    _publish(server, "vendor/b0-city", files)
+    row = zoo.Release("segformer-b0-city-demo", "segformer-b0", "segformer-hf", "cityscapes", "1024x1024", "hub",
+                      "vendor/b0-city", ("model.safetensors",))
+    monkeypatch.setitem(zoo.RELEASES, row.name, row)
+    with pytest.raises(TransegError, match=r"holds a 150-class head, not the 19 classes of cityscapes "
+                                           r"\(segformer-b0-city-demo\)"):
+        zoo.fetch(row.name, progress=False, log=lambda *a: None)
+    assert not zoo.target(row.name).exists()
 
 
 def test_the_readme_lists_every_release_as_the_table_says():

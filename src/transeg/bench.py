@@ -18,11 +18,13 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_forward(model, size, batch=1, device="cpu", dtype=torch.float32, warmup=3, runs=10, channels_last=False):
+def time_forward(model, size, batch=1, device="cpu", dtype=torch.float32, warmup=3, runs=10, channels_last=False,
+                 tick=None):
     """Seconds per forward pass (list of `runs` timings) at input (batch, 3, *size).
 
     dtype bfloat16/float16 runs under autocast (for native low-precision weights, cast the model
-    with optimize_for_inference and leave dtype float32)."""
+    with optimize_for_inference and leave dtype float32). `tick`: called after every run, warm-up
+    included (a progress bar's update)."""
     device = torch.device(device)
     model = model.to(device).eval()
     x = torch.randn(batch, 3, *size, device=device)
@@ -39,13 +41,15 @@ def time_forward(model, size, batch=1, device="cpu", dtype=torch.float32, warmup
             _sync(device)
             if i >= warmup:
                 times.append(time.perf_counter() - t)
+            if tick is not None:
+                tick()
     return times
 
 
-def time_interleaved(fns, device="cpu", warmup=3, runs=10):
+def time_interleaved(fns, device="cpu", warmup=3, runs=10, tick=None):
     """Seconds per call of each of `fns` ({name: callable}), called in turn within every round, so a
     clock or thermal drift hits all of them alike; peers compared this way share one run.
-    Returns {name: [runs timings]}."""
+    Returns {name: [runs timings]}. `tick`: called after every call, warm-up included."""
     device = torch.device(device)
     times = {name: [] for name in fns}
     for i in range(warmup + runs):
@@ -56,7 +60,17 @@ def time_interleaved(fns, device="cpu", warmup=3, runs=10):
             _sync(device)
             if i >= warmup:
                 times[name].append(time.perf_counter() - t)
+            if tick is not None:
+                tick()
     return times
+
+
+def progress_bar(total, enabled):
+    """The bar `transeg bench` shows on stderr over its warm-up and timed runs (none when not `enabled`:
+    stderr is no terminal); its `update` is the `tick` of time_forward / time_interleaved."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="timing runs", unit="run", leave=False, disable=not enabled, dynamic_ncols=True)
 
 
 class _PeakTensorMemory(TorchDispatchMode):
@@ -165,12 +179,13 @@ def hf_peer(name):
 
 
 def compare_hf(name, num_classes=150, size=(512, 512), batch=1, device="cpu", dtype=torch.float32, autocast=False,
-               compile=False, warmup=3, runs=10):
+               compile=False, warmup=3, runs=10, progress=False):
     """`transeg bench --compare hf`: transeg and Hugging Face's model on the same random weights (the family's
     `hf_peer`), timed in turn
     within each round after checking their fp32 logits agree. dtype bf16/fp16: HF runs under autocast
     (its only low-precision mode) and transeg with native weights, or under autocast too with `autocast`.
-    Returns {"max_abs_diff": float, "ms": {label: median ms}}; the labels include "HF fp32"."""
+    Returns {"max_abs_diff": float, "ms": {label: median ms}}; the labels include "HF fp32". `progress`: a bar
+    on stderr over the runs."""
     device = torch.device(device)
     ours, hf = hf_peer(name)(name, num_classes)
     ours, hf = ours.to(device), hf.to(device)
@@ -191,7 +206,8 @@ def compare_hf(name, num_classes=150, size=(512, 512), batch=1, device="cpu", dt
     if dtype != torch.float32:
         fns[f"HF {label} (autocast)"] = run(hf, dtype, True)
     fns[f"transeg {label}"] = run(ours, ours_autocast)
-    times = time_interleaved(fns, device, warmup, runs)
+    with progress_bar(len(fns) * (warmup + runs), progress) as bar:
+        times = time_interleaved(fns, device, warmup, runs, tick=bar.update)
     return {"max_abs_diff": diff, "ms": {k: statistics.median(v) * 1e3 for k, v in times.items()}}
 
 
@@ -207,22 +223,23 @@ def is_paper_setting(setting):
 
 
 def measure(model, settings=(None,), size=(512, 512), batch=1, device="cpu", autocast_dtype=torch.float32, warmup=3,
-            runs=10, flops_convention=None, dataset=None, max_samples=None):
+            runs=10, flops_convention=None, dataset=None, max_samples=None, progress=False):
     """One row per ISR setting (None: the model as it is): the setting, its effective K/V pooling,
     GFLOPs (counted on a meta-device twin, in the paper's convention unless `flops_convention`), the
     latency over `runs` after `warmup` (median, quartiles, min, max in ms; `spread` = IQR / median),
     whether it is the EDAFormer paper's setting (`paper`), and with `dataset` the mIoU (%) under the
     model's protocol. The model is left at its last setting. `transeg bench` and its --isr-sweep print
-    these."""
+    these. `progress`: a bar on stderr over the warm-up and timed runs of every setting."""
     name = model.meta["variant"]
     twin = meta_model(name, **model.meta["model_args"])
     convention = flops_convention or get_variant(name).paper.gflops_convention
     rows = []
+    bar = progress_bar(len(settings) * (warmup + runs), progress)
     for setting in settings:
         if setting:
             model.set_isr(**setting)
             twin.set_isr(**setting)
-        t = summarize(time_forward(model, size, batch, device, autocast_dtype, warmup, runs))
+        t = summarize(time_forward(model, size, batch, device, autocast_dtype, warmup, runs, tick=bar.update))
         row = {"setting": isr.describe(model.isr), "pooling": isr.effective_pooling(model),
                "label": " / ".join(",".join(map(str, r)) for r in model.isr.values() if r),
                "GFLOPs": count_gmacs(twin, size, convention=convention)["total"], "convention": convention,
@@ -232,4 +249,5 @@ def measure(model, settings=(None,), size=(512, 512), batch=1, device="cpu", aut
             from .engine import evaluate
             row["mIoU"] = 100 * evaluate(model, dataset, progress=False, max_samples=max_samples)["mIoU"]
         rows.append(row)
+    bar.close()
     return rows

@@ -2,6 +2,7 @@
 import argparse
 import os
 import sys
+import textwrap
 from collections import namedtuple
 from pathlib import Path
 
@@ -25,8 +26,8 @@ examples:
   transeg export ckpt.safetensors model.onnx --isr-encoder 2,2,1,1 --isr-decoder 2,2,2
   transeg serve runs/train/model.safetensors              # HTTP API + a page at http://127.0.0.1:8000/
 
-Every verb's --help ends with examples. Verbs that compute take --threads N (torch's CPU threads;
-default: OMP_NUM_THREADS when set, else one per core).
+Every verb's --help ends with examples. Verbs that compute take --threads N, before or after the verb
+(torch's CPU threads; default: OMP_NUM_THREADS when set, else one per core).
 """
 
 # The examples at the end of each verb's --help (tests/test_cli.py parses every one and runs
@@ -84,8 +85,8 @@ VERB_EXAMPLES = {
   transeg export model.onnx model-int8.onnx --int8 --calibrate my_data/ --calibration-images 100""",
 }
 
-# The verbs whose work runs on torch's CPU threads, so take --threads.
-THREADED_VERBS = ("train", "eval", "predict", "convert", "bench", "serve", "export")
+# The verbs whose work runs on torch's CPU threads, so take --threads (`transeg --threads N VERB` works for any).
+THREADED_VERBS = ("models", "pull", "train", "eval", "predict", "convert", "bench", "serve", "export")
 THREADS_HELP = ("CPU threads for torch's operators (torch.set_num_threads, and inter-op threads). Default: "
                 "OMP_NUM_THREADS when set, else one per core. Two programs that each use every core slow each "
                 "other down many times over (OpenMP threads wait for each other): give each fewer threads, e.g. "
@@ -284,7 +285,8 @@ def cmd_models(args):
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(len(header))]
     for r in [header] + rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("\nparams: this implementation, 150 classes unless the paper's count was taken at another; GFLOPs: multiply-adds "
+    print("\nparams: this implementation, with the head of the dataset the paper counted on (150 classes, ADE20K's, "
+          "unless the paper counted at another: 19 for a Cityscapes model, as 'GFLOPs at' shows); GFLOPs: multiply-adds "
           "incl. attention in each paper's convention; reported: the paper's or README's table, or the authors' code run "
           "where no table was available. Per family:")
     for family in FAMILIES.values():
@@ -301,16 +303,28 @@ def _models_args(p):
                    "how the download is checked, size and licence")
 
 
+# `transeg models --pretrained` on a narrow terminal: the columns left out first (the name holds the model and
+# the dataset), then the cells wrapped
+ZOO_DROP = ("model", "checksum", "crop", "size", "dataset", "licence")
+ZOO_WRAP = ("from", "licence", "mIoU")
+
+
 def _print_zoo(family):
     from . import zoo
+    from .text import fit_table, terminal_width
 
+    width = terminal_width()
     rows = [[printable(c) for c in r] for r in zoo.table(family)]
-    widths = [max(len(r[i]) for r in rows + [zoo.COLUMNS]) for i in range(len(zoo.COLUMNS))]
-    for r in [zoo.COLUMNS] + rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    print("\nmIoU: the authors' single-scale / multi-scale + flip; from: where it is fetched (\"by hand\": download it "
-          "there, then `transeg pull NAME --file PATH`); checksum: how the bytes are checked; cache: "
-          f"{zoo.hub.cache_dir()}")
+    lines, dropped = fit_table(list(zoo.COLUMNS), rows, width, drop=ZOO_DROP, wrap=ZOO_WRAP)
+    notes = [("mIoU: the authors' single-scale / multi-scale + flip; from: where it is fetched (\"by hand\": download "
+              "it there, then `transeg pull NAME --file PATH`); checksum: how the bytes are checked; cache: "
+              f"{zoo.hub.cache_dir()}")]
+    if dropped:
+        notes.append(f"Left out to fit {width} columns: {', '.join(dropped)} (a wider terminal, or COLUMNS=250, "
+                     "shows them).")
+    print("\n".join(lines) + "\n")
+    for note in notes:
+        print(textwrap.fill(note, width, break_long_words=False, break_on_hyphens=False) if width else note)
 
 
 def cmd_pull(args):
@@ -326,7 +340,8 @@ def cmd_pull(args):
     else:
         zoo.get(args.name)  # one line, with the nearest zoo names
     if args.name in zoo.RELEASES and zoo.RELEASES[args.name].backbone:
-        print(f"{args.name} -> {path} (ImageNet weights: train with --set backbone_weights={args.name})")
+        print(f"{args.name} -> {path} (ImageNet weights: `transeg train --set backbone_weights={args.name}` starts "
+              "from them)")
         return
     model = zoo.load(path)
     print(printable(f"{args.name} -> {path}: {model.meta['variant']}, {model.num_classes} classes, "
@@ -593,13 +608,16 @@ def cmd_convert(args):
     from . import save
     from .convert import convert
     from .files import output_file
-    from .errors import TransegError
+    from .errors import TransegError, UnknownVariant
     from .flops import count_params
 
     output_file(args.dst, example="model.safetensors", inputs=[args.src] + ([args.base] if args.base else []))
     if args.dst.suffix != ".safetensors":
         raise TransegError(f"{args.dst}: the output must be a .safetensors file")
-    model = convert(args.src, args.from_format, model=args.model, num_classes=args.num_classes, base=args.base)
+    try:
+        model = convert(args.src, args.from_format, model=args.model, num_classes=args.num_classes, base=args.base)
+    except UnknownVariant as e:
+        raise TransegError(e.naming("pass --model NAME")) from None
     save(model, args.dst)
     print(printable(f"{args.src} -> {args.dst}: {model.meta['variant']}, {model.num_classes} classes, ")
           + f"{count_params(model):,} params" + (", class names from the source" if model.meta.get("classes") else ""))
@@ -626,7 +644,7 @@ def cmd_bench(args):
     from .device import parse_dtype, resolve_device
     from .engine.evaluate import evaluation_dataset
     from .errors import TransegError
-    from .flops import count_params
+    from .flops import count_params, variant_classes
     from .isr import parse_setting, pooling_text, sweep_settings
     from .registry import VARIANTS, create_model
 
@@ -638,7 +656,8 @@ def cmd_bench(args):
 
         image_format(output_file(args.plot, example="isr_sweep.png"))
     is_checkpoint = Path(args.model).suffix == ".safetensors" or (args.model not in VARIANTS and zoo.is_name(args.model))
-    model = load(args.model) if is_checkpoint else create_model(args.model, num_classes=args.num_classes)
+    classes = args.num_classes if args.num_classes is not None or is_checkpoint else variant_classes(args.model)
+    model = load(args.model) if is_checkpoint else create_model(args.model, num_classes=classes)
     name = model.meta["variant"]
     if args.data is not None and not (args.isr_sweep and is_checkpoint):
         raise TransegError("--data (accuracy per setting) needs --isr-sweep and a trained .safetensors checkpoint")
@@ -657,14 +676,14 @@ def cmd_bench(args):
           f"{args.warmup} warm-up + {args.runs} timed runs (median; IQR: the middle half of the runs)")
     if args.compare:
         r = bench.compare_hf(name, model.num_classes, args.size, args.batch, device, dtype, args.autocast, args.compile,
-                             args.warmup, args.runs)
+                             args.warmup, args.runs, progress=sys.stderr.isatty())
         print(f"fp32 logits: max |transeg - HF| = {r['max_abs_diff']:.1e} (same weights)")
         for k, ms in r["ms"].items():
             print(f"{k:24s} {ms:8.1f} ms  {1000 * args.batch / ms:6.1f} images/s  {r['ms']['HF fp32'] / ms:5.2f}x HF fp32")
         return
     model.optimize_for_inference(None if args.autocast else dtype, compile=args.compile, device=device)
     rows = bench.measure(model, settings, args.size, args.batch, device, dtype if args.autocast else torch.float32,
-                         args.warmup, args.runs, args.flops, dataset, args.limit)
+                         args.warmup, args.runs, args.flops, dataset, args.limit, progress=sys.stderr.isatty())
     for row in rows:
         if args.isr_sweep:
             _print_sweep_row(row, rows[0], args.batch)
@@ -695,12 +714,16 @@ def _bench_args(p):
     p.add_argument("model", help="variant name (fresh weights), a .safetensors checkpoint, a zoo name or a Hugging Face "
                    "repo id")
     p.add_argument("--size", type=_size, default=(512, 512), help="input HxW (default 512x512)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--num-classes", type=int, default=150)
+    p.add_argument("--batch", type=int, default=1, help="images per forward pass (default 1); throughput is "
+                   "batch / latency")
+    p.add_argument("--num-classes", type=int, help="classes of the head a variant name is built with (default: its "
+                   "dataset's, as `transeg models` counts it: 150, ADE20K's, or e.g. 19 for "
+                   "eomt-dinov2-l16-cityscapes); a checkpoint keeps its own")
     p.add_argument("--runs", type=int, default=10, help="timed runs (default 10): the median is reported with the "
                    "quartiles, min and max, and a warning when the IQR exceeds 10%% of the median (bench.NOISY_SPREAD)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3): allocations, kernel "
+                   "choices and --compile settle before timing")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
     _add_speed_args(p)
     p.add_argument("--autocast", action="store_true",
                    help="with --dtype bf16/fp16: keep fp32 weights and run under torch.autocast instead")
@@ -800,7 +823,7 @@ def cmd_data_prepare(args):
     output_folder(args.out, create=False)  # a read-only or unwritable place: one line before any work
     report = prepare(args.name, args.raw, args.out, progress=True)
     print(f"{args.name}: {report['masks']} label maps written under {args.out}; "
-          f"train with --data {args.out} (the layout is recognised)")
+          f"train with `transeg train --data {args.out}` (the layout is recognised)")
 
 
 def _data_prepare_parser(actions):
@@ -820,7 +843,8 @@ def cmd_data_check(args):
     from .data import build_dataset, build_splits, class_weights
 
     # every split the dataset holds (images/train, images/val, ...), or the one --split names
-    splits = [(args.split, build_dataset(args.dir, args.split))] if args.split else build_splits(args.dir)
+    splits = ([(args.split, build_dataset(args.dir, args.split, option=""))] if args.split
+              else build_splits(args.dir, option=""))  # (DIR is an argument here, not --data)
     for index, (split, dataset) in enumerate(splits):
         s = dataset.check(progress=True, decode_images=not args.fast)
         total = max(s["total_pixels"], 1)
@@ -996,6 +1020,8 @@ def build_parser():
         description=f"Transformer semantic segmentation: {', '.join(f.title for f in FAMILIES.values())}. "
                     "Every verb runs without downloads: with no --data, the built-in synthetic dataset is used.")
     parser.add_argument("--version", action="version", version=f"transeg {__version__}")
+    # before the verb too (`transeg --threads 1 models`); after it, the verb's own --threads wins
+    parser.add_argument("--threads", dest="threads_first", type=_count, metavar="N", help=THREADS_HELP)
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for verb in VERBS:
         examples = VERB_EXAMPLES.get(verb.name)
@@ -1021,8 +1047,9 @@ def main(argv=None):
         from .device import keep_freed_memory
 
         keep_freed_memory()  # large activations reuse memory instead of page-faulting fresh pages
-    if getattr(args, "threads", None):
-        _set_threads(args.threads)  # before any work, so the model and the data loaders see it
+    threads = getattr(args, "threads", None) or args.threads_first
+    if threads:
+        _set_threads(threads)  # before any work, so the model and the data loaders see it
     try:
         args.fn(args)
     except TransegError as e:

@@ -113,11 +113,23 @@ def meta_model(name, num_classes=150, **overrides):
         return create_model(name, num_classes=num_classes, **overrides)
 
 
+def variant_classes(name):
+    """The class count a variant is counted and benchmarked at: the paper's `official_classes`, else that of its
+    first GFLOPs entry ("HxW@K"), else 150 (ADE20K's). A Cityscapes-only variant: 19."""
+    from .registry import get_variant
+
+    paper = get_variant(name).paper
+    first = next(iter(paper.gflops), "512x512@150")
+    return paper.official_classes or int(first.split("@")[1])
+
+
 def variant_table(family=None, count_flops=True, progress=False):
     """`transeg models`: one row per registered variant (of `family`), the paper's numbers beside
-    the measured ones: name, params (M, 150 classes), the paper's params, the input size and class
-    count GFLOPs are counted at, measured and reported GFLOPs (each paper's convention), the paper's
-    single-scale mIoU per dataset. Counted on the meta device: no weights are allocated."""
+    the measured ones: name, params (M) and `classes`, the class count they are counted at (the paper's
+    `official_classes`, else that of the first GFLOPs entry, else 150: a Cityscapes-only variant at 19), the
+    paper's params, the input size and class count GFLOPs are counted at, measured and reported GFLOPs (each
+    paper's convention), the paper's single-scale mIoU per dataset. Counted on the meta device: no weights
+    are allocated."""
     from tqdm import tqdm
 
     from .registry import VARIANTS, families
@@ -134,15 +146,17 @@ def variant_table(family=None, count_flops=True, progress=False):
     rows = []
     for name in tqdm(names, desc="measuring on the meta device", leave=False, disable=not progress):
         v = VARIANTS[name]
-        model = meta_model(name, 150)
         size_key, paper_gflops = next(iter((v.paper.gflops or {"512x512@150": None}).items()))
+        hw, k = size_key.split("@")
+        classes = variant_classes(name)
+        model = meta_model(name, classes)
         measured = None
         if count_flops:
-            hw, k = size_key.split("@")
             size = tuple(int(s) for s in hw.split("x"))
-            counted = model if int(k) == 150 else meta_model(name, int(k))
+            counted = model if int(k) == classes else meta_model(name, int(k))
             measured = count_gmacs(counted, size, convention=v.paper.gflops_convention)["total"]
-        rows.append(dict(model=name, params_m=count_params(model) / 1e6, paper_params_m=v.paper.params_m,
+        rows.append(dict(model=name, params_m=count_params(model) / 1e6, classes=classes,
+                         paper_params_m=v.paper.params_m,
                          gflops_at=size_key, gflops=measured, paper_gflops=paper_gflops, miou=v.paper.miou))
     return rows
 

@@ -143,13 +143,14 @@ def parse_ratios(text, what="--isr-encoder"):
     return ratios
 
 
-def parse_setting(encoder=None, decoder=None):
+def parse_setting(encoder=None, decoder=None, names=("--isr-encoder", "--isr-decoder")):
     """The command line's `--isr-encoder 2,2,1,1 --isr-decoder 2,2,2` as a setting for `set_isr`
-    ({"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}), or None when neither is given."""
+    ({"encoder": (2, 2, 1, 1), "decoder": (2, 2, 2)}), or None when neither is given. `names`: what errors
+    call the two values (the service's query parameters are isr_encoder / isr_decoder)."""
     if encoder is None and decoder is None:
         return None
-    return {"encoder": parse_ratios(encoder, "--isr-encoder") if encoder else None,
-            "decoder": parse_ratios(decoder, "--isr-decoder") if decoder else None}
+    return {"encoder": parse_ratios(encoder, names[0]) if encoder else None,
+            "decoder": parse_ratios(decoder, names[1]) if decoder else None}
 
 
 def pooling_text(pooling):

@@ -22,10 +22,11 @@ from safetensors.torch import save_file
 from . import checkpoint, hub
 from .convert import convert, read_backbone_state
 from .convert.hf_config import read_config
-from .errors import TransegError
+from .errors import TransegError, UnknownVariant
 from .files import atomic_write
 from .protocol import Protocol
 from .registry import FORMATS, VARIANTS, get_format, hub_format
+from .text import printable
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class Release:
     name: str                      # the zoo name: <variant>-<dataset>, e.g. segformer-b0-ade20k
     variant: str                   # the registry variant it converts to
     fmt: str                       # the `transeg convert --from` format that reads it
-    dataset: str                   # ade20k | cityscapes | pascal_context | coco_stuff | imagenet
+    dataset: str                   # a key of DATASET_TABLES (ade20k, cityscapes, ...) or imagenet (backbones)
     crop: str                      # training crop, "512x512"
     host: str                      # "hub" | "url" | "manual"
     location: str                  # Hub repo id, the URL of the first file, or the page to download from
@@ -92,6 +93,26 @@ def table(family=None):
         size = "-" if r.size_mb is None else f"{r.size_mb:,.0f} MB" if r.size_mb < 1000 else f"{r.size_mb / 1000:.2f} GB"
         rows.append((r.name, r.variant, r.dataset, r.crop, miou, where, r.checksum, size, r.licence))
     return rows
+
+
+# A release's `dataset` -> the dataset table (data.DATASETS) whose classes its head predicts: ADE20K 150,
+# Cityscapes 19, COCO-Stuff 171, Pascal Context 60 (background counted, as SegViT's and Segmenter's tables) or
+# 59 (pascal_context_59). ImageNet backbones have no segmentation head.
+DATASET_TABLES = {"ade20k": "ade20k", "cityscapes": "cityscapes", "coco_stuff164k": "coco-stuff164k",
+                  "coco_stuff10k": "coco-stuff10k", "pascal_context": "pascal-context",
+                  "pascal_context_59": "pascal-context-59", "voc": "voc"}
+
+
+def release_classes(release) -> int | None:
+    """The class count of `release`'s dataset (from its table in transeg.data), which its converted head must
+    have; None for ImageNet backbone weights."""
+    from .data import DATASETS
+
+    if release.backbone:
+        return None
+    if release.dataset not in DATASET_TABLES:
+        raise TransegError(f"{release.name}: dataset {release.dataset!r} is none of {', '.join(DATASET_TABLES)}")
+    return len(DATASETS[DATASET_TABLES[release.dataset]].class_names)
 
 
 def get(name) -> Release:
@@ -168,8 +189,12 @@ def fetch(name, file=None, progress=True, log=print) -> Path:
     with hub.file_lock(out):
         if out.is_file() and file is None:  # another process converted it while this one waited
             return out
-        sources = [_checked_user_file(release, file)] if file is not None else _download(release, progress)
-        log(f"{name}: converting {sources[0].name} to a transeg checkpoint")
+        if file is not None:
+            sources = [_checked_user_file(release, file)]
+            what = printable(sources[0])  # the user's file, as given
+        else:
+            sources, what = _download(release, progress)
+        log(f"{name}: converting {what} to a transeg checkpoint")
         _convert(release, sources[0], out)
         if release.host == "url" and file is None:
             for f in sources:  # the converted file is what loads read; the raw download is not kept twice
@@ -178,6 +203,8 @@ def fetch(name, file=None, progress=True, log=print) -> Path:
 
 
 def _download(release, progress):
+    """The release's downloaded files (or, for a converter that reads a folder, the folder holding them), and
+    what they are for the log: the Hub repo and file (`org/repo/pytorch_model.bin`), or the URL's file name."""
     if release.host == "manual":
         raise TransegError(f"{release.name}: the authors host it where a program cannot download from ({release.location}); "
                            f"download it there and give the file: `transeg pull {release.name} --file PATH`")
@@ -188,12 +215,14 @@ def _download(release, progress):
                     f"`transeg pull {release.name} --file PATH`")
             path = hub.hub_file(release.location, filename, progress=progress, give_by_hand=give, bounds=bounds)
             if path is not None:
+                what = f"{release.location}/{filename}"  # (the snapshot folder is named by a commit hash)
                 if not release.backbone and get_format(release.fmt).reads_path:  # it reads the folder: config.json too
                     config = hub.hub_file(release.location, "config.json", progress=progress, bounds=bounds)
                     if config is not None:
                         read_config(config, f"{release.location}: config.json")
-                    return [path.parent]
-                return [path]
+                        what += " and its config.json"
+                    return [path.parent], what
+                return [path], what
         raise TransegError(f"{release.location}: holds none of {', '.join(release.files)}")
     folder = hub.cache_dir() / "downloads" / release.name
     checksums = hub.Checksums()
@@ -207,7 +236,7 @@ def _download(release, progress):
         if expected is None:
             checksums.record(key, hub.sha256_of(path))
         paths.append(path)
-    return paths
+    return paths, paths[0].name
 
 
 def _checked_user_file(release, file):
@@ -234,9 +263,17 @@ def _convert(release, src, out):
         atomic_write(out, lambda tmp: save_file(state, str(tmp), metadata={"zoo": release.name,
                                                                             "variant": release.variant}))
         return
-    model = convert(src, release.fmt)
+    try:
+        model = convert(src, release.fmt)
+    except UnknownVariant as e:  # the release names its variant: the file is not what the zoo lists
+        raise TransegError(f"{e.source}: {e.what} matches no registered variant, not the {release.variant} of "
+                           f"{release.name}: a different or damaged file") from None
     if model.meta["variant"] != release.variant:
         raise TransegError(f"{src}: holds a {model.meta['variant']}, not the {release.variant} of {release.name}")
+    expected = release_classes(release)
+    if expected is not None and model.num_classes != expected:
+        raise TransegError(f"{src}: holds a {model.num_classes}-class head, not the {expected} classes of "
+                           f"{release.dataset} ({release.name}): a different or damaged file")
     if release.protocol is not None:
         model.protocol = release.protocol
     model.meta.update(zoo=release.name, dataset=release.dataset)
@@ -270,8 +307,13 @@ def fetch_repo(repo_id, progress=True, log=print) -> Path:
                         if (p := hub.hub_file(repo_id, f, progress=progress)) is not None), None)
         if weights is None:
             raise TransegError(f"{repo_id}: holds neither model.safetensors nor pytorch_model.bin")
-        log(f"{repo_id}: converting to a transeg checkpoint")
-        model = convert(weights.parent, fmt)
+        log(f"{repo_id}: converting {repo_id}/{weights.name} and its config.json to a transeg checkpoint")
+        try:
+            model = convert(weights.parent, fmt)
+        except UnknownVariant as e:  # `transeg pull` has no --model: the command that takes one, on these files
+            raise TransegError(f"{repo_id}: {e.what} matches no registered variant; convert its files naming one: "
+                               f"`transeg convert {weights.parent} OUT.safetensors --from {fmt} --model NAME`"
+                               f"{e.names}") from None
         model.meta["zoo"] = repo_id
         checkpoint.save(model, out)
     return out

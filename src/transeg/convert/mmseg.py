@@ -8,7 +8,7 @@ SegFormer and EDAFormer also share the MiT / EFT key layout (`backbone.patch_emb
 import numbers
 import re
 
-from ..errors import TransegError
+from ..errors import TransegError, UnknownVariant
 from ..protocol import Protocol
 from ..registry import VARIANTS
 
@@ -50,7 +50,8 @@ def class_info(classes, palette, num_classes):
 def match_variant(family, source, what=None, hint="", suffix="", **wanted):
     """The first registered `family` variant (whose name ends with `suffix`) built with the constructor
     arguments `wanted` (tuples compared as tuples; an argument the variant leaves out is its builder's
-    default). None matches: an error naming `source` and `what` was found (default: `wanted`), ending in `hint`."""
+    default). None matches: `UnknownVariant` naming `source` and `what` was found (default: `wanted`), then how to
+    name a variant (the caller's way: `model=`, `--model`, ...) and `hint`, the names that fit."""
     def same(have, want):
         return tuple(have) == want if isinstance(want, tuple) else have == want
 
@@ -60,7 +61,7 @@ def match_variant(family, source, what=None, hint="", suffix="", **wanted):
             if all(k in arguments and same(arguments[k], w) for k, w in wanted.items()):
                 return name
     what = what or f"{family} with " + ", ".join(f"{k} {w}" for k, w in wanted.items())
-    raise TransegError(f"{source}: {what} matches no registered variant; pass --model{hint}")
+    raise UnknownVariant(source, what, hint)
 
 
 def stage_shapes(state, source, family):

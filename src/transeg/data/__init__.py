@@ -35,18 +35,24 @@ __all__ = [
 _SYNTHETIC_OPTIONS = {"size": "size", "n": "num_samples", "seed": "seed"}
 
 
-def _parse_size(spec, value):
+def _named(spec, option):
+    """How a message names the value: "--data X" where it came from that option, else "X" (`transeg data check
+    DIR` takes it as an argument)."""
+    return f"{option} {spec}" if option else str(spec)
+
+
+def _parse_size(spec, value, option="--data"):
     parts = value.lower().split("x")
     try:
         nums = [int(p) for p in parts]
     except ValueError:
         nums = []
     if len(nums) not in (1, 2) or min(nums) <= 0:
-        raise TransegError(f"--data {spec}: size={value} is not a size (use size=128 or size=96x128 for HxW)")
+        raise TransegError(f"{_named(spec, option)}: size={value} is not a size (use size=128 or size=96x128 for HxW)")
     return nums[0] if len(nums) == 1 else (nums[0], nums[1])
 
 
-def _synthetic_options(spec):
+def _synthetic_options(spec, option="--data"):
     """Options of "synthetic:size=96,n=500,seed=3" as SyntheticDataset keyword arguments."""
     _, _, rest = spec.partition(":")
     out = {}
@@ -54,18 +60,18 @@ def _synthetic_options(spec):
         key, eq, value = item.partition("=")
         key, value = key.strip(), value.strip()
         if not eq or key not in _SYNTHETIC_OPTIONS:
-            raise TransegError(f"--data {spec}: unknown option {item!r} (known: size=N or HxW, n=N, seed=N)")
+            raise TransegError(f"{_named(spec, option)}: unknown option {item!r} (known: size=N or HxW, n=N, seed=N)")
         if key == "size":
-            out["size"] = _parse_size(spec, value)
+            out["size"] = _parse_size(spec, value, option)
         else:
             try:
                 out[_SYNTHETIC_OPTIONS[key]] = int(value)
             except ValueError:
-                raise TransegError(f"--data {spec}: {key}={value} is not a whole number") from None
+                raise TransegError(f"{_named(spec, option)}: {key}={value} is not a whole number") from None
     return out
 
 
-def build_dataset(spec, split="train", **kwargs):
+def build_dataset(spec, split="train", *, option="--data", **kwargs):
     """The dataset a `--data` value names, for `split`.
 
     None, "" or "synthetic"   the built-in SyntheticDataset(split)
@@ -78,14 +84,15 @@ def build_dataset(spec, split="train", **kwargs):
                               is reduce_zero_label: 0 = unlabelled, 1..K the classes)
 
     `kwargs` go to the dataset's constructor (e.g. num_samples, reduce_zero_label); options
-    written in the spec win over them.
+    written in the spec win over them. `option`: the command-line option the spec came from, as errors name
+    it ("" for `transeg data check DIR`).
     """
     text = "" if spec is None else str(spec).strip()
     if text == "" or text == "synthetic" or text.startswith("synthetic:"):
         options = dict(kwargs)
         if options.pop("reduce_zero_label", False):
             raise TransegError("--data synthetic: reduce_zero_label does not apply to the synthetic set")
-        options.update(_synthetic_options(text) if ":" in text else {})
+        options.update(_synthetic_options(text, option) if ":" in text else {})
         return SyntheticDataset(split=split, **options)
     name, colon, path = text.partition(":")
     if colon and name.lower() in DATASETS:
@@ -95,14 +102,15 @@ def build_dataset(spec, split="train", **kwargs):
         if found:
             return DATASETS[found](text, split=split)
         return FolderDataset(text, split=split, **kwargs)
+    synthetic = f"leave {option} out" if option else "give synthetic"
     if os.path.exists(text):
-        raise TransegError(f"--data {text}: is a file, not a folder (give a folder with images/, masks/ and "
-                           f"classes.txt, or leave --data out for the built-in synthetic set)")
-    raise TransegError(f"--data {text}: no such directory (give a folder with images/, masks/ and classes.txt, "
-                       f"or leave --data out for the built-in synthetic set)")
+        raise TransegError(f"{_named(text, option)}: is a file, not a folder (give a folder with images/, masks/ and "
+                           f"classes.txt, or {synthetic} for the built-in synthetic set)")
+    raise TransegError(f"{_named(text, option)}: no such directory (give a folder with images/, masks/ and "
+                       f"classes.txt, or {synthetic} for the built-in synthetic set)")
 
 
-def build_splits(spec, **kwargs):
+def build_splits(spec, *, option="--data", **kwargs):
     """[(split, dataset)] of every split `spec` holds, for `transeg data check`: a folder's images/<split>/
     folders (one (None, dataset) for a flat folder), a benchmark's splits whose images are there, the
     synthetic set's train and val. Raises the first split's error when none is there."""
@@ -121,7 +129,7 @@ def build_splits(spec, **kwargs):
     found, first_error = [], None
     for split in names:
         try:
-            found.append((split, build_dataset(spec, split, **kwargs)))
+            found.append((split, build_dataset(spec, split, option=option, **kwargs)))
         except MissingSplit as e:
             first_error = first_error or e
     if not found:

@@ -374,8 +374,8 @@ class FolderDataset(torch.utils.data.Dataset):
         if k == 19 and int(bad.max()) <= 33 and not getattr(self, "raw_ids", False):
             return ("; values up to 33 for 19 classes look like Cityscapes labelIds (*_gtFine_labelIds.png) where "
                     "trainIds are expected: use the *_gtFine_labelTrainIds.png files (`transeg data prepare "
-                    "cityscapes RAW OUT` writes them), or give the Cityscapes folder as --data cityscapes:PATH, "
-                    "which maps labelIds")
+                    "cityscapes RAW OUT` writes them), or name the Cityscapes folder as the benchmark, "
+                    "cityscapes:PATH, which maps labelIds")
         return ""
 
     def _bad_values(self, counts):

@@ -32,9 +32,12 @@ class RunLock:
     closes its descriptor in forked children: the DataLoader's worker processes, which outlive a killed
     trainer by up to 5 s, do not hold it, so a torchrun restart can take it at once. No soft-lock
     fallback: on a filesystem without locks the run trains unlocked rather than not at all (a soft lock
-    a killed run left would stay). The holder writes its pid and host into the file for the refusal;
-    the file stays (removing a lock file races with a process about to lock it), except in a folder the
-    run created and left empty, which goes too."""
+    a killed run left would stay). The holder writes its pid and host into the file for the refusal.
+    A run that ends (finished, failed or interrupted) removes the file while it still holds the lock:
+    a process that opened the file before it was removed and takes the lock after it was released finds it
+    unlinked and locks a new file instead (filelock checks the locked file's link count), so removing it
+    races with no one. Only a killed run leaves the file, unlocked. A folder the run created and left
+    empty goes too."""
 
     def __init__(self, out):
         self.out = Path(out)
@@ -48,19 +51,34 @@ class RunLock:
             raise TransegError(f"{out}: a training run is already using this folder (this process, pid {os.getpid()}); "
                                f"wait for it to end or choose another --out")
         self.lock, self.created = _lock(out / LOCK_FILE), created
+        self.identity = _identity(out / LOCK_FILE)
         _LOCKED_HERE.add(self.key)
         return self
 
     def __exit__(self, *exc):
         _LOCKED_HERE.discard(self.key)
         with contextlib.suppress(OSError):
-            if self.created and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
-                # a run that stopped before writing anything leaves no folder behind (unlinked while locked)
-                (self.out / LOCK_FILE).unlink()
-                self.out.rmdir()
+            if _same_file(self.out / LOCK_FILE, self.identity):
+                (self.out / LOCK_FILE).unlink()  # while locked: see the class's docstring
+            if self.created and not any(self.out.iterdir()):
+                self.out.rmdir()  # a run that stopped before writing anything leaves no folder behind
         if self.lock is not None:
             self.lock.release()
         return False
+
+
+def _identity(path):
+    """(device, inode) of `path`, or None."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _same_file(path, identity):
+    """`path` is still the file this run locked (not one another process created after it was removed)."""
+    return identity is not None and _identity(path) == identity
 
 
 def _make_folder(out):

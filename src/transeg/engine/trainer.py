@@ -14,6 +14,7 @@ randomness (dropout, drop path) comes from torch's global generator, saved with 
     distributed.py  torchrun: the process group, each process's batch, DDP / SyncBatchNorm / compile
     model.py        the model a run starts from (fresh, or fine-tuned from a checkpoint)
     interrupts.py   Ctrl-C, deferred to the end of an optimizer step
+    pace.py         one line in the log when the steps run much slower than the run has shown they can
 """
 import contextlib
 import gc
@@ -37,6 +38,7 @@ from .distributed import init_distributed, per_process_batch, rank_and_world, wr
 from .interrupts import Interrupts
 from .model import build_model
 from .optim import build_optimizer, build_scheduler
+from .pace import Pace
 from .run import RunFolder, RunLock
 from .samples import Batches, check_labelled, class_weights_of, train_loader
 from .trackers import Report
@@ -128,6 +130,7 @@ class _Training:
                         dynamic_ncols=True)
         self.folder = RunFolder(self.out)
         self.timed_n, self.t0 = 0, time.perf_counter()
+        self.pace = Pace(log if self.main else (lambda *a: None), torch.get_num_threads())  # says a slowed run once
         self.saved_at = self.start if self.resume else None
         self.completed = self.start
         self.evaluated = None if self.eval_pending else self.start
@@ -233,6 +236,7 @@ class _Training:
         self.batches = Batches(self.loader)
         self.net.train()
         for it in range(self.start, self.end):
+            self.pace.begin()
             image, label = next(self.batches)
             with interrupts.step():
                 self.model.set_iteration(it)  # contracts.IterationHook: parts that follow the schedule (it: steps done)
@@ -243,6 +247,7 @@ class _Training:
                 # at the run's end, not where stop_at or Ctrl-C cut it: the window goes on after --resume
                 if done % cfg.log_interval == 0 or done == cfg.iters:
                     self.log_window(done)
+            self.pace.end()  # (the evaluation and checkpoint after a step are not timed)
             if self._after_step(done):
                 break
 

@@ -136,7 +136,7 @@ class Service:
     def setting(self, encoder, decoder):
         """The hashable ISR setting of a request (() = as trained), or Refused."""
         try:
-            parsed = isr.parse_setting(encoder, decoder)
+            parsed = isr.parse_setting(encoder, decoder, names=("isr_encoder", "isr_decoder"))  # the query's names
             checked = isr.check_setting(self.model, **parsed) if parsed else {}
         except TransegError as e:
             raise Refused(422, str(e)) from None

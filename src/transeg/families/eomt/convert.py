@@ -195,8 +195,9 @@ def add_dinov3_base(delta, source, base):
     """The authors' DINOv3 encoder deltas (transeg names) + Meta's DINOv3 weights (`base`)."""
     if base is None:
         raise TransegError(f"{source}: the authors' DINOv3 EoMT file holds deltas to Meta's DINOv3 weights: download "
-                           "facebook/dinov3-vitl16-pretrain-lvd1689m (gated: accept its licence on the Hub) and give its "
-                           "folder with --base, or convert the Hugging Face repo (model_type eomt_dinov3) instead")
+                           "facebook/dinov3-vitl16-pretrain-lvd1689m (gated: accept its licence on the Hub) and add them: "
+                           f"`transeg convert {source} OUT.safetensors --from eomt --base FOLDER`, or convert the "
+                           "Hugging Face repo (model_type eomt_dinov3) instead")
     base = Path(base)
     if not base.exists():
         raise TransegError(f"--base {base}: no such file or directory (Meta's DINOv3 weights)")
