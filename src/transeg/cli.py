@@ -977,8 +977,9 @@ def _export_int8(args):
         if "max_abs_diff" in exported:
             print(f"fp32 graph: onnxruntime vs PyTorch max |diff| {exported['max_abs_diff']:.1e}")
     seen = f", {r['images']} calibration images" if "images" in r else ""
+    kept = f", {r['fp32_matmuls']} attention MatMuls" if r.get("fp32_matmuls") else ""
     print(printable(f"{r['path']}: int8 {r['method']}{seen}, {r['bytes'] / 1e6:.1f} MB; int8: {', '.join(r['ops'])} "
-                    f"(the rest fp32); measure it with `transeg eval {r['path']}`"))
+                    f"(fp32: the other operators{kept}); measure it with `transeg eval {r['path']}`"))
 
 
 @_verb("export", cmd_export, "export a checkpoint to ONNX (dynamic batch, height, width), checked by onnxruntime",

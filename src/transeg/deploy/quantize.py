@@ -114,7 +114,7 @@ def _reader(name, batches, count):
 
 def activation_matmuls(path):
     """Names of the MatMul nodes of the graph at `path` that multiply two activations (attention's Q K^T and
-    A V), not an activation by weights: they stay fp32 in static int8 (see MEASURED)."""
+    A V), not an activation by weights: they stay fp32 in static int8 (the table beside STATIC_OPS)."""
     import onnx
 
     graph = onnx.load(os.fspath(path)).graph
@@ -123,12 +123,15 @@ def activation_matmuls(path):
 
 
 def quantize_int8(onnx_in, onnx_out, calibration=None, count=DEFAULT_COUNT, op_types=None, attention_int8=False):
-    """Write an int8 copy of the fp32 export `onnx_in` to `onnx_out` (a new file; nothing is overwritten).
+    """Write an int8 copy of the fp32 export `onnx_in` to `onnx_out` (refused when it is `onnx_in`; written whole
+    or not at all).
 
     calibration: images (paths, PIL images, HxWx3 uint8 arrays; the first `count` are used) -> static int8;
     None -> dynamic int8. op_types: the operator types to quantize (default STATIC_OPS / DYNAMIC_OPS).
-    The result carries the fp32 file's metadata plus "precision" and "quantized_ops", and is checked to load
-    and run under onnxruntime before it replaces nothing. Returns a report dict (method, images, bytes)."""
+    attention_int8: quantize attention's activation x activation MatMuls too (slower: the table beside
+    STATIC_OPS). The result carries the fp32 file's metadata plus "precision" and "quantized_ops", and is
+    checked to load and run under onnxruntime before it is written. Returns a report dict (method, ops,
+    fp32_matmuls, images, bytes, path)."""
     _require()
     import onnx
     from onnxruntime import quantization as q
@@ -146,6 +149,7 @@ def quantize_int8(onnx_in, onnx_out, calibration=None, count=DEFAULT_COUNT, op_t
         prepared, quantized = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         _pre_process(onnx_in, prepared)
         excluded = [] if attention_int8 else activation_matmuls(prepared)
+        report["fp32_matmuls"] = len(excluded)
         common = dict(op_types_to_quantize=ops, weight_type=q.QuantType.QInt8, nodes_to_exclude=excluded)
         if static:
             import itertools
