@@ -26,6 +26,10 @@ def test_export_with_isr_matches_pytorch_at_other_shapes(tmp_path, capsys):
     meta = json.loads({p.key: p.value for p in onnx.load(out).metadata_props}["transeg"])
     assert meta["isr"] == {"encoder": [2, 2, 1, 1], "decoder": [2, 2, 2]} and meta["classes"] == ["a", "b", "c", "d"]
     assert meta["stride"] == 8 and meta["mean"] == list(model.meta["mean"])
+    # what transeg.deploy needs beyond the graph: the resolved palette (4 colours), no input padding to crop,
+    # per-pixel logits (not mask probabilities), and the arguments the service's GFLOPs twin is built from
+    assert len(meta["palette"]) == 4 and meta["pad_multiple"] == 1 and meta["mask_classification"] is False
+    assert meta["model_args"] == model.meta["model_args"] and "dataset" in meta
 
     # an independent check at a batch and size the exporter never saw (odd, not a multiple of 32)
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
