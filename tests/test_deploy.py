@@ -83,7 +83,7 @@ def test_int8_static_and_dynamic_agree_with_fp32(segformer, tmp_path):
     """A static int8 copy (calibrated on 8 synthetic scenes) and a dynamic one of the tiny SegFormer run and give
     the fp32 graph's labels on >= 97% of the pixels of six other scenes (an untrained tiny model's logits lie close
     together, so this is harder than a trained model: measured 98-100% here; the quickstart B0's int8 mIoU is within
-    0.2 of fp32, BENCHMARKS.md). The file says what it is."""
+    0.2 of fp32, BENCHMARKS.md). The file says what it is, and two graphs of one model have different digests."""
     _, fp32 = segformer
     static, dynamic = tmp_path / "s.onnx", tmp_path / "d.onnx"
     report = quantize_int8(fp32, static, calibration=_images(8, seed=8), count=8)
@@ -95,6 +95,9 @@ def test_int8_static_and_dynamic_agree_with_fp32(segformer, tmp_path):
         assert int8.meta["precision"] == precision and int8.meta["classes"] == CLASSES
         agree = np.mean([_agreement(int8.labels(rgb), reference.labels(rgb)) for rgb in _images()])
         assert agree >= 0.97, (precision, agree)
+    from transeg.tiled import weights_digest  # a tiled job resumes only with the graph that began it
+
+    assert weights_digest(OnnxModel(static)) != weights_digest(OnnxModel(dynamic)) == weights_digest(OnnxModel(dynamic))
     ops = {n.op_type for n in onnx.load(static).graph.node}
     assert "QuantizeLinear" in ops and "LayerNormalization" in ops  # int8 QDQ around fp32 LayerNorm
 

@@ -49,6 +49,9 @@ class OnnxModel(nn.Module):
         self.backbone, self.decode_head = _Baked(), _Baked()
         # the device and dtype inference reads from a model's parameters: inputs are float32 on the CPU
         self.anchor = nn.Parameter(torch.zeros(0), requires_grad=False)
+        # the graph's identity in the state dict, which stands for the weights where a digest of them is taken
+        # (a tiled job resumes only with the model that began it: tiled.weights_digest)
+        self.register_buffer("graph_digest", torch.frombuffer(bytearray(_file_digest(self.path)), dtype=torch.uint8))
 
     def forward(self, x):
         """The graph's output [N,K,h/s,w/s] for a normalised batch (float32 on the CPU)."""
@@ -140,6 +143,16 @@ class OnnxModel(nn.Module):
         from .. import tiled
 
         return tiled.predict_file(self, source, out, preview, **options)
+
+
+def _file_digest(path):
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.digest()
 
 
 def is_onnx(source, backend="auto"):
