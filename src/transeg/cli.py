@@ -582,8 +582,8 @@ def _add_tile_args(p):
                      "(georeferenced inputs, in their CRS units), e.g. 0.3 for a model trained on 30 cm imagery")
     res.add_argument("--level", type=int, metavar="N", help="run at the resolution of pyramid level N of a slide or "
                      "a TIFF with overviews (0 = full resolution); windows are read from the best level")
-    g.add_argument("--tile-batch", type=_count, metavar="N", help="windows per forward pass (default: as many as "
-                   "keep their class scores within 1 GiB, at most 8)")
+    g.add_argument("--tile-batch", type=_count, metavar="N", help="windows per forward pass (default: 1 on a CPU, "
+                   "where batching buys little; on a GPU as many as keep their class scores within 1 GiB, at most 8)")
     g.add_argument("--resume", action="store_true", help="finish a stopped job: only the windows not done run, and "
                    "the result equals an uninterrupted run's")
 
