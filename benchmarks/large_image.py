@@ -148,7 +148,7 @@ def main():
     from transeg.tiled import Grid, batch_for
 
     grid = Grid.cover((args.side, args.side), args.window, args.overlap)
-    batch = batch_for(model.num_classes, args.window)
+    batch = batch_for(model.num_classes, args.window, "cpu")
     print(f"# {Path(ckpt).name} ({model.meta.get('variant')}, {model.num_classes} classes) — {env['device']}, "
           f"{env['threads']} threads, torch {env['torch']}, fp32, window {args.window}, overlap {args.overlap}, "
           f"batch {batch}, load average at start {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores\n")

@@ -57,7 +57,10 @@ BLENDS = ("hann", "gaussian", "mean")
 # BENCHMARKS.md measures seams at ("Images of any size")
 WINDOW = 1024
 OVERLAP_FRACTION = 8  # default overlap: window // 8
-# windows per forward pass by default: as many as keep their full-size scores within this budget (1 to 8)
+# windows per forward pass by default. On a CPU one: a batch costs the sum of its windows there, so batching buys
+# little and holds its activations (SegFormer-B0, 6144 x 6144 in 49 windows of 1024: batch 8 took 40 s at 2.3 GB
+# peak, batch 1 44 s at 0.70 GB; BENCHMARKS.md "Images of any size"). On a GPU, where batch-1 inference is bound
+# by kernel launches, as many as keep their full-size scores within this budget, up to MAX_BATCH.
 SCORE_BATCH_BYTES = 2**30
 MAX_BATCH = 8
 JOB_VERSION = 1
@@ -141,8 +144,11 @@ def weight_window(size, overlap, blend="hann"):
     return (axes[0][:, None] * axes[1][None, :]).float()
 
 
-def batch_for(num_classes, window):
-    """Windows per forward pass: their scores (4 K h w bytes each) within SCORE_BATCH_BYTES, 1 to MAX_BATCH."""
+def batch_for(num_classes, window, device="cpu"):
+    """Windows per forward pass on `device`: 1 on a CPU; on a GPU as many as keep their scores (4 K h w bytes
+    each) within SCORE_BATCH_BYTES, 1 to MAX_BATCH."""
+    if torch.device(device).type == "cpu":
+        return 1
     h, w = _pair(window, "window")
     return max(1, min(MAX_BATCH, SCORE_BATCH_BYTES // (4 * num_classes * h * w)))
 
@@ -325,7 +331,7 @@ def predict_array(model, image, window=WINDOW, overlap=None, batch_size=None, bl
     size = tuple(int(v) for v in image.shape[:2]) if hasattr(image, "shape") else (image.height, image.width)
     run_size = scaled(size, scale)
     grid = Grid.cover(run_size, window, overlap)
-    batch_size = batch_size or batch_for(model.num_classes, (grid.rows.window, grid.cols.window))
+    batch_size = batch_size or batch_for(model.num_classes, (grid.rows.window, grid.cols.window), model_device(model))
     source = Source(read, size, run_size, mean_colour(model))
     with tempfile.TemporaryDirectory(prefix="transeg-tiles-", dir=scratch) as folder:
         for r, c, labels in stream(model, source, grid, Scratch(folder), batch_size, blend, out_size=size):
@@ -496,7 +502,8 @@ def predict_file(model, source, out, preview=None, window=WINDOW, overlap=None, 
         size, levels, crs, transform = (full.height, full.width), full.levels, full.crs, full.transform
         run_size = scaled(size, factor)
         grid = Grid.cover(run_size, window, overlap)
-        batch_size = batch_size or batch_for(model.num_classes, (grid.rows.window, grid.cols.window))
+        batch_size = batch_size or batch_for(model.num_classes, (grid.rows.window, grid.cols.window),
+                                             model_device(model))
         spec = _spec(model, source, full, run_size, grid, batch_size, blend)
     job = Job(out, spec, resume)
     batches = grid.batches(batch_size)
