@@ -19,7 +19,6 @@ Prints device, dtype, batch, threads and a markdown table for BENCHMARKS.md.
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile

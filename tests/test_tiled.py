@@ -172,7 +172,6 @@ GEO = Affine(0.5, 0.0, 500000.0, 0.0, -0.5, 4200000.0)  # 50 cm pixels, north up
 
 def _geotiff(path, image, crs=UTM, transform=GEO, tile=256):
     """Write `image` as a tiled RGB GeoTIFF (no CRS / transform: a plain TIFF), block by block as a large one is."""
-    h, w = image.shape[:2]
     geo = {"crs": crs, "transform": transform} if crs else {}
     with warnings.catch_warnings():  # a plain TIFF is what is meant here
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)

@@ -314,7 +314,8 @@ def stream(model, source, grid, scratch, batch_size, blend="hann", out_size=None
 
 
 def mean_colour(model):
-    return [int(round(v)) for v in model.meta["mean"]]
+    """The model's mean colour, 0-255: what windows past the image's edge are padded with (zero once normalised)."""
+    return [round(v) for v in model.meta["mean"]]
 
 
 def predict_array(model, image, window=WINDOW, overlap=None, batch_size=None, blend="hann", scale=1.0,
