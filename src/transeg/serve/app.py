@@ -22,11 +22,10 @@ from pathlib import Path
 import numpy as np
 from starlette.requests import Request
 
-from .. import __version__, isr
+from .. import __version__, isr, tiled
 from ..errors import TransegError
 from ..flops import image_gmacs, meta_model
 from ..registry import get_variant
-from ..tiled import WINDOW, Grid
 from .batcher import Batcher, Job, Overloaded
 from .limits import LOOPBACK, Budget, Guard, Refused, trim_memory
 
@@ -46,7 +45,7 @@ class Service:
     """The model, its meta-device twin for counting GFLOPs, and the batcher in front of them."""
 
     def __init__(self, model, max_batch=8, window_ms=5.0, max_pending=64, max_upload_bytes=20_000_000,
-                 max_pixels=40_000_000, max_inflight_pixels=None, max_inflight_upload_bytes=None, tile=WINDOW):
+                 max_pixels=40_000_000, max_inflight_pixels=None, max_inflight_upload_bytes=None, tile=tiled.WINDOW):
         self.model, self.tile = model, tile
         self.twin = meta_model(model.meta["variant"], **model.meta["model_args"])
         self.convention = get_variant(model.meta["variant"]).paper.gflops_convention
@@ -59,15 +58,13 @@ class Service:
         self.batcher = Batcher(self._run, max_batch=max_batch, window_s=window_ms / 1e3, max_pending=max_pending)
 
     # ------------------------------------------------------------------------------------ worker thread
-    def tiled(self, image):
-        """Whether an image runs in tiles: the model's protocol does not resize it (scale None) and it is larger
-        than the tile window, so that the model's memory is bounded by the window, not by the image."""
-        return self.model.protocol.scale is None and max(image.shape[:2]) > self.tile
+    def in_tiles(self, image):
+        return tiled.runs_in_tiles(self.model, image.shape[:2], self.tile)
 
     def _run(self, jobs):
         setting = dict(jobs[0].isr) or None
         start = time.perf_counter()
-        if self.tiled(jobs[0].image):  # the batcher groups images of one size: all of them, then
+        if self.in_tiles(jobs[0].image):  # the batcher groups images of one size: all of them, then
             segs = self.model.predict([j.image for j in jobs], isr=setting, tile=self.tile)
         else:
             segs = self.model.predict([j.image for j in jobs], batch_size=len(jobs), isr=setting,
@@ -77,9 +74,8 @@ class Service:
         if len(self._gmacs_cache) > GMACS_CACHE_SIZES:  # one count per (ISR setting, forward size): bounded
             self._gmacs_cache.clear()
         shape, windows = jobs[0].image.shape[:2], 1
-        if self.tiled(jobs[0].image):  # the cost of every window the image was cut into
-            grid = Grid.cover(shape, self.tile)
-            shape, windows = (grid.rows.window, grid.cols.window), grid.count
+        if self.in_tiles(jobs[0].image):  # the cost of every window the image was cut into
+            shape, windows = tiled.tile_forwards(shape, self.tile)
         gflops = windows * image_gmacs(self.twin, shape, self.model.protocol, self.convention, self._gmacs_cache)
         return [(seg, ms, len(jobs), gflops) for seg in segs]
 
@@ -143,7 +139,7 @@ class Service:
         return () if isr.is_default(checked) else tuple(checked.items())
 
     async def segment(self, image, setting, confidence):
-        if confidence and self.tiled(image):
+        if confidence and self.in_tiles(image):
             raise Refused(422, f"confidence is not given for images segmented in tiles ({image.shape[1]}x"
                                f"{image.shape[0]} is larger than the {self.tile}-pixel window): ask without it")
         try:
