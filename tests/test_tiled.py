@@ -509,3 +509,35 @@ def test_full_disk_under_the_scratch_is_one_line_and_the_job_resumes(tmp_path, m
     assert not out.exists()
     predict_file(PerPixel(), src, out, resume=True, **options)
     assert np.array_equal(rasters.read_labels(out)[0], _whole(PerPixel(), image))
+
+
+def test_below_full_resolution_blocks_off_the_tile_grid_are_written(tmp_path):
+    """At half resolution a 1027-pixel image's blocks map to full-resolution edges that fall off any tile grid
+    (512 -> 1027 / 514 rounding): the label file is written through strips, 1027 x 1027, not refused."""
+    src = _geotiff(tmp_path / "odd.tif", _scene(1027, 1027, seed=14))
+    done = predict_file(PerPixel(), src, tmp_path / "odd_labels.tif", window=256, overlap=0, scale=0.5,
+                        progress=False)
+    assert done.run_size == (514, 514) and rasters.read_labels(done.labels)[0].shape == (1027, 1027)
+
+
+def test_tiffs_run_whole_without_the_large_extra(tmp_path, monkeypatch):
+    """Without rasterio / tifffile a TIFF is not sent to tiles (Pillow reads it, within the pixel limit, as before
+    tiling existed): needs_tiles answers False for a GeoTIFF that would otherwise be tiled."""
+    import importlib.util
+
+    from transeg.tiled import needs_tiles
+
+    src = _geotiff(tmp_path / "geo.tif", _scene(64, 64, seed=15))
+    assert needs_tiles(src)
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "rasterio" else real(name, *a))
+    assert not needs_tiles(src)
+
+
+def test_a_job_stopped_with_another_batch_names_the_flag(tmp_path):
+    src = _geotiff(tmp_path / "scene.tif", _scene(300, 600, seed=16))
+    out = tmp_path / "o" / "labels.tif"
+    with pytest.raises(Stopped):
+        predict_file(Interrupting(stop_at=2), src, out, window=128, overlap=16, batch_size=2, progress=False)
+    with pytest.raises(TransegError, match=r"another batch \(--tile-batch 2\)"):
+        predict_file(PerPixel(), src, out, window=128, overlap=16, batch_size=1, progress=False, resume=True)

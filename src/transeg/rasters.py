@@ -30,8 +30,8 @@ A Raster is used by one thread at a time.
 Writing (`write_labels_tiff`): a tiled, DEFLATE-compressed label TIFF from blocks of labels arriving in raster
 order, written atomically (`transeg.files.atomic_write`), with the class colours as its colour map and the class
 names as JSON in band 1's metadata (the TIFF's GDAL_METADATA tag: `rasterio.open(p).tags(1)["class_names"]`),
-and the CRS and transform when given (then a GeoTIFF). Blocks made of whole tiles of the file (tiled inference's,
-at full resolution) are written as they come; others are gathered into strips of `tile` rows at full width; plus
+and the CRS and transform when given (then a GeoTIFF). Blocks made of whole tiles of the file (tiled inference's
+at full resolution, `whole_tiles=True`) are written as they come; others are gathered into strips of `tile` rows at full width; plus
 GDAL's block cache, capped at `WRITE_CACHE_MB` while writing.
 (GDAL's cache is one per process: the caps hold while these functions run.)
 
@@ -533,9 +533,8 @@ class _Strips:
 
 class _Tiles(_Strips):
     """Blocks made of whole tiles of the file (starting on the tile grid, ending on it or at the image's edge), in
-    raster order: each is written straight through, so nothing is held at the image's width. Chosen when the
-    first block is whole tiles (tiled inference's blocks at full resolution are); a block off the tile grid after
-    that is the caller's bug (ValueError)."""
+    raster order: each is written straight through, so nothing is held at the image's width. Used when the caller
+    says so (`write_labels_tiff(whole_tiles=True)`); a block off the tile grid is then the caller's bug."""
 
     def __init__(self, *args):
         super().__init__(*args)
@@ -617,7 +616,7 @@ def _write_reason(error, folder):
 
 
 def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, palette, class_names, tile=512,
-                      inputs=()):
+                      inputs=(), whole_tiles=False):
     """Write a label image of `height` x `width` from `blocks`, an iterable of (top, left, labels [h, w]) that
     tile the image in raster order of a block grid (any block size; not aligned to `tile`), as a TIFF at `path`.
 
@@ -627,7 +626,8 @@ def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, 
     CRS) and / or `transform` (a, b, c, d, e, f), a GeoTIFF; without them a plain tiled TIFF.
     Written atomically: under a temporary name beside `path`, renamed into place only when complete; never onto
     one of `inputs` or onto a non-regular file; a full disk leaves nothing under `path` (TransegError, one line).
-    Memory: blocks made of whole tiles (as the first block is: tiled inference's blocks at full resolution) are
+    Memory: with `whole_tiles` (the caller's promise that every block is whole tiles: it starts on the tile grid
+    and ends on it or at the image's edge, as tiled inference's blocks at full resolution do) each block is
     written straight through, holding nothing at the image's width; other block grids go
     through strips of `tile` rows at full width (width x (tile + block height) labels at most). Plus GDAL's block
     cache, capped at WRITE_CACHE_MB (16 MB). Never the whole image.
@@ -661,16 +661,10 @@ def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, 
                 with rasterio.open(tmp, "w", **profile) as ds:
                     ds.write_colormap(1, {i: (*map(int, c), 255) for i, c in enumerate(colours)})
                     ds.update_tags(1, class_names=json.dumps(class_names, ensure_ascii=False))
-                    strips = None
+                    grid = (ds, rasterio.windows.Window, int(height), int(width), int(tile), dtype)
+                    strips = (_Tiles if whole_tiles else _Strips)(*grid)
                     for top, left, labels in blocks:
-                        if strips is None:  # blocks that are the file's tiles go straight through
-                            grid = (ds, rasterio.windows.Window, int(height), int(width), int(tile), dtype)
-                            strips = _Tiles(*grid)
-                            if not (top == left == 0 and strips.on_grid(0, 0, *np.shape(labels))):
-                                strips = _Strips(*grid)
                         strips.add(int(top), int(left), labels)
-                    if strips is None:
-                        raise ValueError("no blocks: they must cover the image")
                     strips.finish()
             except rasterio.errors.RasterioError as e:  # "Write failed. See previous exception": say why
                 raise OSError(_write_reason(e, Path(tmp).parent)) from None

@@ -313,6 +313,18 @@ def stream(model, source, grid, scratch, batch_size, blend="hann", out_size=None
             done(k)
 
 
+def runs_in_tiles(model, size, window=WINDOW):
+    """Whether an image of `size` (h, w) given to a service runs in tiles: the model's protocol does not resize it
+    (scale None) and it is larger than the window, so the model's memory is bounded by the window."""
+    return model.protocol.scale is None and max(size) > max(_pair(window, "window"))
+
+
+def tile_forwards(size, window=WINDOW, overlap=None):
+    """(window size (h, w), how many windows): the forward passes tiled inference makes over an image of `size`."""
+    grid = Grid.cover(size, window, overlap)
+    return (grid.rows.window, grid.cols.window), grid.count
+
+
 def mean_colour(model):
     """The model's mean colour, 0-255: what windows past the image's edge are padded with (zero once normalised)."""
     return [round(v) for v in model.meta["mean"]]
@@ -427,10 +439,13 @@ class Stopped(KeyboardInterrupt):
 def needs_tiles(path, max_pixels=None):
     """Whether `transeg predict` segments this file in tiles: a TIFF-family file (by content) that is
     georeferenced, has pyramid levels, or holds more than `max_pixels` pixels. Other images run whole, under the
-    model's test protocol."""
+    model's test protocol; so does every TIFF where the `large` extra is not installed (Pillow reads it then,
+    within the pixel limit, as before tiling existed)."""
+    import importlib.util
+
     from . import rasters
 
-    if not rasters.is_raster(path):
+    if not rasters.is_raster(path) or not all(importlib.util.find_spec(m) for m in ("rasterio", "tifffile")):
         return False
     with rasters.open_raster(path) as raster:
         return (raster.crs is not None or raster.transform is not None or len(raster.levels) > 1
@@ -453,8 +468,9 @@ class Job:
                                    "remove that folder to start again")
             changed = sorted(k for k in set(spec) | set(saved["spec"]) if spec.get(k) != saved["spec"].get(k))
             if changed:
-                raise TransegError(f"{self.folder}: the stopped job ran with another {', '.join(changed)}; resume "
-                                   "with the same image, model and tile settings, or remove that folder")
+                batch = f" (--tile-batch {saved['spec'].get('batch')})" if "batch" in changed else ""
+                raise TransegError(f"{self.folder}: the stopped job ran with another {', '.join(changed)}{batch}; "
+                                   "resume with the same image, model and tile settings, or remove that folder")
             self.next = int(saved["next"])
         elif self.folder.exists():
             clear(self.folder)  # a job killed before it wrote its state: nothing in it to keep
@@ -532,11 +548,12 @@ def predict_file(model, source, out, preview=None, window=WINDOW, overlap=None, 
                 yield (_map(*grid.rows.block(r), size[0], run_size[0])[0],
                        _map(*grid.cols.block(c), size[1], run_size[1])[0], labels)
 
-    # the file's tiles are the blocks when they can be (nothing held at the image's width while writing)
-    tile = grid.cols.stride if run_size == size and grid.rows.stride == grid.cols.stride \
-        and grid.cols.stride % 16 == 0 else 512
+    # the file's tiles are the blocks when they can be (at full resolution, on one square grid whose stride TIFF
+    # takes): nothing is then held at the image's width while writing
+    whole = run_size == size and grid.rows.stride == grid.cols.stride and grid.cols.stride % 16 == 0
     rasters.write_labels_tiff(out, size[0], size[1], blocks(), crs=crs, transform=transform, palette=model.palette,
-                              class_names=list(model.classes), tile=tile, inputs=[source])
+                              class_names=list(model.classes), tile=grid.cols.stride if whole else 512,
+                              inputs=[source], whole_tiles=whole)
     if preview is not None:  # the image's thumbnail comes from its smallest adequate level
         with rasters.open_raster(source, max_pixels=max_pixels) as raster:
             rasters.preview(raster, out, preview, palette=model.palette)
