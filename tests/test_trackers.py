@@ -223,7 +223,8 @@ def test_a_push_that_fails_while_training_is_one_line_and_the_run_goes_on(hub, t
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy:DeprecationWarning")  # (inside mlflow's SQL store)
 def test_a_tracker_that_cannot_start_is_one_line_and_the_others_are_closed(tmp_path, monkeypatch):
     """report_to [tensorboard, mlflow] with an MLflow store inside a file (no folder can be made there): starting the
-    trackers (what the run's first step does) is one line naming mlflow and the way on (--resume), not a traceback;
+    trackers (what a fresh run's first step does) is one line naming mlflow and the way on (the same command again: no
+    train_state.pt exists yet for --resume), not a traceback;
     TensorBoard, started first, is closed by finish (its events file reads back: the config text at step 0)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -234,7 +235,32 @@ def test_a_tracker_that_cannot_start_is_one_line_and_the_others_are_closed(tmp_p
     out = tmp_path / "run"
     cfg = _cfg(out, report_to=["tensorboard", "mlflow"])
     report = Report(cfg, out, main=True)
-    with pytest.raises(TransegError, match=r"report_to: mlflow could not start .*then --resume"):
+    with pytest.raises(TransegError, match=r"report_to: mlflow could not start .*then run the same command again$"):
         report.start(cfg, resume=False, start_iter=0)
     report.finish()
     assert "config/text_summary" in EventAccumulator(str(out / "tb")).Reload().Tags()["tensors"]
+
+
+def test_a_tracker_that_cannot_start_says_resume_only_when_the_run_was_resuming(tmp_path):
+    """A fresh run has no train_state.pt yet, so `--resume` would answer "nothing to resume": its line says to run the
+    same command again; a resumed run's says --resume. 2 starts (resume False / True), one message each."""
+    from transeg.engine.trackers import Report
+
+    class Failing:
+        name = "mlflow"
+
+        def start(self, out, config, run_id, start_iter):
+            raise OSError("store unreachable")
+
+        def finish(self):
+            pass
+
+    out = tmp_path / "run"
+    cfg = _cfg(out)
+    for resume, way in ((False, "then run the same command again"), (True, "then --resume")):
+        report = Report(cfg, out, main=True)
+        report.trackers = [Failing()]
+        with pytest.raises(TransegError) as e:
+            report.start(cfg, resume=resume, start_iter=2 if resume else 0)
+        assert str(e.value).endswith(way) and "(store unreachable)" in str(e.value), str(e.value)
+        assert ("--resume" in str(e.value)) == resume

@@ -245,7 +245,7 @@ class Report:
         config = self.cfg.to_dict()
         kept, wanted, self.trackers = {}, self.trackers, []
         for tracker in wanted:  # (those started before one that fails are finished by `finish`)
-            kept[tracker.name] = _started(tracker, self.out, config, ids.get(tracker.name), start_iter)
+            kept[tracker.name] = _started(tracker, self.out, config, ids.get(tracker.name), start_iter, resume)
             self.trackers.append(tracker)
         if kept:
             atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps({**ids, **kept}, indent=1) + "\n"))
@@ -300,16 +300,19 @@ class Report:
             self.push(None, done, log)
 
 
-def _started(tracker, out, config, run_id, start_iter):
-    """tracker.start, its failure (no login, a store that cannot be reached or written) as one line."""
+def _started(tracker, out, config, run_id, start_iter, resume=False):
+    """tracker.start, its failure (no login, a store that cannot be reached or written) as one line. The way on:
+    --resume where the run was resuming; a fresh run has saved no train_state.pt yet (--resume would answer
+    "nothing to resume"), so it is the same command again."""
     try:
         return tracker.start(out, config, run_id, start_iter)
     except TransegError:
         raise
     except Exception as e:  # each back-end fails in types of its own (wandb.Error, MlflowException, OSError ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        again = "then --resume" if resume else "then run the same command again"
         raise TransegError(f"report_to: {tracker.name} could not start ({first}); fix it, or drop {tracker.name} "
-                           f"from report_to, then --resume") from None
+                           f"from report_to, {again}") from None
 
 
 def prediction_grid(model, dataset, count=GRID_SAMPLES):
