@@ -560,7 +560,7 @@ def test_blocks_out_of_raster_order_are_refused(tmp_path):
 
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"tile": 100}, r"l\.tif: the tile size must be a multiple of 16 \(TIFF's rule\), got 100"),
-    ({"palette": PALETTE[:3]}, r"l\.tif: the palette has 3 colours for 5 classes"),
+    ({"palette": PALETTE[:3]}, r"l\.tif: palette has 3 colours for 5 classes"),
     ({"crs": "EPSG:99999999"}, r"l\.tif: not a coordinate reference system"),
 ])
 def test_bad_writer_arguments_are_one_line_before_any_work(tmp_path, kwargs, message):

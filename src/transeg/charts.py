@@ -37,7 +37,7 @@ from matplotlib.ticker import FuncFormatter, MultipleLocator, PercentFormatter
 from PIL import Image
 
 from transeg.errors import TransegError
-from transeg.viz import _palette
+from transeg.viz import palette_array
 
 __all__ = ["confusion_chart", "confusion_figure", "curves_chart", "curves_figure", "iou_chart", "iou_figure", "render",
            "tradeoff_chart", "tradeoff_figure"]
@@ -184,7 +184,7 @@ def iou_figure(result: dict, class_names, palette=None, title: str = "") -> Figu
     n = len(iou)
     if len(names) != n:
         raise TransegError(f"iou_chart: {len(names)} class names for {n} classes")
-    colors = _palette(palette, n, "iou_chart")[:n] / 255.0
+    colors = palette_array(palette, n, "iou_chart")[:n] / 255.0
 
     fig = _figure(760, 96 + n * ROW_PX)
     ax = fig.add_subplot()

@@ -573,20 +573,6 @@ def _write_strip(ds, array, window):
     ds.write(array, 1, window=window)
 
 
-def _palette_array(palette, classes, where):
-    try:
-        arr = np.asarray(palette, dtype=np.int64)
-    except (TypeError, ValueError):
-        raise TransegError(f"{where}: palette must be [K, 3] RGB ints, got {type(palette).__name__}") from None
-    if arr.ndim == 1 and arr.size % 3 == 0:
-        arr = arr.reshape(-1, 3)
-    if arr.ndim != 2 or arr.shape[1] != 3 or (arr.size and (arr.min() < 0 or arr.max() > 255)):
-        raise TransegError(f"{where}: palette must be [K, 3] RGB values in 0-255, got shape {tuple(arr.shape)}")
-    if len(arr) < classes:
-        raise TransegError(f"{where}: the palette has {len(arr)} colours for {classes} classes")
-    return arr[:classes].astype(np.uint8)
-
-
 def _geo(rasterio, crs, transform, where):
     """(CRS, Affine) for rasterio from a WKT / "EPSG:n" / CRS and a 6-tuple / Affine; None where not given."""
     try:
@@ -644,7 +630,7 @@ def write_labels_tiff(path, height, width, blocks, *, crs=None, transform=None, 
     class_names = [str(c) for c in class_names]
     if not 0 < len(class_names) <= MAX_CLASSES:
         raise TransegError(f"{where}: {len(class_names)} class names; a label TIFF takes 1-{MAX_CLASSES}")
-    colours = _palette_array(palette, len(class_names), where)
+    colours = viz.palette_array(palette, len(class_names), where)[:len(class_names)]
     dtype = np.uint8 if len(class_names) <= 256 else np.uint16
     crs, transform = _geo(rasterio, crs, transform, where)
     path = output_file(path, example="labels.tif", inputs=inputs)

@@ -150,7 +150,9 @@ def _fit(font, text: str, width: int) -> str:
     return text + "..." if text else ""
 
 
-def _palette(palette, need: int | None = None, where: str = "palette") -> np.ndarray:
+def palette_array(palette, need: int | None = None, where: str = "palette") -> np.ndarray:
+    """A palette as uint8 [K, 3] (None: the default colours), checked: RGB values in 0-255, at least `need`
+    colours; a bad one is one TransegError line naming `where`."""
     if palette is None:
         return np.asarray(default_palette(max(256, need or 0)), dtype=np.uint8)
     if hasattr(palette, "detach"):
@@ -224,7 +226,7 @@ def colorize(label, palette=None, ignore_index: int = 255, ignore_color=(0, 0, 0
     raises :class:`TransegError`.
     """
     lab = _label_array(label, "colorize")
-    pal = _palette(palette, where="colorize")
+    pal = palette_array(palette, where="colorize")
     valid = lab != ignore_index
     bad = valid & ((lab < 0) | (lab >= len(pal)))
     if bad.any():
@@ -290,7 +292,7 @@ def legend(class_names, palette=None, present=None, max_rows: int = 20) -> Image
     More than ``max_rows`` entries wrap into columns.
     """
     names = [str(n) for n in class_names]
-    pal = _palette(palette, len(names), "legend")
+    pal = palette_array(palette, len(names), "legend")
     ids = [i for i in range(len(names)) if present is None or i in {int(p) for p in present}]
     font = _font(14)
     sw, row_h, pad = 16, 24, 10
@@ -342,7 +344,7 @@ def add_legend(picture, label, class_names, palette=None, ignore_index: int = 25
     if (img.height, img.width) != lab.shape:
         raise TransegError(f"add_legend: picture is {img.width}x{img.height} but label is {lab.shape[1]}x{lab.shape[0]} (W x H)")
     names = [str(n) for n in class_names]
-    pal = _palette(palette, len(names), "add_legend")
+    pal = palette_array(palette, len(names), "add_legend")
     entries = class_shares(lab, len(names), ignore_index)
     if not entries:
         return img
@@ -409,7 +411,7 @@ def prediction_grid(samples, class_names, palette=None, per_row: int = 2, box: i
     if per_row < 1:
         raise TransegError(f"prediction_grid: per_row must be at least 1, got {per_row}")
     names = [str(n) for n in class_names]
-    pal = _palette(palette, len(names), "prediction_grid")
+    pal = palette_array(palette, len(names), "prediction_grid")
     present, panels, titles = set(), [], []
     for n, sample in enumerate(samples):
         image = _as_pil(sample["image"], "prediction_grid")
