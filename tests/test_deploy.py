@@ -199,3 +199,19 @@ def test_runtime_runs_without_torch(segformer, tmp_path):
     assert "%" in done.stdout  # the classes' shares
     expected = OnnxSegmenter(path).labels(str(tmp_path / "p.png"))
     assert (np.asarray(Image.open(tmp_path / "mask.png")) == expected).all()
+
+
+def test_damaged_metadata_is_one_line_for_quantisation_as_for_the_runtime(segformer, tmp_path, capsys):
+    """An .onnx whose transeg metadata is not JSON: `export --int8` (quantisation's reader) and `eval` (the runtime's)
+    both exit 2 with the same one line naming the file (runtime.parse_metadata); before, quantisation ended in a
+    JSONDecodeError traceback. 2 runs, nothing written."""
+    proto = onnx.load(segformer[1])
+    for entry in proto.metadata_props:
+        if entry.key == "transeg":
+            entry.value = '{"num_classes": 6, "mean": [0'
+    bad = tmp_path / "badmeta.onnx"
+    onnx.save(proto, bad)
+    for argv in (["export", str(bad), str(tmp_path / "q.onnx"), "--int8"], ["eval", str(bad)]):
+        line = _error(capsys, main(argv))
+        assert "badmeta.onnx: its transeg metadata is damaged: export the model again" in line, (argv, line)
+    assert not (tmp_path / "q.onnx").exists()

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import TransegError
 from ..files import atomic_write, output_file, plain_permissions
-from .runtime import prepare, read_rgb, slide_windows
+from .runtime import parse_metadata, prepare, read_rgb, slide_windows
 
 # Static int8: the operator types quantized, attention's activation x activation MatMuls excepted (see
 # `activation_matmuls`). Measured on the quickstart SegFormer-B0 (fp32 mIoU 80.75 under onnxruntime; synthetic val,
@@ -69,7 +69,7 @@ def read_meta(path):
     props = {p.key: p.value for p in proto.metadata_props}
     if "transeg" not in props:
         raise TransegError(f"{path}: has no transeg metadata: quantize an .onnx file from `transeg export`")
-    meta = json.loads(props["transeg"])
+    meta = parse_metadata(props["transeg"], path)
     if meta.get("precision", "fp32") != "fp32":
         raise TransegError(f"{path}: is already {meta['precision']}; quantize the fp32 export")
     return proto, meta

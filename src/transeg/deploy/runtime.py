@@ -63,6 +63,12 @@ def read_metadata(path, session):
     if raw is None:
         raise TransegError(f"{path}: has no transeg metadata (class names, mean/std, test protocol): export the "
                            "model with `transeg export MODEL out.onnx`")
+    return parse_metadata(raw, path)
+
+
+def parse_metadata(raw, path):
+    """The "transeg" metadata text of the file at `path` as a dict (what both the runtime and int8 quantisation
+    read); text that is not a JSON object with num_classes, mean and std is one line naming the file."""
     try:
         meta = json.loads(raw)
     except ValueError:
