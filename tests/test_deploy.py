@@ -215,3 +215,26 @@ def test_damaged_metadata_is_one_line_for_quantisation_as_for_the_runtime(segfor
         line = _error(capsys, main(argv))
         assert "badmeta.onnx: its transeg metadata is damaged: export the model again" in line, (argv, line)
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_calibration_counts_images_not_windows(segformer, tmp_path, capsys):
+    """Static int8 of a file whose protocol is sliding-window (32x32 windows, stride 24: 3x3 windows of each 48x64
+    image, aligned to 64x64): 3 images give 27 calibration batches, and the report and the progress bar say 3 images
+    (before: the report said min(27 batches, count 8) = 8, and the bar ran past its total to 27)."""
+    from transeg.deploy.quantize import calibration_inputs, read_meta
+
+    proto = onnx.load(segformer[1])
+    for entry in proto.metadata_props:
+        if entry.key == "transeg":
+            meta = json.loads(entry.value)
+            meta["protocol"] = {"mode": "slide", "crop": [32, 32], "stride": [24, 24], "size_divisor": 32}
+            entry.value = json.dumps(meta)
+    slide = tmp_path / "slide.onnx"
+    onnx.save(proto, slide)
+    images = _images(3)
+    assert len(list(calibration_inputs(images, read_meta(slide)[1], 3))) == 27  # 9 windows per image
+    capsys.readouterr()
+    report = quantize_int8(slide, tmp_path / "q.onnx", calibration=images, count=8)  # up to 8: the 3 there are
+    assert report["images"] == 3, report
+    bar = capsys.readouterr().err
+    assert "| 3/8 [" in bar.split("\r")[-1], bar[-500:]  # its last frame (before: "calibrate: 27img [...")

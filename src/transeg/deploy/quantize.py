@@ -78,6 +78,12 @@ def read_meta(path):
 def calibration_inputs(images, meta, count):
     """The normalised batches [1,3,h,w] (windows of a sliding-window protocol, each its own batch) of the first
     `count` of `images` (paths, PIL images or HxWx3 uint8 arrays) under the file's test protocol."""
+    return (x for _, x in _numbered_inputs(images, meta, count))
+
+
+def _numbered_inputs(images, meta, count):
+    """(index of the image, batch) of `calibration_inputs`: a sliding-window protocol gives several batches of one
+    image, so the images are counted by their index, not by the batches."""
     protocol = meta.get("protocol") or {}
     for i, image in enumerate(images):
         if i >= count:
@@ -85,28 +91,34 @@ def calibration_inputs(images, meta, count):
         x = prepare(read_rgb(image), protocol, meta["mean"], meta["std"])
         if protocol.get("mode") == "slide":
             for y1, y2, x1, x2 in slide_windows(*x.shape[-2:], protocol["crop"], protocol["stride"]):
-                yield x[:, :, y1:y2, x1:x2]
+                yield i, x[:, :, y1:y2, x1:x2]
         else:
-            yield x
+            yield i, x
 
 
-def _reader(name, batches, count):
+def _reader(name, numbered, count):
+    """The calibration data reader over (image index, batch) pairs; `.images`: the images it has fed (the
+    progress bar counts those, up to `count`, not the windows of a sliding-window protocol)."""
     from onnxruntime.quantization import CalibrationDataReader
     from tqdm import tqdm
 
     class Reader(CalibrationDataReader):
-        """Feeds the calibrator one preprocessed image (or window) at a time, with a progress bar."""
+        """Feeds the calibrator one preprocessed image (or window) at a time, with a progress bar of images."""
 
         def __init__(self):
-            self.batches, self.bar, self.seen = iter(batches), tqdm(total=count, desc="calibrate", unit="img"), 0
+            self.batches, self.bar, self.images = iter(numbered), tqdm(total=count, desc="calibrate", unit="img"), 0
+            self.last = None
 
         def get_next(self):
-            x = next(self.batches, None)
-            if x is None:
+            item = next(self.batches, None)
+            if item is None:
                 self.bar.close()
                 return None
-            self.bar.update(1)
-            self.seen += 1
+            index, x = item
+            if index != self.last:  # the first batch of a new image
+                self.last = index
+                self.images += 1
+                self.bar.update(1)
             return {name: x}
 
     return Reader()
@@ -154,7 +166,7 @@ def quantize_int8(onnx_in, onnx_out, calibration=None, count=DEFAULT_COUNT, op_t
         if static:
             import itertools
 
-            batches = calibration_inputs(calibration, meta, count)
+            batches = _numbered_inputs(calibration, meta, count)
             first = next(batches, None)  # before onnxruntime's calibrator, whose own message is "No data is collected"
             if first is None:
                 raise TransegError(f"{onnx_out}: no calibration images were given; give --calibrate DATA with images, "
@@ -164,7 +176,7 @@ def quantize_int8(onnx_in, onnx_out, calibration=None, count=DEFAULT_COUNT, op_t
                               activation_type=q.QuantType.QUInt8, calibrate_method=q.CalibrationMethod.MinMax,
                               per_channel=True, extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
                               **common)
-            report["images"] = min(reader.seen, count)
+            report["images"] = reader.images
         else:
             # per tensor: onnxruntime's MatMulInteger takes one zero point per weight, not one per channel
             q.quantize_dynamic(str(prepared), str(quantized), per_channel=False, **common)
