@@ -69,11 +69,14 @@ FUNCTION_REACH = {
     "deploy/backend.py:set_isr": {"eval", "predict"},
     # train's push_to says a failed push in a line naming `transeg push OUT REPO`, the command that takes --force
     "share.py:_check_existing": {"push"},
-    # --data is their option= default; `transeg data check DIR` passes option="" (run below)
+    # --data is their option= default; `transeg data check DIR` passes option="" and `export --int8 --calibrate
+    # DATA` option="--calibrate" (deploy/quantize.py:dataset_images), so those lines are checked run (below)
     "data/__init__.py:build_dataset": {"train", "eval", "bench"},
     "data/__init__.py:build_splits": {"train", "eval", "bench"},
     "data/__init__.py:_synthetic_options": {"train", "eval", "bench"},
     "data/__init__.py:_parse_size": {"train", "eval", "bench"},
+    # --calibrate's dataset errors, re-worded there (leaving --calibrate out is dynamic int8, not the synthetic set)
+    "deploy/quantize.py:dataset_images": {"export"},
 }
 # The CLI's helpers (cmd_<verb> and cmd_data_<action> map themselves)
 CLI_HELPERS = {"_truth_files": {"predict"}, "_predict_tiled": {"predict"}, "_print_zoo": {"models"},
@@ -266,6 +269,20 @@ def test_data_check_of_a_missing_folder_names_no_data_option(tmp_path, capsys):
     assert "size=abc is not a size" in line and _check(line, {"data check"}) == [], line
     assert main(["train", "--data", str(tmp_path / "nowhere")]) == 2
     assert "--data " in _error(capsys)
+
+
+def test_export_calibrate_of_a_missing_folder_names_calibrate_not_data(tmp_path, capsys):
+    """`transeg export M q.onnx --int8 --calibrate nosuch` (export takes no --data; leaving --calibrate out is
+    dynamic int8, not the synthetic set): the line names --calibrate and the flags export takes, said before the
+    model is read (M need not exist). 2 runs: a missing folder and a bad synthetic option."""
+    for spec, message in ((str(tmp_path / "nosuch"), "nosuch: no such directory (give a folder with images/, masks/ "
+                           "and classes.txt, or --calibrate synthetic for the built-in synthetic set; leave "
+                           "--calibrate out for dynamic int8)"),
+                          ("synthetic:size=abc", "size=abc is not a size")):
+        assert main(["export", str(tmp_path / "m.safetensors"), str(tmp_path / "q.onnx"), "--int8",
+                     "--calibrate", spec]) == 2
+        line = _error(capsys)
+        assert f"--calibrate {spec}: " in line and message in line and _check(line, {"export"}) == [], line
 
 
 def test_the_service_names_its_query_parameters_not_cli_flags():

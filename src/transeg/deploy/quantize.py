@@ -235,7 +235,17 @@ def dataset_images(spec, split="train", count=DEFAULT_COUNT):
 
     from ..data import build_dataset
 
-    dataset = build_dataset(spec, split)  # now, not when calibration starts: a bad DATA is said before any work
+    try:  # now, not when calibration starts: a bad DATA is said before any work
+        dataset = build_dataset(spec, split, option="--calibrate")
+    except TransegError as e:
+        # build_dataset's way out is "leave --calibrate out for the built-in synthetic set"; here leaving it out
+        # means dynamic int8, so the synthetic set is named as a --calibrate value
+        text = str(e).replace("leave --calibrate out for the built-in synthetic set",
+                              "--calibrate synthetic for the built-in synthetic set; leave --calibrate out for "
+                              "dynamic int8")
+        if text == str(e):
+            raise
+        raise TransegError(text) from None
     if len(dataset) == 0:
         raise TransegError(f"--calibrate {spec}: its {split} split has no images; give a dataset with images, or "
                            "leave --calibrate out for dynamic int8")
