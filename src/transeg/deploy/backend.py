@@ -126,17 +126,29 @@ class OnnxModel(nn.Module):
 
     @torch.no_grad()
     def predict(self, inputs, protocol=None, probabilities=False, isr=None, batch_size=1, out_size=None,
-                confidence=False, **fields):
-        """As Segmentor.predict (images -> Segmentation(s); a normalised batch -> labels [N,H,W])."""
+                confidence=False, tile=None, overlap=None, **fields):
+        """As Segmentor.predict (images -> Segmentation(s); a normalised batch -> labels [N,H,W]). tile: each image
+        in windows of `tile` pixels overlapping by `overlap` (`transeg.tiled.labels_of`, labels only), as there."""
         if isr:
             self.set_isr(**isr)
         if isinstance(inputs, torch.Tensor):
             return inference.normalised_labels(self, inputs, protocol, out_size=out_size, **fields)[0]
         one = not isinstance(inputs, (list, tuple))
-        found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities, batch_size,
-                                       confidence=confidence))
+        if tile is not None:
+            if probabilities or confidence:
+                raise TransegError("tiled prediction gives labels only: drop probabilities / confidence, or tile")
+            found = [self._predict_tiled(item, tile, overlap) for item in ([inputs] if one else inputs)]
+        else:
+            found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities, batch_size,
+                                           confidence=confidence))
         return found[0] if one else found
 
+    def _predict_tiled(self, item, tile, overlap):
+        from .. import tiled
+
+        rgb, source, note = inference.read_input(item)
+        labels = tiled.labels_of(self, rgb, tile, overlap)
+        return inference.Segmentation(labels, rgb, self.classes, self.palette, source=source, note=note)
 
     def predict_file(self, source, out, preview=None, **options):
         """A large image file segmented in tiles, disk to disk (`transeg.tiled.predict_file`), on onnxruntime."""
