@@ -81,7 +81,8 @@ def return_freed_memory():
     must not creep with its length: tiled inference allocates and frees the same few sizes thousands of times,
     and with either of glibc's other settings the heap's fragmentation let a 9,000-pixel-square image peak about
     150-250 MB above a 3,000-pixel one with constant live memory; with this one they are 24 MB apart (GDAL's read
-    cache filling). The price is page faults on large allocations (BENCHMARKS.md, "Images of any size"). A
+    cache filling; BENCHMARKS.md, "Images of any size"). The price is page faults on large allocations, the
+cost keep_freed_memory avoids (BENCHMARKS.md, "Memory allocator"), not yet measured on a tiled job. A
     program's choice, like keep_freed_memory: `transeg predict` makes it for images it segments in tiles.
     Returns True when applied (Linux, glibc)."""
     import ctypes
