@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import inference
+from . import inference, tiled
 from .contracts import Backbone, DecodeHead, IterationHook, LossInputs, mask_scores
 from . import isr as isr_module
 from .data.palettes import default_palette
@@ -155,29 +155,12 @@ class Segmentor(nn.Module):
         with isr_module.isr_setting(self, isr):
             if isinstance(inputs, torch.Tensor):
                 return inference.normalised_labels(self, inputs, protocol, out_size=out_size, **fields)[0]
-            one = not isinstance(inputs, (list, tuple))
-            if tile is not None:
-                if probabilities or confidence:
-                    raise TransegError("tiled prediction gives labels only: drop probabilities / confidence, or tile")
-                found = [self._predict_tiled(item, tile, overlap) for item in ([inputs] if one else inputs)]
-            else:
-                found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities,
-                                               batch_size, confidence=confidence))
-            return found[0] if one else found
-
-    def _predict_tiled(self, item, tile, overlap):
-        from . import tiled
-
-        rgb, source, note = inference.read_input(item)
-        labels = tiled.labels_of(self, rgb, tile, overlap)
-        return inference.Segmentation(labels, rgb, list(self.classes), list(self.palette), source=source, note=note)
+            return tiled.predict_images(self, inputs, protocol, probabilities, batch_size, confidence, tile, overlap)
 
     def predict_file(self, source, out, preview=None, **options):
         """Segment an image file of any size (GeoTIFF, TIFF, OME / SVS slide...) disk to disk, in tiles: a label
         TIFF at its full resolution keeping its georeferencing, and a preview PNG; see `tiled.predict_file` for
         the options (window, overlap, scale, gsd, level, resume...). Returns a `tiled.TiledPrediction`."""
-        from . import tiled
-
         return tiled.predict_file(self, source, out, preview, **options)
 
     def set_isr(self, encoder=None, decoder=None):

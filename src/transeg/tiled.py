@@ -48,6 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import inference
 from .errors import TransegError
 from .inference import model_device, upsampled_labels
 
@@ -372,6 +373,27 @@ def labels_of(model, image, window=WINDOW, overlap=None, batch_size=None, blend=
     for top, left, labels in predict_array(model, image, window, overlap, batch_size, blend, scale):
         out[top:top + labels.shape[0], left:left + labels.shape[1]] = labels
     return out
+
+
+def predict_images(model, inputs, protocol=None, probabilities=False, batch_size=1, confidence=False, tile=None,
+                   overlap=None):
+    """What a model's `predict` does with images (`Segmentor.predict`, the ONNX Runtime model's): an image path, PIL
+    image or HxWx3 uint8 array -> a `Segmentation`, a list of them -> a list. Under the protocol
+    (`inference.segment`), or with `tile` in windows of that many pixels overlapping by `overlap` at the image's
+    own resolution (`labels_of`, labels only: probabilities and confidence are refused in one line)."""
+    one = not isinstance(inputs, (list, tuple))
+    items = [inputs] if one else inputs
+    if tile is None:
+        found = list(inference.segment(model, items, protocol, probabilities, batch_size, confidence=confidence))
+    elif probabilities or confidence:
+        raise TransegError("tiled prediction gives labels only: drop probabilities / confidence, or tile")
+    else:
+        found = []
+        for item in items:
+            rgb, source, note = inference.read_input(item)
+            found.append(inference.Segmentation(labels_of(model, rgb, tile, overlap), rgb, list(model.classes),
+                                                list(model.palette), source=source, note=note))
+    return found[0] if one else found
 
 
 def weights_digest(model):

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import inference, isr as isr_module
+from .. import inference, isr as isr_module, tiled
 from ..errors import TransegError
 from ..protocol import Protocol
 from .runtime import open_session
@@ -133,27 +133,10 @@ class OnnxModel(nn.Module):
             self.set_isr(**isr)
         if isinstance(inputs, torch.Tensor):
             return inference.normalised_labels(self, inputs, protocol, out_size=out_size, **fields)[0]
-        one = not isinstance(inputs, (list, tuple))
-        if tile is not None:
-            if probabilities or confidence:
-                raise TransegError("tiled prediction gives labels only: drop probabilities / confidence, or tile")
-            found = [self._predict_tiled(item, tile, overlap) for item in ([inputs] if one else inputs)]
-        else:
-            found = list(inference.segment(self, [inputs] if one else inputs, protocol, probabilities, batch_size,
-                                           confidence=confidence))
-        return found[0] if one else found
-
-    def _predict_tiled(self, item, tile, overlap):
-        from .. import tiled
-
-        rgb, source, note = inference.read_input(item)
-        labels = tiled.labels_of(self, rgb, tile, overlap)
-        return inference.Segmentation(labels, rgb, self.classes, self.palette, source=source, note=note)
+        return tiled.predict_images(self, inputs, protocol, probabilities, batch_size, confidence, tile, overlap)
 
     def predict_file(self, source, out, preview=None, **options):
         """A large image file segmented in tiles, disk to disk (`transeg.tiled.predict_file`), on onnxruntime."""
-        from .. import tiled
-
         return tiled.predict_file(self, source, out, preview, **options)
 
 
