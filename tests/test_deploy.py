@@ -267,3 +267,14 @@ def test_onnx_predict_tiles_as_pytorch_does(segformer, tmp_path, monkeypatch):
     assert _agreement(found.labels, model.predict(rgb, tile=64).labels) >= 0.999
     with pytest.raises(transeg.TransegError, match="tiled prediction gives labels only"):
         backend.predict(rgb, tile=64, probabilities=True)
+
+
+@pytest.mark.parametrize("size,crop,stride", [((1024, 2048), (1024, 1024), (768, 768)), ((300, 200), (512, 512), (341, 341)),
+                                              ((517, 931), (256, 384), (170, 255)), ((64, 85), (64, 64), (21, 21))])
+def test_the_torch_free_runtime_cuts_the_windows_inference_cuts(size, crop, stride):
+    """runtime.slide_windows is a copy of inference.slide_windows (the runtime may not import torch): the same
+    boxes for mmseg's grids, images smaller than the crop and uneven strides, so the two back-ends cannot drift."""
+    from transeg import inference
+    from transeg.deploy import runtime
+
+    assert runtime.slide_windows(*size, crop, stride) == inference.slide_windows(*size, crop, stride)
