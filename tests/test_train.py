@@ -357,9 +357,12 @@ def test_ctrl_c_saves_where_the_run_is_and_names_the_command_that_continues_it(t
     iters, sets = 6, dict(ckpt_interval=100, eval_interval=100)
     assert main(_train_args(tmp_path / "ref", iters, **sets)) == 0
     run = tmp_path / "run"
+    # SIGINT back to its default in the child: a shell runs background jobs with it ignored, which the child would
+    # inherit, and Python then installs no Ctrl-C handler at all (the run would finish and exit 0)
     victim = subprocess.Popen([sys.executable, "-m", "transeg.cli", *_train_args(run, iters, **sets)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "OMP_NUM_THREADS": "2"})  # as conftest sets in-process: same sums
+                              env={**os.environ, "OMP_NUM_THREADS": "2"},  # as conftest sets in-process: same sums
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and victim.poll() is None:
         if (run / "log.jsonl").is_file() and (run / "log.jsonl").read_text().count('"loss"') >= 2:
