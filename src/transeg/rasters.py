@@ -663,14 +663,21 @@ def read_labels(path) -> tuple[np.ndarray, dict]:
     """(labels [H, W], {"crs": WKT | None, "transform": (a, b, c, d, e, f) | None, "class_names": list | None,
     "palette": uint8 [K, 3] | None}) from a label TIFF written by `write_labels_tiff` (or any one-band TIFF). The
     whole image is read: meant for users and tests on images that fit in memory."""
+    return _read_label_tiff(path)
+
+
+def _read_label_tiff(path, out_shape=None):
+    """`read_labels`, whole or read decimated by GDAL (nearest) to `out_shape` (bounded memory: the result plus
+    GDAL's capped block cache)."""
     name = str(path)
     regular_file(path, name)
     rasterio = _module("rasterio", name)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-            with rasterio.open(path) as ds:
-                labels = ds.read(1)
+            with rasterio.open(path) as ds, _read_env(rasterio, ds):
+                labels = ds.read(1) if out_shape is None else \
+                    ds.read(1, out_shape=out_shape, resampling=rasterio.enums.Resampling.nearest)
                 names = ds.tags(1).get("class_names")
                 names = json.loads(names) if names else None
                 try:
@@ -682,35 +689,18 @@ def read_labels(path) -> tuple[np.ndarray, dict]:
                         "transform": tuple(ds.transform)[:6] if georef else None, "class_names": names}
     except (rasterio.errors.RasterioError, OSError, json.JSONDecodeError) as e:
         raise _decode_error(name, path, e) from None
-    if cmap is not None:
-        count = len(names) if names else len(cmap)
-        meta["palette"] = np.asarray([cmap.get(i, (0, 0, 0, 255))[:3] for i in range(count)], dtype=np.uint8)
-    else:
-        meta["palette"] = None
+    count = len(names) if names else (max(cmap) + 1 if cmap else 0)
+    meta["palette"] = None if cmap is None else \
+        np.asarray([cmap.get(i, (0, 0, 0, 255))[:3] for i in range(count)], dtype=np.uint8)
     return labels, meta
 
 
 def _label_thumbnail(labels, height, width):
-    """Labels at height x width, nearest: from a label TIFF read decimated by GDAL (bounded memory: one
-    thumbnail plus GDAL's block cache), or from an in-memory [H, W] array. Also the TIFF's colour map."""
+    """Labels at height x width, nearest: from a label TIFF read decimated by GDAL (`_read_label_tiff`), or from an
+    in-memory [H, W] array. Also the TIFF's colour map."""
     if isinstance(labels, (str, os.PathLike)):
-        name = str(labels)
-        regular_file(labels, name)
-        rasterio = _module("rasterio", name)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-                with rasterio.open(labels) as ds, _read_env(rasterio, ds):
-                    small = ds.read(1, out_shape=(height, width), resampling=rasterio.enums.Resampling.nearest)
-                    try:
-                        cmap = ds.colormap(1)
-                    except ValueError:  # no colour map
-                        cmap = None
-        except (rasterio.errors.RasterioError, OSError) as e:
-            raise _decode_error(name, labels, e) from None
-        if cmap is not None:
-            cmap = np.asarray([cmap.get(i, (0, 0, 0, 255))[:3] for i in range(max(cmap) + 1)], dtype=np.uint8)
-        return small, cmap
+        small, meta = _read_label_tiff(labels, (height, width))
+        return small, meta["palette"]
     labels = np.asarray(labels)
     if labels.ndim != 2:
         raise ValueError(f"preview: labels must be a label TIFF's path or an [H, W] array, got shape {labels.shape}")
