@@ -21,14 +21,13 @@ Prints device, dtype, batch, threads and a markdown table, then the most frequen
 """
 import argparse
 import collections
-import contextlib
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from train_step import step_fn  # the training step as train_step.py times it (fused AdamW, as the trainer builds)
 
 from transeg import create_model
 from transeg.bench import environment
-from transeg.layers.fusion import unfused
 
 SYNC_OPS = ("aten::_local_scalar_dense",)  # a device -> host scalar read: on CUDA the host waits for the device
 
@@ -52,22 +51,11 @@ def count(fn):
     return counter.ops
 
 
-def train_step(model, x, label, published):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)  # as the trainer builds it
-
-    def step():
-        with unfused(model) if published else contextlib.nullcontext():
-            loss = model.loss(model(x), label)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="segformer-b0")
-    ap.add_argument("--size", default="512x512", help="input HxW (the blocked loss launches per block of rows: the count grows with the height)")
+    ap.add_argument("--size", default="512x512",
+                    help="input HxW (the blocked loss launches per block of rows: its count grows with the height)")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--num-classes", type=int, default=150)
     ap.add_argument("--top", type=int, default=8, help="most frequent operators listed per path")
@@ -84,8 +72,8 @@ def main():
         model = create_model(name, num_classes=args.num_classes).train()
         x = torch.randn(args.batch, 3, h, w)
         label = torch.randint(0, args.num_classes, (args.batch, h, w))
-        paths = {"train step, CPU path (fused decoder, blocked loss)": train_step(model, x, label, False),
-                 "train step, published decoder + plain loss": train_step(model, x, label, True)}
+        paths = {"train step, CPU path (fused decoder, blocked loss)": step_fn(model, x, label, torch.float32),
+                 "train step, published decoder + plain loss": step_fn(model, x, label, torch.float32, True)}
         for path, fn in paths.items():
             ops = count(fn)
             print(f"| {name} | {path} | {sum(ops.values()):,} | {sum(ops[o] for o in SYNC_OPS)} |")
