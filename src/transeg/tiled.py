@@ -114,6 +114,12 @@ class Grid:
     def count(self):
         return self.rows.count * self.cols.count
 
+    def out_block(self, r, c, out_size):
+        """Block (r, c) at `out_size` (h, w), the image's full resolution: (top, left, height, width)."""
+        (y0, y1), (x0, x1) = (_map(*axis.block(i), out, axis.extent)
+                              for axis, i, out in zip((self.rows, self.cols), (r, c), out_size))
+        return y0, x0, y1 - y0, x1 - x0
+
     def batches(self, batch_size):
         """The windows (r, c) in raster order, cut into groups of `batch_size` that never span two rows."""
         return [[(r, c) for c in range(start, min(start + batch_size, self.cols.count))]
@@ -263,14 +269,12 @@ class Blender:
             self.scratch.put_strip(r + 1, c, strip)
         self.carry = None if last_col else s[:, :bh, bw:bw + ox].clone()
         self.corner = None if last_col or last_row else s[:, bh:bh + oy, bw:bw + ox].clone()
-        return self._labels(block, (y0, y1), (x0, x1))
+        return self._labels(block, r, c)
 
-    def _labels(self, block, rows, cols):
+    def _labels(self, block, r, c):
         """The block's argmax at full resolution (its scores upsampled in class blocks when the model runs at
         another scale; block edges are clamped, which only touches half a model pixel at the seams)."""
-        size = tuple(_map(a, b, out, run)[1] - _map(a, b, out, run)[0]
-                     for (a, b), out, run in zip((rows, cols), self.out_size, (self.grid.rows.extent,
-                                                                              self.grid.cols.extent)))
+        size = self.grid.out_block(r, c, self.out_size)[2:]
         if size == tuple(block.shape[-2:]):
             return block.argmax(0).numpy().astype(self.dtype)
         return upsampled_labels(block[None], size)[0][0].numpy().astype(self.dtype)
@@ -349,9 +353,7 @@ def predict_array(model, image, window=WINDOW, overlap=None, batch_size=None, bl
     source = Source(read, size, run_size, mean_colour(model))
     with tempfile.TemporaryDirectory(prefix="transeg-tiles-", dir=scratch) as folder:
         for r, c, labels in stream(model, source, grid, Scratch(folder), batch_size, blend, out_size=size):
-            top = _map(*grid.rows.block(r), size[0], run_size[0])[0]
-            left = _map(*grid.cols.block(c), size[1], run_size[1])[0]
-            yield top, left, labels
+            yield (*grid.out_block(r, c, size)[:2], labels)
 
 
 def scaled(size, scale):
@@ -567,8 +569,7 @@ def predict_file(model, source, out, preview=None, window=WINDOW, overlap=None, 
             for c in range(grid.cols.count):
                 labels = job.scratch.block(r, c)
                 counts[:] += np.bincount(labels.ravel(), minlength=len(counts))[:len(counts)]
-                yield (_map(*grid.rows.block(r), size[0], run_size[0])[0],
-                       _map(*grid.cols.block(c), size[1], run_size[1])[0], labels)
+                yield (*grid.out_block(r, c, size)[:2], labels)
 
     # the file's tiles are the blocks when they can be (at full resolution, on one square grid whose stride TIFF
     # takes): nothing is then held at the image's width while writing
