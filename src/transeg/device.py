@@ -1,5 +1,7 @@
 """Which device runs the work, what it computes natively, and how the host process allocates."""
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -99,3 +101,85 @@ cost keep_freed_memory avoids (BENCHMARKS.md, "Memory allocator"), not yet measu
     return (libc.mallopt(M_MMAP_MAX, 65536) == 1 and libc.mallopt(M_MMAP_THRESHOLD, 1 << 20) == 1
             and libc.mallopt(M_TRIM_THRESHOLD, 1 << 20) == 1)
 
+
+
+@dataclass(frozen=True)
+class Paths:
+    """How transeg computes on one kind of device: every per-device choice of computation in one place, each
+    resting on a measurement (`paths_for` gives them; BENCHMARKS.md "On a GPU" has the figures). Every choice
+    below computes the same function as its alternative (tests/test_device_paths.py: value and gradient in float64);
+    what differs is the time the device takes.
+
+    training_form: "fused" = the decoders' algebraic fusion (layers/fusion.py) and the row-blocked upsampled loss
+        (losses.upsampled_cross_entropy), or "published" = the papers' concat + 1x1 conv decoder and
+        `F.interpolate` then `F.cross_entropy` (`layers.fusion.set_fused`).
+    inference_form: the same choice for inference and evaluation.
+    serving_dtype: the precision `serve` and `predict` run at unless told (`--dtype`): weights cast natively,
+        never autocast. None = float32.
+    compile_options: inductor's options for the compiled inference path (`transeg.compiled`).
+    compile_serving: `serve` takes the compiled path unless told `--no-compile` (a long-lived process repays the
+        compile; a one-off `predict` does not, so it compiles only when asked).
+    cudnn_benchmark, tf32_training: cuDNN's autotuner, and TF32 for float32 matmuls in training (not in inference
+        or evaluation, whose float32 matmuls stay float32: outputs equal Hugging Face's to 1e-4).
+    """
+
+    device_type: str
+    training_form: str
+    inference_form: str
+    serving_dtype: Optional[torch.dtype]
+    compile_options: dict = field(default_factory=dict)
+    compile_serving: bool = False
+    cudnn_benchmark: bool = False
+    tf32_training: bool = False
+
+
+# The 2-core CPU (BENCHMARKS.md "Training step", "Decoder fusion"): the row-blocked loss makes a SegFormer-B0
+# training step 2-3x faster than upsample-then-CE (the full-size logits are never written), and the fused
+# decoder turns B0's 4.3 GMAC fuse conv into 0.25. Compiling with weight freezing (constant folding, prepacked
+# weights) is what `--compile` gives; serving stays eager by default as a compile costs ~20 s per input size on
+# two cores. float32 serving: native bf16 is faster only where the CPU has AMX / AVX512-BF16 (`native_bf16`), and
+# changes 1-2% of labels, so it stays the user's choice (`--dtype bf16`).
+CPU_PATHS = Paths("cpu", training_form="fused", inference_form="fused", serving_dtype=None,
+                  compile_options={"freezing": True})
+
+# A CUDA GPU (../shared/perf/gpu-h200.md, one H200):
+# - training "published": the row-blocked loss costs 215-231 ms of a B0 batch-16 512x512 step on the GPU, where
+#   F.interpolate + F.cross_entropy cost 28 ms (it launches a few kernels per block of rows: 10,259 kernels a step,
+#   1,376 each of nll_loss_forward / scatter_add_ / addmm_); the whole step is 72.9 ms published vs 265.6 ms fused.
+#   benchmarks/dispatch_count.py: 1,452 ATen operations a step published vs 6,701 fused (B0, batch 2).
+# - inference "fused": the same number of launches as published within 5% (B0: 439 vs 419 eager, batch 1), and
+#   under the compiled path the folded weights are constants while the fuse conv's 4.3 GMACs are gone.
+# - serving bf16, native: at batch 1 native bf16 is 0.88-1.23x fp32 eager and autocast 0.62-0.74x (its casts are
+#   launches too); at batch 16 or 1024x2048 native bf16 is 1.45-2.99x HF fp32 and 1.3-2.6x transeg fp32.
+# - compiled serving, CUDA graphs: batch-1 512x512 4.89 -> 1.25 ms (B0), 12.8 -> 2.4 (EDAFormer-T), 30.6 -> 10.0
+#   (B5), compile 17-55 s once per size bucket; a service pays it at start-up for its protocol's bucket.
+# - cuDNN autotuning and TF32 in training: the crops are of one size, so autotuning runs once; TF32 rounds matmul
+#   inputs to 10 bits of mantissa, less than the bf16 autocast the default amp already trains with (7 bits).
+CUDA_PATHS = Paths("cuda", training_form="published", inference_form="fused", serving_dtype=torch.bfloat16,
+                   compile_options={"freezing": True, "triton.cudagraphs": True}, compile_serving=True,
+                   cudnn_benchmark=True, tf32_training=True)
+
+
+def paths_for(device):
+    """The `Paths` of `device` (a torch.device or a name such as "cuda:1"). Devices other than a CPU take CUDA's
+    computation choices (launches dominate on any accelerator at small batch); the CUDA-only switches are no-ops
+    there."""
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return CPU_PATHS
+    return CUDA_PATHS if kind == "cuda" else replace(CUDA_PATHS, device_type=kind, compile_serving=False)
+
+
+def training_backends(paths):
+    """Set the process-wide switches `paths` chooses for training (cuDNN's autotuner, TF32 float32 matmuls); returns
+    what they were, for `restore_backends`. Convolutions keep PyTorch's own TF32 default (on, for cuDNN)."""
+    saved = (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
+    torch.backends.cudnn.benchmark = paths.cudnn_benchmark or saved[0]
+    if paths.tf32_training:
+        torch.set_float32_matmul_precision("high")
+    return saved
+
+
+def restore_backends(saved):
+    torch.backends.cudnn.benchmark = saved[0]
+    torch.set_float32_matmul_precision(saved[1])

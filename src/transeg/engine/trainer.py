@@ -28,9 +28,10 @@ from torch.utils.data import Subset
 from tqdm import tqdm
 
 from ..checkpoint import first_nonfinite
-from ..device import native_bf16, resolve_device
+from ..device import native_bf16, paths_for, resolve_device, restore_backends, training_backends
 from ..errors import TransegError
 from ..flops import count_params
+from ..layers.fusion import set_fused
 from .checkpoints import (STATE_FILE, check_resume, check_resume_settings, read_state, restore, resume_command,
                           resume_schedule, save_checkpoint)
 from .config import TrainConfig, resolve
@@ -104,6 +105,7 @@ class _Training:
         self.state_path = self.out / STATE_FILE
         self.resume = check_resume(self.out, resume)  # the cheap refusals first, before any data or model is built
         self.device = resolve_device(cfg.device)
+        self.paths = paths_for(self.device)  # how this device computes: the training form, cuDNN, TF32
         self.amp_dtype = _amp(cfg, self.device)
         self.report = Report(cfg, self.out, self.main, self.world)  # a missing tracker is refused before any work
         torch.manual_seed(cfg.seed)
@@ -155,6 +157,7 @@ class _Training:
         """The model, its optimizer, learning-rate schedule and grad scaler."""
         cfg = self.cfg
         self.model = build_model(cfg, self.train_set, log=self.log if self.main else None).to(self.device)
+        set_fused(self.model, self.paths.training_form == "fused")  # the same function; the device's faster form
         self.optimizer = build_optimizer(self.model, cfg.optimizer, cfg.lr, cfg.weight_decay,
                                          custom_keys=cfg.custom_keys, nesterov=cfg.nesterov,
                                          split_encoder=bool(cfg.two_stage_warmup))
@@ -197,6 +200,7 @@ class _Training:
     def run(self):
         """Train from `start` to `end`; returns the last evaluation result (None if there was none)."""
         interrupts = Interrupts(enabled=self.world == 1)
+        backends = training_backends(self.paths)  # process-wide switches: put back when the run ends
         try:
             with interrupts:
                 self._owed()
@@ -215,6 +219,7 @@ class _Training:
                 self.report.finish()
             raise
         finally:
+            restore_backends(backends)
             if self.batches is not None:
                 self.batches.close()
         return self._finish()

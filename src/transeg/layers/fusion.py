@@ -22,19 +22,30 @@ import torch.nn.functional as F
 from .shape import map_to_tokens, tokens_to_map
 
 
+def set_fused(model, fused):
+    """Put `model`'s fusable modules (those with a `fused` attribute: these decoders, and the blocked training
+    loss of `losses.upsampled_cross_entropy`) in the fused form (True) or the published one (False); returns
+    their previous flags, for `restore_fused`. Which form a device trains with is `device.Paths.training_form`."""
+    modules = [m for m in model.modules() if hasattr(m, "fused")]
+    saved = [(m, m.fused) for m in modules]
+    for m in modules:
+        m.fused = fused
+    return saved
+
+
+def restore_fused(saved):
+    for m, flag in saved:
+        m.fused = flag
+
+
 @contextlib.contextmanager
 def unfused(model):
-    """Run `model`'s fusable modules (those with a `fused` attribute: these decoders, and the blocked
-    training loss of `losses.upsampled_cross_entropy`) in their published form."""
-    modules = [m for m in model.modules() if hasattr(m, "fused")]
-    saved = [m.fused for m in modules]
-    for m in modules:
-        m.fused = False
+    """`model` in its published form (`set_fused(model, False)`) within the block."""
+    saved = set_fused(model, False)
     try:
         yield model
     finally:
-        for m, flag in zip(modules, saved):
-            m.fused = flag
+        restore_fused(saved)
 
 
 def fused_concat_conv_bn(inputs, projections, conv, bn, size):
