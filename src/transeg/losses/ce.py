@@ -34,8 +34,8 @@ def upsampled_cross_entropy(logits, label, ignore_index=255, reduction="all", pa
     is taken while it is in cache. Backward recomputes the blocks from the logits (nothing at full
     size is saved) and pushes each block's softmax gradient back through the same matrices. For SegFormer's training batch (8 × 150 classes × 512²) the published way writes and
     re-reads a 1.26 GB tensor about ten times (upsample, log-softmax, NLL and their backward
-    passes); this works in blocks of ~2 MB. Computed in fp32 whatever the logits' dtype, like
-    `cross_entropy(logits.float(), ...)`. reduction as in `cross_entropy`; "valid" with no labelled
+    passes); this works in blocks of ~2 MB. Computed in fp32 for fp32 and lower-precision logits, like
+    `cross_entropy(logits.float(), ...)`, and in fp64 for fp64 ones. reduction as in `cross_entropy`; "valid" with no labelled
     pixel at all gives 0 (not NaN, which would stop training). blocked=False runs the published
     computation instead (what `layers.fusion.unfused` selects, for comparisons).
     """
@@ -48,7 +48,8 @@ def upsampled_cross_entropy(logits, label, ignore_index=255, reduction="all", pa
     if not blocked:
         if tuple(logits.shape[-2:]) != padded:
             logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
-        return cross_entropy(logits[..., :size[0], :size[1]].float(), label, ignore_index, reduction)
+        logits = logits[..., :size[0], :size[1]]
+        return cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), label, ignore_index, reduction)
     return _UpsampledCrossEntropy.apply(logits, label.long(), padded, ignore_index, reduction)
 
 
@@ -60,12 +61,12 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
     BLOCK_BYTES = 1 << 21  # about 2 MB of fp32 logits per block of rows: a core's L2
 
     @staticmethod
-    def _plan(padded_h, h, height, width, c, device):
+    def _plan(padded_h, h, height, width, c, dtype, device):
         """The H-resampling matrix (height, h) and the row blocks [(r0, r1, lo, hi)]: output rows
         r0..r1-1 read only input rows lo..hi-1 (two taps per row, the taps never go backwards)."""
         from ..layers.fusion import bilinear_matrix
 
-        a = bilinear_matrix(padded_h, h, torch.float32, device)[:height]
+        a = bilinear_matrix(padded_h, h, dtype, device)[:height]
         rows = max(1, _UpsampledCrossEntropy.BLOCK_BYTES // (4 * width * c))
 
         def first_tap(i):  # bilinear_matrix's rule, in the same float64 arithmetic
@@ -88,12 +89,17 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
         return torch.empty(1, c, h, padded_w, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
 
     @staticmethod
+    def _exact(logits):
+        """The logits in the precision the loss is computed in: float32, or float64 for float64 logits."""
+        return logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+
+    @staticmethod
     def forward(ctx, logits, label, padded, ignore_index, reduction):
         with torch.autocast(logits.device.type, enabled=False), torch.no_grad():
-            x = logits.detach().float()
+            x = _UpsampledCrossEntropy._exact(logits)
             n, c, h, w = x.shape
             height, width = label.shape[-2:]
-            a, blocks = _UpsampledCrossEntropy._plan(padded[0], h, height, width, c, x.device)
+            a, blocks = _UpsampledCrossEntropy._plan(padded[0], h, height, width, c, x.dtype, x.device)
             total = x.new_zeros(())
             buf = _UpsampledCrossEntropy._buffer(x, padded[1])
             for b in range(n):
@@ -103,7 +109,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                     total += F.cross_entropy(up, label[b, r0:r1].reshape(-1), ignore_index=ignore_index,
                                              reduction="sum")
             valid = label != ignore_index
-            denom = valid.sum().clamp(min=1).float() if reduction == "valid" else x.new_tensor(float(valid.numel()))
+            denom = valid.sum().clamp(min=1).to(x.dtype) if reduction == "valid" else x.new_tensor(float(valid.numel()))
         ctx.save_for_backward(logits, label, valid, denom)
         ctx.padded, ctx.plan = padded, (a, blocks)
         return total / denom
@@ -112,7 +118,7 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         logits, label, valid, denom = ctx.saved_tensors
         with torch.autocast(logits.device.type, enabled=False), torch.no_grad():
-            x = logits.detach().float()
+            x = _UpsampledCrossEntropy._exact(logits)
             n, c, h, w = x.shape
             height, width = label.shape[-2:]
             padded, (a, blocks) = ctx.padded, ctx.plan
