@@ -3,7 +3,10 @@
 For each model: inference latency at batch 1 and 8 (fp32 for both; bf16 as each library runs it best:
 HF under autocast, transeg with native bf16 weights via `optimize_for_inference(torch.bfloat16)`),
 then optionally one training step (forward + CE loss + backward + fused AdamW step) at batch 8, fp32
-and bf16 autocast for both. Within every round each contender runs once in turn
+and bf16 autocast for both; transeg's step is the one `transeg train` takes on that device: the model in
+the form `transeg.device.paths_for(device).training_form` names (published decoder + upsample-then-CE on
+CUDA, the fused decoder + row-blocked loss on a CPU), with the cuDNN autotuning / TF32 matmul switches the
+trainer sets, which hold for HF's step too while the training steps are timed. Within every round each contender runs once in turn
 (transeg.bench.time_interleaved), so a drift of the machine hits them alike; medians are reported
 with the speed-up over HF fp32 (inference) or HF in the same precision (training). Before timing,
 the fp32 logits of the two are compared (max |Δ|), and the bf16 predictions against fp32 (argmax
@@ -21,6 +24,8 @@ import statistics
 import torch
 
 from transeg.bench import environment, hf_peer, peak_tensor_memory, time_interleaved
+from transeg.device import paths_for, restore_backends, training_backends
+from transeg.layers.fusion import set_fused
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -47,8 +52,10 @@ def inference_fns(ours, hf, x, dtypes):
 
 def train_fns(ours, hf, x, label, dtypes):
     """{contender: one optimisation step}; both use fused AdamW and CE with ignore 255 on logits
-    upsampled to the label size (HF's loss; transeg's Segmentor.loss)."""
+    upsampled to the label size (HF's loss; transeg's Segmentor.loss). transeg is put in the form its
+    trainer uses on x's device (`set_fused` by `paths_for(device).training_form`), as `transeg train` does."""
     fns = {}
+    set_fused(ours, paths_for(x.device).training_form == "fused")
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=True)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-6, fused=True)
     hf.train()
@@ -130,9 +137,17 @@ def main():
             x = torch.randn(args.train_batch, 3, *args.size, device=device)
             label = torch.randint(0, args.num_classes, (args.train_batch, *args.size), device=device)
             label[:, :8] = 255  # some ignored pixels, as real crops have
-            times = time_interleaved(train_fns(ours, hf, x, label, dtypes), device, 1, args.train_runs)
+            paths = paths_for(device)
+            backends = training_backends(paths)  # as `transeg train` sets them; inference above ran without
+            try:
+                times = time_interleaved(train_fns(ours, hf, x, label, dtypes), device, 1, args.train_runs)
+            finally:
+                restore_backends(backends)
+            switches = ", ".join(s for s, on in (("cuDNN autotuning", paths.cudnn_benchmark),
+                                                  ("TF32 matmuls", paths.tf32_training)) if on)
             print(f"\nTraining step, batch {args.train_batch}, {args.size[0]}x{args.size[1]} crops "
-                  f"(median of {args.train_runs} after 1 warm-up):\n")
+                  f"(median of {args.train_runs} after 1 warm-up; transeg in the {paths.training_form} form "
+                  f"`transeg train` uses on {device.type}" + (f"; {switches} for both" if switches else "") + "):\n")
             print("| precision | HF s/step | transeg s/step | speed-up |")
             print("|---|---|---|---|")
             for name in dtypes:

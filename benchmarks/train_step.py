@@ -5,10 +5,16 @@ with its own fused AdamW, timed in turn within every round (transeg.bench.time_i
 
 - eager, published decoder: the model as the papers write it (`layers.fusion.unfused`), eager;
 - eager, fused decoder:     transeg's default (exact algebraic fusion of the all-MLP decoders);
-- compiled:                 the default plus `torch.compile` (the `compile: true` training key).
+- compiled:                 the form `transeg train` uses on this device plus `torch.compile` (the
+                            `compile: true` training key).
 
 A step = forward + the model's loss + backward + optimizer step + zero_grad, as the trainer runs it.
-Compile time (the first steps) is reported apart. For HF SegFormer as the peer, see segformer_hf.py.
+`transeg train` trains the form `transeg.device.paths_for(device).training_form` names (the fused one on a
+CPU, the published one on CUDA: ../shared/perf/gpu-h200.md) and sets cuDNN autotuning / TF32 matmuls as
+that device's Paths say; this script sets the same switches for every contender, marks the trainer's
+column "(transeg train)", and says the form in its header. Compile time (the first steps) is reported
+apart. For HF SegFormer as the peer, see segformer_hf.py; for the trainer against this bare step,
+train_overhead.py.
 
     python benchmarks/train_step.py --models edaformer-t
     python benchmarks/train_step.py --models segformer-b0,edaformer-t --batch 8 --no-compile
@@ -23,7 +29,8 @@ import torch
 
 from transeg import create_model
 from transeg.bench import environment, time_interleaved
-from transeg.layers.fusion import unfused
+from transeg.device import paths_for, training_backends
+from transeg.layers.fusion import set_fused, unfused
 
 
 def step_fn(model, x, label, dtype, published=False):
@@ -37,6 +44,11 @@ def step_fn(model, x, label, dtype, published=False):
         opt.step()
         opt.zero_grad(set_to_none=True)
     return step
+
+
+def trainer_form(device):
+    """"fused" or "published": the form `transeg train` trains in on `device` (its Paths' training_form)."""
+    return paths_for(device).training_form
 
 
 def main():
@@ -54,11 +66,15 @@ def main():
     device = torch.device(args.device)
     size = tuple(int(v) for v in args.size.split("x"))
     env = environment(device)
+    form = trainer_form(device)
+    training_backends(paths_for(device))  # cuDNN autotuning / TF32 as `transeg train` sets them (no-ops on a CPU)
     print(f"# Training step — {env['device']}, {env['threads']} threads, torch {env['torch']}, batch {args.batch}, "
           f"{size[0]}x{size[1]} crops, {args.num_classes} classes, fused AdamW, median of {args.runs} interleaved "
-          f"steps after {args.warmup} warm-up\n")
-    print("| model | precision | eager, published decoder s | eager, fused decoder s | compiled s | "
-          "fused vs published | best vs published | compile s |")
+          f"steps after {args.warmup} warm-up; `transeg train` on {device.type} trains the {form} form "
+          f"(device.paths_for().training_form), the compiled contender too\n")
+    mark = {f: " (transeg train)" if f == form else "" for f in ("published", "fused")}
+    print(f"| model | precision | eager, published decoder{mark['published']} s | eager, fused decoder{mark['fused']} s | "
+          "compiled s | fused vs published | best vs published | compile s |")
     print("|---|---|---|---|---|---|---|---|")
     x = torch.randn(args.batch, 3, *size, device=device)
     label = torch.randint(0, args.num_classes, (args.batch, *size), device=device)
@@ -73,6 +89,7 @@ def main():
             compile_s = ""
             if not args.no_compile:
                 compiled = copy.deepcopy(base)
+                set_fused(compiled, form == "fused")
                 compiled.compile()
                 fns["compiled"] = step_fn(compiled, x, label, dtype)
                 t = time.perf_counter()
