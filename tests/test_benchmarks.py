@@ -2,6 +2,9 @@
 `transeg data prepare` where the real data needs it, read through the real readers, trained on for a
 few iterations and evaluated."""
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -248,3 +251,35 @@ def test_raw_id_outside_the_dataset_names_the_file(tmp_path):
     with pytest.raises(transeg.TransegError, match=r"aachen_000001_000019_gtFine_labelIds.png: label value 40 is outside "
                                                    r"the 19 classes of Cityscapes \(allowed the Cityscapes label ids 0..33"):
         ds[1]
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(300)
+def test_gpu_suite_smoke_runs_every_step_and_writes_its_tables(tmp_path):
+    """`benchmarks/gpu_suite.py --smoke` (issue 32: one command for the whole GPU suite; on a CPU its small version)
+    runs every step's script at tiny sizes and exits 0: each step leaves a markdown table in its NN-STEP.md and
+    summary.md lists every step as ok, so a change to a benchmark script that breaks it fails here, not on the GPU
+    machine whose minutes are scarce. Run again on the now full folder it refuses in one line with exit 2 and
+    leaves the files as they were (it never writes over a user's files)."""
+    suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
+    sys.path.insert(0, str(suite.parent))
+    try:
+        from gpu_suite import STEPS
+    finally:
+        sys.path.remove(str(suite.parent))
+    out = tmp_path / "suite"
+    run = subprocess.run([sys.executable, str(suite), "--out", str(out), "--smoke"], capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = (out / "summary.md").read_text()
+    for i, step in enumerate(STEPS, 1):
+        stem = f"{i:02d}-{step.name}"
+        table = (out / f"{stem}.md").read_text()
+        assert "\n|---" in table and table.count("\n| ") >= 2, f"{stem}.md holds no table:\n{table}"
+        assert f"| {stem} | ok |" in summary, summary
+    before = sorted(p.name for p in out.iterdir())
+    again = subprocess.run([sys.executable, str(suite), "--out", str(out), "--smoke"], capture_output=True, text=True,
+                           timeout=60)
+    assert again.returncode == 2 and again.stdout == "" and len(again.stderr.strip().splitlines()) == 1
+    assert "exists and is not an empty folder" in again.stderr
+    assert sorted(p.name for p in out.iterdir()) == before
