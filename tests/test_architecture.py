@@ -21,7 +21,7 @@ LAYERS = [
     ("checkpoints and counting", ("transeg.checkpoint", "transeg.flops")),
     ("registry", ("transeg.registry",)),
     ("segmentor", ("transeg.segmentor", "transeg.contracts")),
-    ("inference", ("transeg.inference", "transeg.tiled")),
+    ("inference", ("transeg.inference", "transeg.tiled", "transeg.compiled")),
     ("shared model code", ("transeg.heads", "transeg.backbones", "transeg.losses")),
     ("layers", ("transeg.layers",)),
     ("foundations", ("transeg.data", "transeg.viz", "transeg.images", "transeg.rasters", "transeg.files", "transeg.hub", "transeg.isr",

@@ -189,14 +189,24 @@ def _add_protocol_args(p):
     _add_device_arg(p)
 
 
-def _add_speed_args(p, default_dtype="fp32"):
+def _add_speed_args(p, serving=False):
     g = p.add_argument_group("speed")
-    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=default_dtype,
+    if serving:  # a long-lived process: the device's serving choices (device.Paths) unless told otherwise
+        g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                       help="inference precision: bf16/fp16 cast the weights (native low precision, faster than "
+                            "autocast on tensor-core GPUs and AMX CPUs; ~3 significant digits). Default auto: bf16 "
+                            "on a CUDA GPU, fp32 on a CPU")
+        g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                       help="torch.compile (CUDA graphs on a GPU): images are padded to a few size buckets, each "
+                            "compiled once (17-55 s on a GPU, told when it happens), then several times faster at "
+                            "batch 1. Default: on for a CUDA GPU, off on a CPU")
+        return
+    g.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="inference precision: bf16/fp16 cast the weights (native low precision, faster than "
                         "autocast on AMX CPUs and tensor-core GPUs; ~3 significant digits). Default fp32")
     g.add_argument("--compile", action="store_true",
-                   help="torch.compile with weight freezing: the first image of each size compiles (a one-off wait), "
-                        "later ones run faster; worth it for many images of one size")
+                   help="torch.compile with weight freezing (CUDA graphs on a GPU): images are padded to a few size "
+                        "buckets, each compiled once (a one-off wait, told when it happens); worth it for many images")
 
 
 def _add_isr_args(p):
@@ -225,6 +235,11 @@ def _add_backend_arg(p):
                         "(fp32 or --int8; its precision and ISR are the export's, CPU only), else PyTorch")
 
 
+def _say(line):
+    """A line of progress from the library (a compiled graph, ...) to stderr, away from the results."""
+    print(f"transeg: {printable(line)}", file=sys.stderr, flush=True)
+
+
 def _load(args, device="auto"):
     """The checkpoint, with the command line's ISR set and --device / --dtype / --compile applied. An .onnx file
     (or --backend onnxruntime) runs on onnxruntime through the same inference code (transeg.deploy.backend)."""
@@ -235,7 +250,7 @@ def _load(args, device="auto"):
     setting = parse_setting(args.isr_encoder, args.isr_decoder)
     if setting:
         model.set_isr(**setting)
-    speed = dict(dtype=args.dtype, compile=args.compile) if hasattr(args, "dtype") else {}
+    speed = dict(dtype=args.dtype, compile=args.compile, log=_say) if hasattr(args, "dtype") else {}
     return model.optimize_for_inference(device=getattr(args, "device", device), **speed)
 
 
@@ -681,7 +696,7 @@ def cmd_bench(args):
         for k, ms in r["ms"].items():
             print(f"{k:24s} {ms:8.1f} ms  {1000 * args.batch / ms:6.1f} images/s  {r['ms']['HF fp32'] / ms:5.2f}x HF fp32")
         return
-    model.optimize_for_inference(None if args.autocast else dtype, compile=args.compile, device=device)
+    model.optimize_for_inference(None if args.autocast else dtype, compile=args.compile, device=device, log=_say)
     rows = bench.measure(model, settings, args.size, args.batch, device, dtype if args.autocast else torch.float32,
                          args.warmup, args.runs, args.flops, dataset, args.limit, progress=sys.stderr.isatty())
     for row in rows:
@@ -764,7 +779,8 @@ def _print_sweep_row(row, base, batch):
 def cmd_serve(args):
     from .serve import serve
 
-    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype, compile=args.compile,
+    serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype,
+          compile="auto" if args.compile is None else args.compile, log=_say,
           backend=args.backend,
           max_batch=args.max_batch, window_ms=args.window_ms, max_pending=args.max_pending,
           max_upload_mb=args.max_upload_mb, max_megapixels=args.max_megapixels,
@@ -789,7 +805,7 @@ def _serve_args(p):
                    "0.0.0.0 for every interface)")
     p.add_argument("--port", type=int, default=8000, help="default 8000")
     _add_device_arg(p)
-    _add_speed_args(p)
+    _add_speed_args(p, serving=True)
     g = p.add_argument_group("batching and limits")
     g.add_argument("--max-batch", type=int, help="images of one size run together, at most this many (default: 8 "
                    "on a GPU, 1 on a CPU, where batching gains nothing; see BENCHMARKS.md)")

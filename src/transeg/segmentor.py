@@ -4,10 +4,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import inference, tiled
+from .compiled import CompiledNetwork
 from .contracts import Backbone, DecodeHead, IterationHook, LossInputs, mask_scores
 from . import isr as isr_module
 from .data.palettes import default_palette
-from .device import parse_dtype, resolve_device
+from .device import parse_dtype, paths_for, resolve_device
 from .layers.shape import round_up
 from .errors import TransegError
 from .losses import ohem_cross_entropy, upsampled_cross_entropy
@@ -29,12 +30,29 @@ class Segmentor(nn.Module):
         self.num_classes = num_classes
         self.meta = dict(meta or {})
         self.fused = True  # the blocked loss (losses.upsampled_cross_entropy); layers.fusion.unfused turns it off
+        self.compiled = None  # the compiled inference path (optimize_for_inference(compile=True))
 
     def forward(self, x):
         """Logits (scores, for mask classification) at the head's stride in eval; in training what the
         loss takes: logits, or the head's `LossInputs`."""
-        out = self.decode_head(self.backbone(self._to_weight_dtype(x)))
+        out = self.network(x)
         return mask_scores(out) if self.decode_head.mask_classification and not self.training else out
+
+    def network(self, x):
+        """The backbone, then the head: through the compiled path in eval when `optimize_for_inference(compile=True)`
+        made one (`transeg.compiled`), else eager."""
+        if self.compiled is not None and not self.training:
+            return self.compiled(x)
+        return self.eager_network(x)
+
+    def eager_network(self, x):
+        return self.decode_head(self.backbone(self._to_weight_dtype(x)))
+
+    def train(self, mode=True):
+        """As nn.Module.train; training drops the compiled inference path, whose graphs hold frozen weights."""
+        if mode:
+            self.compiled = None
+        return super().train(mode)
 
     def set_iteration(self, iteration):
         """The training hook (`contracts.IterationHook`): tell every part that declares it that `iteration`
@@ -54,7 +72,7 @@ class Segmentor(nn.Module):
         """The weights' floating dtype (float32 unless cast for inference)."""
         return next(p.dtype for p in self.parameters() if p.is_floating_point())
 
-    def optimize_for_inference(self, dtype=None, compile=False, device=None):
+    def optimize_for_inference(self, dtype=None, compile=False, device=None, log=None):
         """eval(), then optionally:
 
         device: move the model there ("cuda", "cpu", "auto" = cuda when available).
@@ -64,21 +82,29 @@ class Segmentor(nn.Module):
         ops). Inputs are cast on entry; scores come back float32 from `logits`/`predict`.
         (Mask2Former's deformable attention keeps its sampling positions and bilinear sampling in
         fp32 either way.)
-        compile: torch.compile the backbone and head with inductor's weight freezing (constant
-        folding, prepacked weights, fused element-wise kernels). The first call at each input size
-        compiles (a one-off wait); later calls reuse the compiled graph. Weights must not change after.
+        compile: the compiled inference path (`transeg.compiled`): the backbone and head through torch.compile with
+        the device's options (`device.Paths`: inductor with weight freezing; CUDA graphs on a GPU), one graph per
+        size bucket, batch and precision, at most `compiled.MAX_GRAPHS`. The first call in a bucket compiles (a
+        one-off wait, told to `log` with its seconds); later calls reuse the graph. Weights must not change after
+        (`train()` drops the path).
+
+        dtype and compile "auto": what the device serves with (`device.Paths.serving_dtype`, `compile_serving`).
 
         fp32 needs no call to be fast: the decoders' algebraic fusion (layers/fusion.py) always runs,
         as it computes the same function from the weights as they are. Returns self."""
         self.eval()
         if device is not None:
             self.to(resolve_device(device))
-        dtype = parse_dtype(dtype)
+        paths = paths_for(next(self.parameters()).device)
+        dtype = paths.serving_dtype if dtype == "auto" else parse_dtype(dtype)
+        compile = paths.compile_serving if compile == "auto" else compile
         if dtype is not None and dtype != torch.float32:
             self.to(dtype)
+        self.compiled = None
         if compile:
-            for part in (self.backbone, self.decode_head):
-                part.compile(options={"freezing": True})
+            self.compiled = CompiledNetwork(self.eager_network, self.backbone.pad_multiple, self.decode_head.stride,
+                                            next(self.parameters()).device, state=lambda: (self.dtype, repr(self.isr)),
+                                            log=log)
         return self
 
     def padded_size(self, size):
@@ -108,7 +134,7 @@ class Segmentor(nn.Module):
         size = x.shape[-2:]
         if not self.decode_head.mask_classification:
             return self.upsample_logits(self(x).float(), size)
-        prediction = self.decode_head(self.backbone(self._to_weight_dtype(x)))
+        prediction = self.network(x)
         return mask_scores(prediction, self.padded_size(size)).float()[..., :size[0], :size[1]]
 
     def loss(self, logits, label, ignore_index=255, reduction="all", ohem=None, terms=None):

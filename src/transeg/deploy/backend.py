@@ -111,16 +111,16 @@ class OnnxModel(nn.Module):
                            f"({isr_module.describe(self.isr)}): export the checkpoint again with --isr-encoder / "
                            "--isr-decoder")
 
-    def optimize_for_inference(self, dtype=None, compile=False, device=None):
-        """The graph runs as exported, on the CPU: fp32 (or None) and device cpu / auto are accepted; anything
-        else is one line saying how to get it."""
-        if dtype not in (None, "fp32", torch.float32):
+    def optimize_for_inference(self, dtype=None, compile=False, device=None, log=None):
+        """The graph runs as exported, on the CPU: fp32 (or None, or "auto") and device cpu / auto are accepted;
+        anything else is one line saying how to get it. compile "auto" is no compile here."""
+        if dtype not in (None, "auto", "fp32", torch.float32):
             raise TransegError(f"{self.path}: an .onnx model runs in the precision it was exported in; for a faster "
                                "CPU model export it with --int8 (`transeg export MODEL out.onnx --int8`)")
         if device not in (None, "auto", "cpu"):
             raise TransegError(f"{self.path}: the onnxruntime back-end runs on the CPU; use --device cpu, or the "
                                ".safetensors checkpoint for {device}")
-        if compile:
+        if compile and compile != "auto":
             raise TransegError(f"{self.path}: --compile is for PyTorch models; onnxruntime optimises the graph itself")
         return self.eval()
 

@@ -3,13 +3,15 @@ pip install "transeg[serve]"). `create_app(model)` is the ASGI app for any serve
 with every bound of limits.py in force."""
 
 
-def serve(model, host="127.0.0.1", port=8000, device="auto", dtype=None, compile=False, backend="auto",
+def serve(model, host="127.0.0.1", port=8000, device="auto", dtype="auto", compile="auto", backend="auto", log=None,
           max_batch=None, window_ms=5.0, max_pending=64, max_upload_mb=20.0, max_megapixels=40.0,
           max_inflight_megapixels=None, max_inflight_upload_mb=None, header_timeout=10.0, body_timeout=60.0,
           max_connections=None, allowed_hosts=None, allowed_origins=()):
     """Load `model` (anything `transeg.load` takes, or an .onnx file from `transeg export`, run by onnxruntime:
     `backend`, see transeg.deploy.backend) once, warm it up, and serve it with uvicorn until
-    interrupted. Every setting is checked, and host:port bound, before the model loads and before
+    interrupted. dtype and compile "auto": the device's serving choices (`device.Paths`: native bf16 and the
+    compiled path on a CUDA GPU, fp32 eager on a CPU); the warm-up compiles the first size bucket, and `log` hears
+    of each graph compiled. Every setting is checked, and host:port bound, before the model loads and before
     "serving ... on" is printed: a bad one is one TransegError naming its flag.
 
     The bounds (limits.py says where each acts):
@@ -44,7 +46,7 @@ def serve(model, host="127.0.0.1", port=8000, device="auto", dtype=None, compile
         allowed_hosts = LOOPBACK + ((host,) if host not in ("0.0.0.0", "::", "") else ())
     sock = bind(host, port)
     try:
-        net = load_model(model, backend).optimize_for_inference(dtype, compile=compile, device=device)
+        net = load_model(model, backend).optimize_for_inference(dtype, compile=compile, device=device, log=log)
         net.predict(np.zeros((256, 256, 3), np.uint8))  # fail here, not on the first request (and compile once)
     except BaseException:
         sock.close()

@@ -1,0 +1,121 @@
+"""The compiled inference path: a Segmentor's network (backbone then head) through `torch.compile`, with input
+sizes bucketed so that a folder of mixed sizes compiles a few graphs, not one per image.
+
+On a GPU at batch 1 eager inference is bound by kernel launches, not arithmetic: SegFormer-B0 at 512x512 runs
+4.9 ms eager and 1.25 ms compiled with CUDA graphs on an H200 (BENCHMARKS.md "On a GPU"). A compiled graph holds
+for one input shape, and compiling one costs 17-55 s there (about 20 s on two CPU cores), so:
+
+- **Size buckets.** An input's height and width are each rounded up to the next rung of a ladder with four rungs
+  per octave (`bucket_side`: 512, 640, 768, 896, 1024, 1280, ...; every rung a multiple of the network's unit, 32
+  and the backbone's padding multiple), and the input is padded there at the bottom and right with zeros, which
+  in the model's normalisation is its mean colour (as tiled inference pads its edge windows). The head's output is
+  cropped back to the size the eager network gives for the unpadded input, so everything after it (upsampling,
+  cropping, mask scores) is unchanged. The batch is padded to a power of two the same way. An input already on a
+  rung runs exactly as eager; a padded one sees mean colour past its edge where eager sees the network's own
+  zero padding, which the labels near that edge may notice (tests/test_compiled.py measures it).
+- **A bounded cache.** One graph per (bucket, batch, weights' dtype, ISR setting), at most `MAX_GRAPHS`; an input
+  beyond them runs eager, said once. Each graph holds its own frozen copy of the weights (constant folding), so
+  the cache's memory is at most MAX_GRAPHS x the weights.
+- **Compile time said once per graph**, through the `log` given (the CLI prints it; the library is quiet). A
+  compiler that fails (no C compiler on a CPU, an operator it cannot build) is said once, and the model runs
+  eager: a service started with the default compiled path stays up.
+
+What compiles, and how, is the device's choice (`device.Paths.compile_options`): inductor with weight freezing on
+both, with CUDA graphs on a GPU. Weights must not change after: `Segmentor.train()` drops the compiled path.
+"""
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .device import paths_for
+
+# The most graphs one model keeps (Dynamo's own recompile limit per function is 8 as well): a service at a
+# fixed protocol needs one or two, a folder of phone photos under keep-ratio resizing about four.
+MAX_GRAPHS = 8
+RUNGS_PER_OCTAVE = 4
+UNIT = 32  # the deepest stride of the pyramid backbones: a bucket side is a multiple of it
+
+
+def bucket_side(side, unit=UNIT):
+    """The ladder rung at or above `side`: a multiple of `unit` and of a step of an eighth to a quarter of the
+    side (the largest power of two at most side / RUNGS_PER_OCTAVE), so padding adds at most a quarter."""
+    step = 2 ** max(0, math.floor(math.log2(max(side, 1))) - int(math.log2(RUNGS_PER_OCTAVE)))
+    step = unit * max(1, round(step / unit))
+    return -(-side // step) * step
+
+
+def bucket_of(size, pad_multiple=1):
+    """The bucket (height, width) an input of `size` runs at."""
+    unit = math.lcm(UNIT, pad_multiple)
+    return bucket_side(size[0], unit), bucket_side(size[1], unit)
+
+
+def batch_bucket(n):
+    return 1 << max(0, n - 1).bit_length()
+
+
+def _crop(out, n, size):
+    """The head's output for the first `n` inputs, its maps cut to `size` (h, w): a tensor [N,C,h,w], or a named
+    tuple / list of them (a mask prediction: its mask logits are maps, its class logits [N,Q,K+1] only lose the
+    batch padding)."""
+    if isinstance(out, torch.Tensor):
+        out = out[:n]
+        return out[..., :size[0], :size[1]] if out.dim() == 4 else out
+    items = [_crop(o, n, size) for o in out]
+    return type(out)._make(items) if hasattr(out, "_fields") else type(out)(items)
+
+
+class CompiledNetwork:
+    """`network(x)` of a model, compiled per bucket: call it with a normalised batch [N,3,H,W] and get what the
+    eager network returns for it. network: the eager callable (backbone then head); pad_multiple: the backbone's;
+    stride: the head's output stride; state: a callable giving what else a graph is specific to (the weights' dtype,
+    the ISR setting); log: called with one line per compiled graph."""
+
+    def __init__(self, network, pad_multiple, stride, device, state=lambda: None, log=None, max_graphs=MAX_GRAPHS):
+        self.network, self.pad_multiple, self.stride, self.state, self.log = network, pad_multiple, stride, state, log
+        self.max_graphs = max_graphs
+        self.compiled = torch.compile(network, dynamic=False, options=dict(paths_for(device).compile_options))
+        self.graphs = {}  # key -> seconds its compile took
+        self.refused = False  # past max_graphs: said once
+        self.failed = None  # the compiler's error, once it has failed: the model then runs eager
+        # Dynamo keeps one entry per shape for the function; let it keep as many as the cache allows
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_graphs)
+
+    def output_size(self, size):
+        """The head's output size for an input of `size` in eager: its padded size over the stride (rounded up,
+        as strided convolutions round)."""
+        return tuple(-(-(-(-s // self.pad_multiple) * self.pad_multiple) // self.stride) for s in size)
+
+    def key(self, x):
+        bucket = bucket_of(x.shape[-2:], self.pad_multiple)
+        return bucket, batch_bucket(x.shape[0]), self.state()
+
+    def __call__(self, x):
+        key = self.key(x)
+        if self.failed is not None:
+            return self.network(x)
+        if key not in self.graphs and len(self.graphs) >= self.max_graphs:
+            if not self.refused and self.log:
+                self.log(f"compiled inference keeps at most {self.max_graphs} graphs; inputs of new sizes run eager")
+            self.refused = True
+            return self.network(x)
+        (bh, bw), batch = key[0], key[1]
+        n, _, h, w = x.shape
+        padded = F.pad(x, (0, bw - w, 0, bh - h, 0, 0, 0, batch - n)) if (bh, bw, batch) != (h, w, n) else x
+        if key in self.graphs:
+            return _crop(self.compiled(padded), n, self.output_size((h, w)))
+        start = time.perf_counter()
+        try:
+            out = _crop(self.compiled(padded), n, self.output_size((h, w)))
+        except Exception as e:  # a compiler that cannot build this model (a missing C compiler, an unsupported op)
+            self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            if self.log:
+                self.log(f"compiling failed ({self.failed}); running eager")
+            return self.network(x)
+        self.graphs[key] = time.perf_counter() - start
+        if self.log:
+            self.log(f"compiled for {bh}x{bw}, batch {batch} in "
+                     f"{self.graphs[key]:.1f} s (once per size bucket; at most {self.max_graphs} kept)")
+        return out
