@@ -96,6 +96,30 @@ def test_cache_is_bounded_and_training_drops_it():
     assert model.compiled is None
 
 
+class FixedSizeHead(LocalHead):
+    """A head that makes its maps at one size whatever the input's (as SegViT's masks at its training crop)."""
+
+    def forward(self, features):
+        return nn.functional.interpolate(super().forward(features), size=(16, 16), mode="bilinear")
+
+
+def test_a_head_of_fixed_output_size_is_compiled_per_exact_size():
+    """Its 16x16 maps cannot be cropped back from a bucket: the first compile finds that (16x16 is not the 32x40
+    bucket's 8x10), says it once, and from then on graphs are per exact size and give eager's scores exactly."""
+    torch.manual_seed(0)
+    model = Segmentor(LocalBackbone(), FixedSizeHead(), 5, meta={"mean": [0, 0, 0], "std": [1, 1, 1]}).eval()
+    inputs = [torch.randn(1, 3, 30, 37), torch.randn(1, 3, 30, 37), torch.randn(1, 3, 26, 40)]
+    with torch.no_grad():
+        eager = [model.logits(x) for x in inputs]
+        lines = []
+        model.optimize_for_inference(compile=True, log=lines.append)
+        model.compiled.compiled = model.eager_network  # the bookkeeping only
+        got = [model.logits(x) for x in inputs]
+    assert model.compiled.exact and sorted(k[0] for k in model.compiled.graphs) == [(26, 40), (30, 37)]
+    assert sum("per exact size" in line for line in lines) == 1
+    assert all(torch.equal(a, b) for a, b in zip(eager, got))
+
+
 def test_a_failing_compiler_falls_back_to_eager_once():
     """A compiler error (here injected; on a machine without a C compiler, inductor's) is said in one line and the
     model runs eager from then on, with eager's labels: a service on the default compiled path stays up."""
@@ -130,7 +154,9 @@ ONE_PER_FAMILY = ["segformer-b0", "edaformer-t", "segmenter-vit-t16-mask", "segv
 def test_compiled_equals_eager(name):
     """Inductor with weight freezing computes every family's scores as eager does to 1e-4 (it reorders float sums
     and folds BatchNorm and constants: measured 1e-6..1e-5 of scores ~1-10), at a size on a rung (no padding) and
-    a size padded into it, where eager is the same model run on the padded input and cropped."""
+    a size padded into it, where eager is the same model run on the padded input and cropped. SegViT, whose head
+    makes its masks at the training crop whatever the input's size, is found out at the first compile and compiled
+    per exact size instead (a crop of its masks would be a wrong answer: 2.5e-3 off here before this was caught)."""
     model = _tiny(name)
     g = torch.Generator().manual_seed(2)
     on_rung, inside = torch.randn(1, 3, 64, 96, generator=g), torch.randn(1, 3, 56, 90, generator=g)
@@ -143,6 +169,9 @@ def test_compiled_equals_eager(name):
         # inside the same bucket: one graph, and the eager network's output on the padded input, cropped
         head = model.network(padded)
         head_compiled = compiled_model.network(inside)
+    if name.startswith("segvit"):  # masks at the training crop whatever the input: a graph per exact size
+        assert compiled_model.compiled.exact and len(compiled_model.compiled.graphs) == 2  # 64x96 and 56x90
+        return
     assert len(compiled_model.compiled.graphs) == 1
     first = head if isinstance(head, torch.Tensor) else head[0]
     first_compiled = head_compiled if isinstance(head_compiled, torch.Tensor) else head_compiled[0]

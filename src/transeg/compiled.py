@@ -56,28 +56,40 @@ def batch_bucket(n):
     return 1 << max(0, n - 1).bit_length()
 
 
-def _crop(out, n, size):
-    """The head's output for the first `n` inputs, its maps cut to `size` (h, w): a tensor [N,C,h,w], or a named
-    tuple / list of them (a mask prediction: its mask logits are maps, its class logits [N,Q,K+1] only lose the
-    batch padding)."""
+def _crop(out, n, size=None):
+    """The head's output for the first `n` inputs, its maps cut to `size` (h, w; None: as they are): a tensor
+    [N,C,h,w], or a named tuple / list of them (a mask prediction: its mask logits are maps, its class logits
+    [N,Q,K+1] only lose the batch padding)."""
     if isinstance(out, torch.Tensor):
         out = out[:n]
-        return out[..., :size[0], :size[1]] if out.dim() == 4 else out
+        return out[..., :size[0], :size[1]] if out.dim() == 4 and size is not None else out
     items = [_crop(o, n, size) for o in out]
     return type(out)._make(items) if hasattr(out, "_fields") else type(out)(items)
+
+
+def _map_size(out):
+    """The (h, w) of the first map [N,C,h,w] in a head's output."""
+    if isinstance(out, torch.Tensor):
+        return tuple(out.shape[-2:]) if out.dim() == 4 else None
+    return next((size for size in map(_map_size, out) if size is not None), None)
 
 
 class CompiledNetwork:
     """`network(x)` of a model, compiled per bucket: call it with a normalised batch [N,3,H,W] and get what the
     eager network returns for it. network: the eager callable (backbone then head); pad_multiple: the backbone's;
     stride: the head's output stride; state: a callable giving what else a graph is specific to (the weights' dtype,
-    the ISR setting); log: called with one line per compiled graph."""
+    the ISR setting); log: called with one line per compiled graph.
+
+    A head whose output does not follow the input's size (SegViT's masks are made at its training crop whatever
+    the input) cannot be cropped back from a bucket: found at the first compile, the path then keys graphs by the
+    exact input size (`exact`), still at most `max_graphs` of them."""
 
     def __init__(self, network, pad_multiple, stride, device, state=lambda: None, log=None, max_graphs=MAX_GRAPHS):
         self.network, self.pad_multiple, self.stride, self.state, self.log = network, pad_multiple, stride, state, log
         self.max_graphs = max_graphs
         self.compiled = torch.compile(network, dynamic=False, options=dict(paths_for(device).compile_options))
         self.graphs = {}  # key -> seconds its compile took
+        self.exact = False  # graphs per exact input size (a head whose output size is fixed)
         self.refused = False  # past max_graphs: said once
         self.failed = None  # the compiler's error, once it has failed: the model then runs eager
         # Dynamo keeps one entry per shape for the function; let it keep as many as the cache allows
@@ -89,13 +101,13 @@ class CompiledNetwork:
         return tuple(-(-(-(-s // self.pad_multiple) * self.pad_multiple) // self.stride) for s in size)
 
     def key(self, x):
-        bucket = bucket_of(x.shape[-2:], self.pad_multiple)
-        return bucket, batch_bucket(x.shape[0]), self.state()
+        size = tuple(x.shape[-2:]) if self.exact else bucket_of(x.shape[-2:], self.pad_multiple)
+        return size, batch_bucket(x.shape[0]), self.state()
 
     def __call__(self, x):
-        key = self.key(x)
         if self.failed is not None:
             return self.network(x)
+        key = self.key(x)
         if key not in self.graphs and len(self.graphs) >= self.max_graphs:
             if not self.refused and self.log:
                 self.log(f"compiled inference keeps at most {self.max_graphs} graphs; inputs of new sizes run eager")
@@ -104,11 +116,12 @@ class CompiledNetwork:
         (bh, bw), batch = key[0], key[1]
         n, _, h, w = x.shape
         padded = F.pad(x, (0, bw - w, 0, bh - h, 0, 0, 0, batch - n)) if (bh, bw, batch) != (h, w, n) else x
+        crop = None if self.exact else self.output_size((h, w))
         if key in self.graphs:
-            return _crop(self.compiled(padded), n, self.output_size((h, w)))
+            return _crop(self.compiled(padded), n, crop)
         start = time.perf_counter()
         try:
-            out = _crop(self.compiled(padded), n, self.output_size((h, w)))
+            out = self.compiled(padded)
         except Exception as e:  # a compiler that cannot build this model (a missing C compiler, an unsupported op)
             self.failed = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
             if self.log:
@@ -118,4 +131,10 @@ class CompiledNetwork:
         if self.log:
             self.log(f"compiled for {bh}x{bw}, batch {batch} in "
                      f"{self.graphs[key]:.1f} s (once per size bucket; at most {self.max_graphs} kept)")
-        return out
+        if not self.exact and _map_size(out) != self.output_size((bh, bw)):
+            self.exact = True  # this head's maps do not follow the input: compile per exact size from now on
+            del self.graphs[key]
+            if self.log:
+                self.log("this head's output does not follow the input's size: graphs are compiled per exact size")
+            return self(x)
+        return _crop(out, n, crop)
