@@ -81,7 +81,8 @@ def test_mixed_size_folder_compiles_one_graph_per_bucket_with_per_size_labels():
 
 
 def test_cache_is_bounded_and_training_drops_it():
-    """Past MAX_GRAPHS (8) buckets an input runs eager, said once; train() drops the compiled path (its graphs hold
+    """Past MAX_GRAPHS (8) buckets an input runs eager, said once, and so does a call under another ISR setting than
+    the compiled one (a service's per-request ISR must not stall it on a compile); train() drops the compiled path (its graphs hold
     frozen weights), so a model trained after compiling is never served stale weights."""
     model = _local_model()
     lines = []
@@ -92,6 +93,11 @@ def test_cache_is_bounded_and_training_drops_it():
             model.logits(torch.randn(1, 3, side, 32))
     assert len(model.compiled.graphs) == MAX_GRAPHS
     assert sum("at most 8 graphs" in line for line in lines) == 1
+    model.compiled.state = lambda: "another ISR setting"  # a per-request ISR setting: eager, said once, no graph
+    with torch.no_grad():
+        model.logits(torch.randn(1, 3, 32, 32))
+        model.logits(torch.randn(1, 3, 32, 32))
+    assert len(model.compiled.graphs) == MAX_GRAPHS and sum("runs eager" in line for line in lines) == 1
     model.train()
     assert model.compiled is None
 

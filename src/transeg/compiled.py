@@ -13,8 +13,9 @@ for one input shape, and compiling one costs 17-55 s there (about 20 s on two CP
   cropping, mask scores) is unchanged. The batch is padded to a power of two the same way. An input already on a
   rung runs exactly as eager; a padded one sees mean colour past its edge where eager sees the network's own
   zero padding, which the labels near that edge may notice (tests/test_compiled.py measures it).
-- **A bounded cache.** One graph per (bucket, batch, weights' dtype, ISR setting), at most `MAX_GRAPHS`; an input
-  beyond them runs eager, said once. Each graph holds its own frozen copy of the weights (constant folding), so
+- **A bounded cache.** One graph per (size bucket, batch bucket), at most `MAX_GRAPHS`, for the precision and ISR
+  setting the model had when compiled; an input beyond them, or a call under another ISR setting, runs eager,
+  said once. Each graph holds its own frozen copy of the weights (constant folding), so
   the cache's memory is at most MAX_GRAPHS x the weights.
 - **Compile time said once per graph**, through the `log` given (the CLI prints it; the library is quiet). A
   compiler that fails (no C compiler on a CPU, an operator it cannot build) is said once, and the model runs
@@ -77,8 +78,9 @@ def _map_size(out):
 class CompiledNetwork:
     """`network(x)` of a model, compiled per bucket: call it with a normalised batch [N,3,H,W] and get what the
     eager network returns for it. network: the eager callable (backbone then head); pad_multiple: the backbone's;
-    stride: the head's output stride; state: a callable giving what else a graph is specific to (the weights' dtype,
-    the ISR setting); log: called with one line per compiled graph.
+    stride: the head's output stride; state: a callable giving what else the graphs are specific to (the weights'
+    dtype, the ISR setting): calls in another state than at construction run eager (a service's per-request ISR
+    setting must not stall it on a compile); log: called with one line per compiled graph.
 
     A head whose output does not follow the input's size (SegViT's masks are made at its training crop whatever
     the input) cannot be cropped back from a bucket: found at the first compile, the path then keys graphs by the
@@ -86,11 +88,12 @@ class CompiledNetwork:
 
     def __init__(self, network, pad_multiple, stride, device, state=lambda: None, log=None, max_graphs=MAX_GRAPHS):
         self.network, self.pad_multiple, self.stride, self.state, self.log = network, pad_multiple, stride, state, log
-        self.max_graphs = max_graphs
+        self.max_graphs, self.home = max_graphs, state()
         self.compiled = torch.compile(network, dynamic=False, options=dict(paths_for(device).compile_options))
         self.graphs = {}  # key -> seconds its compile took
         self.exact = False  # graphs per exact input size (a head whose output size is fixed)
         self.refused = False  # past max_graphs: said once
+        self.elsewhere = False  # a call in another state: said once
         self.failed = None  # the compiler's error, once it has failed: the model then runs eager
         # Dynamo keeps one entry per shape for the function; let it keep as many as the cache allows
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_graphs)
@@ -102,10 +105,15 @@ class CompiledNetwork:
 
     def key(self, x):
         size = tuple(x.shape[-2:]) if self.exact else bucket_of(x.shape[-2:], self.pad_multiple)
-        return size, batch_bucket(x.shape[0]), self.state()
+        return size, batch_bucket(x.shape[0])
 
     def __call__(self, x):
         if self.failed is not None:
+            return self.network(x)
+        if self.state() != self.home:
+            if not self.elsewhere and self.log:
+                self.log("another precision or ISR setting than the compiled one runs eager")
+            self.elsewhere = True
             return self.network(x)
         key = self.key(x)
         if key not in self.graphs and len(self.graphs) >= self.max_graphs:

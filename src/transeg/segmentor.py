@@ -84,7 +84,8 @@ class Segmentor(nn.Module):
         fp32 either way.)
         compile: the compiled inference path (`transeg.compiled`): the backbone and head through torch.compile with
         the device's options (`device.Paths`: inductor with weight freezing; CUDA graphs on a GPU), one graph per
-        size bucket, batch and precision, at most `compiled.MAX_GRAPHS`. The first call in a bucket compiles (a
+        size bucket and batch bucket, at most `compiled.MAX_GRAPHS`, for the precision and ISR setting the model has
+        now (calls under another ISR setting run eager). The first call in a bucket compiles (a
         one-off wait, told to `log` with its seconds); later calls reuse the graph. Weights must not change after
         (`train()` drops the path).
 
