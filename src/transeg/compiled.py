@@ -95,8 +95,9 @@ class CompiledNetwork:
         self.refused = False  # past max_graphs: said once
         self.elsewhere = False  # a call in another state: said once
         self.failed = None  # the compiler's error, once it has failed: the model then runs eager
-        # Dynamo keeps one entry per shape for the function; let it keep as many as the cache allows
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, max_graphs)
+        # Dynamo keeps its graphs per function, shared by every model of the process (8 by default, then eager):
+        # room for this cache's graphs in several models (this cache is the bound per model)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * max_graphs)
 
     def output_size(self, size):
         """The head's output size for an input of `size` in eager: its padded size over the stride (rounded up,
