@@ -103,9 +103,9 @@ class Segmentor(nn.Module):
             self.to(dtype)
         self.compiled = None
         if compile:
+            weight, isr = next(p for p in self.parameters() if p.is_floating_point()), isr_module.setting_reader(self)
             self.compiled = CompiledNetwork(self.eager_network, self.backbone.pad_multiple, self.decode_head.stride,
-                                            next(self.parameters()).device, state=lambda: (self.dtype, repr(self.isr)),
-                                            log=log)
+                                            weight.device, state=lambda: (weight.dtype, isr()), log=log)
         return self
 
     def padded_size(self, size):
