@@ -37,7 +37,7 @@ BAD_SETS = [
     (["eval_interval=0"], "--set eval_interval=0: must be a whole number >= 1", "modulo by zero mid-run"),
     (["ckpt_interval=0"], "--set ckpt_interval=0: must be a whole number >= 1", "modulo by zero mid-run"),
     (["log_interval=0"], "--set log_interval=0: must be a whole number >= 1", "modulo by zero mid-run"),
-    (["workers=-1"], "--set workers=-1: must be a whole number >= 0", "DataLoader ValueError (traceback)"),
+    (["workers=-1"], "--set workers=-1: must be auto or a whole number >= 0", "DataLoader ValueError (traceback)"),
     (["crop_size=[0,0]"], "--set crop_size=[0,0]: must be [h, w]: two whole numbers >= 1", "TrainTransform traceback"),
     (["crop_size=[64]"], "--set crop_size=[64]: must be [h, w]: two whole numbers >= 1", "one number is no [h, w]"),
     (["ratio_range=0"], "--set ratio_range=0: must be [low, high]: two numbers with 0 < low <= high",

@@ -1,6 +1,7 @@
 """Training engine: the papers' optimizer groups and schedule, exact resume, inference modes, loss."""
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -56,11 +57,15 @@ def _cfg(tmp_path, name, **kw):
 
 def test_resume_gives_identical_weights(tmp_path):
     """4 iterations in one go == 2 iterations, stop, --resume for the other 2 (bit-identical), also
-    with a different number of data workers: samples depend only on (seed, sample index)."""
+    with a different number of data workers: samples depend only on (seed, sample index). The resume
+    sizes its workers from the machine (workers: auto, resume-free like any worker count) and says how."""
     train(_cfg(tmp_path, "full"), progress=False, log=lambda *_: None)
     train(_cfg(tmp_path, "split", workers=1), stop_at=2, progress=False, log=lambda *_: None)
     assert json.loads((tmp_path / "split" / "log.jsonl").read_text().splitlines()[-1])["iter"] == 2
-    train(_cfg(tmp_path, "split"), resume=True, progress=False, log=lambda *_: None)
+    lines = []
+    train(_cfg(tmp_path, "split", workers="auto"), resume=True, progress=False, log=lines.append)
+    assert any(re.fullmatch(r"data: augmentation [\d,]+ images/s in one process; \d+ workers? \(\d+ cores?, \d+ "
+                            r"compute threads?; workers: auto\)", line) for line in lines), lines
     full = transeg.load(tmp_path / "full" / "model.safetensors").state_dict()
     split = transeg.load(tmp_path / "split" / "model.safetensors").state_dict()
     assert full.keys() == split.keys()
@@ -205,6 +210,58 @@ def test_sample_ids_partition_the_global_batch():
     assert list(_sample_ids(0, 2, 2, rank=1, world=2)) == [2, 3, 6, 7]
     # resuming at micro-batch 1 continues where micro-batch 0 ended, so an interrupted run sees the same data
     assert list(_sample_ids(1, 3, 2, rank=0, world=1)) == [2, 3, 4, 5]
+
+
+def test_auto_workers_feed_a_gpu_and_leave_a_cpu_its_cores():
+    """workers: auto (engine/samples.auto_workers) from (cores, crops/s one process augments, device, crop, torch
+    threads). A GPU gets enough workers to augment 64 Mpixels/s, at least 1, at most 8 and the cores but one: the
+    quick start's 128x128 crops at 400/s need ceil(64e6 / (400 * 16384)) = 10, so 8 on 16 cores and 3 on 4; ADE20K's
+    512x512 at 100/s need 3; crops augmented at 5,000/s need 1; one core leaves none. A CPU gets the cores its
+    compute threads leave free, at most 2: none on 2 cores with 2 threads (the quick start's measured choice), 2 on
+    16 cores with 8 threads, 1 on 4 with 3."""
+    from transeg.engine.samples import auto_workers
+
+    assert auto_workers(16, 400, "cuda", (128, 128), threads=16) == 8
+    assert auto_workers(4, 400, "cuda", (128, 128), threads=4) == 3
+    assert auto_workers(16, 100, "cuda", (512, 512), threads=16) == 3
+    assert auto_workers(16, 5000, "cuda", (512, 512), threads=16) == 1
+    assert auto_workers(2, 400, "cuda", (128, 128), threads=2) == 1
+    assert auto_workers(1, 400, "cuda", (128, 128), threads=1) == 0
+    assert auto_workers(2, 400, "cpu", (128, 128), threads=2) == 0
+    assert auto_workers(16, 400, "cpu", (128, 128), threads=8) == 2
+    assert auto_workers(4, 400, "cpu", (128, 128), threads=3) == 1
+    assert auto_workers(1, 400, "cpu", (128, 128), threads=1) == 0
+
+
+def test_augmentation_rate_is_timed_on_a_few_samples_past_the_first():
+    """The measurement behind workers: auto reads at most 8 samples or 1 s of them, and leaves the first (lazy
+    set-up) out: with a clock that says the first sample took 5 s and each later one 0.1 s (a 10 s budget), it reads
+    samples 0..7 and gives 10/s; when the first alone spends the budget, its own rate is all there is: 0.2/s."""
+    from transeg.engine.samples import augmentation_rate
+
+    def clock_of(durations):
+        ticks = iter([t for d in durations for t in (0.0, d)])
+        return lambda: next(ticks)
+
+    read = []
+    samples = type("S", (), {"__getitem__": lambda self, k: read.append(k)})()
+    assert augmentation_rate(samples, range(100), clock=clock_of([5.0] + [0.1] * 99), seconds=10) == pytest.approx(10)
+    assert read == list(range(8))
+    assert augmentation_rate(samples, range(100), clock=clock_of([5.0] + [0.4] * 99)) == pytest.approx(0.2)
+
+
+def test_workers_auto_is_a_config_value_and_a_bad_one_is_one_line(tmp_path):
+    """workers is auto by default; a YAML file may say auto or a count (4.0 is 4); anything else is refused
+    naming the file, the key and what it takes."""
+    assert TrainConfig().workers == "auto" and load_config(None, ["workers=3"]).workers == 3
+    (tmp_path / "ok.yaml").write_text("workers: auto\n")
+    assert load_config(tmp_path / "ok.yaml").workers == "auto"
+    (tmp_path / "four.yaml").write_text("workers: 4.0\n")
+    assert load_config(tmp_path / "four.yaml").workers == 4
+    (tmp_path / "bad.yaml").write_text("workers: many\n")
+    with pytest.raises(transeg.TransegError) as e:
+        load_config(tmp_path / "bad.yaml")
+    assert str(e.value) == f"{tmp_path / 'bad.yaml'}: workers=many: must be auto or a whole number >= 0"
 
 
 def test_gradient_clipping_bounds_the_first_sgd_step(tmp_path):

@@ -15,7 +15,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import yaml
 
@@ -170,6 +170,9 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")  # engine/trackers.py
 REPORT_TO = Rule(f"a list of trackers among {', '.join(TRACKERS)}, e.g. [wandb, mlflow] ([] for none)", _report_to)
 MODEL = Rule("a model variant of `transeg models`", _model)
 DEVICE = Rule("auto, cpu, cuda or cuda:N", _device)
+# auto: sized from this machine when the run starts (engine/samples.auto_workers: the augmentation's measured rate,
+# the device, the cores this process may use)
+WORKERS = Rule("auto or a whole number >= 0", lambda v: v == "auto" or (_is_int(v) and v >= 0))
 
 
 def _f(default=None, rule=None, factory=None):
@@ -259,7 +262,7 @@ class TrainConfig:
     push_to: Optional[str] = _f(None, optional(Rule("a Hugging Face repo id OWNER/NAME", _repo_id), "for no push"))
     # with push_to: also push every N evaluations while training (the model as it is then)
     push_every: Optional[int] = _f(None, optional(whole(1), "to push only at the end"))
-    workers: int = _f(2, whole(0))
+    workers: Union[int, str] = _f("auto", WORKERS)   # data-loading processes; auto: engine/samples.auto_workers
     seed: int = _f(0, whole(0, 2**64 - 1, "2**64-1"))
     device: str = _f("auto", DEVICE)
 
@@ -405,7 +408,7 @@ def _check_machine(cfg):
 # minutes on a laptop CPU (from scratch, so a higher lr and a short warm-up than the papers' ImageNet
 # fine-tuning)
 QUICKSTART = dict(model="segformer-b0", iters=2500, batch_size=8, lr=1e-3, warmup_iters=100, ratio_range=[0.75, 1.5],
-                  amp="auto", workers=0, eval_interval=500, ckpt_interval=500, log_interval=25, out="runs/train")
+                  amp="auto", eval_interval=500, ckpt_interval=500, log_interval=25, out="runs/train")
 
 
 def resolve(cfg: TrainConfig, dataset=None) -> TrainConfig:
@@ -563,6 +566,8 @@ def _coerce(key, value, raw=None):
     does not convert is returned as it is, and its rule then says what is allowed."""
     kind = FIELDS[key].type
     base = kind.__args__[0] if getattr(kind, "__args__", None) and type(None) in kind.__args__ else kind
+    if kind == Union[int, str]:  # a count or a word (workers: auto): a number the user wrote is the count
+        base = int
     if value is None:
         return value
     if base is str:

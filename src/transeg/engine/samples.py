@@ -3,6 +3,9 @@ schedule) is dataset item perm(seed, epoch)[k mod N] augmented with numpy rng([s
 never depends on worker count, process order or where a run was interrupted. Also the checks of the
 data made before training (a dataset with no labelled pixel) and `class_weight: auto`."""
 import dataclasses
+import math
+import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -43,19 +46,90 @@ def sample_ids(start_micro, end_micro, batch, rank, world):
         yield from range(base, base + batch)
 
 
-def train_loader(cfg, train_set, model, start, end, rank, world, device):
-    """The DataLoader of this process's micro-batches from iteration `start` to `end`, augmented per cfg
-    and normalised with the model's mean and std."""
+def train_samples(cfg, train_set, model):
+    """The run's samples (`TrainSamples`), augmented per cfg and normalised with the model's mean and std."""
     transform = TrainTransform(crop_size=tuple(cfg.crop_size), scale=tuple(cfg.scale), ratio_range=tuple(cfg.ratio_range),
                                cat_max_ratio=cfg.cat_max_ratio, photometric=cfg.photometric,
                                mean=model.meta["mean"], std=model.meta["std"],
                                ignore_index=getattr(train_set, "ignore_index", 255))
-    return DataLoader(TrainSamples(train_set, transform, cfg.seed), batch_size=cfg.batch_size,
+    return TrainSamples(train_set, transform, cfg.seed)
+
+
+def train_loader(cfg, samples, start, end, rank, world, device, workers):
+    """The DataLoader of this process's micro-batches of `samples` from iteration `start` to `end`, made by
+    `workers` processes (0: this one)."""
+    return DataLoader(samples, batch_size=cfg.batch_size,
                       sampler=list(sample_ids(start * cfg.accum_steps, end * cfg.accum_steps, cfg.batch_size, rank, world)),
-                      num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
-                      prefetch_factor=4 if cfg.workers > 0 else None,
-                      worker_init_fn=ignore_sigint if cfg.workers > 0 else None,
+                      num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                      prefetch_factor=4 if workers > 0 else None,
+                      worker_init_fn=ignore_sigint if workers > 0 else None,
                       generator=torch.Generator())  # keeps the DataLoader off the global RNG (exact resume)
+
+
+# What a GPU consumes: one H200 trains SegFormer-B0 on 16 crops of 512x512 in 72.9 ms fp32 and ~60 ms in bf16
+# (../shared/perf/gpu-h200.md), 58-70 Mpixels/s; the workers are sized to augment 64 Mpixels/s of crops. A bigger
+# model or a slower GPU needs fewer, and gets the same: the surplus workers wait on a full prefetch queue.
+DEVICE_PIXELS_PER_S = 64e6
+MAX_WORKERS = 8  # beyond this, start-up and memory (each worker holds a copy of the dataset object) outweigh it
+CPU_MAX_WORKERS = 2
+
+
+def auto_workers(cores, rate, device_type, crop, threads):
+    """The data workers `workers: auto` starts: `rate` = crops/s one process augments (measured, `augmentation_rate`),
+    `crop` = (h, w), `cores` = the cores this process may use, `threads` = its compute threads (torch's).
+
+    GPU (any device but the CPU): enough workers to augment DEVICE_PIXELS_PER_S, at least one (augmenting in the main
+    process would stall the launches), at most MAX_WORKERS and the cores but one (the main process launches kernels).
+    CPU: the compute threads are the device; a worker running beside them pre-empts one, and every other waits for
+    it at the next barrier, so workers get only the cores the compute threads leave free, at most CPU_MAX_WORKERS:
+    a CPU trains at tens of crops/s (the quick start, B0 at 128x128 on 2 cores: ~35/s), which one process augments
+    several times over (~400/s here), and 2 cores trained fastest with none (the quick start's choice, 69bceb4)."""
+    if device_type == "cpu":
+        return max(0, min(CPU_MAX_WORKERS, cores - threads))
+    spare = min(MAX_WORKERS, cores - 1)
+    if spare < 1:
+        return 0
+    need = math.ceil(DEVICE_PIXELS_PER_S / (max(rate, 1e-9) * crop[0] * crop[1]))
+    return max(1, min(need, spare))
+
+
+def usable_cores():
+    """The cores this process may use (its CPU affinity, where the system has one), shared with the other training
+    processes torchrun started on this node (LOCAL_WORLD_SIZE)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)))
+
+
+def augmentation_rate(samples, ids, seconds=1.0, most=8, clock=time.perf_counter):
+    """Crops/s that this process makes of `samples` (read + augment), from the first of `ids` (the run's own first
+    samples), timed for at most `seconds` or `most` samples, the first of them not counted (lazy set-up: caches,
+    imports). Reads nothing the run does not read, and the data never depends on it (sample k is fixed by k)."""
+    times, spent = [], 0.0
+    for k in ids:
+        start = clock()
+        samples[k]
+        times.append(clock() - start)
+        spent += times[-1]
+        if len(times) >= most or spent >= seconds:
+            break
+    timed = times[1:] or times
+    return len(timed) / max(sum(timed), 1e-9)
+
+
+def data_workers(cfg, samples, start, rank, world, device):
+    """(workers, the line that says how they were chosen, or None): cfg.workers as given, or `auto_workers`."""
+    if cfg.workers != "auto":
+        return cfg.workers, None
+    cores, threads = usable_cores(), torch.get_num_threads()
+    rate = augmentation_rate(samples, sample_ids(start * cfg.accum_steps, start * cfg.accum_steps + 8, cfg.batch_size,
+                                                 rank, world))
+    workers = auto_workers(cores, rate, device.type, cfg.crop_size, threads)
+    beside = f", {threads} compute thread{'' if threads == 1 else 's'}" if device.type == "cpu" else ""
+    return workers, (f"data: augmentation {rate:,.0f} images/s in one process; {workers} worker"
+                     f"{'' if workers == 1 else 's'} ({cores} core{'' if cores == 1 else 's'}{beside}; workers: auto)")
 
 
 class Batches:

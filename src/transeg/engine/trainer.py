@@ -10,7 +10,8 @@ randomness (dropout, drop path) comes from torch's global generator, saved with 
     trackers.py     report_to (TensorBoard, W&B, MLflow), eval.json and predictions.png, push_to the Hub
     checkpoints.py  train_state.pt and model.safetensors: saved, read back, resumed
     validation.py   evaluation during training: its record, charts, best.safetensors, early_stop's count
-    samples.py      the training samples and their loader, the checks of the data, class_weight auto
+    samples.py      the training samples and their loader (workers: auto sized from the machine), the checks of
+                    the data, class_weight auto
     distributed.py  torchrun: the process group, each process's batch, DDP / SyncBatchNorm / compile
     model.py        the model a run starts from (fresh, or fine-tuned from a checkpoint)
     interrupts.py   Ctrl-C, deferred to the end of an optimizer step
@@ -41,7 +42,7 @@ from .model import build_model
 from .optim import build_optimizer, build_scheduler
 from .pace import Pace
 from .run import RunFolder, RunLock
-from .samples import Batches, check_labelled, class_weights_of, train_loader
+from .samples import Batches, check_labelled, class_weights_of, data_workers, train_loader, train_samples
 from .trackers import Report
 from .validation import Validation, write_curves
 
@@ -122,8 +123,9 @@ class _Training:
                     f"as log.previous.jsonl)")
         self.model, self.net = wrap(self.model, cfg, self.device, self.world)
         self.end = cfg.iters if stop_at is None else min(stop_at, cfg.iters)
-        self.loader = train_loader(cfg, self.train_set, self.model, self.start, self.end, self.rank, self.world,
-                                   self.device)
+        samples = train_samples(cfg, self.train_set, self.model)
+        self.workers, self.workers_line = data_workers(cfg, samples, self.start, self.rank, self.world, self.device)
+        self.loader = train_loader(cfg, samples, self.start, self.end, self.rank, self.world, self.device, self.workers)
         self.validation = Validation(cfg, self._val_part(), self.model.protocol, self.device, self.amp_dtype,
                                      self.out, self.main, best, stale)
         if self.main:
@@ -195,6 +197,8 @@ class _Training:
                  f"{len(train_set.classes)} classes), {cfg.iters} iterations x "
                  f"{cfg.batch_size * cfg.accum_steps * self.world} images, device {self.device}"
                  + amp + f"; eval: {model.protocol.describe()}")
+        if self.workers_line:
+            self.log(self.workers_line)
 
     # ------------------------------------------------------------------------------------ the run
     def run(self):
