@@ -1,6 +1,7 @@
 """Training on several processes (torchrun): the process group, each process's share of the batch, and
 the model as the step loop drives it (DistributedDataParallel, SyncBatchNorm, torch.compile)."""
 import dataclasses
+import functools
 import os
 import sys
 
@@ -50,10 +51,19 @@ def per_process_batch(cfg, world):
     return dataclasses.replace(cfg, batch_size=share)
 
 
-def wrap(model, cfg, device, world):
-    """(model, net): `net` is what the step loop runs, the model under DistributedDataParallel on several
-    processes (with BatchNorm synchronised across them under cfg.sync_bn, which replaces `model`'s layers)
-    and compiled under cfg.compile."""
+def wrap(model, cfg, device, world, form="fused", ignore_index=255):
+    """(model, net, forward_loss): `net` is what the step loop runs, the model under DistributedDataParallel on
+    several processes (with BatchNorm synchronised across them under cfg.sync_bn, which replaces `model`'s layers);
+    `forward_loss(image, label)` is the training loss of a micro-batch, `model.loss(net(image), label)["loss"]` with
+    cfg's loss settings.
+
+    cfg.compile compiles the net in place (the state dict keeps its names, checkpoints are unchanged), and in the
+    published training form (device.Paths.training_form, `form`: CUDA's) the loss too: upsample-then-CE compiles
+    into a few fused kernels, forward and backward. Two graphs, the net's and the loss's, not one: traced together,
+    torch 2.13's inductor (CPU) ordered the upsampling's backward after the kernel that reads it, and every gradient
+    came out 0 (the loss itself right); apart they equal eager (tests/test_hot_path.py). The fused form's row-blocked
+    loss stays eager (an autograd.Function looping over blocks of rows), and so do mask-classification losses (the
+    matching is solved on the host)."""
     net = model
     if world > 1:
         if cfg.sync_bn:
@@ -61,6 +71,17 @@ def wrap(model, cfg, device, world):
                 raise TransegError("sync_bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU implementation)")
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    loss = functools.partial(_loss, model, dict(ignore_index=ignore_index, reduction=cfg.loss_reduction, ohem=cfg.ohem,
+                                                terms=cfg.loss))
     if cfg.compile:
-        net.compile()  # in place: the state dict keeps its names, checkpoints are unchanged
-    return model, net
+        net.compile()  # in place
+        if form == "published" and not getattr(model.decode_head, "mask_classification", False):
+            loss = torch.compile(loss, dynamic=False)  # the crops are of one size
+
+    def forward_loss(image, label):
+        return loss(net(image), label)
+    return model, net, forward_loss
+
+
+def _loss(model, options, out, label):
+    return model.loss(out, label, **options)["loss"]

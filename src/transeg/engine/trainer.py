@@ -121,7 +121,9 @@ class _Training:
             if self.main and (self.out / "log.jsonl").is_file() and (self.out / "log.jsonl").stat().st_size:
                 log(f"{self.out} held a run stopped before its first checkpoint: starting afresh (its log is kept "
                     f"as log.previous.jsonl)")
-        self.model, self.net = wrap(self.model, cfg, self.device, self.world)
+        self.model, self.net, self.forward_loss = wrap(self.model, cfg, self.device, self.world,
+                                                       self.paths.training_form,
+                                                       getattr(self.train_set, "ignore_index", 255))
         self.end = cfg.iters if stop_at is None else min(stop_at, cfg.iters)
         samples = train_samples(cfg, self.train_set, self.model)
         self.workers, self.workers_line = data_workers(cfg, samples, self.start, self.rank, self.world, self.device)
@@ -282,8 +284,7 @@ class _Training:
         label = label.to(device, non_blocking=True)
         with (self.net.no_sync() if not sync else contextlib.nullcontext()), \
                 torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = self.model.loss(self.net(image), label, ignore_index=getattr(self.train_set, "ignore_index", 255),
-                                   reduction=cfg.loss_reduction, ohem=cfg.ohem, terms=cfg.loss)["loss"]
+            loss = self.forward_loss(image, label)
             self.scaler.scale(loss / cfg.accum_steps).backward()
         self.running += loss.detach()
         self.running_n += 1
