@@ -3,6 +3,8 @@ EoMT's uses the same): the one-to-one query/target matching (`hungarian_match`, 
 `linear_sum_assignment`), PointRend's point sampling (`point_sample`, `uncertain_points`), per-class
 targets from a label map (`semantic_targets`) and the loss over the final and auxiliary outputs
 (`mask2former_loss`)."""
+import bisect
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -119,13 +121,22 @@ def hungarian_match(pred_logits, pred_masks, targets, cost_class=2.0, cost_mask=
     Masks are compared at `num_points` uniform random points shared by predictions and targets (the
     authors' 12,544, one `torch.rand(1, P, 2)` per image even when it has no target), or, with
     num_points=None, at every pixel of the target resolution (predictions upsampled bilinearly).
-    targets: [{"labels": [T], "masks": [T, H, W]}]. Returns [(query_idx, target_idx)] per image."""
-    out = []
+    targets: [{"labels": [T], "masks": [T, H, W]}]. Returns [(query_idx, target_idx)] per image (on the host)."""
+    return [(torch.from_numpy(rows), torch.from_numpy(cols))
+            for rows, cols in _match(pred_logits, pred_masks, targets, cost_class, cost_mask, cost_dice, num_points)]
+
+
+@torch.no_grad()
+def _match(pred_logits, pred_masks, targets, cost_class, cost_mask, cost_dice, num_points):
+    """`hungarian_match` as NumPy (rows, cols) per image. The assignment is solved on the host, so the costs are
+    read from the device, every image's at once: a GPU's host waits for the device at each read, once per batch
+    here where a read per image waited once per image."""
+    costs = []
     for b, t in enumerate(targets):
         if num_points:
             coords = torch.rand(1, num_points, 2, device=pred_masks.device)
         if t["labels"].numel() == 0:
-            out.append((torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long)))
+            costs.append(None)
             continue
         if num_points:
             tgt = point_sample(t["masks"].float(), coords.expand(t["masks"].shape[0], -1, -1))
@@ -136,22 +147,44 @@ def hungarian_match(pred_logits, pred_masks, targets, cost_class=2.0, cost_mask=
             tgt = t["masks"].float().flatten(1)
         bce, dice = _pairwise_mask_costs(masks, tgt)
         cls = -pred_logits[b].float().softmax(-1)[:, t["labels"]]
-        rows, cols = linear_sum_assignment((cost_mask * bce + cost_class * cls + cost_dice * dice).cpu())
-        out.append((torch.as_tensor(rows, dtype=torch.long), torch.as_tensor(cols, dtype=torch.long)))
+        costs.append(cost_mask * bce + cost_class * cls + cost_dice * dice)
+    present = [c for c in costs if c is not None]
+    host = torch.cat([c.flatten() for c in present]).cpu().numpy() if present else None  # the one read
+    out, at = [], 0
+    for c in costs:
+        if c is None:
+            out.append((np.zeros(0, np.int64), np.zeros(0, np.int64)))
+            continue
+        out.append(linear_sum_assignment(host[at:at + c.numel()].reshape(c.shape)))
+        at += c.numel()
     return out
+
+
+KEY_STRIDE = 1 << 32  # semantic_targets: image b's label value v is the key b * KEY_STRIDE + v
 
 
 def semantic_targets(label, ignore_index=255, size=None):
     """A label map [N, H, W] -> Mask2Former targets: per image the classes present (ascending, the
-    ignore value left out) and their binary masks, zero-padded at the bottom/right to `size`."""
-    out = []
-    for lab in label:
-        classes = lab.unique()
-        classes = classes[classes != ignore_index]
+    ignore value left out) and their binary masks, zero-padded at the bottom/right to `size`.
+    Every image's classes come from one `unique` over the batch (image b's values offset by b · 2³²) and one read
+    of its result: on a GPU, a `unique` and a boolean index per image waited for the device twice per image."""
+    n = label.shape[0]
+    keys = label.long() + torch.arange(n, device=label.device).mul_(KEY_STRIDE).view(n, 1, 1)
+    found = torch.unique(keys)  # sorted: image by image, values ascending
+    host = found.tolist()  # the one read
+    out, start = [], 0
+    for b, lab in enumerate(label):
+        end = bisect.bisect_left(host, b * KEY_STRIDE + KEY_STRIDE // 2, lo=start)  # values lie in [-2³¹, 2³¹)
+        classes = found[start:end] - b * KEY_STRIDE
+        values = [k - b * KEY_STRIDE for k in host[start:end]]
+        if ignore_index in values:
+            i = values.index(ignore_index)
+            classes = torch.cat([classes[:i], classes[i + 1:]])
+        start = end
         masks = (lab[None] == classes[:, None, None]).float()
         if size is not None and tuple(size) != tuple(lab.shape):
             masks = F.pad(masks, (0, size[1] - lab.shape[1], 0, size[0] - lab.shape[0]))
-        out.append({"labels": classes.long(), "masks": masks})
+        out.append({"labels": classes, "masks": masks})
     return out
 
 
@@ -169,19 +202,25 @@ def mask2former_loss(outputs, targets, num_classes, no_object_weight=0.1, class_
     device = outputs["pred_logits"].device
     num_masks = max(sum(int(t["labels"].numel()) for t in targets), 1)
     weight = torch.ones(num_classes + 1, device=device)
-    weight[-1] = no_object_weight
+    weight[-1:].fill_(no_object_weight)  # (not weight[-1] = w: a tensor made from host data)
     losses, total = {}, 0.0
     for k, out in enumerate([outputs] + list(outputs.get("aux_outputs", []))):
         suffix = "" if k == 0 else f"_{k - 1}"
-        matches = hungarian_match(out["pred_logits"], out["pred_masks"], targets, class_weight, mask_weight,
-                                  dice_weight, num_points)
+        matches = _match(out["pred_logits"], out["pred_masks"], targets, class_weight, mask_weight, dice_weight,
+                         num_points)
         n, q = out["pred_logits"].shape[:2]
         target_classes = torch.full((n, q), num_classes, dtype=torch.long, device=device)
+        # every image's pairs to the device in one copy (on a GPU a copy from host memory waits for the device)
+        pairs = torch.from_numpy(np.concatenate([np.concatenate(m) for m in matches]))
+        if device.type == "cuda":
+            pairs = pairs.pin_memory()
+        pairs, at = pairs.to(device, non_blocking=True), 0
         preds, gts = [], []
-        for b, (qi, ti) in enumerate(matches):
-            qi, ti = qi.to(device), ti.to(device)
+        for b, (rows, _) in enumerate(matches):
+            qi, ti = pairs[at:at + len(rows)], pairs[at + len(rows):at + 2 * len(rows)]
+            at += 2 * len(rows)
             target_classes[b, qi] = targets[b]["labels"][ti]
-            if qi.numel():
+            if len(rows):
                 preds.append(out["pred_masks"][b, qi])
                 gts.append(targets[b]["masks"][ti].float())
         ce = F.cross_entropy(out["pred_logits"].float().transpose(1, 2), target_classes, weight)

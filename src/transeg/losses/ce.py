@@ -109,7 +109,8 @@ class _UpsampledCrossEntropy(torch.autograd.Function):
                     total += F.cross_entropy(up, label[b, r0:r1].reshape(-1), ignore_index=ignore_index,
                                              reduction="sum")
             valid = label != ignore_index
-            denom = valid.sum().clamp(min=1).to(x.dtype) if reduction == "valid" else x.new_tensor(float(valid.numel()))
+            # new_full, not new_tensor: a tensor made from host data is a copy to the device, which waits for it
+            denom = valid.sum().clamp(min=1).to(x.dtype) if reduction == "valid" else x.new_full((), float(valid.numel()))
         ctx.save_for_backward(logits, label, valid, denom)
         ctx.padded, ctx.plan = padded, (a, blocks)
         return total / denom

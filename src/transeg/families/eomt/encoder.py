@@ -111,9 +111,12 @@ class EoMTEncoder(VisionTransformer, IterationHook):
         probs = [float(p) for p in probs]
         if len(probs) != self.query_blocks:
             raise ValueError(f"{len(probs)} probabilities for {self.query_blocks} query blocks")
-        self._probs = probs
-        if not self.attn_mask_probs.is_meta:
-            self.attn_mask_probs.copy_(torch.tensor(probs, dtype=self.attn_mask_probs.dtype))
+        changed, self._probs = probs != self._probs, probs
+        if changed and not self.attn_mask_probs.is_meta:
+            # a fill per block, not copy_(torch.tensor(probs)): a copy from host memory to a GPU waits for the
+            # device, and this runs before every training step (tests/test_hot_path.py counts it)
+            for j, p in enumerate(probs):
+                self.attn_mask_probs[j].fill_(p)
 
     @staticmethod
     def _read_mask_state(module, incompatible_keys):
