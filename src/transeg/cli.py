@@ -373,6 +373,15 @@ def _pull_args(p):
     p.add_argument("--file", type=Path, help="the release's file, downloaded by hand (checked and converted)")
 
 
+def _workers(value):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or a whole number, got {value!r}") from None
+
+
 def cmd_train(args):
     from .engine import load_config, train
     from .engine.config import QUICKSTART
@@ -408,7 +417,9 @@ def _train_args(p):
     p.add_argument("--amp", choices=["no", "auto", "bf16", "fp16"],
                    help="mixed precision; auto = bf16 where the hardware computes it natively (fp16 needs CUDA)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda when available)")
-    p.add_argument("--workers", type=int, help="data-loading processes")
+    p.add_argument("--workers", type=_workers, metavar="N|auto",
+                   help="data-loading processes; auto (the default): sized from the cores and the augmentation's "
+                        "measured speed, said at start")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its train_state.pt. Only --iters (longer, or shorter down to "
                         "where the run is: from there on the poly lr schedule runs over the new length), the "
