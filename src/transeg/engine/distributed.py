@@ -75,7 +75,7 @@ def wrap(model, cfg, device, world, form="fused", ignore_index=255):
                                                 terms=cfg.loss))
     if cfg.compile:
         net.compile()  # in place
-        if form == "published" and not getattr(model.decode_head, "mask_classification", False):
+        if form == "published" and not model.decode_head.mask_classification:
             loss = torch.compile(loss, dynamic=False)  # the crops are of one size
 
     def forward_loss(image, label):
