@@ -57,9 +57,10 @@ FORMS = ["segformer-b0", "edaformer-t", "segmenter-vit-t16-linear", "semask-swin
 @pytest.mark.parametrize("name", FORMS)
 def test_cuda_training_form_equals_the_cpu_one_in_float64(name):
     """Loss and every parameter gradient of a training step (BatchNorm on batch statistics, ignored pixels, a
-    label size the logits reach by non-integer factors) agree to 1e-10 of their size in float64: the fused
-    decoder is an exact rewrite and the blocked loss the same resampling taps, so only the order of float64 sums
-    differs (measured ~1e-15; gradients to 1e-10 of the largest one). A fused form that dropped a term or shifted a tap is off by 1e-3 or more."""
+    label size the logits reach by non-integer factors: 70x86 from 18x22 at stride 4, from 5x6 at 16) agree to
+    1e-10 of their size in float64: the fused decoder is an exact rewrite and the blocked loss the same resampling
+    taps, so only the order of float64 sums differs (measured ~1e-15; gradients to 1e-10 of the largest one). A
+    fused form that dropped a term or shifted a tap is off by 1e-3 or more."""
     variant = VARIANTS[name]
     results = []
     for fused in (True, False):
@@ -68,8 +69,8 @@ def test_cuda_training_form_equals_the_cpu_one_in_float64(name):
         model = _no_randomness(model).double().train()
         assert len(set_fused(model, fused)) >= 1  # the model has a fusable part: the choice changes something
         g = torch.Generator().manual_seed(1)
-        x = torch.randn(2, 3, 72, 88, generator=g, dtype=torch.float64)
-        label = torch.randint(0, 5, (2, 72, 88), generator=g)
+        x = torch.randn(2, 3, 70, 86, generator=g, dtype=torch.float64)
+        label = torch.randint(0, 5, (2, 70, 86), generator=g)
         label[:, :5] = 255
         loss = model.loss(model(x), label)["loss"]
         loss.backward()
@@ -81,3 +82,33 @@ def test_cuda_training_form_equals_the_cpu_one_in_float64(name):
     scale = max(grad.abs().max().item() for grad in published_grads.values())
     worst = max((fused_grads[n] - grad).abs().max().item() for n, grad in published_grads.items())
     assert worst <= 1e-10 * scale
+
+
+def test_evaluations_within_a_run_take_the_inference_form_without_tf32(tmp_path, monkeypatch):
+    """A run with CUDA's choices (here on the CPU: the published training form, TF32 matmuls): each of its 4 steps
+    runs published with TF32 ("high"), each of its 2 evaluations in the fused inference form at full float32
+    precision ("highest", what it was before the run: an evaluation's float32 stays float32), and after the run
+    the switches are as they were."""
+    from dataclasses import replace
+
+    from conftest import TINY, TINY_DATA
+    from transeg.engine import TrainConfig, train, trainer
+    from transeg.engine.validation import Validation
+
+    monkeypatch.setattr(trainer, "paths_for", lambda device: replace(CUDA_PATHS, device_type="cpu"))
+    before = (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
+    seen = {"step": [], "evaluation": []}
+
+    def spy(kind, original):
+        def call(self, *args, **kwargs):
+            model = self.model if kind == "step" else args[0]
+            seen[kind].append((model.decode_head.fused, torch.get_float32_matmul_precision()))
+            return original(self, *args, **kwargs)
+        return call
+    monkeypatch.setattr(trainer._Training, "_step", spy("step", trainer._Training._step))
+    monkeypatch.setattr(Validation, "__call__", spy("evaluation", Validation.__call__))
+    cfg = TrainConfig(model="segformer-b0", model_args=TINY, data=TINY_DATA, iters=4, batch_size=2, eval_interval=2,
+                      log_interval=2, ckpt_interval=100, workers=0, device="cpu", out=str(tmp_path / "run"))
+    train(cfg, progress=False, log=lambda *a: None)
+    assert seen == {"step": [(False, "high")] * 4, "evaluation": [(True, before[1])] * 2}
+    assert (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision()) == before

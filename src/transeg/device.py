@@ -146,13 +146,16 @@ CPU_PATHS = Paths("cpu", training_form="fused", inference_form="fused", serving_
 # - training "published": the row-blocked loss costs 215-231 ms of a B0 batch-16 512x512 step on the GPU, where
 #   F.interpolate + F.cross_entropy cost 28 ms (it launches a few kernels per block of rows: 10,259 kernels a step,
 #   1,376 each of nll_loss_forward / scatter_add_ / addmm_); the whole step is 72.9 ms published vs 265.6 ms fused.
-#   benchmarks/dispatch_count.py: 1,452 ATen operations a step published vs 6,701 fused (B0, batch 2).
+#   benchmarks/dispatch_count.py: 1,453 ATen operations a step published vs 6,703 fused (B0, batch 2).
 # - inference "fused": the same number of launches as published within 5% (B0: 439 vs 419 eager, batch 1), and
 #   under the compiled path the folded weights are constants while the fuse conv's 4.3 GMACs are gone.
-# - serving bf16, native: at batch 1 native bf16 is 0.88-1.23x fp32 eager and autocast 0.62-0.74x (its casts are
-#   launches too); at batch 16 or 1024x2048 native bf16 is 1.45-2.99x HF fp32 and 1.3-2.6x transeg fp32.
+# - serving bf16, native: eager at batch 1, where launches bound the time, native bf16 is 0.84-1.23x transeg fp32
+#   (precision.py, 9 models) and autocast 0.62-0.74x HF fp32 (its casts are launches too); at batch 16 and at
+#   1024x2048 native bf16 is 1.3-2.6x transeg fp32 (segformer_hf.py). Compiled, where launches no longer bound it,
+#   bf16 is not measured yet (the GPU suite's 02-latency.md).
 # - compiled serving, CUDA graphs: batch-1 512x512 4.89 -> 1.25 ms (B0), 12.8 -> 2.4 (EDAFormer-T), 30.6 -> 10.0
-#   (B5), compile 17-55 s once per size bucket; a service pays it at start-up for its protocol's bucket.
+#   (B5), compile 17-55 s once per size bucket; a service pays it at start-up for its protocol's bucket and each
+#   batch bucket up to its --max-batch.
 # - cuDNN autotuning and TF32 in training: the crops are of one size, so autotuning runs once; TF32 rounds matmul
 #   inputs to 10 bits of mantissa, less than the bf16 autocast the default amp already trains with (7 bits).
 CUDA_PATHS = Paths("cuda", training_form="published", inference_form="fused", serving_dtype=torch.bfloat16,
@@ -181,5 +184,8 @@ def training_backends(paths):
 
 
 def restore_backends(saved):
+    """Put back the switches `training_backends` (or this) returned; returns the ones it replaced."""
+    replaced = (torch.backends.cudnn.benchmark, torch.get_float32_matmul_precision())
     torch.backends.cudnn.benchmark = saved[0]
     torch.set_float32_matmul_precision(saved[1])
+    return replaced

@@ -32,7 +32,7 @@ from ..checkpoint import first_nonfinite
 from ..device import native_bf16, paths_for, resolve_device, restore_backends, training_backends
 from ..errors import TransegError
 from ..flops import count_params
-from ..layers.fusion import set_fused
+from ..layers.fusion import restore_fused, set_fused
 from .checkpoints import (STATE_FILE, check_resume, check_resume_settings, read_state, restore, resume_command,
                           resume_schedule, save_checkpoint)
 from .config import TrainConfig, resolve
@@ -206,7 +206,7 @@ class _Training:
     def run(self):
         """Train from `start` to `end`; returns the last evaluation result (None if there was none)."""
         interrupts = Interrupts(enabled=self.world == 1)
-        backends = training_backends(self.paths)  # process-wide switches: put back when the run ends
+        self.backends = training_backends(self.paths)  # process-wide switches: put back when the run ends
         try:
             with interrupts:
                 self._owed()
@@ -225,7 +225,7 @@ class _Training:
                 self.report.finish()
             raise
         finally:
-            restore_backends(backends)
+            restore_backends(self.backends)
             if self.batches is not None:
                 self.batches.close()
         return self._finish()
@@ -359,9 +359,22 @@ class _Training:
     def evaluate_at(self, done):
         self.begin()
         self.check_weights(done)  # a broken model must not become best.safetensors
-        self.validation(self.model, self.net, done, self.folder, self.bar)
+        with self.evaluating():
+            self.validation(self.model, self.net, done, self.folder, self.bar)
         self.report.evaluated(done, self.validation.result, self.model, self.val_set, log=self.bar.write)
         self.evaluated = done
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """The model in the device's inference form, and the switches as they were before the run (no TF32 in an
+        evaluation: its float32 stays float32), for an evaluation within the run."""
+        fused = set_fused(self.model, self.paths.inference_form == "fused")
+        during = restore_backends(self.backends)
+        try:
+            yield
+        finally:
+            restore_backends(during)
+            restore_fused(fused)
 
     def checkpoint(self, done):
         """model.safetensors and train_state.pt of the run at iteration `done` (rank 0)."""
