@@ -75,7 +75,8 @@ CPU_MAX_WORKERS = 2
 
 
 def auto_workers(cores, rate, device_type, crop, threads):
-    """The data workers `workers: auto` starts: `rate` = crops/s one process augments (measured, `augmentation_rate`),
+    """The data workers `workers: auto` starts: `rate` = crops/s one process augments (measured, `augmentation_rate`;
+    not needed on a CPU),
     `crop` = (h, w), `cores` = the cores this process may use, `threads` = its compute threads (torch's).
 
     GPU (any device but the CPU): enough workers to augment DEVICE_PIXELS_PER_S, at least one (augmenting in the main
@@ -124,12 +125,16 @@ def data_workers(cfg, samples, start, rank, world, device):
     if cfg.workers != "auto":
         return cfg.workers, None
     cores, threads = usable_cores(), torch.get_num_threads()
+    plural = "" if cores == 1 else "s"
+    if device.type == "cpu":  # the rule needs no rate there: no second of every run spent measuring it
+        workers = auto_workers(cores, None, device.type, cfg.crop_size, threads)
+        return workers, (f"data: {workers} worker{'' if workers == 1 else 's'} ({cores} core{plural}, {threads} compute "
+                         f"thread{'' if threads == 1 else 's'}; workers: auto)")
     rate = augmentation_rate(samples, sample_ids(start * cfg.accum_steps, start * cfg.accum_steps + 8, cfg.batch_size,
                                                  rank, world))
     workers = auto_workers(cores, rate, device.type, cfg.crop_size, threads)
-    beside = f", {threads} compute thread{'' if threads == 1 else 's'}" if device.type == "cpu" else ""
     return workers, (f"data: augmentation {rate:,.0f} images/s in one process; {workers} worker"
-                     f"{'' if workers == 1 else 's'} ({cores} core{'' if cores == 1 else 's'}{beside}; workers: auto)")
+                     f"{'' if workers == 1 else 's'} ({cores} core{plural}; workers: auto)")
 
 
 class Batches:
