@@ -5,17 +5,17 @@ On a GPU at batch 1 eager inference is bound by kernel launches, not arithmetic:
 4.9 ms eager and 1.25 ms compiled with CUDA graphs on an H200 (BENCHMARKS.md "On a GPU"). A compiled graph holds
 for one input shape, and compiling one costs 17-55 s there (about 20 s on two CPU cores), so:
 
-- **Size buckets** (pyramid backbones: SegFormer's and EDAFormer's MiT, which take any size as it is). An input's
-  height and width are each rounded up to the next rung of a ladder with four rungs per octave (`bucket_side`:
-  ..., 512, 640, 768, 896, 1024, 1280, ...; multiples of 32, the deepest stride), and the input is padded there at
-  the bottom and right with zeros, which in the model's normalisation is its mean colour (as tiled inference pads
-  its edge windows). The head's output is cropped back to the size the eager network gives for the unpadded input,
+- **Size buckets** (backbones that take any size as it is: the MiT of SegFormer and EDAFormer, SeMask-FPN's
+  Swin). An input's height and width are each rounded up to the next rung of a ladder with four rungs per octave
+  (`bucket_side`: ..., 512, 640, 768, 896, 1024, 1280, ...; multiples of 32, the deepest stride), and the input is
+  padded there at the bottom and right with zeros, which in the model's normalisation is its mean colour (as tiled
+  inference pads its edge windows). The head's output is cropped back to the size the eager network gives for the unpadded input,
   so everything after it (upsampling, cropping) is unchanged. The batch is padded to a power of two the same way.
   An input already on a rung runs exactly as eager. A padded one is a slightly different input: attention sees the
   padded tokens, so labels may change anywhere in the image, not only near the padding (on the quick start's
   SegFormer-B0, 0.6-1.3% of them; `benchmarks/bucket_agreement.py`).
 - **Exact sizes** for the others: a backbone that pads its input itself (`pad_multiple` > 1: the plain ViT resizes
-  its position embeddings to the padded grid, so a bucket's padding would reach every token; Swin), or a head whose
+  its position embeddings to the padded grid, so a bucket's padding would reach every token), or a head whose
   output does not follow the input's size (SegViT makes its masks at its training crop; found by two small eager
   runs when the path is made). Their protocols run sliding windows of one size, which is one graph anyway.
 - **A bounded cache.** One graph per (size, batch bucket), at most `MAX_GRAPHS`, for the precision and ISR setting
