@@ -9,8 +9,9 @@ for one input shape, and compiling one costs 17-55 s there (about 20 s on two CP
   Swin). An input's height and width are each rounded up to the next rung of a ladder with four rungs per octave
   (`bucket_side`: ..., 512, 640, 768, 896, 1024, 1280, ...; multiples of 32, the deepest stride), and the input is
   padded there at the bottom and right with zeros, which in the model's normalisation is its mean colour (as tiled
-  inference pads its edge windows). The head's output is cropped back to the size the eager network gives for the unpadded input,
-  so everything after it (upsampling, cropping) is unchanged. The batch is padded to a power of two the same way.
+  inference pads its edge windows). The head's output is cropped back to the size the eager network gives for the
+  unpadded input, so everything after it (upsampling, cropping) is unchanged. The batch is padded to a power of
+  two the same way.
   An input already on a rung runs exactly as eager. A padded one is a slightly different input: attention sees the
   padded tokens, so labels may change anywhere in the image, not only near the padding (on the quick start's
   SegFormer-B0, 0.6-1.3% of them; `benchmarks/bucket_agreement.py`).
