@@ -10,8 +10,8 @@ def serve(model, host="127.0.0.1", port=8000, device="auto", dtype="auto", compi
     """Load `model` (anything `transeg.load` takes, or an .onnx file from `transeg export`, run by onnxruntime:
     `backend`, see transeg.deploy.backend) once, warm it up, and serve it with uvicorn until
     interrupted. dtype and compile "auto": the device's serving choices (`device.Paths`: native bf16 and the
-    compiled path on a CUDA GPU, fp32 eager on a CPU); the warm-up compiles the first size bucket, and `log` hears
-    of each graph compiled. Every setting is checked, and host:port bound, before the model loads and before
+    compiled path on a CUDA GPU, fp32 eager on a CPU); the warm-up runs each batch bucket up to max_batch (compiling
+    it, at the protocol's size for a small image), and `log` hears of each graph compiled. Every setting is checked, and host:port bound, before the model loads and before
     "serving ... on" is printed: a bad one is one TransegError naming its flag.
 
     The bounds (limits.py says where each acts):
@@ -40,6 +40,7 @@ def serve(model, host="127.0.0.1", port=8000, device="auto", dtype="auto", compi
                            "pip install 'transeg[serve]'") from None
     import numpy as np
 
+    from ..compiled import batch_bucket
     from ..deploy.backend import load_model
 
     if allowed_hosts is None:
@@ -47,14 +48,18 @@ def serve(model, host="127.0.0.1", port=8000, device="auto", dtype="auto", compi
     sock = bind(host, port)
     try:
         net = load_model(model, backend).optimize_for_inference(dtype, compile=compile, device=device, log=log)
-        net.predict(np.zeros((256, 256, 3), np.uint8))  # fail here, not on the first request (and compile once)
+        if settings["max_batch"] is None:
+            # Batching pays on a GPU, where batch-1 inference is bound by kernel launches; on a CPU a batch
+            # costs the sum of its images, so it gains nothing there (BENCHMARKS.md: Serving under load).
+            settings["max_batch"] = 8 if next(net.parameters()).device.type == "cuda" else 1
+        # fail here, not on the first request; and compile each batch bucket the batcher can form now, not while
+        # requests wait (17-55 s a graph on a GPU)
+        warm = np.zeros((256, 256, 3), np.uint8)
+        for batch in sorted({batch_bucket(n) for n in range(1, settings["max_batch"] + 1)}):
+            net.predict([warm] * batch, batch_size=batch)
     except BaseException:
         sock.close()
         raise
-    if settings["max_batch"] is None:
-        # Batching pays on a GPU, where batch-1 inference is bound by kernel launches; on a CPU a batch
-        # costs the sum of its images, so it gains nothing there (BENCHMARKS.md: Serving under load).
-        settings["max_batch"] = 8 if next(net.parameters()).device.type == "cuda" else 1
     protocol = guarded_protocol(settings.pop("header_timeout"), settings["body_timeout"],
                                 settings.pop("max_connections"))
     app = create_app(net, allowed_hosts=tuple(allowed_hosts), allowed_origins=tuple(allowed_origins), **settings)
