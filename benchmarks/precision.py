@@ -27,7 +27,7 @@ MODELS = ("segformer-b0,segformer-b1,segformer-b2,edaformer-t,edaformer-b,segmen
           "segmenter-vit-s16-mask,segvit-vit-b16,semask-swin-t-fpn")
 
 
-def main():
+def _args():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default=MODELS)
     ap.add_argument("--size", default="512x512")
@@ -50,7 +50,11 @@ def main():
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
-    args = ap.parse_args()
+    return ap.parse_args()
+
+
+def main():
+    args = _args()
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)

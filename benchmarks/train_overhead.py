@@ -20,6 +20,7 @@ the trainer within 15% of the bare step), with the GPU's utilisation while it tr
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -123,7 +124,9 @@ def main():
         sampler.start()
         t = time.perf_counter()
         # the trainer's own output goes to stderr: stdout is this script's table
-        code = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, env=os.environ).returncode
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ)
+        sys.stderr.write(done.stdout)
+        code = done.returncode
         trainer_wall = time.perf_counter() - t
         sampler.stop.set()
         sampler.join()
@@ -136,6 +139,8 @@ def main():
 
     util, util_how = sampler.mean(len(timed))
     batch, (h, w), workers = cfg["batch_size"], cfg["crop_size"], cfg["workers"]
+    chosen = re.search(r"^data: .*?(\d+) workers? \(", done.stdout, re.MULTILINE)  # what workers: auto chose
+    workers = f"{chosen.group(1)} (auto)" if workers == "auto" and chosen else workers
     amp = cfg["amp"] if cfg["amp"] != "auto" else ("bf16" if native_bf16(device) else "no")
     dtype = {"no": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
 

@@ -30,16 +30,22 @@ import torch
 from transeg import create_model
 from transeg.bench import environment, time_interleaved
 from transeg.device import paths_for, training_backends
+from transeg.engine import TrainConfig
+from transeg.engine.distributed import wrap
 from transeg.layers.fusion import set_fused, unfused
 
 
-def step_fn(model, x, label, dtype, published=False):
+def step_fn(model, x, label, dtype, published=False, forward_loss=None):
+    """One training step of `model` on (x, label): forward, loss, backward, fused AdamW, zero_grad. forward_loss:
+    the trainer's (engine.distributed.wrap: under compile: true it compiles the CUDA form's loss too), else
+    `model.loss(model(x), label)`."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-6, fused=True)
     autocast = torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32)
+    forward_loss = forward_loss or (lambda image, target: model.loss(model(image), target)["loss"])
 
     def step():
         with (unfused(model) if published else contextlib.nullcontext()), autocast:
-            loss = model.loss(model(x), label)["loss"]
+            loss = forward_loss(x, label)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -90,8 +96,9 @@ def main():
             if not args.no_compile:
                 compiled = copy.deepcopy(base)
                 set_fused(compiled, form == "fused")
-                compiled.compile()
-                fns["compiled"] = step_fn(compiled, x, label, dtype)
+                # as the trainer compiles (the net in place; in CUDA's form the loss too)
+                _, _, forward_loss = wrap(compiled, TrainConfig(compile=True), device, 1, form)
+                fns["compiled"] = step_fn(compiled, x, label, dtype, forward_loss=forward_loss)
                 t = time.perf_counter()
                 fns["compiled"]()
                 compile_s = f"{time.perf_counter() - t:.0f}"

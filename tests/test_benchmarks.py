@@ -259,7 +259,8 @@ def test_gpu_suite_smoke_runs_every_step_and_writes_its_tables(tmp_path):
     """`benchmarks/gpu_suite.py --smoke` (issue 32: one command for the whole GPU suite; on a CPU its small version)
     runs every step's script at tiny sizes and exits 0: each step leaves a markdown table in its NN-STEP.md and
     summary.md lists every step as ok, so a change to a benchmark script that breaks it fails here, not on the GPU
-    machine whose minutes are scarce. Run again on the now full folder it refuses in one line with exit 2 and
+    machine whose minutes are scarce (all but precision.py's compiled contenders, which the smoke skips: a compile
+    is 20-35 s on 2 cores; tests/test_compiled.py compiles the same path). Run again on the now full folder it refuses in one line with exit 2 and
     leaves the files as they were (it never writes over a user's files)."""
     suite = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_suite.py"
     sys.path.insert(0, str(suite.parent))
