@@ -102,7 +102,6 @@ cost keep_freed_memory avoids (BENCHMARKS.md, "Memory allocator"), not yet measu
             and libc.mallopt(M_TRIM_THRESHOLD, 1 << 20) == 1)
 
 
-
 @dataclass(frozen=True)
 class Paths:
     """How transeg computes on one kind of device: every per-device choice of computation in one place, each
@@ -114,8 +113,8 @@ class Paths:
         (losses.upsampled_cross_entropy), or "published" = the papers' concat + 1x1 conv decoder and
         `F.interpolate` then `F.cross_entropy` (`layers.fusion.set_fused`).
     inference_form: the same choice for inference and evaluation.
-    serving_dtype: the precision `serve` and `predict` run at unless told (`--dtype`): weights cast natively,
-        never autocast. None = float32.
+    serving_dtype: the precision `serve` runs at unless told (`--dtype auto`; `optimize_for_inference(dtype="auto")`):
+        weights cast natively, never autocast. None = float32.
     compile_options: inductor's options for the compiled inference path (`transeg.compiled`).
     compile_serving: `serve` takes the compiled path unless told `--no-compile` (a long-lived process repays the
         compile; a one-off `predict` does not, so it compiles only when asked).

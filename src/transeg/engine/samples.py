@@ -76,8 +76,8 @@ CPU_MAX_WORKERS = 2
 
 def auto_workers(cores, rate, device_type, crop, threads):
     """The data workers `workers: auto` starts: `rate` = crops/s one process augments (measured, `augmentation_rate`;
-    not needed on a CPU),
-    `crop` = (h, w), `cores` = the cores this process may use, `threads` = its compute threads (torch's).
+    not needed on a CPU), `crop` = (h, w), `cores` = the cores this process may use, `threads` = its compute threads
+    (torch's).
 
     GPU (any device but the CPU): enough workers to augment DEVICE_PIXELS_PER_S, at least one (augmenting in the main
     process would stall the launches), at most MAX_WORKERS and the cores but one (the main process launches kernels).
