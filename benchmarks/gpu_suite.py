@@ -107,7 +107,7 @@ STEPS = [
                 "--runs", "2", "--warmup", "1"]),
     Step("dispatch-count", "dispatch_count.py", [], timeout=25, expected=10,
          why="a CPU count (B0, batch 2, 512x512): 2 training steps x 2 paths and an inference on 16 cores",
-         smoke=["--size", "64x64", "--batch", "1"]),
+         smoke=["--models", "segformer-b0", "--size", "64x64", "--batch", "1", "--trainer-steps", "2"]),
 ]
 
 
