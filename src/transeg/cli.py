@@ -195,7 +195,7 @@ def _add_speed_args(p, serving=False):
         g.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                        help="inference precision: bf16/fp16 cast the weights (native low precision, faster than "
                             "autocast on tensor-core GPUs and AMX CPUs; ~3 significant digits). Default auto: bf16 "
-                            "on a GPU, fp32 on a CPU")
+                            "on a CUDA GPU, fp32 elsewhere")
         g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                        help="torch.compile (CUDA graphs on a GPU): images are padded to a few size buckets, each "
                             "compiled once (17-55 s on a GPU, told when it happens), then several times faster at "

@@ -1,5 +1,5 @@
 """Which device runs the work, what it computes natively, and how the host process allocates."""
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -122,7 +122,6 @@ class Paths:
         or evaluation, whose float32 matmuls stay float32: outputs equal Hugging Face's to 1e-4).
     """
 
-    device_type: str
     training_form: str
     inference_form: str
     serving_dtype: Optional[torch.dtype]
@@ -138,7 +137,7 @@ class Paths:
 # weights) is what `--compile` gives; serving stays eager by default as a compile costs ~20 s per input size on
 # two cores. float32 serving: native bf16 is faster only where the CPU has AMX / AVX512-BF16 (`native_bf16`), and
 # changes 1-2% of labels, so it stays the user's choice (`--dtype bf16`).
-CPU_PATHS = Paths("cpu", training_form="fused", inference_form="fused", serving_dtype=None,
+CPU_PATHS = Paths(training_form="fused", inference_form="fused", serving_dtype=None,
                   compile_options={"freezing": True})
 
 # A CUDA GPU (../shared/perf/gpu-h200.md, one H200):
@@ -157,19 +156,15 @@ CPU_PATHS = Paths("cpu", training_form="fused", inference_form="fused", serving_
 #   batch bucket up to its --max-batch.
 # - cuDNN autotuning and TF32 in training: the crops are of one size, so autotuning runs once; TF32 rounds matmul
 #   inputs to 10 bits of mantissa, less than the bf16 autocast the default amp already trains with (7 bits).
-CUDA_PATHS = Paths("cuda", training_form="published", inference_form="fused", serving_dtype=torch.bfloat16,
+CUDA_PATHS = Paths(training_form="published", inference_form="fused", serving_dtype=torch.bfloat16,
                    compile_options={"freezing": True, "triton.cudagraphs": True}, compile_serving=True,
                    cudnn_benchmark=True, tf32_training=True)
 
 
 def paths_for(device):
-    """The `Paths` of `device` (a torch.device or a name such as "cuda:1"). Devices other than a CPU take CUDA's
-    computation choices (launches dominate on any accelerator at small batch); the CUDA-only switches are no-ops
-    there."""
-    kind = torch.device(device).type
-    if kind == "cpu":
-        return CPU_PATHS
-    return CUDA_PATHS if kind == "cuda" else replace(CUDA_PATHS, device_type=kind, compile_serving=False)
+    """The `Paths` of `device` (a torch.device or a name such as "cuda:1"). A device no figure was measured on
+    (MPS, XPU, ...) keeps the CPU's choices, which are the ones transeg had before any device was measured."""
+    return CUDA_PATHS if torch.device(device).type == "cuda" else CPU_PATHS
 
 
 def training_backends(paths):
