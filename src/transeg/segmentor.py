@@ -96,14 +96,15 @@ class Segmentor(nn.Module):
         self.eval()
         if device is not None:
             self.to(resolve_device(device))
-        paths = paths_for(next(self.parameters()).device)
+        weight = next(p for p in self.parameters() if p.is_floating_point())  # its dtype follows the casts below
+        paths = paths_for(weight.device)
         dtype = paths.serving_dtype if dtype == "auto" else parse_dtype(dtype)
         compile = paths.compile_serving if compile == "auto" else compile
         if dtype is not None and dtype != torch.float32:
             self.to(dtype)
         self.compiled = None
         if compile:
-            weight, isr = next(p for p in self.parameters() if p.is_floating_point()), isr_module.setting_reader(self)
+            isr = isr_module.setting_reader(self)
             self.compiled = CompiledNetwork(self.eager_network, self.backbone.pad_multiple, self.decode_head.stride,
                                             weight.device, state=lambda: (weight.dtype, isr()), log=log)
         return self
